@@ -1,0 +1,236 @@
+//! The API key (client ID + client secret): where it comes from, how it is
+//! kept (redacted in every Debug/Display, zeroized on drop) and how a change
+//! of the key on disk is noticed.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+
+/// Name of the environment variable systemd sets for `LoadCredential=`.
+pub const CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
+
+/// A Flute API key. The secret is only reachable through
+/// [`ApiKey::expose_secret`], which the OAuth client alone calls.
+#[derive(Clone)]
+pub struct ApiKey {
+    client_id: String,
+    client_secret: SecretString,
+}
+
+impl ApiKey {
+    pub fn new(
+        client_id: impl Into<String>,
+        client_secret: impl Into<String>,
+    ) -> Result<Self, CredentialsError> {
+        let client_id = client_id.into();
+        let client_secret: String = client_secret.into();
+        if client_id.trim().is_empty() {
+            return Err(CredentialsError::Empty("client id"));
+        }
+        if client_secret.is_empty() {
+            return Err(CredentialsError::Empty("client secret"));
+        }
+        Ok(Self {
+            client_id,
+            client_secret: SecretString::from(client_secret),
+        })
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    pub(crate) fn expose_secret(&self) -> &str {
+        self.client_secret.expose_secret()
+    }
+
+    /// A digest of id and secret, to tell whether a reloaded key differs.
+    /// Never displayed: it would allow offline guessing of weak secrets.
+    pub(crate) fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.client_id.as_bytes());
+        h.update([0]);
+        h.update(self.client_secret.expose_secret().as_bytes());
+        h.finalize().into()
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"[redacted]")
+            .finish()
+    }
+}
+
+/// Where a value (the client id or the secret) is read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ValueSource {
+    /// Given inline in the configuration (allowed for the client id only).
+    Inline(String),
+    /// A file; surrounding whitespace and a trailing newline are removed.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
+    /// A systemd credential: `$CREDENTIALS_DIRECTORY/NAME`.
+    SystemdCredential(String),
+}
+
+impl ValueSource {
+    fn read(&self, what: &'static str) -> Result<String, CredentialsError> {
+        let value = match self {
+            ValueSource::Inline(v) => v.clone(),
+            ValueSource::File(path) => read_file(what, path)?,
+            ValueSource::Env(name) => {
+                std::env::var(name).map_err(|_| CredentialsError::EnvMissing {
+                    what,
+                    name: name.clone(),
+                })?
+            }
+            ValueSource::SystemdCredential(name) => {
+                let dir = std::env::var_os(CREDENTIALS_DIRECTORY).ok_or(
+                    CredentialsError::NoCredentialsDirectory {
+                        what,
+                        name: name.clone(),
+                    },
+                )?;
+                read_file(what, &Path::new(&dir).join(name))?
+            }
+        };
+        let value = value.trim().to_owned();
+        if value.is_empty() {
+            return Err(CredentialsError::Empty(what));
+        }
+        Ok(value)
+    }
+
+    /// The file this source reads, if any: watched for changes.
+    pub fn path(&self) -> Option<PathBuf> {
+        match self {
+            ValueSource::File(p) => Some(p.clone()),
+            ValueSource::SystemdCredential(name) => {
+                std::env::var_os(CREDENTIALS_DIRECTORY).map(|d| Path::new(&d).join(name))
+            }
+            _ => None,
+        }
+    }
+}
+
+fn read_file(what: &'static str, path: &Path) -> Result<String, CredentialsError> {
+    std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// How to obtain one API key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeySource {
+    pub client_id: ValueSource,
+    pub client_secret: ValueSource,
+}
+
+impl KeySource {
+    pub fn load(&self) -> Result<ApiKey, CredentialsError> {
+        ApiKey::new(
+            self.client_id.read("client id")?,
+            self.client_secret.read("client secret")?,
+        )
+    }
+
+    /// Files whose change means the key may have changed.
+    pub fn watched_paths(&self) -> Vec<PathBuf> {
+        [&self.client_id, &self.client_secret]
+            .into_iter()
+            .filter_map(ValueSource::path)
+            .collect()
+    }
+
+    /// A warning when a secret file can be read by group or others.
+    pub fn permission_warnings(&self) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(path) = self.client_secret.path() else {
+            return Vec::new();
+        };
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => vec![format!(
+                "secret file {} is accessible by group or others (mode {:o}); use chmod 600",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            )],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Why a key could not be loaded. Never contains the secret itself.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("{0} is empty")]
+    Empty(&'static str),
+    #[error("cannot read {what} from {}: {source}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: environment variable {name} is not set")]
+    EnvMissing { what: &'static str, name: String },
+    #[error(
+        "{what}: systemd credential {name:?} requested but ${CREDENTIALS_DIRECTORY} is not set"
+    )]
+    NoCredentialsDirectory { what: &'static str, name: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_redacts_the_secret() {
+        let key = ApiKey::new("client-1", "s3cr3t-value").unwrap();
+        let shown = format!("{key:?}");
+        assert!(shown.contains("client-1"));
+        assert!(!shown.contains("s3cr3t-value"));
+    }
+
+    #[test]
+    fn file_source_trims_newline_and_rejects_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "abc:def\n").unwrap();
+        let src = KeySource {
+            client_id: ValueSource::Inline("id".into()),
+            client_secret: ValueSource::File(path.clone()),
+        };
+        assert_eq!(src.load().unwrap().expose_secret(), "abc:def");
+        std::fs::write(&path, "\n").unwrap();
+        assert!(matches!(
+            src.load(),
+            Err(CredentialsError::Empty("client secret"))
+        ));
+    }
+
+    #[test]
+    fn missing_env_names_the_variable_not_a_value() {
+        let src = KeySource {
+            client_id: ValueSource::Inline("id".into()),
+            client_secret: ValueSource::Env("FLUTE_TEST_SURELY_UNSET_VAR".into()),
+        };
+        let err = src.load().unwrap_err().to_string();
+        assert!(err.contains("FLUTE_TEST_SURELY_UNSET_VAR"), "{err}");
+    }
+
+    #[test]
+    fn digest_changes_with_the_secret() {
+        let a = ApiKey::new("id", "one").unwrap();
+        let b = ApiKey::new("id", "two").unwrap();
+        assert_ne!(a.digest(), b.digest());
+        assert_eq!(a.digest(), a.clone().digest());
+    }
+}

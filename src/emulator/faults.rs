@@ -1,0 +1,186 @@
+//! Fault injection: what the next token requests should suffer. Set with
+//! `POST /__emulator/faults` (JSON, every field optional):
+//!
+//! | field | effect |
+//! |---|---|
+//! | `clear: true` | remove every fault first |
+//! | `fail_next: N` | fail the next N token requests with `status` (default 503) |
+//! | `status`, `retry_after`, `error` | the failure: status code, `Retry-After` seconds, OAuth error code (JSON body) |
+//! | `delay_ms` | delay every token response (0 removes) |
+//! | `malformed_next: N` | answer the next N with 200 and a body that is not JSON |
+//! | `same_token_next: N` | answer the next N with the access token last issued |
+//! | `refuse_all: true/false` | fail every token request with `status` until turned off |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+
+use super::Shared;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultRequest {
+    #[serde(default)]
+    pub clear: bool,
+    pub fail_next: Option<u32>,
+    pub status: Option<u16>,
+    pub retry_after: Option<u64>,
+    pub error: Option<String>,
+    pub delay_ms: Option<u64>,
+    pub malformed_next: Option<u32>,
+    pub same_token_next: Option<u32>,
+    pub refuse_all: Option<bool>,
+}
+
+/// The faults in force.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Faults {
+    pub fail_next: u32,
+    pub status: u16,
+    pub retry_after: Option<u64>,
+    pub error: Option<String>,
+    pub delay_ms: u64,
+    pub malformed_next: u32,
+    pub same_token_next: u32,
+    pub refuse_all: bool,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Self {
+            fail_next: 0,
+            status: 503,
+            retry_after: None,
+            error: None,
+            delay_ms: 0,
+            malformed_next: 0,
+            same_token_next: 0,
+            refuse_all: false,
+        }
+    }
+}
+
+/// What one token request gets instead of normal handling.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Injected {
+    Fail {
+        status: u16,
+        retry_after: Option<u64>,
+        error: Option<String>,
+    },
+    Malformed,
+    SameToken,
+}
+
+impl Faults {
+    pub fn apply(&mut self, request: FaultRequest) {
+        if request.clear {
+            *self = Faults::default();
+        }
+        if let Some(n) = request.fail_next {
+            self.fail_next = n;
+        }
+        if let Some(status) = request.status {
+            self.status = status;
+        }
+        if request.retry_after.is_some() {
+            self.retry_after = request.retry_after;
+        }
+        if request.error.is_some() {
+            self.error = request.error;
+        }
+        if let Some(ms) = request.delay_ms {
+            self.delay_ms = ms;
+        }
+        if let Some(n) = request.malformed_next {
+            self.malformed_next = n;
+        }
+        if let Some(n) = request.same_token_next {
+            self.same_token_next = n;
+        }
+        if let Some(on) = request.refuse_all {
+            self.refuse_all = on;
+        }
+    }
+
+    /// The delay and the fault (if any) for the next token request.
+    pub(super) fn next(&mut self) -> (Duration, Option<Injected>) {
+        let delay = Duration::from_millis(self.delay_ms);
+        let fail = Injected::Fail {
+            status: self.status,
+            retry_after: self.retry_after,
+            error: self.error.clone(),
+        };
+        let injected = if self.refuse_all {
+            Some(fail)
+        } else if self.fail_next > 0 {
+            self.fail_next -= 1;
+            Some(fail)
+        } else if self.malformed_next > 0 {
+            self.malformed_next -= 1;
+            Some(Injected::Malformed)
+        } else if self.same_token_next > 0 {
+            self.same_token_next -= 1;
+            Some(Injected::SameToken)
+        } else {
+            None
+        };
+        (delay, injected)
+    }
+}
+
+pub(super) async fn set(
+    State(shared): State<Arc<Shared>>,
+    Json(request): Json<FaultRequest>,
+) -> Json<Faults> {
+    let mut inner = shared.lock();
+    inner.faults.apply(request);
+    tracing::info!(faults = ?inner.faults, "emulator faults set");
+    Json(inner.faults.clone())
+}
+
+pub(super) async fn get(State(shared): State<Arc<Shared>>) -> Json<Faults> {
+    Json(shared.lock().faults.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_are_consumed_in_order() {
+        let mut f = Faults::default();
+        f.apply(FaultRequest {
+            fail_next: Some(1),
+            status: Some(429),
+            retry_after: Some(3),
+            malformed_next: Some(1),
+            same_token_next: Some(1),
+            ..Default::default()
+        });
+        assert_eq!(
+            f.next().1,
+            Some(Injected::Fail {
+                status: 429,
+                retry_after: Some(3),
+                error: None
+            })
+        );
+        assert_eq!(f.next().1, Some(Injected::Malformed));
+        assert_eq!(f.next().1, Some(Injected::SameToken));
+        assert_eq!(f.next().1, None);
+        f.apply(FaultRequest {
+            refuse_all: Some(true),
+            ..Default::default()
+        });
+        assert!(f.next().1.is_some() && f.next().1.is_some());
+        f.apply(FaultRequest {
+            clear: true,
+            ..Default::default()
+        });
+        assert_eq!(f, Faults::default());
+    }
+}

@@ -1,0 +1,193 @@
+//! A local stand-in for Flute's token endpoint (and one protected API route),
+//! with run-time fault injection. Used by `serve --dev`, by our tests, and by
+//! users' own integration tests through `flute-token-broker emulator`.
+//!
+//! Routes:
+//! - `POST /oauth2/token`: client credentials and refresh grants, Basic or
+//!   form client authentication, RFC 6749 §5.2 errors.
+//! - `GET /v2/transactions`: 200 for a valid bearer token, 401 otherwise.
+//! - `POST /__emulator/faults`, `GET /__emulator/faults`: inject faults.
+//! - `GET /__emulator/stats`: counts of what was served.
+
+mod faults;
+mod oauth;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use secrecy::SecretString;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub use faults::{FaultRequest, Faults};
+
+/// What the emulator accepts and issues.
+#[derive(Clone)]
+pub struct EmulatorConfig {
+    pub client_id: String,
+    pub client_secret: SecretString,
+    /// `expires_in` of issued tokens.
+    pub token_lifetime: Duration,
+    /// Issue (and rotate) refresh tokens with every token.
+    pub issue_refresh_tokens: bool,
+}
+
+impl std::fmt::Debug for EmulatorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmulatorConfig")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"[redacted]")
+            .field("token_lifetime", &self.token_lifetime)
+            .field("issue_refresh_tokens", &self.issue_refresh_tokens)
+            .finish()
+    }
+}
+
+/// Counts of what the emulator served (`GET /__emulator/stats`).
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Stats {
+    /// Every request to the token endpoint, whatever its outcome.
+    pub token_requests: u64,
+    /// grant type → outcome (`ok`, an OAuth error code, or `fault`) → count.
+    pub grants: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Requests answered by an injected fault.
+    pub faults_injected: u64,
+    pub api_ok: u64,
+    pub api_unauthorized: u64,
+}
+
+impl Stats {
+    /// Successful token responses for a grant type.
+    pub fn ok(&self, grant: &str) -> u64 {
+        self.grants
+            .get(grant)
+            .and_then(|o| o.get("ok"))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+struct Inner {
+    /// access token → expiry.
+    access_tokens: HashMap<String, tokio::time::Instant>,
+    refresh_tokens: HashSet<String>,
+    last_access_token: Option<String>,
+    faults: Faults,
+    stats: Stats,
+}
+
+struct Shared {
+    config: EmulatorConfig,
+    inner: Mutex<Inner>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The emulator's state and routes. Cheap to clone.
+#[derive(Clone)]
+pub struct Emulator {
+    shared: Arc<Shared>,
+}
+
+impl Emulator {
+    pub fn new(config: EmulatorConfig) -> Self {
+        let inner = Inner {
+            access_tokens: HashMap::new(),
+            refresh_tokens: HashSet::new(),
+            last_access_token: None,
+            faults: Faults::default(),
+            stats: Stats::default(),
+        };
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                inner: Mutex::new(inner),
+            }),
+        }
+    }
+
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/oauth2/token", post(oauth::token))
+            .route("/v2/transactions", get(oauth::transactions))
+            .route("/__emulator/faults", post(faults::set).get(faults::get))
+            .route("/__emulator/stats", get(stats))
+            .with_state(self.shared.clone())
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared.lock().stats.clone()
+    }
+
+    pub fn set_faults(&self, request: FaultRequest) {
+        self.shared.lock().faults.apply(request);
+    }
+
+    /// Serves on `listener` until `shutdown` completes.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+
+    /// Binds `addr` and serves in a background task.
+    pub async fn spawn(self, addr: SocketAddr) -> std::io::Result<RunningEmulator> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let emulator = self.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = self.serve(listener, std::future::pending()).await {
+                tracing::error!(error = %e, "emulator stopped");
+            }
+        });
+        Ok(RunningEmulator {
+            addr,
+            emulator,
+            task,
+        })
+    }
+}
+
+/// An emulator serving in the background; stops when dropped.
+pub struct RunningEmulator {
+    pub addr: SocketAddr,
+    pub emulator: Emulator,
+    task: JoinHandle<()>,
+}
+
+impl RunningEmulator {
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("http://{}/oauth2/token", self.addr)
+    }
+}
+
+impl Drop for RunningEmulator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn stats(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+) -> axum::Json<Stats> {
+    axum::Json(shared.lock().stats.clone())
+}

@@ -1,0 +1,160 @@
+//! Prometheus metrics: one registry, the families the daemon records, and the
+//! text encoding the admin listener serves. Names are listed in the README.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefreshLabels {
+    pub environment: &'static str,
+    pub grant: &'static str,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EnvLabels {
+    pub environment: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    pub method: &'static str,
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+type HistogramFamily = Family<EnvLabels, Histogram, fn() -> Histogram>;
+
+/// Every metric the daemon exports.
+pub struct Metrics {
+    registry: Registry,
+    pub refreshes: Family<RefreshLabels, Counter>,
+    pub endpoint_latency: HistogramFamily,
+    pub seconds_until_expiry: Family<EnvLabels, Gauge<f64, AtomicU64>>,
+    pub token_valid: Family<EnvLabels, Gauge>,
+    pub consecutive_failures: Family<EnvLabels, Gauge>,
+    pub grpc_requests: Family<GrpcLabels, Counter>,
+    pub watch_streams: Gauge,
+    pub credential_reloads: Family<ResultLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("flute_broker");
+        let refreshes = Family::<RefreshLabels, Counter>::default();
+        registry.register(
+            "token_refreshes",
+            "Token endpoint requests by environment, grant and result",
+            refreshes.clone(),
+        );
+        let endpoint_latency: HistogramFamily =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 2.0, 14)));
+        registry.register(
+            "token_endpoint_request_duration_seconds",
+            "Token endpoint request latency",
+            endpoint_latency.clone(),
+        );
+        let seconds_until_expiry = Family::<EnvLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "token_seconds_until_expiry",
+            "Seconds until the current token expires (0 without a token)",
+            seconds_until_expiry.clone(),
+        );
+        let token_valid = Family::<EnvLabels, Gauge>::default();
+        registry.register(
+            "token_valid",
+            "1 while the environment holds a token that is handed out",
+            token_valid.clone(),
+        );
+        let consecutive_failures = Family::<EnvLabels, Gauge>::default();
+        registry.register(
+            "token_consecutive_failures",
+            "Token endpoint failures since the last success",
+            consecutive_failures.clone(),
+        );
+        let grpc_requests = Family::<GrpcLabels, Counter>::default();
+        registry.register(
+            "grpc_requests",
+            "gRPC requests by method and status code",
+            grpc_requests.clone(),
+        );
+        let watch_streams = Gauge::default();
+        registry.register(
+            "watch_streams",
+            "Open WatchToken streams",
+            watch_streams.clone(),
+        );
+        let credential_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "credential_reloads",
+            "API key reloads by result",
+            credential_reloads.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "Build information", build_info);
+        Self {
+            registry,
+            refreshes,
+            endpoint_latency,
+            seconds_until_expiry,
+            token_valid,
+            consecutive_failures,
+            grpc_requests,
+            watch_streams,
+            credential_reloads,
+        }
+    }
+
+    pub fn record_refresh(
+        &self,
+        environment: &'static str,
+        grant: &'static str,
+        result: &str,
+        took: Duration,
+    ) {
+        self.refreshes
+            .get_or_create(&RefreshLabels {
+                environment,
+                grant,
+                result: result.to_owned(),
+            })
+            .inc();
+        self.endpoint_latency
+            .get_or_create(&EnvLabels { environment })
+            .observe(took.as_secs_f64());
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

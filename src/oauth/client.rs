@@ -1,0 +1,319 @@
+//! The HTTPS token client (reqwest over rustls/ring): builds the request for
+//! a grant, authenticates the client one way only, bounds time and body size,
+//! and hands the answer to the parsers.
+
+use std::time::Duration;
+
+use base64::Engine;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+
+use super::response::{
+    LifetimeBounds, TokenResponse, excerpt, parse_error_response, parse_token_response,
+};
+use super::{Grant, OAuthError, TokenEndpoint};
+use crate::credentials::ApiKey;
+
+/// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// HTTP Basic with the form-urlencoded id and secret.
+    #[default]
+    ClientSecretBasic,
+    /// `client_id` and `client_secret` as form fields.
+    ClientSecretPost,
+}
+
+/// Settings of one token endpoint client.
+#[derive(Clone, Debug)]
+pub struct OAuthClientConfig {
+    pub token_url: String,
+    pub client_auth: ClientAuth,
+    /// Sent with client-credentials requests; `None` sends no scope.
+    pub scope: Option<String>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// Largest response body read; larger answers are malformed.
+    pub max_body_bytes: usize,
+    pub lifetime: LifetimeBounds,
+}
+
+impl OAuthClientConfig {
+    pub fn new(token_url: impl Into<String>) -> Self {
+        Self {
+            token_url: token_url.into(),
+            client_auth: ClientAuth::default(),
+            scope: Some("offline_access".into()),
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_body_bytes: 64 * 1024,
+            lifetime: LifetimeBounds::default(),
+        }
+    }
+}
+
+/// A client for one token endpoint.
+#[derive(Clone)]
+pub struct OAuthClient {
+    http: reqwest::Client,
+    config: OAuthClientConfig,
+}
+
+impl std::fmt::Debug for OAuthClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuthClient")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Installs ring as the process-wide rustls provider (one crypto stack).
+pub(crate) fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl OAuthClient {
+    pub fn new(config: OAuthClientConfig) -> Result<Self, OAuthError> {
+        install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!(
+                env!("CARGO_PKG_NAME"),
+                "/",
+                env!("CARGO_PKG_VERSION")
+            ))
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| OAuthError::Transport(format!("cannot build HTTP client: {e}")))?;
+        Ok(Self { http, config })
+    }
+
+    pub fn config(&self) -> &OAuthClientConfig {
+        &self.config
+    }
+
+    /// The form body and the optional Authorization header value for a grant.
+    fn request_parts(&self, key: &ApiKey, grant: &Grant) -> (String, Option<String>) {
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        match grant {
+            Grant::ClientCredentials => {
+                form.append_pair("grant_type", "client_credentials");
+                if let Some(scope) = &self.config.scope {
+                    form.append_pair("scope", scope);
+                }
+            }
+            Grant::RefreshToken(refresh) => {
+                form.append_pair("grant_type", "refresh_token");
+                form.append_pair("refresh_token", refresh.expose_secret());
+            }
+        }
+        let header = match self.config.client_auth {
+            ClientAuth::ClientSecretBasic => {
+                Some(basic_authorization(key.client_id(), key.expose_secret()))
+            }
+            ClientAuth::ClientSecretPost => {
+                form.append_pair("client_id", key.client_id());
+                form.append_pair("client_secret", key.expose_secret());
+                None
+            }
+        };
+        (form.finish(), header)
+    }
+
+    async fn send(&self, key: &ApiKey, grant: &Grant) -> Result<TokenResponse, OAuthError> {
+        let (body, authorization) = self.request_parts(key, grant);
+        let mut request = self
+            .http
+            .post(&self.config.token_url)
+            .header(ACCEPT, "application/json")
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(body);
+        if let Some(value) = authorization {
+            let mut value = reqwest::header::HeaderValue::from_str(&value).map_err(|_| {
+                OAuthError::Transport("client id or secret cannot be sent in a header".into())
+            })?;
+            value.set_sensitive(true);
+            request = request.header(AUTHORIZATION, value);
+        }
+        let mut response = request.send().await.map_err(|e| self.transport_error(e))?;
+        let status = response.status().as_u16();
+        let header = |name| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let (www_authenticate, retry_after) = (header(WWW_AUTHENTICATE), header(RETRY_AFTER));
+
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.transport_error(e))?
+        {
+            if body.len() + chunk.len() > self.config.max_body_bytes {
+                return Err(OAuthError::Malformed {
+                    status,
+                    reason: format!("response body exceeds {} bytes", self.config.max_body_bytes),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if (200..300).contains(&status) {
+            parse_token_response(status, &body, &self.config.lifetime)
+        } else {
+            Err(redact(
+                parse_error_response(
+                    status,
+                    &body,
+                    www_authenticate.as_deref(),
+                    retry_after.as_deref(),
+                ),
+                key,
+                grant,
+            ))
+        }
+    }
+
+    fn transport_error(&self, error: reqwest::Error) -> OAuthError {
+        if error.is_timeout() {
+            return OAuthError::Timeout(self.config.request_timeout);
+        }
+        // reqwest's Display names the URL (never a credential: those travel in
+        // the header or body); the source chain says what actually failed.
+        let error = error.without_url();
+        let mut message = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        OAuthError::Transport(excerpt(message.as_bytes()))
+    }
+}
+
+impl TokenEndpoint for OAuthClient {
+    async fn request_token(
+        &self,
+        key: &ApiKey,
+        grant: &Grant,
+    ) -> Result<TokenResponse, OAuthError> {
+        self.send(key, grant).await
+    }
+}
+
+/// `Authorization: Basic` per RFC 6749 §2.3.1: each part form-urlencoded first.
+pub(crate) fn basic_authorization(client_id: &str, client_secret: &str) -> String {
+    let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let joined = format!("{}:{}", encode(client_id), encode(client_secret));
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(joined)
+    )
+}
+
+/// Removes anything we sent that a server might echo back into an error.
+fn redact(error: OAuthError, key: &ApiKey, grant: &Grant) -> OAuthError {
+    let mut secrets = vec![key.expose_secret().to_owned()];
+    if let Grant::RefreshToken(r) = grant {
+        secrets.push(r.expose_secret().to_owned());
+    }
+    let scrub = |text: String| {
+        secrets
+            .iter()
+            .filter(|s| s.len() >= 4)
+            .fold(text, |t, s| t.replace(s.as_str(), "[redacted]"))
+    };
+    match error {
+        OAuthError::Server { status, excerpt } => OAuthError::Server {
+            status,
+            excerpt: scrub(excerpt),
+        },
+        OAuthError::Http { status, excerpt } => OAuthError::Http {
+            status,
+            excerpt: scrub(excerpt),
+        },
+        OAuthError::OAuth {
+            status,
+            code,
+            description,
+        } => OAuthError::OAuth {
+            status,
+            code,
+            description: description.map(scrub),
+        },
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Decodes a Basic header the way RFC 6749 §2.3.1 servers do.
+    fn decode_basic(header: &str) -> (String, String) {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(header.strip_prefix("Basic ").unwrap())
+            .unwrap();
+        let joined = String::from_utf8(raw).unwrap();
+        let (id, secret) = joined.split_once(':').unwrap();
+        let decode = |s: &str| {
+            form_urlencoded::parse(format!("x={s}").as_bytes())
+                .next()
+                .unwrap()
+                .1
+                .into_owned()
+        };
+        (decode(id), decode(secret))
+    }
+
+    #[test]
+    fn basic_round_trips_awkward_secrets() {
+        for secret in ["a:b", "100%", "a+b c", "x/y=z", ":%+/= all"] {
+            let header = basic_authorization("my:client", secret);
+            assert_eq!(
+                decode_basic(&header),
+                ("my:client".to_owned(), secret.to_owned()),
+                "{secret}"
+            );
+        }
+    }
+
+    #[test]
+    fn exactly_one_client_auth_form() {
+        let key = ApiKey::new("id", "sec").unwrap();
+        let mut config = OAuthClientConfig::new("https://example.invalid/oauth2/token");
+        let basic = OAuthClient::new(config.clone()).unwrap();
+        let (body, header) = basic.request_parts(&key, &Grant::ClientCredentials);
+        assert_eq!(body, "grant_type=client_credentials&scope=offline_access");
+        assert!(header.is_some());
+        config.client_auth = ClientAuth::ClientSecretPost;
+        let post = OAuthClient::new(config).unwrap();
+        let (body, header) = post.request_parts(&key, &Grant::RefreshToken("r1".to_owned().into()));
+        assert_eq!(
+            body,
+            "grant_type=refresh_token&refresh_token=r1&client_id=id&client_secret=sec"
+        );
+        assert!(header.is_none());
+    }
+
+    #[test]
+    fn echoed_secrets_are_redacted() {
+        let key = ApiKey::new("id", "hunter2-secret").unwrap();
+        let e = OAuthError::OAuth {
+            status: 401,
+            code: "invalid_client".into(),
+            description: Some("bad secret hunter2-secret".into()),
+        };
+        let text = redact(e, &key, &Grant::ClientCredentials).to_string();
+        assert!(
+            !text.contains("hunter2-secret") && text.contains("[redacted]"),
+            "{text}"
+        );
+    }
+}

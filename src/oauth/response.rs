@@ -1,0 +1,551 @@
+//! Parsing what the token endpoint says: the success body (RFC 6749 §5.1,
+//! with the variants seen in the wild) and every error shape Flute uses
+//! (RFC 6749 §5.2 JSON, PascalCase keys, ASP.NET ProblemDetails, an empty
+//! 401 with only `WWW-Authenticate`). Pure functions, table-tested.
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde_json::{Map, Value};
+
+use super::OAuthError;
+
+/// Longest body excerpt kept in an error message.
+const EXCERPT_CHARS: usize = 160;
+
+/// How `expires_in` is turned into a lifetime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LifetimeBounds {
+    /// Used when `expires_in` is absent.
+    pub default: Duration,
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Default for LifetimeBounds {
+    fn default() -> Self {
+        Self {
+            default: super::DEFAULT_LIFETIME,
+            min: Duration::from_secs(1),
+            max: Duration::from_secs(86_400),
+        }
+    }
+}
+
+impl LifetimeBounds {
+    fn clamp(&self, secs: f64) -> Duration {
+        if !secs.is_finite() || secs <= 0.0 {
+            return self.min;
+        }
+        let max = self.max.as_secs_f64();
+        Duration::from_secs_f64(secs.min(max)).max(self.min)
+    }
+}
+
+/// A validated successful token response.
+pub struct TokenResponse {
+    pub access_token: SecretString,
+    /// Normalised to `Bearer`.
+    pub token_type: String,
+    /// `expires_in` after defaulting and clamping.
+    pub lifetime: Duration,
+    /// Whether the server sent `expires_in` at all.
+    pub lifetime_from_server: bool,
+    pub refresh_token: Option<SecretString>,
+    pub scope: Option<String>,
+}
+
+impl std::fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("access_token", &"[redacted]")
+            .field("token_type", &self.token_type)
+            .field("lifetime", &self.lifetime)
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "[redacted]"),
+            )
+            .field("scope", &self.scope)
+            .finish()
+    }
+}
+
+/// Parses a 2xx body. Errors never quote the body: it holds tokens.
+pub fn parse_token_response(
+    status: u16,
+    body: &[u8],
+    bounds: &LifetimeBounds,
+) -> Result<TokenResponse, OAuthError> {
+    let malformed = |reason: &str| OAuthError::Malformed {
+        status,
+        reason: reason.to_owned(),
+    };
+    let value: Value =
+        serde_json::from_slice(body).map_err(|_| malformed("body is not valid JSON"))?;
+    let Value::Object(obj) = value else {
+        return Err(malformed("body is not a JSON object"));
+    };
+
+    let access_token = match get_ci(&obj, &["access_token", "AccessToken", "accessToken"]) {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(Value::String(_)) => return Err(malformed("access_token is empty")),
+        Some(_) => return Err(malformed("access_token is not a string")),
+        None => return Err(malformed("access_token is missing")),
+    };
+    let token_type = match get_ci(&obj, &["token_type", "TokenType", "tokenType"]) {
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => "Bearer".to_owned(),
+        Some(Value::String(t)) => {
+            return Err(malformed(&format!(
+                "unsupported token_type {:?} (expected Bearer)",
+                excerpt(t.as_bytes())
+            )));
+        }
+        Some(_) => return Err(malformed("token_type is not a string")),
+        None => return Err(malformed("token_type is missing")),
+    };
+    let (lifetime, lifetime_from_server) =
+        match get_ci(&obj, &["expires_in", "ExpiresIn", "expiresIn"]) {
+            None | Some(Value::Null) => (bounds.default, false),
+            Some(Value::Number(n)) => (bounds.clamp(n.as_f64().unwrap_or(0.0)), true),
+            Some(Value::String(s)) => match s.trim().parse::<f64>() {
+                Ok(secs) => (bounds.clamp(secs), true),
+                Err(_) => return Err(malformed("expires_in is not a number")),
+            },
+            Some(_) => return Err(malformed("expires_in is not a number")),
+        };
+    let refresh_token = match get_ci(&obj, &["refresh_token", "RefreshToken", "refreshToken"]) {
+        Some(Value::String(s)) if !s.is_empty() => Some(SecretString::from(s.clone())),
+        _ => None,
+    };
+    let scope = match get_ci(&obj, &["scope", "Scope"]) {
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    Ok(TokenResponse {
+        access_token: SecretString::from(access_token),
+        token_type,
+        lifetime,
+        lifetime_from_server,
+        refresh_token,
+        scope,
+    })
+}
+
+/// Turns a non-2xx answer into the matching [`OAuthError`].
+///
+/// `www_authenticate` and `retry_after` are the raw header values.
+pub fn parse_error_response(
+    status: u16,
+    body: &[u8],
+    www_authenticate: Option<&str>,
+    retry_after: Option<&str>,
+) -> OAuthError {
+    if status == 429 {
+        return OAuthError::RateLimited {
+            retry_after: retry_after.and_then(parse_retry_after),
+        };
+    }
+    if status >= 500 {
+        let excerpt = match error_fields(body) {
+            Some((code, desc)) => [code, desc]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(": "),
+            None => excerpt(body),
+        };
+        return OAuthError::Server { status, excerpt };
+    }
+    let from_header = www_authenticate.and_then(|h| auth_param(h, "error"));
+    let header_description = www_authenticate.and_then(|h| auth_param(h, "error_description"));
+    match error_fields(body) {
+        Some((Some(code), description)) => OAuthError::OAuth {
+            status,
+            code,
+            description,
+        },
+        Some((None, description)) => match from_header.or_else(|| inferred_code(status)) {
+            Some(code) => OAuthError::OAuth {
+                status,
+                code,
+                description: description.or(header_description),
+            },
+            None => OAuthError::Http {
+                status,
+                excerpt: description.unwrap_or_else(|| excerpt(body)),
+            },
+        },
+        None => match from_header.or_else(|| inferred_code(status)) {
+            Some(code) => {
+                let body_text = excerpt(body);
+                let description =
+                    header_description.or((!body_text.is_empty()).then_some(body_text));
+                OAuthError::OAuth {
+                    status,
+                    code,
+                    description,
+                }
+            }
+            None => OAuthError::Http {
+                status,
+                excerpt: excerpt(body),
+            },
+        },
+    }
+}
+
+/// A 401 from a token endpoint means the client failed to authenticate
+/// (RFC 6749 §5.2), even when the server says nothing else.
+fn inferred_code(status: u16) -> Option<String> {
+    (status == 401).then(|| "invalid_client".to_owned())
+}
+
+/// Extracts (error code, description) from the JSON error shapes Flute uses.
+/// `None` when the body is not a JSON object.
+fn error_fields(body: &[u8]) -> Option<(Option<String>, Option<String>)> {
+    let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
+        return None;
+    };
+    let text = |keys: &[&str]| match get_ci(&obj, keys) {
+        Some(Value::String(s)) if !s.trim().is_empty() => Some(clean(s)),
+        _ => None,
+    };
+    let code =
+        text(&["error", "Error", "error_code", "ErrorCode", "code"]).filter(|c| is_error_code(c));
+    let mut description = text(&[
+        "error_description",
+        "ErrorDescription",
+        "errorDescription",
+        "detail",
+        "Detail",
+    ]);
+    // ASP.NET ProblemDetails: title plus the first validation message.
+    if description.is_none() {
+        let title = text(&["title", "Title"]);
+        let first_error = match get_ci(&obj, &["errors", "Errors"]) {
+            Some(Value::Object(errs)) => errs.iter().find_map(|(field, msgs)| match msgs {
+                Value::Array(list) => list
+                    .first()
+                    .and_then(Value::as_str)
+                    .map(|m| format!("{field}: {m}")),
+                Value::String(m) => Some(format!("{field}: {m}")),
+                _ => None,
+            }),
+            _ => None,
+        };
+        description = match (title, first_error) {
+            (Some(t), Some(e)) => Some(clean(&format!("{t} ({e})"))),
+            (t, e) => t.or(e.map(|e| clean(&e))),
+        };
+    }
+    Some((code, description))
+}
+
+/// An OAuth error code is a short token of `[a-z_]`; anything else is prose.
+fn is_error_code(code: &str) -> bool {
+    !code.is_empty()
+        && code.len() <= 64
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+}
+
+/// Case-insensitive lookup over several spellings of a key.
+fn get_ci<'a>(obj: &'a Map<String, Value>, keys: &[&str]) -> Option<&'a Value> {
+    keys.iter().find_map(|k| obj.get(*k)).or_else(|| {
+        obj.iter()
+            .find(|(name, _)| keys.iter().any(|k| normalise(name) == normalise(k)))
+            .map(|(_, v)| v)
+    })
+}
+
+fn normalise(key: &str) -> String {
+    key.chars()
+        .filter(|c| *c != '_')
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// Reads one parameter of a `WWW-Authenticate` challenge (`error="invalid_client"`).
+fn auth_param(header: &str, name: &str) -> Option<String> {
+    let lower = header.to_ascii_lowercase();
+    let mut search = 0;
+    while let Some(found) = lower[search..].find(name) {
+        let start = search + found;
+        search = start + name.len();
+        let before_ok = start == 0 || matches!(lower.as_bytes()[start - 1], b' ' | b',');
+        let rest = header[search..].trim_start();
+        if !before_ok || !rest.starts_with('=') {
+            continue;
+        }
+        let rest = rest[1..].trim_start();
+        let value = if let Some(quoted) = rest.strip_prefix('"') {
+            quoted.split('"').next().unwrap_or_default()
+        } else {
+            rest.split([',', ' ']).next().unwrap_or_default()
+        };
+        return (!value.is_empty()).then(|| clean(value));
+    }
+    None
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// A short, printable excerpt of a body, for error messages.
+pub(crate) fn excerpt(body: &[u8]) -> String {
+    clean(&String::from_utf8_lossy(body))
+}
+
+fn clean(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    if out.chars().count() > EXCERPT_CHARS {
+        out = out.chars().take(EXCERPT_CHARS).collect::<String>() + "…";
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn ok(body: &str) -> Result<TokenResponse, OAuthError> {
+        parse_token_response(200, body.as_bytes(), &LifetimeBounds::default())
+    }
+
+    #[test]
+    fn expires_in_variants() {
+        let cases: &[(&str, u64, bool)] = &[
+            (r#""expires_in": 3600"#, 3600, true),
+            (r#""expires_in": "3600""#, 3600, true),
+            (r#""expires_in": 3600.0"#, 3600, true),
+            (r#""expires_in": 0"#, 1, true),
+            (r#""expires_in": -5"#, 1, true),
+            (r#""expires_in": 99999999"#, 86_400, true),
+            (r#""expires_in": null"#, 900, false),
+            (r#""ignored": 1"#, 900, false),
+            (r#""ExpiresIn": 60"#, 60, true),
+        ];
+        for (field, secs, from_server) in cases {
+            let body = format!(r#"{{"access_token":"abc","token_type":"Bearer",{field}}}"#);
+            let t = ok(&body).unwrap_or_else(|e| panic!("{field}: {e}"));
+            assert_eq!(t.lifetime, Duration::from_secs(*secs), "{field}");
+            assert_eq!(t.lifetime_from_server, *from_server, "{field}");
+        }
+        let bad =
+            ok(r#"{"access_token":"abc","token_type":"Bearer","expires_in":"soon"}"#).unwrap_err();
+        assert!(bad.to_string().contains("expires_in"), "{bad}");
+    }
+
+    #[test]
+    fn token_type_variants() {
+        for tt in ["Bearer", "bearer", "BEARER"] {
+            let t = ok(&format!(r#"{{"access_token":"abc","token_type":"{tt}"}}"#)).unwrap();
+            assert_eq!(t.token_type, "Bearer");
+        }
+        for (body, needle) in [
+            (
+                r#"{"access_token":"abc","token_type":"mac"}"#,
+                "unsupported token_type",
+            ),
+            (r#"{"access_token":"abc"}"#, "token_type is missing"),
+            (r#"{"access_token":"abc","token_type":7}"#, "not a string"),
+        ] {
+            let e = ok(body).unwrap_err().to_string();
+            assert!(e.contains(needle), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn access_token_validation_and_no_leak() {
+        for (body, needle) in [
+            (r#"{"token_type":"Bearer"}"#, "access_token is missing"),
+            (
+                r#"{"access_token":"","token_type":"Bearer"}"#,
+                "access_token is empty",
+            ),
+            (
+                r#"{"access_token":5,"token_type":"Bearer"}"#,
+                "not a string",
+            ),
+            ("not json at all SECRETTOKEN", "not valid JSON"),
+            ("[1,2]", "not a JSON object"),
+        ] {
+            let e = ok(body).unwrap_err();
+            assert!(e.to_string().contains(needle), "{body}: {e}");
+            assert!(e.is_transient());
+            assert!(!format!("{e} {e:?}").contains("SECRETTOKEN"));
+        }
+    }
+
+    #[test]
+    fn optional_fields_and_unknown_fields() {
+        let t = ok(r#"{"access_token":"tok","token_type":"Bearer","expires_in":900,"refresh_token":"def502","scope":"offline_access","x":{"y":1}}"#).unwrap();
+        assert_eq!(t.access_token.expose_secret(), "tok");
+        assert_eq!(t.refresh_token.as_ref().unwrap().expose_secret(), "def502");
+        assert_eq!(t.scope.as_deref(), Some("offline_access"));
+        let dbg = format!("{t:?}");
+        assert!(!dbg.contains("tok\"") && !dbg.contains("def502"), "{dbg}");
+    }
+
+    fn err(status: u16, body: &str, www: Option<&str>, retry: Option<&str>) -> OAuthError {
+        parse_error_response(status, body.as_bytes(), www, retry)
+    }
+
+    #[test]
+    fn error_shapes() {
+        use crate::oauth::ErrorClass::*;
+        let cases: Vec<(OAuthError, &str, &str, crate::oauth::ErrorClass)> = vec![
+            (
+                err(
+                    400,
+                    r#"{"error":"invalid_request","error_description":"The mandatory 'client_id' parameter is missing."}"#,
+                    None,
+                    None,
+                ),
+                "invalid_request",
+                "client_id' parameter is missing",
+                Permanent,
+            ),
+            (
+                err(
+                    401,
+                    r#"{"Error":"invalid_client","ErrorDescription":"bad secret"}"#,
+                    None,
+                    None,
+                ),
+                "invalid_client",
+                "bad secret",
+                Permanent,
+            ),
+            (
+                err(
+                    400,
+                    r#"{"type":"https://tools.ietf.org/html/rfc7231#section-6.5.1","title":"One or more validation errors occurred.","status":400,"errors":{"grant_type":["The grant_type field is required."]},"traceId":"00-abc"}"#,
+                    None,
+                    None,
+                ),
+                "400",
+                "grant_type: The grant_type field is required.",
+                Permanent,
+            ),
+            (
+                err(
+                    401,
+                    "",
+                    Some(r#"Basic realm="flute", error="invalid_client""#),
+                    None,
+                ),
+                "invalid_client",
+                "invalid_client",
+                Permanent,
+            ),
+            (
+                err(401, "", Some(r#"Basic realm="flute""#), None),
+                "invalid_client",
+                "401",
+                Permanent,
+            ),
+            (
+                err(400, r#"{"error":"invalid_grant"}"#, None, None),
+                "invalid_grant",
+                "invalid_grant",
+                InvalidGrant,
+            ),
+            (
+                err(503, "<html>down for maintenance</html>", None, None),
+                "503",
+                "down for maintenance",
+                Transient,
+            ),
+            (
+                err(
+                    500,
+                    r#"{"error":"server_error","error_description":"oops"}"#,
+                    None,
+                    None,
+                ),
+                "500",
+                "server_error: oops",
+                Transient,
+            ),
+            (
+                err(429, "", None, Some("7")),
+                "429",
+                "Retry-After 7s",
+                Transient,
+            ),
+            (
+                err(404, "<h1>Not Found</h1>", None, None),
+                "404",
+                "Not Found",
+                Permanent,
+            ),
+            (err(408, "", None, None), "408", "408", Transient),
+            (
+                err(400, r#"{"error":"temporarily_unavailable"}"#, None, None),
+                "temporarily_unavailable",
+                "400",
+                Transient,
+            ),
+        ];
+        for (e, label_or_status, needle, class) in cases {
+            let text = e.to_string();
+            assert!(text.contains(needle), "{text:?} should contain {needle:?}");
+            assert!(
+                e.label() == label_or_status || text.contains(label_or_status),
+                "{text}"
+            );
+            assert_eq!(e.class(), class, "{text}");
+        }
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
+        let in_a_minute =
+            httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(61));
+        let d = parse_retry_after(&in_a_minute).unwrap();
+        assert!(
+            d > Duration::from_secs(50) && d <= Duration::from_secs(61),
+            "{d:?}"
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn excerpts_are_short_and_single_line() {
+        let long = "x\n".repeat(1000);
+        let e = err(502, &long, None, None).to_string();
+        assert!(e.len() < 250 && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn unknown_codes_do_not_become_metric_labels() {
+        let e = err(400, r#"{"error":"weird_thing"}"#, None, None);
+        assert_eq!(e.label(), "oauth_error");
+        let prose = err(400, r#"{"error":"Something went wrong here"}"#, None, None);
+        assert!(matches!(prose, OAuthError::Http { .. }), "{prose:?}");
+    }
+}

@@ -1,0 +1,152 @@
+//! Tokens and their lifecycle: the [`Token`] value handed to readers, the pure
+//! [`policy`] that decides when to refresh and how to back off, and the
+//! [`source`] task that owns the token endpoint for one environment.
+
+pub mod policy;
+pub mod source;
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+use crate::environment::Environment;
+
+pub use policy::{Jitter, RefreshPolicy};
+pub use source::{
+    RefreshFailure, RefreshOutcome, Snapshot, SourceState, SourceStats, TokenSourceConfig,
+    TokenSourceHandle, spawn,
+};
+
+/// An access token as issued by the token endpoint. Debug never shows the
+/// token itself: [`Token::token_id`] is what logs and errors name.
+pub struct Token {
+    access_token: SecretString,
+    /// Always `Bearer`.
+    pub token_type: String,
+    pub environment: Environment,
+    /// First 12 hex digits of SHA-256 of the access token: safe to log.
+    pub token_id: String,
+    /// When the request that produced the token was sent (monotonic).
+    pub issued_at: Instant,
+    pub expires_at: Instant,
+    /// The token is handed out only before this instant (`expires_at` minus
+    /// the serve margin).
+    pub serve_until: Instant,
+    pub issued_at_wall: SystemTime,
+    pub expires_at_wall: SystemTime,
+    pub lifetime: Duration,
+}
+
+impl Token {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        access_token: SecretString,
+        token_type: String,
+        environment: Environment,
+        issued_at: Instant,
+        issued_at_wall: SystemTime,
+        lifetime: Duration,
+        serve_margin: Duration,
+    ) -> Self {
+        let token_id = token_id(access_token.expose_secret());
+        let expires_at = issued_at + lifetime;
+        Self {
+            access_token,
+            token_type,
+            environment,
+            token_id,
+            issued_at,
+            expires_at,
+            serve_until: expires_at - serve_margin.min(lifetime),
+            issued_at_wall,
+            expires_at_wall: issued_at_wall + lifetime,
+            lifetime,
+        }
+    }
+
+    /// The bearer token. Only the gRPC reply and the CLI output call this.
+    pub fn access_token(&self) -> &str {
+        self.access_token.expose_secret()
+    }
+
+    /// Whether the token may be handed out at `now`.
+    pub fn is_servable(&self, now: Instant) -> bool {
+        now < self.serve_until
+    }
+
+    /// Time left until `expires_at`.
+    pub fn remaining(&self, now: Instant) -> Duration {
+        self.expires_at.saturating_duration_since(now)
+    }
+
+    /// The same token with a new expiry (the endpoint re-issued it).
+    pub(crate) fn extended(
+        &self,
+        issued_at: Instant,
+        issued_at_wall: SystemTime,
+        lifetime: Duration,
+        serve_margin: Duration,
+    ) -> Self {
+        let mut token = Token::new(
+            self.access_token.clone(),
+            self.token_type.clone(),
+            self.environment,
+            issued_at,
+            issued_at_wall,
+            lifetime,
+            serve_margin,
+        );
+        token.token_id = self.token_id.clone();
+        token
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("environment", &self.environment)
+            .field("token_id", &self.token_id)
+            .field("token_type", &self.token_type)
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The non-secret fingerprint of an access token.
+pub fn token_id(access_token: &str) -> String {
+    let digest = Sha256::digest(access_token.as_bytes());
+    digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_id_is_short_stable_and_not_the_token() {
+        let id = token_id("the-access-token");
+        assert_eq!(id.len(), 12);
+        assert_eq!(id, token_id("the-access-token"));
+        assert_ne!(id, token_id("another"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn serve_margin_and_debug() {
+        let now = Instant::now();
+        let t = Token::new(
+            "abc-secret".to_owned().into(),
+            "Bearer".into(),
+            Environment::Sandbox,
+            now,
+            SystemTime::now(),
+            Duration::from_secs(100),
+            Duration::from_secs(5),
+        );
+        assert!(t.is_servable(now + Duration::from_secs(94)));
+        assert!(!t.is_servable(now + Duration::from_secs(95)));
+        assert!(!format!("{t:?}").contains("abc-secret"));
+    }
+}
