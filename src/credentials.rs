@@ -20,10 +20,7 @@ pub struct ApiKey {
 }
 
 impl ApiKey {
-    pub fn new(
-        client_id: impl Into<String>,
-        client_secret: impl Into<String>,
-    ) -> Result<Self, CredentialsError> {
+    pub fn new(client_id: impl Into<String>, client_secret: impl Into<String>) -> Result<Self, CredentialsError> {
         let client_id = client_id.into();
         let client_secret: String = client_secret.into();
         if client_id.trim().is_empty() {
@@ -42,7 +39,9 @@ impl ApiKey {
         &self.client_id
     }
 
-    pub(crate) fn expose_secret(&self) -> &str {
+    /// The client secret, for a [`crate::oauth::TokenEndpoint`] to send.
+    /// Nothing else should call this.
+    pub fn expose_secret(&self) -> &str {
         self.client_secret.expose_secret()
     }
 
@@ -84,19 +83,15 @@ impl ValueSource {
         let value = match self {
             ValueSource::Inline(v) => v.clone(),
             ValueSource::File(path) => read_file(what, path)?,
-            ValueSource::Env(name) => {
-                std::env::var(name).map_err(|_| CredentialsError::EnvMissing {
+            ValueSource::Env(name) => std::env::var(name).map_err(|_| CredentialsError::EnvMissing {
+                what,
+                name: name.clone(),
+            })?,
+            ValueSource::SystemdCredential(name) => {
+                let dir = std::env::var_os(CREDENTIALS_DIRECTORY).ok_or(CredentialsError::NoCredentialsDirectory {
                     what,
                     name: name.clone(),
-                })?
-            }
-            ValueSource::SystemdCredential(name) => {
-                let dir = std::env::var_os(CREDENTIALS_DIRECTORY).ok_or(
-                    CredentialsError::NoCredentialsDirectory {
-                        what,
-                        name: name.clone(),
-                    },
-                )?;
+                })?;
                 read_file(what, &Path::new(&dir).join(name))?
             }
         };
@@ -181,9 +176,7 @@ pub enum CredentialsError {
     },
     #[error("{what}: environment variable {name} is not set")]
     EnvMissing { what: &'static str, name: String },
-    #[error(
-        "{what}: systemd credential {name:?} requested but ${CREDENTIALS_DIRECTORY} is not set"
-    )]
+    #[error("{what}: systemd credential {name:?} requested but ${CREDENTIALS_DIRECTORY} is not set")]
     NoCredentialsDirectory { what: &'static str, name: String },
 }
 
@@ -210,10 +203,7 @@ mod tests {
         };
         assert_eq!(src.load().unwrap().expose_secret(), "abc:def");
         std::fs::write(&path, "\n").unwrap();
-        assert!(matches!(
-            src.load(),
-            Err(CredentialsError::Empty("client secret"))
-        ));
+        assert!(matches!(src.load(), Err(CredentialsError::Empty("client secret"))));
     }
 
     #[test]

@@ -15,9 +15,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = text;
     while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
         if digits == 0 {
             return Err(format!("invalid duration {text:?}: expected a number"));
         }
@@ -25,9 +23,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             .parse()
             .map_err(|_| format!("invalid duration {text:?}: number too large"))?;
         rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let part = match unit {
@@ -37,9 +33,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             "h" => Duration::from_secs(value.saturating_mul(3600)),
             "d" => Duration::from_secs(value.saturating_mul(86_400)),
             "" => {
-                return Err(format!(
-                    "invalid duration {text:?}: missing unit (ms, s, m, h, d)"
-                ));
+                return Err(format!("invalid duration {text:?}: missing unit (ms, s, m, h, d)"));
             }
             other => return Err(format!("invalid duration {text:?}: unknown unit {other:?}")),
         };
@@ -54,7 +48,7 @@ pub fn format(duration: Duration) -> String {
     if millis == 0 {
         return "0s".into();
     }
-    if millis % 1000 != 0 {
+    if !millis.is_multiple_of(1000) {
         return format!("{millis}ms");
     }
     let mut secs = duration.as_secs();
@@ -108,11 +102,7 @@ mod tests {
             (" 2s ", 2_000),
         ];
         for (text, millis) in cases {
-            assert_eq!(
-                parse(text).unwrap(),
-                Duration::from_millis(millis),
-                "{text}"
-            );
+            assert_eq!(parse(text).unwrap(), Duration::from_millis(millis), "{text}");
         }
     }
 

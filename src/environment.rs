@@ -45,9 +45,7 @@ impl FromStr for Environment {
         match s.to_ascii_lowercase().as_str() {
             "sandbox" => Ok(Environment::Sandbox),
             "production" | "prod" => Ok(Environment::Production),
-            _ => Err(format!(
-                "unknown environment {s:?} (expected sandbox or production)"
-            )),
+            _ => Err(format!("unknown environment {s:?} (expected sandbox or production)")),
         }
     }
 }

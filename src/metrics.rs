@@ -100,11 +100,7 @@ impl Metrics {
             grpc_requests.clone(),
         );
         let watch_streams = Gauge::default();
-        registry.register(
-            "watch_streams",
-            "Open WatchToken streams",
-            watch_streams.clone(),
-        );
+        registry.register("watch_streams", "Open WatchToken streams", watch_streams.clone());
         let credential_reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "credential_reloads",
@@ -131,13 +127,7 @@ impl Metrics {
         }
     }
 
-    pub fn record_refresh(
-        &self,
-        environment: &'static str,
-        grant: &'static str,
-        result: &str,
-        took: Duration,
-    ) {
+    pub fn record_refresh(&self, environment: &'static str, grant: &'static str, result: &str, took: Duration) {
         self.refreshes
             .get_or_create(&RefreshLabels {
                 environment,
@@ -153,8 +143,7 @@ impl Metrics {
     /// The registry in Prometheus text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
 }

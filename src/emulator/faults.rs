@@ -132,10 +132,7 @@ impl Faults {
     }
 }
 
-pub(super) async fn set(
-    State(shared): State<Arc<Shared>>,
-    Json(request): Json<FaultRequest>,
-) -> Json<Faults> {
+pub(super) async fn set(State(shared): State<Arc<Shared>>, Json(request): Json<FaultRequest>) -> Json<Faults> {
     let mut inner = shared.lock();
     inner.faults.apply(request);
     tracing::info!(faults = ?inner.faults, "emulator faults set");

@@ -64,11 +64,7 @@ pub struct Stats {
 impl Stats {
     /// Successful token responses for a grant type.
     pub fn ok(&self, grant: &str) -> u64 {
-        self.grants
-            .get(grant)
-            .and_then(|o| o.get("ok"))
-            .copied()
-            .unwrap_or(0)
+        self.grants.get(grant).and_then(|o| o.get("ok")).copied().unwrap_or(0)
     }
 }
 
@@ -88,9 +84,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -155,11 +149,7 @@ impl Emulator {
                 tracing::error!(error = %e, "emulator stopped");
             }
         });
-        Ok(RunningEmulator {
-            addr,
-            emulator,
-            task,
-        })
+        Ok(RunningEmulator { addr, emulator, task })
     }
 }
 
@@ -186,8 +176,6 @@ impl Drop for RunningEmulator {
     }
 }
 
-async fn stats(
-    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
-) -> axum::Json<Stats> {
+async fn stats(axum::extract::State(shared): axum::extract::State<Arc<Shared>>) -> axum::Json<Stats> {
     axum::Json(shared.lock().stats.clone())
 }

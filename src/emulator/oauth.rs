@@ -16,11 +16,7 @@ use tokio::time::Instant;
 use super::Shared;
 use super::faults::Injected;
 
-pub(super) async fn token(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(super) async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let params: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
     let grant = param(&params, "grant_type").unwrap_or("missing").to_owned();
     let grant_label = match grant.as_str() {
@@ -79,10 +75,7 @@ enum Outcome {
 }
 
 fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    params
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+    params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
 fn oauth_error(status: StatusCode, code: &'static str, description: &str) -> Outcome {
@@ -103,10 +96,7 @@ fn oauth_error(status: StatusCode, code: &'static str, description: &str) -> Out
 }
 
 fn no_store() -> [(header::HeaderName, &'static str); 2] {
-    [
-        (header::CACHE_CONTROL, "no-store"),
-        (header::PRAGMA, "no-cache"),
-    ]
+    [(header::CACHE_CONTROL, "no-store"), (header::PRAGMA, "no-cache")]
 }
 
 fn fault_response(status: u16, retry_after: Option<u64>, error: Option<String>) -> Response {
@@ -128,10 +118,8 @@ fn fault_response(status: u16, retry_after: Option<u64>, error: Option<String>) 
 }
 
 /// The client (id, secret) from Basic auth or the form; never both.
-fn client_credentials(
-    headers: &HeaderMap,
-    params: &[(String, String)],
-) -> Result<(String, String), Outcome> {
+#[allow(clippy::result_large_err)] // a cold path of a test server
+fn client_credentials(headers: &HeaderMap, params: &[(String, String)]) -> Result<(String, String), Outcome> {
     let basic = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -181,12 +169,7 @@ fn client_credentials(
     }
 }
 
-fn handle(
-    shared: &Shared,
-    headers: &HeaderMap,
-    params: &[(String, String)],
-    same_token: bool,
-) -> Outcome {
+fn handle(shared: &Shared, headers: &HeaderMap, params: &[(String, String)], same_token: bool) -> Outcome {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -201,11 +184,7 @@ fn handle(
     let mut names: Vec<&str> = params.iter().map(|(k, _)| k.as_str()).collect();
     names.sort_unstable();
     if names.windows(2).any(|w| w[0] == w[1]) {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "a parameter is repeated",
-        );
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "a parameter is repeated");
     }
     let (id, secret) = match client_credentials(headers, params) {
         Ok(c) => c,
@@ -229,14 +208,12 @@ fn handle(
             );
         }
         Some("client_credentials") => {
-            if let Some(scope) = param(params, "scope") {
-                if scope.split(' ').any(|s| s != "offline_access") {
-                    return oauth_error(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_scope",
-                        "only offline_access is supported",
-                    );
-                }
+            if param(params, "scope").is_some_and(|scope| scope.split(' ').any(|s| s != "offline_access")) {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_scope",
+                    "only offline_access is supported",
+                );
             }
         }
         Some("refresh_token") => match param(params, "refresh_token") {
@@ -295,10 +272,7 @@ fn random_token() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-pub(super) async fn transactions(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-) -> Response {
+pub(super) async fn transactions(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -323,8 +297,7 @@ pub(super) async fn transactions(
                 (Some(_), Some(_)) => "The token expired",
                 (Some(_), None) => "The token is not valid",
             };
-            let challenge =
-                format!("Bearer error=\"invalid_token\", error_description=\"{description}\"");
+            let challenge = format!("Bearer error=\"invalid_token\", error_description=\"{description}\"");
             let mut response = (
                 StatusCode::UNAUTHORIZED,
                 axum::Json(json!({"error": "invalid_token", "error_description": description})),

@@ -9,9 +9,7 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTH
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
-use super::response::{
-    LifetimeBounds, TokenResponse, excerpt, parse_error_response, parse_token_response,
-};
+use super::response::{LifetimeBounds, TokenResponse, excerpt, parse_error_response, parse_token_response};
 use super::{Grant, OAuthError, TokenEndpoint};
 use crate::credentials::ApiKey;
 
@@ -78,11 +76,7 @@ impl OAuthClient {
     pub fn new(config: OAuthClientConfig) -> Result<Self, OAuthError> {
         install_crypto_provider();
         let http = reqwest::Client::builder()
-            .user_agent(concat!(
-                env!("CARGO_PKG_NAME"),
-                "/",
-                env!("CARGO_PKG_VERSION")
-            ))
+            .user_agent(concat!(env!("CARGO_PKG_NAME"), "/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
             .redirect(reqwest::redirect::Policy::none())
@@ -111,9 +105,7 @@ impl OAuthClient {
             }
         }
         let header = match self.config.client_auth {
-            ClientAuth::ClientSecretBasic => {
-                Some(basic_authorization(key.client_id(), key.expose_secret()))
-            }
+            ClientAuth::ClientSecretBasic => Some(basic_authorization(key.client_id(), key.expose_secret())),
             ClientAuth::ClientSecretPost => {
                 form.append_pair("client_id", key.client_id());
                 form.append_pair("client_secret", key.expose_secret());
@@ -132,9 +124,8 @@ impl OAuthClient {
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(body);
         if let Some(value) = authorization {
-            let mut value = reqwest::header::HeaderValue::from_str(&value).map_err(|_| {
-                OAuthError::Transport("client id or secret cannot be sent in a header".into())
-            })?;
+            let mut value = reqwest::header::HeaderValue::from_str(&value)
+                .map_err(|_| OAuthError::Transport("client id or secret cannot be sent in a header".into()))?;
             value.set_sensitive(true);
             request = request.header(AUTHORIZATION, value);
         }
@@ -150,11 +141,7 @@ impl OAuthClient {
         let (www_authenticate, retry_after) = (header(WWW_AUTHENTICATE), header(RETRY_AFTER));
 
         let mut body = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| self.transport_error(e))?
-        {
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.transport_error(e))? {
             if body.len() + chunk.len() > self.config.max_body_bytes {
                 return Err(OAuthError::Malformed {
                     status,
@@ -167,12 +154,7 @@ impl OAuthClient {
             parse_token_response(status, &body, &self.config.lifetime)
         } else {
             Err(redact(
-                parse_error_response(
-                    status,
-                    &body,
-                    www_authenticate.as_deref(),
-                    retry_after.as_deref(),
-                ),
+                parse_error_response(status, &body, www_authenticate.as_deref(), retry_after.as_deref()),
                 key,
                 grant,
             ))
@@ -198,11 +180,7 @@ impl OAuthClient {
 }
 
 impl TokenEndpoint for OAuthClient {
-    async fn request_token(
-        &self,
-        key: &ApiKey,
-        grant: &Grant,
-    ) -> Result<TokenResponse, OAuthError> {
+    async fn request_token(&self, key: &ApiKey, grant: &Grant) -> Result<TokenResponse, OAuthError> {
         self.send(key, grant).await
     }
 }
@@ -211,10 +189,7 @@ impl TokenEndpoint for OAuthClient {
 pub(crate) fn basic_authorization(client_id: &str, client_secret: &str) -> String {
     let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let joined = format!("{}:{}", encode(client_id), encode(client_secret));
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(joined)
-    )
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(joined))
 }
 
 /// Removes anything we sent that a server might echo back into an error.

@@ -54,9 +54,7 @@ impl OAuthError {
             | OAuthError::Malformed { .. } => ErrorClass::Transient,
             OAuthError::OAuth { code, .. } if code == "invalid_grant" => ErrorClass::InvalidGrant,
             // Codes some servers use for passing trouble.
-            OAuthError::OAuth { code, .. }
-                if code == "temporarily_unavailable" || code == "server_error" =>
-            {
+            OAuthError::OAuth { code, .. } if code == "temporarily_unavailable" || code == "server_error" => {
                 ErrorClass::Transient
             }
             OAuthError::Http { status: 408, .. } => ErrorClass::Transient,

@@ -61,27 +61,19 @@ impl std::fmt::Debug for TokenResponse {
             .field("access_token", &"[redacted]")
             .field("token_type", &self.token_type)
             .field("lifetime", &self.lifetime)
-            .field(
-                "refresh_token",
-                &self.refresh_token.as_ref().map(|_| "[redacted]"),
-            )
+            .field("refresh_token", &self.refresh_token.as_ref().map(|_| "[redacted]"))
             .field("scope", &self.scope)
             .finish()
     }
 }
 
 /// Parses a 2xx body. Errors never quote the body: it holds tokens.
-pub fn parse_token_response(
-    status: u16,
-    body: &[u8],
-    bounds: &LifetimeBounds,
-) -> Result<TokenResponse, OAuthError> {
+pub fn parse_token_response(status: u16, body: &[u8], bounds: &LifetimeBounds) -> Result<TokenResponse, OAuthError> {
     let malformed = |reason: &str| OAuthError::Malformed {
         status,
         reason: reason.to_owned(),
     };
-    let value: Value =
-        serde_json::from_slice(body).map_err(|_| malformed("body is not valid JSON"))?;
+    let value: Value = serde_json::from_slice(body).map_err(|_| malformed("body is not valid JSON"))?;
     let Value::Object(obj) = value else {
         return Err(malformed("body is not a JSON object"));
     };
@@ -103,16 +95,15 @@ pub fn parse_token_response(
         Some(_) => return Err(malformed("token_type is not a string")),
         None => return Err(malformed("token_type is missing")),
     };
-    let (lifetime, lifetime_from_server) =
-        match get_ci(&obj, &["expires_in", "ExpiresIn", "expiresIn"]) {
-            None | Some(Value::Null) => (bounds.default, false),
-            Some(Value::Number(n)) => (bounds.clamp(n.as_f64().unwrap_or(0.0)), true),
-            Some(Value::String(s)) => match s.trim().parse::<f64>() {
-                Ok(secs) => (bounds.clamp(secs), true),
-                Err(_) => return Err(malformed("expires_in is not a number")),
-            },
-            Some(_) => return Err(malformed("expires_in is not a number")),
-        };
+    let (lifetime, lifetime_from_server) = match get_ci(&obj, &["expires_in", "ExpiresIn", "expiresIn"]) {
+        None | Some(Value::Null) => (bounds.default, false),
+        Some(Value::Number(n)) => (bounds.clamp(n.as_f64().unwrap_or(0.0)), true),
+        Some(Value::String(s)) => match s.trim().parse::<f64>() {
+            Ok(secs) => (bounds.clamp(secs), true),
+            Err(_) => return Err(malformed("expires_in is not a number")),
+        },
+        Some(_) => return Err(malformed("expires_in is not a number")),
+    };
     let refresh_token = match get_ci(&obj, &["refresh_token", "RefreshToken", "refreshToken"]) {
         Some(Value::String(s)) if !s.is_empty() => Some(SecretString::from(s.clone())),
         _ => None,
@@ -147,11 +138,7 @@ pub fn parse_error_response(
     }
     if status >= 500 {
         let excerpt = match error_fields(body) {
-            Some((code, desc)) => [code, desc]
-                .into_iter()
-                .flatten()
-                .collect::<Vec<_>>()
-                .join(": "),
+            Some((code, desc)) => [code, desc].into_iter().flatten().collect::<Vec<_>>().join(": "),
             None => excerpt(body),
         };
         return OAuthError::Server { status, excerpt };
@@ -178,8 +165,7 @@ pub fn parse_error_response(
         None => match from_header.or_else(|| inferred_code(status)) {
             Some(code) => {
                 let body_text = excerpt(body);
-                let description =
-                    header_description.or((!body_text.is_empty()).then_some(body_text));
+                let description = header_description.or((!body_text.is_empty()).then_some(body_text));
                 OAuthError::OAuth {
                     status,
                     code,
@@ -210,8 +196,7 @@ fn error_fields(body: &[u8]) -> Option<(Option<String>, Option<String>)> {
         Some(Value::String(s)) if !s.trim().is_empty() => Some(clean(s)),
         _ => None,
     };
-    let code =
-        text(&["error", "Error", "error_code", "ErrorCode", "code"]).filter(|c| is_error_code(c));
+    let code = text(&["error", "Error", "error_code", "ErrorCode", "code"]).filter(|c| is_error_code(c));
     let mut description = text(&[
         "error_description",
         "ErrorDescription",
@@ -224,10 +209,7 @@ fn error_fields(body: &[u8]) -> Option<(Option<String>, Option<String>)> {
         let title = text(&["title", "Title"]);
         let first_error = match get_ci(&obj, &["errors", "Errors"]) {
             Some(Value::Object(errs)) => errs.iter().find_map(|(field, msgs)| match msgs {
-                Value::Array(list) => list
-                    .first()
-                    .and_then(Value::as_str)
-                    .map(|m| format!("{field}: {m}")),
+                Value::Array(list) => list.first().and_then(Value::as_str).map(|m| format!("{field}: {m}")),
                 Value::String(m) => Some(format!("{field}: {m}")),
                 _ => None,
             }),
@@ -260,10 +242,7 @@ fn get_ci<'a>(obj: &'a Map<String, Value>, keys: &[&str]) -> Option<&'a Value> {
 }
 
 fn normalise(key: &str) -> String {
-    key.chars()
-        .filter(|c| *c != '_')
-        .flat_map(char::to_lowercase)
-        .collect()
+    key.chars().filter(|c| *c != '_').flat_map(char::to_lowercase).collect()
 }
 
 /// Reads one parameter of a `WWW-Authenticate` challenge (`error="invalid_client"`).
@@ -349,8 +328,7 @@ mod tests {
             assert_eq!(t.lifetime, Duration::from_secs(*secs), "{field}");
             assert_eq!(t.lifetime_from_server, *from_server, "{field}");
         }
-        let bad =
-            ok(r#"{"access_token":"abc","token_type":"Bearer","expires_in":"soon"}"#).unwrap_err();
+        let bad = ok(r#"{"access_token":"abc","token_type":"Bearer","expires_in":"soon"}"#).unwrap_err();
         assert!(bad.to_string().contains("expires_in"), "{bad}");
     }
 
@@ -361,10 +339,7 @@ mod tests {
             assert_eq!(t.token_type, "Bearer");
         }
         for (body, needle) in [
-            (
-                r#"{"access_token":"abc","token_type":"mac"}"#,
-                "unsupported token_type",
-            ),
+            (r#"{"access_token":"abc","token_type":"mac"}"#, "unsupported token_type"),
             (r#"{"access_token":"abc"}"#, "token_type is missing"),
             (r#"{"access_token":"abc","token_type":7}"#, "not a string"),
         ] {
@@ -377,14 +352,8 @@ mod tests {
     fn access_token_validation_and_no_leak() {
         for (body, needle) in [
             (r#"{"token_type":"Bearer"}"#, "access_token is missing"),
-            (
-                r#"{"access_token":"","token_type":"Bearer"}"#,
-                "access_token is empty",
-            ),
-            (
-                r#"{"access_token":5,"token_type":"Bearer"}"#,
-                "not a string",
-            ),
+            (r#"{"access_token":"","token_type":"Bearer"}"#, "access_token is empty"),
+            (r#"{"access_token":5,"token_type":"Bearer"}"#, "not a string"),
             ("not json at all SECRETTOKEN", "not valid JSON"),
             ("[1,2]", "not a JSON object"),
         ] {
@@ -447,12 +416,7 @@ mod tests {
                 Permanent,
             ),
             (
-                err(
-                    401,
-                    "",
-                    Some(r#"Basic realm="flute", error="invalid_client""#),
-                    None,
-                ),
+                err(401, "", Some(r#"Basic realm="flute", error="invalid_client""#), None),
                 "invalid_client",
                 "invalid_client",
                 Permanent,
@@ -486,12 +450,7 @@ mod tests {
                 "server_error: oops",
                 Transient,
             ),
-            (
-                err(429, "", None, Some("7")),
-                "429",
-                "Retry-After 7s",
-                Transient,
-            ),
+            (err(429, "", None, Some("7")), "429", "Retry-After 7s", Transient),
             (
                 err(404, "<h1>Not Found</h1>", None, None),
                 "404",
@@ -509,10 +468,7 @@ mod tests {
         for (e, label_or_status, needle, class) in cases {
             let text = e.to_string();
             assert!(text.contains(needle), "{text:?} should contain {needle:?}");
-            assert!(
-                e.label() == label_or_status || text.contains(label_or_status),
-                "{text}"
-            );
+            assert!(e.label() == label_or_status || text.contains(label_or_status), "{text}");
             assert_eq!(e.class(), class, "{text}");
         }
     }
@@ -520,17 +476,10 @@ mod tests {
     #[test]
     fn retry_after_forms() {
         assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
-        let in_a_minute =
-            httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(61));
+        let in_a_minute = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(61));
         let d = parse_retry_after(&in_a_minute).unwrap();
-        assert!(
-            d > Duration::from_secs(50) && d <= Duration::from_secs(61),
-            "{d:?}"
-        );
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
-            Some(Duration::ZERO)
-        );
+        assert!(d > Duration::from_secs(50) && d <= Duration::from_secs(61), "{d:?}");
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon"), None);
     }
 

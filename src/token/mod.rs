@@ -16,8 +16,7 @@ use crate::environment::Environment;
 
 pub use policy::{Jitter, RefreshPolicy};
 pub use source::{
-    RefreshFailure, RefreshOutcome, Snapshot, SourceState, SourceStats, TokenSourceConfig,
-    TokenSourceHandle, spawn,
+    RefreshFailure, RefreshOutcome, Snapshot, SourceState, SourceStats, TokenSourceConfig, TokenSourceHandle, spawn,
 };
 
 /// An access token as issued by the token endpoint. Debug never shows the

@@ -79,10 +79,7 @@ impl RefreshPolicy {
             ErrorClass::Permanent => self.backoff_max,
             ErrorClass::Transient => {
                 let exponent = failures.saturating_sub(1).min(31);
-                let ceiling = self
-                    .backoff_initial
-                    .saturating_mul(1 << exponent)
-                    .min(self.backoff_max);
+                let ceiling = self.backoff_initial.saturating_mul(1 << exponent).min(self.backoff_max);
                 ceiling.mul_f64(sample.clamp(0.0, 1.0)).max(MIN_RETRY_DELAY)
             }
         };
@@ -111,9 +108,7 @@ impl RefreshPolicy {
             out.push("refresh.ratio + refresh.jitter must stay below 1".into());
         }
         if self.backoff_initial.is_zero() || self.backoff_initial > self.backoff_max {
-            out.push(
-                "refresh.backoff_initial must be above zero and at most refresh.backoff_max".into(),
-            );
+            out.push("refresh.backoff_initial must be above zero and at most refresh.backoff_max".into());
         }
         if self.backoff_max > Duration::from_secs(3600) {
             out.push("refresh.backoff_max must be at most 1h".into());

@@ -115,13 +115,8 @@ pub enum RefreshOutcome {
         reason: String,
         next_attempt: Option<Instant>,
     },
-    #[error(
-        "tokens from this endpoint live {lifetime:?}; {requested:?} of remaining lifetime cannot be provided"
-    )]
-    OutOfRange {
-        requested: Duration,
-        lifetime: Duration,
-    },
+    #[error("tokens from this endpoint live {lifetime:?}; {requested:?} of remaining lifetime cannot be provided")]
+    OutOfRange { requested: Duration, lifetime: Duration },
     #[error("token source stopped")]
     Stopped,
 }
@@ -203,29 +198,19 @@ impl TokenSourceHandle {
 
     /// A token with at least `remaining` left; refreshes early (coalesced,
     /// rate-limited) when the current one has less.
-    pub async fn token_with_remaining(
-        &self,
-        remaining: Duration,
-    ) -> Result<Arc<Token>, RefreshOutcome> {
-        if let Some(token) = self
-            .current()
-            .filter(|t| t.remaining(Instant::now()) >= remaining)
-        {
+    pub async fn token_with_remaining(&self, remaining: Duration) -> Result<Arc<Token>, RefreshOutcome> {
+        if let Some(token) = self.current().filter(|t| t.remaining(Instant::now()) >= remaining) {
             return Ok(token);
         }
         self.request(Need::Remaining(remaining)).await
     }
 
     /// A token other than `rejected_token_id`, which the API answered 401 to.
-    pub async fn replace_rejected(
-        &self,
-        rejected_token_id: &str,
-    ) -> Result<Arc<Token>, RefreshOutcome> {
+    pub async fn replace_rejected(&self, rejected_token_id: &str) -> Result<Arc<Token>, RefreshOutcome> {
         if let Some(token) = self.current().filter(|t| t.token_id != rejected_token_id) {
             return Ok(token);
         }
-        self.request(Need::Replaces(rejected_token_id.to_owned()))
-            .await
+        self.request(Need::Replaces(rejected_token_id.to_owned())).await
     }
 
     async fn request(&self, need: Need) -> Result<Arc<Token>, RefreshOutcome> {
@@ -321,6 +306,9 @@ impl<E: TokenEndpoint> Task<E> {
             self.waiters.retain(|w| !w.reply.is_closed());
             let wake = self.next_wake();
             tokio::select! {
+                // Queued requests first: everything that arrived together is
+                // answered by the same attempt.
+                biased;
                 command = self.commands.recv() => match command {
                     Some(Command::Refresh { need, reply }) => self.on_refresh_request(need, reply),
                     Some(Command::ReplaceKey { key, reply }) => {
@@ -425,17 +413,15 @@ impl<E: TokenEndpoint> Task<E> {
             _ => Grant::ClientCredentials,
         };
         let mut result = self.call(&self.key, &grant).await;
-        if let (Grant::RefreshToken(_), Err((e, _, _))) = (&grant, &result) {
-            if e.class() == ErrorClass::InvalidGrant {
-                warn!(environment = %self.config.environment, "refresh token rejected (invalid_grant); falling back to client credentials");
-                self.refresh_token = None;
-                result = self.call(&self.key, &Grant::ClientCredentials).await;
-            }
+        if let (Grant::RefreshToken(_), Err((e, _, _))) = (&grant, &result)
+            && e.class() == ErrorClass::InvalidGrant
+        {
+            warn!(environment = %self.config.environment, "refresh token rejected (invalid_grant); falling back to client credentials");
+            self.refresh_token = None;
+            result = self.call(&self.key, &Grant::ClientCredentials).await;
         }
         match result {
-            Ok((response, issued_at, issued_wall)) => {
-                self.install(response, issued_at, issued_wall)
-            }
+            Ok((response, issued_at, issued_wall)) => self.install(response, issued_at, issued_wall),
             Err((error, _, _)) => self.record_failure(&error),
         }
         self.publish();
@@ -455,14 +441,12 @@ impl<E: TokenEndpoint> Task<E> {
         let env = self.config.environment;
         match &result {
             Ok(response) => {
-                self.metrics
-                    .record_refresh(env.as_str(), grant.name(), "ok", took);
+                self.metrics.record_refresh(env.as_str(), grant.name(), "ok", took);
                 info!(environment = %env, grant = grant.name(), outcome = "ok", duration_ms = took.as_millis() as u64,
                       token_id = %super::token_id(response.access_token.expose_secret()), expires_in = response.lifetime.as_secs(), "token request");
             }
             Err(e) => {
-                self.metrics
-                    .record_refresh(env.as_str(), grant.name(), e.label(), took);
+                self.metrics.record_refresh(env.as_str(), grant.name(), e.label(), took);
                 let class = e.class();
                 if class == ErrorClass::Permanent {
                     error!(environment = %env, grant = grant.name(), outcome = e.label(), duration_ms = took.as_millis() as u64, error = %e, "token request failed");
@@ -485,9 +469,7 @@ impl<E: TokenEndpoint> Task<E> {
             .as_ref()
             .is_some_and(|t| t.access_token() == response.access_token.expose_secret());
         let token = match (&self.token, same_token) {
-            (Some(current), true) => {
-                current.extended(issued_at, issued_wall, response.lifetime, serve_margin)
-            }
+            (Some(current), true) => current.extended(issued_at, issued_wall, response.lifetime, serve_margin),
             _ => Token::new(
                 response.access_token,
                 response.token_type,
@@ -515,8 +497,7 @@ impl<E: TokenEndpoint> Task<E> {
         if !same_token {
             self.stats.rotations.fetch_add(1, Ordering::Relaxed);
         }
-        self.next_attempt =
-            issued_at + policy.refresh_after(token.lifetime, self.config.jitter.sample());
+        self.next_attempt = issued_at + policy.refresh_after(token.lifetime, self.config.jitter.sample());
         self.failures = 0;
         self.last_error = None;
         self.token = Some(Arc::new(token));

@@ -1,0 +1,378 @@
+//! The OAuth client against the emulator over real loopback sockets: both
+//! client-authentication forms, both grants, every fault kind, and the
+//! emulator's own error answers.
+
+mod support;
+
+use std::time::Duration;
+
+use flute_token_broker::credentials::ApiKey;
+use flute_token_broker::emulator::FaultRequest;
+use flute_token_broker::oauth::{
+    ClientAuth, ErrorClass, Grant, OAuthClient, OAuthClientConfig, OAuthError, TokenEndpoint,
+};
+use secrecy::ExposeSecret;
+use support::{CLIENT_ID, CLIENT_SECRET, start_emulator, test_key};
+
+fn client(url: String, auth: ClientAuth) -> OAuthClient {
+    let mut config = OAuthClientConfig::new(url);
+    config.client_auth = auth;
+    config.request_timeout = Duration::from_secs(2);
+    OAuthClient::new(config).unwrap()
+}
+
+#[tokio::test]
+async fn both_client_auth_forms_and_both_grants() {
+    let emu = start_emulator(Duration::from_secs(900), true).await;
+    for auth in [ClientAuth::ClientSecretBasic, ClientAuth::ClientSecretPost] {
+        let c = client(emu.token_url(), auth);
+        let first = c.request_token(&test_key(), &Grant::ClientCredentials).await.unwrap();
+        assert_eq!(first.token_type, "Bearer");
+        assert_eq!(first.lifetime, Duration::from_secs(900));
+        let refresh = first.refresh_token.clone().expect("emulator issues refresh tokens");
+        let second = c
+            .request_token(&test_key(), &Grant::RefreshToken(refresh.clone()))
+            .await
+            .unwrap();
+        assert_ne!(second.access_token.expose_secret(), first.access_token.expose_secret());
+        assert_ne!(
+            second.refresh_token.as_ref().unwrap().expose_secret(),
+            refresh.expose_secret(),
+            "refresh token rotated"
+        );
+        // The used refresh token is gone.
+        let reused = c
+            .request_token(&test_key(), &Grant::RefreshToken(refresh))
+            .await
+            .unwrap_err();
+        assert_eq!(reused.class(), ErrorClass::InvalidGrant, "{reused}");
+    }
+    let stats = emu.emulator.stats();
+    assert_eq!(stats.ok("client_credentials"), 2);
+    assert_eq!(stats.ok("refresh_token"), 2);
+    assert_eq!(stats.grants["refresh_token"]["invalid_grant"], 2);
+}
+
+#[tokio::test]
+async fn wrong_secret_is_a_permanent_invalid_client() {
+    let emu = start_emulator(Duration::from_secs(900), false).await;
+    for auth in [ClientAuth::ClientSecretBasic, ClientAuth::ClientSecretPost] {
+        let bad = ApiKey::new(CLIENT_ID, "wrong-secret").unwrap();
+        let err = client(emu.token_url(), auth)
+            .request_token(&bad, &Grant::ClientCredentials)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, OAuthError::OAuth { status: 401, code, .. } if code == "invalid_client"),
+            "{err:?}"
+        );
+        assert_eq!(err.class(), ErrorClass::Permanent);
+        assert!(!format!("{err} {err:?}").contains("wrong-secret"));
+    }
+}
+
+#[tokio::test]
+async fn no_refresh_tokens_mode() {
+    let emu = start_emulator(Duration::from_secs(60), false).await;
+    let t = client(emu.token_url(), ClientAuth::ClientSecretBasic)
+        .request_token(&test_key(), &Grant::ClientCredentials)
+        .await
+        .unwrap();
+    assert!(t.refresh_token.is_none());
+    assert_eq!(t.lifetime, Duration::from_secs(60));
+}
+
+#[tokio::test]
+async fn every_fault_kind_maps_to_its_error_class() {
+    let emu = start_emulator(Duration::from_secs(900), false).await;
+    let c = client(emu.token_url(), ClientAuth::ClientSecretBasic);
+    let key = test_key();
+    type Check = Box<dyn Fn(&OAuthError) -> bool>;
+    let cases: Vec<(FaultRequest, Check)> = vec![
+        (
+            FaultRequest {
+                fail_next: Some(1),
+                status: Some(500),
+                ..Default::default()
+            },
+            Box::new(|e| matches!(e, OAuthError::Server { status: 500, .. })),
+        ),
+        (
+            FaultRequest {
+                fail_next: Some(1),
+                status: Some(503),
+                ..Default::default()
+            },
+            Box::new(|e| matches!(e, OAuthError::Server { status: 503, .. })),
+        ),
+        (
+            FaultRequest {
+                fail_next: Some(1),
+                status: Some(429),
+                retry_after: Some(7),
+                ..Default::default()
+            },
+            Box::new(|e| matches!(e, OAuthError::RateLimited { retry_after: Some(d) } if *d == Duration::from_secs(7))),
+        ),
+        (
+            FaultRequest {
+                malformed_next: Some(1),
+                ..Default::default()
+            },
+            Box::new(|e| matches!(e, OAuthError::Malformed { status: 200, .. })),
+        ),
+        (
+            FaultRequest {
+                delay_ms: Some(3_000),
+                ..Default::default()
+            },
+            Box::new(|e| matches!(e, OAuthError::Timeout(_))),
+        ),
+        (
+            FaultRequest {
+                fail_next: Some(1),
+                status: Some(400),
+                error: Some("invalid_scope".into()),
+                ..Default::default()
+            },
+            Box::new(|e| matches!(e, OAuthError::OAuth { code, .. } if code == "invalid_scope")),
+        ),
+        (
+            FaultRequest {
+                refuse_all: Some(true),
+                status: Some(502),
+                ..Default::default()
+            },
+            Box::new(|e| matches!(e, OAuthError::Server { status: 502, .. })),
+        ),
+    ];
+    for (fault, expected) in cases {
+        emu.emulator.set_faults(FaultRequest {
+            clear: true,
+            ..fault.clone()
+        });
+        let err = c.request_token(&key, &Grant::ClientCredentials).await.unwrap_err();
+        assert!(expected(&err), "{fault:?} gave {err:?}");
+    }
+    // refuse_all holds until cleared.
+    assert!(c.request_token(&key, &Grant::ClientCredentials).await.is_err());
+    emu.emulator.set_faults(FaultRequest {
+        clear: true,
+        ..Default::default()
+    });
+    let a = c.request_token(&key, &Grant::ClientCredentials).await.unwrap();
+    emu.emulator.set_faults(FaultRequest {
+        same_token_next: Some(1),
+        ..Default::default()
+    });
+    let b = c.request_token(&key, &Grant::ClientCredentials).await.unwrap();
+    assert_eq!(a.access_token.expose_secret(), b.access_token.expose_secret());
+    assert!(emu.emulator.stats().faults_injected >= 7);
+}
+
+#[tokio::test]
+async fn fault_and_stats_control_endpoints_over_http() {
+    let emu = start_emulator(Duration::from_secs(900), false).await;
+    let http = reqwest::Client::new();
+    let faults: serde_json::Value = http
+        .post(format!("{}/__emulator/faults", emu.base_url()))
+        .json(&serde_json::json!({"fail_next": 2, "status": 503}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(faults["fail_next"], 2);
+    let bad = http
+        .post(format!("{}/__emulator/faults", emu.base_url()))
+        .json(&serde_json::json!({"nonsense": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert!(bad.status().is_client_error());
+    let c = client(emu.token_url(), ClientAuth::ClientSecretPost);
+    for _ in 0..2 {
+        assert!(
+            c.request_token(&test_key(), &Grant::ClientCredentials)
+                .await
+                .unwrap_err()
+                .is_transient()
+        );
+    }
+    c.request_token(&test_key(), &Grant::ClientCredentials).await.unwrap();
+    let stats: serde_json::Value = http
+        .get(format!("{}/__emulator/stats", emu.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["token_requests"], 3);
+    assert_eq!(stats["grants"]["client_credentials"]["fault"], 2);
+    assert_eq!(stats["grants"]["client_credentials"]["ok"], 1);
+}
+
+async fn raw_token_request(
+    url: &str,
+    body: &str,
+    basic: Option<(&str, &str)>,
+) -> (u16, serde_json::Value, Option<String>) {
+    let mut req = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body.to_owned());
+    if let Some((id, secret)) = basic {
+        req = req.basic_auth(id, Some(secret));
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let www = resp
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(
+        resp.headers().get("cache-control").map(|v| v.to_str().unwrap()),
+        Some("no-store")
+    );
+    (status, resp.json().await.unwrap_or_default(), www)
+}
+
+#[tokio::test]
+async fn emulator_answers_rfc6749_errors() {
+    let emu = start_emulator(Duration::from_secs(900), true).await;
+    let url = emu.token_url();
+    let good = format!(
+        "client_id={CLIENT_ID}&client_secret={}",
+        form_urlencoded::byte_serialize(CLIENT_SECRET.as_bytes()).collect::<String>()
+    );
+    let cases = [
+        (
+            format!("grant_type=password&{good}"),
+            None,
+            400,
+            "unsupported_grant_type",
+        ),
+        (good.clone(), None, 400, "invalid_request"),
+        (format!("grant_type=refresh_token&{good}"), None, 400, "invalid_request"),
+        (
+            format!("grant_type=refresh_token&refresh_token=nope&{good}"),
+            None,
+            400,
+            "invalid_grant",
+        ),
+        (
+            format!("grant_type=client_credentials&scope=admin&{good}"),
+            None,
+            400,
+            "invalid_scope",
+        ),
+        ("grant_type=client_credentials".to_owned(), None, 401, "invalid_client"),
+        (
+            "grant_type=client_credentials&client_secret=x".to_owned(),
+            None,
+            400,
+            "invalid_request",
+        ),
+        (
+            format!("grant_type=client_credentials&{good}"),
+            Some((CLIENT_ID, "x")),
+            400,
+            "invalid_request",
+        ),
+    ];
+    for (body, basic, status, code) in cases {
+        let (got_status, json, www) = raw_token_request(&url, &body, basic).await;
+        assert_eq!(
+            (got_status, json["error"].as_str().unwrap_or_default()),
+            (status, code),
+            "{body}"
+        );
+        if status == 401 {
+            assert!(www.unwrap().contains("invalid_client"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn protected_route_accepts_only_live_tokens() {
+    let emu = start_emulator(Duration::from_secs(1), false).await;
+    let token = client(emu.token_url(), ClientAuth::ClientSecretBasic)
+        .request_token(&test_key(), &Grant::ClientCredentials)
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let api = format!("{}/v2/transactions", emu.base_url());
+    let ok = http
+        .get(&api)
+        .bearer_auth(token.access_token.expose_secret())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let body: serde_json::Value = ok.json().await.unwrap();
+    assert!(body["transactions"].is_array());
+    let bad = http.get(&api).bearer_auth("forged").send().await.unwrap();
+    assert_eq!(bad.status(), 401);
+    assert!(
+        bad.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token")
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the token's real 1 s lifetime
+    let expired = http
+        .get(&api)
+        .bearer_auth(token.access_token.expose_secret())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(expired.status(), 401);
+}
+
+#[tokio::test]
+async fn transport_failures_are_transient() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let err = client(format!("http://{addr}/oauth2/token"), ClientAuth::ClientSecretBasic)
+        .request_token(&test_key(), &Grant::ClientCredentials)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OAuthError::Transport(_)), "{err:?}");
+    assert!(err.is_transient());
+}
+
+#[tokio::test]
+async fn oversized_and_redirecting_answers_are_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        for answer in [
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{}",
+                100_000,
+                "x".repeat(100_000)
+            ),
+            "HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:1/steal\r\ncontent-length: 0\r\n\r\n".to_owned(),
+        ] {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = sock.read(&mut buf).await;
+            let _ = sock.write_all(answer.as_bytes()).await;
+        }
+    });
+    let c = client(format!("http://{addr}/oauth2/token"), ClientAuth::ClientSecretBasic);
+    let big = c
+        .request_token(&test_key(), &Grant::ClientCredentials)
+        .await
+        .unwrap_err();
+    assert!(big.to_string().contains("exceeds 65536 bytes"), "{big}");
+    let redirect = c
+        .request_token(&test_key(), &Grant::ClientCredentials)
+        .await
+        .unwrap_err();
+    assert!(matches!(redirect, OAuthError::Http { status: 302, .. }), "{redirect:?}");
+}

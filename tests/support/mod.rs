@@ -1,0 +1,221 @@
+//! Helpers shared by the black-box tests: an in-process fake token endpoint
+//! for paused-time tests, a log capture, and emulator start-up.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flute_token_broker::credentials::ApiKey;
+use flute_token_broker::emulator::{Emulator, EmulatorConfig, RunningEmulator};
+use flute_token_broker::oauth::{Grant, OAuthError, TokenEndpoint, TokenResponse};
+use secrecy::{ExposeSecret, SecretString};
+
+/// One scripted answer of the fake endpoint.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    /// A new token.
+    Fresh,
+    /// The access token issued last time, again.
+    Same,
+    Fail(OAuthError),
+}
+
+/// What the fake endpoint saw in one call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Call {
+    pub grant: &'static str,
+    pub refresh_token: Option<String>,
+    pub client_secret: String,
+    pub at: tokio::time::Instant,
+}
+
+#[derive(Default)]
+struct FakeState {
+    calls: Vec<Call>,
+    script: VecDeque<Reply>,
+    /// Used when the script is empty.
+    default_reply: Option<Reply>,
+    lifetime: Duration,
+    issue_refresh_tokens: bool,
+    accepted_secret: String,
+    delay: Duration,
+    issued: u64,
+    last: Option<String>,
+    outstanding_refresh: Option<String>,
+}
+
+/// An in-process token endpoint; works under `tokio::time::pause()`.
+#[derive(Clone)]
+pub struct FakeEndpoint {
+    state: Arc<Mutex<FakeState>>,
+}
+
+impl FakeEndpoint {
+    pub fn new(lifetime: Duration) -> Self {
+        let state = FakeState {
+            lifetime,
+            accepted_secret: "secret".into(),
+            ..Default::default()
+        };
+        Self {
+            state: Arc::new(Mutex::new(state)),
+        }
+    }
+
+    pub fn with_refresh_tokens(self) -> Self {
+        self.state.lock().unwrap().issue_refresh_tokens = true;
+        self
+    }
+
+    pub fn key() -> ApiKey {
+        ApiKey::new("client", "secret").unwrap()
+    }
+
+    pub fn push(&self, reply: Reply) {
+        self.state.lock().unwrap().script.push_back(reply);
+    }
+
+    /// Answer every unscripted call this way (`None`: fresh tokens).
+    pub fn set_default(&self, reply: Option<Reply>) {
+        self.state.lock().unwrap().default_reply = reply;
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.state.lock().unwrap().delay = delay;
+    }
+
+    pub fn set_accepted_secret(&self, secret: &str) {
+        self.state.lock().unwrap().accepted_secret = secret.to_owned();
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    pub fn call_count(&self) -> usize {
+        self.state.lock().unwrap().calls.len()
+    }
+}
+
+impl TokenEndpoint for FakeEndpoint {
+    async fn request_token(&self, key: &ApiKey, grant: &Grant) -> Result<TokenResponse, OAuthError> {
+        let delay = {
+            let mut s = self.state.lock().unwrap();
+            let refresh_token = match grant {
+                Grant::RefreshToken(r) => Some(r.expose_secret().to_owned()),
+                Grant::ClientCredentials => None,
+            };
+            s.calls.push(Call {
+                grant: grant.name(),
+                refresh_token,
+                client_secret: key.expose_secret().to_owned(),
+                at: tokio::time::Instant::now(),
+            });
+            s.delay
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let mut s = self.state.lock().unwrap();
+        if key.expose_secret() != s.accepted_secret {
+            return Err(OAuthError::OAuth {
+                status: 401,
+                code: "invalid_client".into(),
+                description: Some("bad client secret".into()),
+            });
+        }
+        if let Grant::RefreshToken(r) = grant
+            && s.outstanding_refresh.as_deref() != Some(r.expose_secret())
+        {
+            return Err(OAuthError::OAuth {
+                status: 400,
+                code: "invalid_grant".into(),
+                description: None,
+            });
+        }
+        let reply = s
+            .script
+            .pop_front()
+            .or_else(|| s.default_reply.clone())
+            .unwrap_or(Reply::Fresh);
+        let access = match reply {
+            Reply::Fail(e) => return Err(e),
+            Reply::Same if s.last.is_some() => s.last.clone().unwrap(),
+            Reply::Same | Reply::Fresh => {
+                s.issued += 1;
+                format!("access-token-{}", s.issued)
+            }
+        };
+        s.last = Some(access.clone());
+        let refresh_token = s.issue_refresh_tokens.then(|| format!("refresh-token-{}", s.issued));
+        s.outstanding_refresh = refresh_token.clone().or(s.outstanding_refresh.take());
+        Ok(TokenResponse {
+            access_token: SecretString::from(access),
+            token_type: "Bearer".into(),
+            lifetime: s.lifetime,
+            lifetime_from_server: true,
+            refresh_token: refresh_token.map(SecretString::from),
+            scope: None,
+        })
+    }
+}
+
+/// A `MakeWriter` that keeps everything logged, for leak checks.
+#[derive(Clone, Default)]
+pub struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+impl LogCapture {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// Installs a TRACE-level subscriber for the current thread.
+    pub fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(self.clone())
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+}
+
+impl Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
+    type Writer = LogCapture;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+pub const CLIENT_ID: &str = "test-client";
+pub const CLIENT_SECRET: &str = "s3cr:et%+/=value";
+
+/// Starts an emulator on a free loopback port.
+pub async fn start_emulator(lifetime: Duration, refresh_tokens: bool) -> RunningEmulator {
+    let config = EmulatorConfig {
+        client_id: CLIENT_ID.into(),
+        client_secret: CLIENT_SECRET.to_owned().into(),
+        token_lifetime: lifetime,
+        issue_refresh_tokens: refresh_tokens,
+    };
+    Emulator::new(config)
+        .spawn("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+}
+
+pub fn test_key() -> ApiKey {
+    ApiKey::new(CLIENT_ID, CLIENT_SECRET).unwrap()
+}

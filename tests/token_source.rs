@@ -1,0 +1,371 @@
+//! TokenSource invariants under paused time, with an in-process endpoint.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use flute_token_broker::Environment;
+use flute_token_broker::credentials::ApiKey;
+use flute_token_broker::metrics::Metrics;
+use flute_token_broker::oauth::{ErrorClass, OAuthError};
+use flute_token_broker::token::{
+    self, Jitter, RefreshOutcome, RefreshPolicy, SourceState, TokenSourceConfig, TokenSourceHandle,
+};
+use support::{FakeEndpoint, Reply};
+use tokio::time::{Instant, sleep};
+
+const LIFETIME: Duration = Duration::from_secs(900);
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn start(endpoint: &FakeEndpoint) -> TokenSourceHandle {
+    let mut config = TokenSourceConfig::new(Environment::Sandbox);
+    config.jitter = Jitter::Fixed(0.5);
+    let (handle, _task) = token::spawn(config, endpoint.clone(), FakeEndpoint::key(), Arc::new(Metrics::new()));
+    handle
+}
+
+fn server_error() -> Reply {
+    Reply::Fail(OAuthError::Server {
+        status: 503,
+        excerpt: "down".into(),
+    })
+}
+
+/// Counts published snapshots whose token was not servable at publish time.
+fn watch_for_expired_publications(handle: &TokenSourceHandle) -> Arc<AtomicUsize> {
+    let violations = Arc::new(AtomicUsize::new(0));
+    let mut rx = handle.subscribe();
+    let v = violations.clone();
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let snapshot = rx.borrow_and_update().clone();
+            if snapshot.token.as_ref().is_some_and(|t| !t.is_servable(Instant::now())) {
+                v.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    violations
+}
+
+#[tokio::test(start_paused = true)]
+async fn refreshes_at_three_quarters_of_the_lifetime() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    let h = start(&ep);
+    let first = h.started().await;
+    assert_eq!(first.state(), SourceState::Ready);
+    let t1 = first.token.unwrap();
+    let t0 = ep.calls()[0].at;
+    assert_eq!(t1.expires_at, t0 + LIFETIME);
+
+    sleep(secs(674)).await;
+    assert_eq!(ep.call_count(), 1);
+    assert_eq!(h.current().unwrap().token_id, t1.token_id);
+    sleep(secs(2)).await;
+    assert_eq!(ep.call_count(), 2);
+    assert_eq!(ep.calls()[1].at, t0 + secs(675));
+    let t2 = h.current().unwrap();
+    assert_ne!(t2.token_id, t1.token_id);
+    assert_eq!(h.stats().rotations.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn outage_shorter_than_the_remaining_lifetime_is_invisible() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    let h = start(&ep);
+    let violations = watch_for_expired_publications(&h);
+    let t1 = h.started().await.token.unwrap();
+    let t0 = ep.calls()[0].at;
+    ep.set_default(Some(server_error()));
+
+    // The endpoint is down from the scheduled refresh (675 s) until 800 s.
+    while Instant::now() < t0 + secs(800) {
+        sleep(secs(1)).await;
+        assert!(
+            h.current().is_some(),
+            "token withdrawn during a short outage at {:?}",
+            Instant::now() - t0
+        );
+    }
+    assert_eq!(h.snapshot().state(), SourceState::Degraded);
+    assert_eq!(h.current().unwrap().token_id, t1.token_id);
+
+    // Calls during the outage follow the backoff schedule, never faster.
+    let policy = RefreshPolicy::default();
+    let failing: Vec<Instant> = ep.calls().iter().skip(1).map(|c| c.at).collect();
+    assert!(failing.len() >= 5, "{} calls", failing.len());
+    for (n, pair) in failing.windows(2).enumerate() {
+        let min_gap = policy.retry_after_failure(ErrorClass::Transient, n as u32 + 1, 0.5, None);
+        assert!(
+            pair[1] - pair[0] >= min_gap,
+            "retry {n} came after {:?}, schedule says {min_gap:?}",
+            pair[1] - pair[0]
+        );
+    }
+
+    // Recovery: a new token within one backoff step (the cap, 60 s at most).
+    let recovered_at = Instant::now();
+    ep.set_default(None);
+    while h.current().unwrap().token_id == t1.token_id {
+        sleep(Duration::from_millis(100)).await;
+        assert!(
+            Instant::now() - recovered_at <= policy.backoff_max,
+            "no recovery within one backoff step"
+        );
+    }
+    assert_eq!(h.snapshot().state(), SourceState::Ready);
+    assert_eq!(violations.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn outage_longer_than_the_lifetime_withdraws_the_token_then_recovers() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    let h = start(&ep);
+    let violations = watch_for_expired_publications(&h);
+    h.started().await;
+    let t0 = ep.calls()[0].at;
+    ep.set_default(Some(server_error()));
+
+    sleep(t0 + secs(894) - Instant::now()).await;
+    assert!(h.current().is_some());
+    sleep(secs(2)).await;
+    assert!(
+        h.current().is_none(),
+        "a token inside the serve margin must not be handed out"
+    );
+    let snapshot = h.snapshot();
+    assert_eq!(snapshot.state(), SourceState::Unavailable);
+    assert!(snapshot.last_error.as_ref().unwrap().message.contains("503"));
+    assert!(snapshot.next_attempt.unwrap() > Instant::now());
+
+    sleep(secs(300)).await;
+    assert!(h.current().is_none());
+    ep.set_default(None);
+    sleep(secs(61)).await;
+    assert_eq!(h.snapshot().state(), SourceState::Ready);
+    assert_eq!(
+        violations.load(Ordering::SeqCst),
+        0,
+        "an expired token was published as valid"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_thousand_concurrent_early_refreshes_cause_one_call() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    let h = start(&ep);
+    let t1 = h.started().await.token.unwrap();
+    sleep(secs(300)).await; // 600 s left; callers want 700 s
+    ep.set_delay(Duration::from_millis(200));
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let h = h.clone();
+            tokio::spawn(async move { h.token_with_remaining(secs(700)).await })
+        })
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        let token = t.await.unwrap().expect("early refresh");
+        assert!(token.remaining(Instant::now()) >= secs(700));
+        ids.insert(token.token_id.clone());
+    }
+    assert_eq!(ep.call_count(), 2, "1 start-up call + 1 coalesced early refresh");
+    assert_eq!(ids.len(), 1);
+    assert!(!ids.contains(&t1.token_id));
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejected_tokens_are_replaced_once_and_rate_limited() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    let h = start(&ep);
+    let t1 = h.started().await.token.unwrap();
+    sleep(secs(10)).await;
+
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let (h, id) = (h.clone(), t1.token_id.clone());
+            tokio::spawn(async move { h.replace_rejected(&id).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_ne!(t.await.unwrap().unwrap().token_id, t1.token_id);
+    }
+    assert_eq!(ep.call_count(), 2, "100 reports of one rejected token → one call");
+
+    // A stale rejection gets the current token without a call.
+    let t2 = h.replace_rejected(&t1.token_id).await.unwrap();
+    assert_eq!(ep.call_count(), 2);
+
+    // A second forced refresh waits for the rate limit (5 s by default).
+    let before = Instant::now();
+    let t3 = h.replace_rejected(&t2.token_id).await.unwrap();
+    assert_ne!(t3.token_id, t2.token_id);
+    assert_eq!(ep.call_count(), 3);
+    let calls = ep.calls();
+    assert!(
+        calls[2].at - calls[1].at >= secs(5),
+        "forced refreshes {:?} apart",
+        calls[2].at - calls[1].at
+    );
+    assert!(Instant::now() - before <= secs(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn early_refresh_does_not_bypass_backoff_or_exceed_the_lifetime() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    let h = start(&ep);
+    let t1 = h.started().await.token.unwrap();
+
+    // More remaining lifetime than a fresh token has: refused without a call.
+    sleep(secs(10)).await;
+    let err = h.token_with_remaining(secs(896)).await.unwrap_err();
+    assert!(matches!(err, RefreshOutcome::OutOfRange { .. }), "{err:?}");
+    assert_eq!(ep.call_count(), 1);
+
+    // While the endpoint is failing, a forced refresh is answered at once.
+    ep.set_default(Some(server_error()));
+    sleep(secs(670)).await;
+    let calls = ep.call_count();
+    let err = h.replace_rejected(&t1.token_id).await.unwrap_err();
+    assert!(
+        matches!(&err, RefreshOutcome::Unavailable { reason, .. } if reason.contains("503")),
+        "{err:?}"
+    );
+    assert_eq!(ep.call_count(), calls);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_tokens_are_used_rotated_and_dropped_on_invalid_grant() {
+    let ep = FakeEndpoint::new(LIFETIME).with_refresh_tokens();
+    let h = start(&ep);
+    h.started().await;
+    sleep(secs(676)).await;
+    ep.push(Reply::Fail(OAuthError::OAuth {
+        status: 400,
+        code: "invalid_grant".into(),
+        description: None,
+    }));
+    sleep(secs(675)).await;
+    let calls = ep.calls();
+    let grants: Vec<_> = calls.iter().map(|c| c.grant).collect();
+    assert_eq!(
+        grants,
+        [
+            "client_credentials",
+            "refresh_token",
+            "refresh_token",
+            "client_credentials"
+        ]
+    );
+    assert_eq!(calls[1].refresh_token.as_deref(), Some("refresh-token-1"));
+    assert_eq!(
+        calls[2].refresh_token.as_deref(),
+        Some("refresh-token-2"),
+        "the rotated refresh token is used"
+    );
+    assert_eq!(
+        calls[3].at, calls[2].at,
+        "fallback to client credentials happens at once"
+    );
+    assert_eq!(h.snapshot().state(), SourceState::Ready);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reissued_identical_token_is_not_a_rotation() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    let h = start(&ep);
+    let mut rx = h.subscribe();
+    let t1 = h.started().await.token.unwrap();
+    rx.borrow_and_update();
+    ep.push(Reply::Same);
+    sleep(secs(676)).await;
+    let t2 = h.current().unwrap();
+    assert_eq!(t2.token_id, t1.token_id);
+    assert_eq!(t2.expires_at, ep.calls()[1].at + LIFETIME, "expiry is extended");
+    assert_eq!(h.stats().rotations.load(Ordering::Relaxed), 1);
+    assert_eq!(h.stats().refreshes_ok.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    let h = start(&ep);
+    h.started().await;
+    ep.push(Reply::Fail(OAuthError::RateLimited {
+        retry_after: Some(secs(30)),
+    }));
+    sleep(secs(706)).await;
+    let calls = ep.calls();
+    assert_eq!(calls.len(), 3);
+    assert_eq!(calls[2].at - calls[1].at, secs(30));
+}
+
+#[tokio::test(start_paused = true)]
+async fn permanent_failure_retries_slowly_and_a_new_key_is_tried_at_once() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    let h = start(&ep);
+    h.started().await;
+    ep.set_accepted_secret("rotated-secret");
+    sleep(secs(675 + 125)).await;
+    let calls = ep.calls();
+    assert_eq!(calls.len(), 4, "refresh at 675 s, then every 60 s");
+    assert_eq!(calls[2].at - calls[1].at, secs(60));
+    let failure = h.snapshot().last_error.unwrap();
+    assert_eq!(failure.class, ErrorClass::Permanent);
+    assert!(failure.message.contains("invalid_client"));
+
+    // A wrong new key is tried, refused, and the old key and token stay.
+    let t_before = h.current().unwrap();
+    let err = h
+        .replace_key(ApiKey::new("client", "also-wrong").unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("invalid_client"));
+    assert_eq!(h.current().unwrap().token_id, t_before.token_id);
+
+    let accepted = h
+        .replace_key(ApiKey::new("client", "rotated-secret").unwrap())
+        .await
+        .unwrap();
+    assert!(accepted);
+    assert_eq!(
+        ep.calls().last().unwrap().at,
+        Instant::now(),
+        "the new key is tried at once"
+    );
+    assert_eq!(h.snapshot().state(), SourceState::Ready);
+    assert_ne!(h.current().unwrap().token_id, t_before.token_id);
+    assert!(
+        !h.replace_key(ApiKey::new("client", "rotated-secret").unwrap())
+            .await
+            .unwrap(),
+        "same key again is a no-op"
+    );
+
+    sleep(secs(700)).await;
+    assert_eq!(ep.calls().last().unwrap().client_secret, "rotated-secret");
+}
+
+#[tokio::test(start_paused = true)]
+async fn short_lived_tokens_are_never_served_expired() {
+    let ep = FakeEndpoint::new(secs(2));
+    let h = start(&ep);
+    let violations = watch_for_expired_publications(&h);
+    h.started().await;
+    for _ in 0..200 {
+        sleep(Duration::from_millis(97)).await;
+        if let Some(t) = h.current() {
+            assert!(t.is_servable(Instant::now()));
+        }
+    }
+    assert!(
+        ep.call_count() >= 19,
+        "about one refresh per second: {}",
+        ep.call_count()
+    );
+    assert_eq!(violations.load(Ordering::SeqCst), 0);
+}
