@@ -7,16 +7,28 @@
 //! - [`oauth`]: the token endpoint client, response parsing, error classes.
 //! - [`token`]: the Token value, the refresh policy, the per-environment TokenSource task.
 //! - [`emulator`]: a local Flute token endpoint with fault injection.
-//! - [`metrics`]: Prometheus metrics.
+//! - [`config`]: the configuration schema, loading and validation.
+//! - [`grpc`]: the TokenBroker service, status mapping, health, listeners.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`daemon`]: wiring, credential reload, graceful shutdown, dev mode.
+//! - [`cli`]: the `get`, `watch` and `status` client commands.
+//! - [`systemd`], [`logging`], [`metrics`]: operations.
 //! - [`duration`]: human-readable durations.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod cli;
+pub mod config;
 pub mod credentials;
+pub mod daemon;
 pub mod duration;
 pub mod emulator;
 pub mod environment;
+pub mod grpc;
+pub mod logging;
 pub mod metrics;
 pub mod oauth;
+pub mod systemd;
 pub mod token;
 
 pub use environment::Environment;

@@ -1,5 +1,7 @@
 //! The `flute-token-broker` binary: parses the command line and calls into
-//! the library. Exit codes: 0 ok, 1 runtime failure, 2 bad arguments.
+//! the library. Exit codes: 0 ok, 1 runtime failure, 2 bad arguments,
+//! 78 invalid configuration; the client commands add 69 (broker
+//! unreachable) and 75 (no valid token).
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -8,8 +10,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use flute_token_broker::duration;
+use flute_token_broker::cli::{self, TokenFormat};
+use flute_token_broker::config::{Config, EXIT_CONFIG, ListenAddr, Loaded};
+use flute_token_broker::daemon::{self, RunningDaemon};
 use flute_token_broker::emulator::{Emulator, EmulatorConfig};
+use flute_token_broker::{Environment, duration, logging, systemd};
 
 #[derive(Parser)]
 #[command(
@@ -24,8 +29,73 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the broker daemon.
+    Serve(ServeArgs),
+    /// Validate a configuration and print the effective settings (secrets redacted).
+    CheckConfig {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print a token (bare by default, for `$(...)`).
+    Get {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// sandbox or production.
+        #[arg(long, short)]
+        env: Environment,
+        /// Refresh first unless the token stays valid this long.
+        #[arg(long, value_parser = duration::parse)]
+        min_remaining: Option<Duration>,
+        #[arg(long, value_enum, default_value = "token")]
+        format: TokenFormat,
+    },
+    /// Print a line for every token rotation or outage.
+    Watch {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, short)]
+        env: Environment,
+    },
+    /// Show the state of every enabled environment.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a local stand-in for Flute's token endpoint (for tests and demos).
     Emulator(EmulatorArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The TOML configuration file (environment overrides: FLUTE_BROKER__SECTION__KEY).
+    #[arg(long, short, conflicts_with = "dev")]
+    config: Option<PathBuf>,
+    /// Run against a built-in emulator of Flute's token endpoint, with generated credentials.
+    #[arg(long)]
+    dev: bool,
+    /// gRPC listen address, HOST:PORT or unix:PATH (repeatable; replaces server.listen).
+    #[arg(long)]
+    listen: Vec<ListenAddr>,
+    /// Admin HTTP address (/metrics, /healthz, /readyz); "" disables it.
+    #[arg(long)]
+    admin_listen: Option<String>,
+    /// With --dev: the lifetime of the emulator's tokens.
+    #[arg(long, default_value = "900s", value_parser = duration::parse, requires = "dev")]
+    dev_token_lifetime: Duration,
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// The broker: unix:/path/to.sock or http://host:port.
+    #[arg(long, env = "FLUTE_BROKER_ADDR", default_value = cli::DEFAULT_ADDR)]
+    addr: String,
+    /// Give up after this long.
+    #[arg(long, default_value = "10s", value_parser = duration::parse)]
+    timeout: Duration,
 }
 
 #[derive(clap::Args)]
@@ -56,33 +126,232 @@ struct EmulatorArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Emulator(args) => run_emulator(args).await,
-        }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    ExitCode::from(runtime.block_on(run(cli.command)))
+}
+
+async fn run(command: Command) -> u8 {
+    match command {
+        Command::Serve(args) => serve(args).await,
+        Command::CheckConfig { config } => check_config(config),
+        Command::Get {
+            client,
+            env,
+            min_remaining,
+            format,
+        } => print_result(
+            cli::get(&client.addr, env, min_remaining, format, client.timeout)
+                .await
+                .map(|t| println!("{t}")),
+        ),
+        Command::Watch { client, env } => {
+            print_result(cli::watch(&client.addr, env, client.timeout, &mut std::io::stdout()).await)
+        }
+        Command::Status { client, json } => print_result(
+            cli::status(&client.addr, json, client.timeout)
+                .await
+                .map(|t| print!("{t}")),
+        ),
+        Command::Emulator(args) => match run_emulator(args).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                1
+            }
+        },
+    }
+}
+
+fn print_result(result: Result<(), cli::ClientError>) -> u8 {
+    match result {
+        Ok(()) => cli::exit::OK,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
         }
     }
 }
 
+fn load_config(path: Option<&std::path::Path>) -> Result<Loaded, u8> {
+    Config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        EXIT_CONFIG
+    })
+}
+
+fn check_config(path: Option<PathBuf>) -> u8 {
+    match load_config(path.as_deref()) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                eprintln!("warning: {w}");
+            }
+            print!("{}", loaded.config.to_toml());
+            eprintln!("configuration is valid");
+            0
+        }
+        Err(code) => code,
+    }
+}
+
+async fn serve(args: ServeArgs) -> u8 {
+    let (mut config, warnings) = if args.dev {
+        (Config::default(), Vec::new())
+    } else {
+        match load_config(args.config.as_deref()) {
+            Ok(Loaded { config, warnings }) => (config, warnings),
+            Err(code) => return code,
+        }
+    };
+    if !args.listen.is_empty() {
+        config.server.listen = args.listen.clone();
+    }
+    if let Some(admin) = &args.admin_listen {
+        config.admin_listen = match admin.as_str() {
+            "" => None,
+            text => match text.parse() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    eprintln!("error: --admin-listen {text:?}: expected IP:PORT");
+                    return cli::exit::USAGE;
+                }
+            },
+        };
+    }
+    logging::init(config.log.format, &config.log.level);
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    let mut emulator = None;
+    if args.dev {
+        match daemon::dev_setup(config, args.dev_token_lifetime).await {
+            Ok((c, e)) => {
+                config = c;
+                emulator = Some(e);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 1;
+            }
+        }
+    }
+    let ready_timeout = config.ready_timeout;
+    let daemon = match daemon::start(config, args.config.clone()).await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return e.exit_code();
+        }
+    };
+    if let Some(emulator) = &emulator {
+        print_dev_banner(&daemon, &emulator.base_url(), args.dev_token_lifetime);
+    }
+    let helpers = spawn_systemd_helpers(&daemon, ready_timeout);
+    let code = wait_for_signals(&daemon).await;
+    helpers.abort();
+    systemd::stopping();
+    daemon.shutdown().await;
+    drop(emulator);
+    code
+}
+
+/// READY=1 once every environment holds a token (or `ready_timeout`
+/// passed), STATUS= updates, and WATCHDOG=1 while the token sources run.
+fn spawn_systemd_helpers(daemon: &RunningDaemon, ready_timeout: Duration) -> tokio::task::JoinHandle<()> {
+    let sources = daemon.sources.clone();
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + ready_timeout;
+        let started = async {
+            for s in sources.iter() {
+                s.started().await;
+            }
+        };
+        let _ = tokio::time::timeout_at(deadline, started).await;
+        systemd::ready(&sources.summary());
+        tracing::info!(status = %sources.summary(), "ready");
+        let watchdog = systemd::watchdog_interval();
+        let mut ticker =
+            tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(10)).min(Duration::from_secs(10)));
+        loop {
+            ticker.tick().await;
+            if watchdog.is_some() && sources.all_running() {
+                systemd::watchdog();
+            }
+            systemd::status(&sources.summary());
+        }
+    })
+}
+
+/// Runs until SIGTERM or SIGINT; SIGHUP reloads. Returns the exit code.
+async fn wait_for_signals(daemon: &RunningDaemon) -> u8 {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        _ => {
+            eprintln!("error: cannot install signal handlers");
+            return 1;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM received"); return 0; }
+            _ = int.recv() => { tracing::info!("SIGINT received"); return 0; }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading configuration and credentials");
+                systemd::reloading();
+                match daemon.reload().await {
+                    Ok(report) => tracing::info!(replaced = ?report.replaced, unchanged = ?report.unchanged, failed = ?report.failed, "reload finished"),
+                    Err(_) => tracing::error!("reload rejected; the running configuration is unchanged"),
+                }
+                systemd::ready(&daemon.sources.summary());
+            }
+        }
+    }
+}
+
+fn print_dev_banner(daemon: &RunningDaemon, emulator: &str, lifetime: Duration) {
+    let grpc: Vec<String> = daemon.grpc_addrs.iter().map(ToString::to_string).collect();
+    let addr_flag = match daemon.grpc_addrs.first() {
+        Some(ListenAddr::Tcp(a)) if a.to_string() == "127.0.0.1:50051" => String::new(),
+        Some(ListenAddr::Tcp(a)) => format!(" --addr http://{a}"),
+        Some(ListenAddr::Unix(p)) => format!(" --addr unix:{}", p.display()),
+        None => String::new(),
+    };
+    println!("flute-token-broker is running in dev mode against a built-in emulator of Flute's token endpoint.");
+    println!("  gRPC:      {}", grpc.join(", "));
+    println!("  emulator:  {emulator} (tokens live {})", duration::format(lifetime));
+    if let Some(admin) = daemon.admin_addr {
+        println!("  admin:     http://{admin}/metrics  /healthz  /readyz");
+    }
+    println!();
+    println!("In another terminal:");
+    println!("  cargo run --release -- get --env sandbox{addr_flag}");
+    println!(
+        "  curl -H \"Authorization: Bearer $(cargo run -q --release -- get --env sandbox{addr_flag})\" {emulator}/v2/transactions"
+    );
+    println!("  cargo run --release -- watch --env sandbox{addr_flag}");
+    println!("  cargo run --release -- status{addr_flag}");
+    println!("Stop with Ctrl-C.");
+}
+
 async fn run_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
-    init_logging();
+    logging::init(flute_token_broker::config::LogFormat::Text, "info");
     let secret = match (args.client_secret, args.client_secret_file) {
         (Some(s), _) => s,
         (None, Some(path)) => std::fs::read_to_string(&path)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
             .trim()
             .to_owned(),
-        (None, None) => unreachable!("clap requires one of them"),
+        (None, None) => anyhow::bail!("--client-secret or --client-secret-file is required"),
     };
     let config = EmulatorConfig {
         client_id: args.client_id,
@@ -95,17 +364,15 @@ async fn run_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr()?;
     println!("emulator listening on http://{addr} (token endpoint http://{addr}/oauth2/token)");
-    Emulator::new(config)
-        .serve(listener, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    let shutdown = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    };
+    Emulator::new(config).serve(listener, shutdown).await?;
     Ok(())
-}
-
-fn init_logging() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .try_init();
 }

@@ -149,3 +149,54 @@ mod tests {
         assert!(!format!("{t:?}").contains("abc-secret"));
     }
 }
+
+/// The TokenSources of the enabled environments.
+#[derive(Clone, Default)]
+pub struct TokenSources {
+    sources: std::collections::BTreeMap<Environment, TokenSourceHandle>,
+}
+
+impl TokenSources {
+    pub fn new(handles: impl IntoIterator<Item = TokenSourceHandle>) -> Self {
+        Self {
+            sources: handles.into_iter().map(|h| (h.environment(), h)).collect(),
+        }
+    }
+
+    pub fn get(&self, env: Environment) -> Option<&TokenSourceHandle> {
+        self.sources.get(&env)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &TokenSourceHandle> {
+        self.sources.values()
+    }
+
+    /// Whether every source task is still running (for the systemd watchdog).
+    pub fn all_running(&self) -> bool {
+        self.sources.values().all(TokenSourceHandle::is_running)
+    }
+
+    /// A one-line summary (systemd STATUS=, logs).
+    pub fn summary(&self) -> String {
+        let now = Instant::now();
+        self.sources
+            .values()
+            .map(|s| match s.current() {
+                Some(t) => format!(
+                    "{}: {:?}, token {} ({}s left)",
+                    s.environment(),
+                    s.snapshot().state(),
+                    t.token_id,
+                    t.remaining(now).as_secs()
+                ),
+                None => format!("{}: {:?}", s.environment(), s.snapshot().state()),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Whether every enabled environment holds a token that is handed out.
+    pub fn all_ready(&self) -> bool {
+        self.sources.values().all(|s| s.current().is_some())
+    }
+}

@@ -173,6 +173,11 @@ impl TokenSourceHandle {
         self.state.borrow().servable(Instant::now()).cloned()
     }
 
+    /// Whether the source task is still running.
+    pub fn is_running(&self) -> bool {
+        !self.commands.is_closed()
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         self.state.borrow().clone()
     }

@@ -1,0 +1,78 @@
+//! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz` (the
+//! process is alive: independent of the token endpoint, so an outage never
+//! triggers restarts) and `/readyz` (every enabled environment holds a
+//! valid token).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::time::Instant;
+
+use crate::metrics::{EnvLabels, Metrics};
+use crate::token::TokenSources;
+
+#[derive(Clone)]
+struct AdminState {
+    sources: Arc<TokenSources>,
+    metrics: Arc<Metrics>,
+}
+
+pub fn router(sources: Arc<TokenSources>, metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(AdminState { sources, metrics })
+}
+
+async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
+    let now = Instant::now();
+    for source in state.sources.iter() {
+        let labels = EnvLabels {
+            environment: source.environment().as_str(),
+        };
+        let token = source.current();
+        let left = token.as_ref().map(|t| t.remaining(now).as_secs_f64()).unwrap_or(0.0);
+        state.metrics.seconds_until_expiry.get_or_create(&labels).set(left);
+        state
+            .metrics
+            .token_valid
+            .get_or_create(&labels)
+            .set(token.is_some() as i64);
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+}
+
+async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
+    let lines: Vec<String> = state
+        .sources
+        .iter()
+        .map(|s| {
+            format!(
+                "{}: {}",
+                s.environment(),
+                if s.current().is_some() {
+                    "ready"
+                } else {
+                    "no valid token"
+                }
+            )
+        })
+        .collect();
+    let status = if state.sources.all_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, lines.join("\n") + "\n")
+}

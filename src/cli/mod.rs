@@ -1,0 +1,257 @@
+//! The client commands (`get`, `watch`, `status`): a thin gRPC client of
+//! the broker, reachable over TCP or a Unix socket, with exit codes scripts
+//! can branch on.
+
+use std::io::Write;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::environment::Environment;
+use crate::grpc::pb::token_broker_client::TokenBrokerClient;
+use crate::grpc::pb::{self, watch_token_response::Update};
+
+/// The address `serve --dev` listens on.
+pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
+
+/// Exit codes of the client commands.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 2;
+    /// The broker could not be reached (sysexits EX_UNAVAILABLE).
+    pub const UNREACHABLE: u8 = 69;
+    /// The broker has no valid token right now (sysexits EX_TEMPFAIL).
+    pub const NO_TOKEN: u8 = 75;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the broker at {addr}: {message}")]
+    Unreachable { addr: String, message: String },
+    #[error("{0}")]
+    NoToken(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("broker answered {code:?}: {message}")]
+    Broker { code: Code, message: String },
+}
+
+impl ClientError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Unreachable { .. } => exit::UNREACHABLE,
+            ClientError::NoToken(_) => exit::NO_TOKEN,
+            ClientError::Usage(_) => exit::USAGE,
+            ClientError::Broker { .. } => exit::FAILURE,
+        }
+    }
+
+    fn from_status(addr: &str, status: tonic::Status) -> Self {
+        let message = status.message().to_owned();
+        match status.code() {
+            Code::Unavailable if message.contains("no valid") => ClientError::NoToken(message),
+            Code::Unavailable => ClientError::Unreachable {
+                addr: addr.to_owned(),
+                message,
+            },
+            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => ClientError::Usage(message),
+            code => ClientError::Broker { code, message },
+        }
+    }
+}
+
+/// Connects to `unix:/path` or `http://host:port` (`host:port` works too).
+pub async fn connect(addr: &str, timeout: Duration) -> Result<TokenBrokerClient<Channel>, ClientError> {
+    let unreachable = |message: String| ClientError::Unreachable {
+        addr: addr.to_owned(),
+        message,
+    };
+    let channel = if let Some(path) = addr.strip_prefix("unix:") {
+        let path = path.to_owned();
+        Endpoint::from_static("http://broker.invalid")
+            .connect_timeout(timeout)
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            }))
+            .await
+    } else {
+        let uri = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        Endpoint::from_shared(uri)
+            .map_err(|e| ClientError::Usage(format!("invalid address {addr:?}: {e}")))?
+            .connect_timeout(timeout)
+            .connect()
+            .await
+    };
+    let channel = channel.map_err(|e| unreachable(error_chain(&e)))?;
+    Ok(TokenBrokerClient::new(channel))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// How `get` prints the token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TokenFormat {
+    /// The bare access token (for `$(...)` in shell scripts).
+    Token,
+    /// `Authorization: Bearer <token>`.
+    Header,
+    /// A JSON object with the token and its metadata.
+    Json,
+}
+
+fn pb_env(env: Environment) -> i32 {
+    pb::Environment::from(env) as i32
+}
+
+fn ts(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".into())
+}
+
+pub async fn get(
+    addr: &str,
+    env: Environment,
+    min_remaining: Option<Duration>,
+    format: TokenFormat,
+    timeout: Duration,
+) -> Result<String, ClientError> {
+    let mut client = connect(addr, timeout).await?;
+    let mut request = tonic::Request::new(pb::GetTokenRequest {
+        environment: pb_env(env),
+        min_remaining: min_remaining.map(|d| prost_types::Duration {
+            seconds: d.as_secs() as i64,
+            nanos: d.subsec_nanos() as i32,
+        }),
+    });
+    request.set_timeout(timeout);
+    let token = client
+        .get_token(request)
+        .await
+        .map_err(|s| ClientError::from_status(addr, s))?
+        .into_inner()
+        .token
+        .unwrap_or_default();
+    Ok(match format {
+        TokenFormat::Token => token.access_token,
+        TokenFormat::Header => format!("Authorization: {} {}", token.token_type, token.access_token),
+        TokenFormat::Json => serde_json::json!({
+            "access_token": token.access_token,
+            "token_type": token.token_type,
+            "environment": env.as_str(),
+            "token_id": token.token_id,
+            "issued_at": ts(&token.issued_at),
+            "expires_at": ts(&token.expires_at),
+        })
+        .to_string(),
+    })
+}
+
+/// Prints a line per update until the stream ends.
+pub async fn watch(addr: &str, env: Environment, timeout: Duration, out: &mut impl Write) -> Result<(), ClientError> {
+    let mut client = connect(addr, timeout).await?;
+    let mut stream = client
+        .watch_token(pb::WatchTokenRequest {
+            environment: pb_env(env),
+        })
+        .await
+        .map_err(|s| ClientError::from_status(addr, s))?
+        .into_inner();
+    while let Some(item) = stream.next().await {
+        let update = item.map_err(|s| ClientError::from_status(addr, s))?;
+        let line = match update.update {
+            Some(Update::Token(t)) => format!("{env} token {} expires_at={}", t.token_id, ts(&t.expires_at)),
+            Some(Update::Outage(o)) => format!(
+                "{env} outage next_attempt_at={} reason={:?}",
+                ts(&o.next_attempt_at),
+                o.reason
+            ),
+            None => continue,
+        };
+        writeln!(out, "{line}")
+            .and_then(|_| out.flush())
+            .map_err(|e| ClientError::Broker {
+                code: Code::Internal,
+                message: format!("cannot write: {e}"),
+            })?;
+    }
+    Ok(())
+}
+
+/// A table (or JSON) of every enabled environment's state.
+pub async fn status(addr: &str, json: bool, timeout: Duration) -> Result<String, ClientError> {
+    let mut client = connect(addr, timeout).await?;
+    let mut request = tonic::Request::new(pb::GetStatusRequest {});
+    request.set_timeout(timeout);
+    let status = client
+        .get_status(request)
+        .await
+        .map_err(|s| ClientError::from_status(addr, s))?
+        .into_inner();
+    let env_name = |v: i32| {
+        pb::Environment::try_from(v)
+            .map(|e| e.as_str_name().trim_start_matches("ENVIRONMENT_").to_lowercase())
+            .unwrap_or_default()
+    };
+    let state_name = |v: i32| {
+        pb::State::try_from(v)
+            .map(|s| s.as_str_name().trim_start_matches("STATE_").to_owned())
+            .unwrap_or_default()
+    };
+    if json {
+        let items: Vec<_> = status
+            .environments
+            .iter()
+            .map(|e| {
+                let c = e.counters.unwrap_or_default();
+                serde_json::json!({
+                    "environment": env_name(e.environment), "state": state_name(e.state), "token_id": e.token_id,
+                    "expires_at": ts(&e.expires_at), "next_attempt_at": ts(&e.next_attempt_at),
+                    "last_error": e.last_error, "consecutive_failures": e.consecutive_failures,
+                    "token_endpoint_calls": c.token_endpoint_calls, "rotations": c.rotations,
+                    "refreshes_succeeded": c.refreshes_succeeded, "refreshes_failed": c.refreshes_failed,
+                })
+            })
+            .collect();
+        return Ok(serde_json::to_string_pretty(&items).unwrap_or_default());
+    }
+    let mut out = format!(
+        "{:<12} {:<12} {:<13} {:<21} {:<21} {:>5} {:>6}  {}\n",
+        "ENVIRONMENT", "STATE", "TOKEN_ID", "EXPIRES_AT", "NEXT_ATTEMPT_AT", "CALLS", "FAILS", "LAST_ERROR"
+    );
+    for e in &status.environments {
+        let c = e.counters.unwrap_or_default();
+        let short = |t: &Option<prost_types::Timestamp>| match t {
+            Some(_) => ts(t).chars().take(19).collect::<String>() + "Z",
+            None => "-".into(),
+        };
+        out.push_str(&format!(
+            "{:<12} {:<12} {:<13} {:<21} {:<21} {:>5} {:>6}  {}\n",
+            env_name(e.environment),
+            state_name(e.state),
+            if e.token_id.is_empty() { "-" } else { &e.token_id },
+            short(&e.expires_at),
+            short(&e.next_attempt_at),
+            c.token_endpoint_calls,
+            e.consecutive_failures,
+            if e.last_error.is_empty() { "-" } else { &e.last_error },
+        ));
+    }
+    Ok(out)
+}

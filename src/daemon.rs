@@ -1,0 +1,463 @@
+//! Wiring: from a validated [`Config`] to a running broker (token sources,
+//! gRPC listeners, health, admin), credential reload, and graceful shutdown.
+//! [`start`] returns a [`RunningDaemon`] so tests can run the whole daemon
+//! in-process; the `serve` command adds signals and systemd around it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ListenAddr};
+use crate::credentials::{ApiKey, CredentialsError, KeySource};
+use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator};
+use crate::environment::Environment;
+use crate::grpc::listener::{self, Bound, ListenError, UnixSocketOptions};
+use crate::grpc::pb::token_broker_server::TokenBrokerServer;
+use crate::grpc::{TokenBrokerService, health, pb};
+use crate::metrics::{Metrics, ResultLabels};
+use crate::oauth::{OAuthClient, OAuthClientConfig, OAuthError};
+use crate::token::{self, TokenSourceConfig, TokenSources};
+
+/// Largest gRPC request accepted (requests are a few bytes).
+const MAX_REQUEST_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{environment}: {source}")]
+    Credentials {
+        environment: Environment,
+        #[source]
+        source: CredentialsError,
+    },
+    #[error("{environment}: no API key configured")]
+    NoCredentials { environment: Environment },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("cannot listen on admin address {addr}: {source}")]
+    AdminBind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("token endpoint client: {0}")]
+    OAuth(#[from] OAuthError),
+    #[error("server reflection: {0}")]
+    Reflection(String),
+    #[error("emulator: {0}")]
+    Emulator(std::io::Error),
+}
+
+impl DaemonError {
+    /// Exit code: 78 for configuration and credential problems, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DaemonError::Credentials { .. } | DaemonError::NoCredentials { .. } => crate::config::EXIT_CONFIG,
+            _ => 1,
+        }
+    }
+}
+
+/// A running broker.
+pub struct RunningDaemon {
+    /// The addresses actually bound (ports resolved).
+    pub grpc_addrs: Vec<ListenAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    pub sources: Arc<TokenSources>,
+    pub metrics: Arc<Metrics>,
+    reloader: Arc<Reloader>,
+    shutdown: watch::Sender<bool>,
+    health: HealthReporter,
+    servers: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+    source_tasks: Vec<JoinHandle<()>>,
+    grace: Duration,
+}
+
+/// Starts everything the configuration asks for. Keys are loaded and every
+/// listener bound before anything is served.
+pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<RunningDaemon, DaemonError> {
+    let metrics = Arc::new(Metrics::new());
+    let mut keys = Vec::new();
+    for (env, _) in config.enabled() {
+        let source = config
+            .key_source(env)
+            .ok_or(DaemonError::NoCredentials { environment: env })?;
+        let key = source.load().map_err(|source| DaemonError::Credentials {
+            environment: env,
+            source,
+        })?;
+        keys.push((env, key));
+    }
+    let unix = UnixSocketOptions {
+        mode: config.server.unix_socket_mode,
+        group: config.server.unix_socket_group.clone(),
+    };
+    let mut bound = Vec::new();
+    for addr in &config.server.listen {
+        bound.push(listener::bind(addr, &unix).await?);
+    }
+    let admin_listener = match config.admin_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::AdminBind { addr, source })?,
+        ),
+        None => None,
+    };
+
+    let mut handles = Vec::new();
+    let mut source_tasks = Vec::new();
+    for (env, key) in keys {
+        let env_config = &config.environments[&env];
+        let mut client_config = OAuthClientConfig::new(env_config.token_url.clone());
+        client_config.client_auth = config.oauth.client_auth;
+        client_config.scope = config.oauth.scope.clone();
+        client_config.connect_timeout = config.oauth.connect_timeout;
+        client_config.request_timeout = config.oauth.request_timeout;
+        client_config.lifetime = config.oauth.lifetime_bounds();
+        let client = OAuthClient::new(client_config)?;
+        let mut source_config = TokenSourceConfig::new(env);
+        source_config.policy = config.refresh.clone();
+        source_config.use_refresh_token = config.oauth.use_refresh_token;
+        let (handle, task) = token::spawn(source_config, client, key, metrics.clone());
+        info!(environment = %env, token_url = %env_config.token_url, "token source started");
+        handles.push(handle);
+        source_tasks.push(task);
+    }
+    let sources = Arc::new(TokenSources::new(handles));
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health::set_not_serving(&health_reporter, &sources).await;
+    let service = TokenBrokerService::new(
+        sources.clone(),
+        shutdown_rx.clone(),
+        metrics.clone(),
+        config.server.request_wait,
+    );
+
+    let mut grpc_addrs = Vec::new();
+    let mut servers = Vec::new();
+    for listener in bound {
+        let addr = listener.addr();
+        grpc_addrs.push(addr.clone());
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| DaemonError::Reflection(e.to_string()))?;
+        let router = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .tcp_nodelay(true)
+            .add_service(health_service.clone())
+            .add_service(reflection)
+            .add_service(TokenBrokerServer::new(service.clone()).max_decoding_message_size(MAX_REQUEST_BYTES));
+        let mut stop = shutdown_rx.clone();
+        let signal = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        info!(%addr, "gRPC listening");
+        servers.push(tokio::spawn(async move {
+            let result = match listener {
+                Bound::Tcp(l) => {
+                    router
+                        .serve_with_incoming_shutdown(TcpListenerStream::new(l), signal)
+                        .await
+                }
+                Bound::Unix(l, _file) => {
+                    router
+                        .serve_with_incoming_shutdown(UnixListenerStream::new(l), signal)
+                        .await
+                }
+            };
+            if let Err(e) = result {
+                error!(%addr, error = %e, "gRPC server stopped with an error");
+            }
+        }));
+    }
+
+    let mut background = vec![tokio::spawn(health::report(
+        health_reporter.clone(),
+        sources.clone(),
+        shutdown_rx.clone(),
+    ))];
+    let mut admin_addr = None;
+    if let Some(listener) = admin_listener {
+        let addr = listener.local_addr().map_err(|source| DaemonError::AdminBind {
+            addr: config.admin_listen.unwrap(),
+            source,
+        })?;
+        admin_addr = Some(addr);
+        let app = crate::admin::router(sources.clone(), metrics.clone());
+        let mut stop = shutdown_rx.clone();
+        info!(%addr, "admin HTTP listening");
+        background.push(tokio::spawn(async move {
+            let signal = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(signal).await {
+                error!(error = %e, "admin listener stopped");
+            }
+        }));
+    }
+
+    let reloader = Arc::new(Reloader::new(&config, config_path, sources.clone(), metrics.clone()));
+    if !config.credentials_poll_interval.is_zero() && reloader.watches_files().await {
+        background.push(tokio::spawn(
+            reloader
+                .clone()
+                .poll(config.credentials_poll_interval, shutdown_rx.clone()),
+        ));
+    }
+
+    Ok(RunningDaemon {
+        grpc_addrs,
+        admin_addr,
+        sources,
+        metrics,
+        reloader,
+        shutdown,
+        health: health_reporter,
+        servers,
+        background,
+        source_tasks,
+        grace: config.server.shutdown_grace,
+    })
+}
+
+impl RunningDaemon {
+    /// Re-reads the configuration file (if any) and the API keys; see [`Reloader::reload`].
+    pub async fn reload(&self) -> Result<ReloadReport, crate::config::ConfigError> {
+        self.reloader.reload().await
+    }
+
+    /// Health NOT_SERVING, stop accepting, end watch streams with
+    /// UNAVAILABLE, drain in-flight calls for at most the grace period.
+    pub async fn shutdown(self) {
+        info!(grace = ?self.grace, "shutting down");
+        health::set_not_serving(&self.health, &self.sources).await;
+        let _ = self.shutdown.send(true);
+        let drain = futures_util::future::join_all(self.servers);
+        if tokio::time::timeout(self.grace, drain).await.is_err() {
+            warn!("grace period over; closing the remaining connections");
+        }
+        for task in self.background.into_iter().chain(self.source_tasks) {
+            task.abort();
+        }
+        info!("stopped");
+    }
+}
+
+/// What one reload did, per environment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub replaced: Vec<Environment>,
+    pub unchanged: Vec<Environment>,
+    pub failed: Vec<(Environment, String)>,
+}
+
+/// Re-reads API keys (on SIGHUP and when a key file changes) and offers
+/// changed keys to the token sources, which try them before adopting them.
+pub struct Reloader {
+    config_path: Option<PathBuf>,
+    state: Mutex<ReloadState>,
+    sources: Arc<TokenSources>,
+    metrics: Arc<Metrics>,
+}
+
+struct ReloadState {
+    /// The configuration in force (key sources may change on reload).
+    config: Config,
+    /// Per environment: the digest of a key that failed, and when.
+    failed: Vec<(Environment, [u8; 32], tokio::time::Instant)>,
+}
+
+/// A key that failed verification is not retried by the file poller for this long.
+const FAILED_KEY_RETRY: Duration = Duration::from_secs(60);
+
+impl Reloader {
+    fn new(config: &Config, config_path: Option<PathBuf>, sources: Arc<TokenSources>, metrics: Arc<Metrics>) -> Self {
+        let state = ReloadState {
+            config: config.clone(),
+            failed: Vec::new(),
+        };
+        Self {
+            config_path,
+            state: Mutex::new(state),
+            sources,
+            metrics,
+        }
+    }
+
+    async fn watches_files(&self) -> bool {
+        let state = self.state.lock().await;
+        state.config.enabled().any(|(env, _)| {
+            state
+                .config
+                .key_source(env)
+                .is_some_and(|k| !k.watched_paths().is_empty())
+        })
+    }
+
+    /// SIGHUP: a new configuration is loaded and validated first; if it is
+    /// invalid nothing changes. Then every key is re-read and offered.
+    pub async fn reload(&self) -> Result<ReloadReport, crate::config::ConfigError> {
+        let mut state = self.state.lock().await;
+        if let Some(path) = &self.config_path {
+            match Config::load(Some(path)) {
+                Ok(loaded) => {
+                    for w in &loaded.warnings {
+                        warn!("{w}");
+                    }
+                    warn_restart_needed(&state.config, &loaded.config);
+                    state.config.credentials = loaded.config.credentials.clone();
+                    for (env, e) in state.config.environments.iter_mut() {
+                        e.credentials = loaded.config.environments[env].credentials.clone();
+                    }
+                }
+                Err(e) => {
+                    error!(problems = ?e.problems, "reload rejected: the new configuration is invalid; nothing changed");
+                    self.metrics
+                        .credential_reloads
+                        .get_or_create(&ResultLabels {
+                            result: "config_invalid",
+                        })
+                        .inc();
+                    return Err(e);
+                }
+            }
+        }
+        state.failed.clear();
+        Ok(self.offer_keys(&mut state, true).await)
+    }
+
+    /// Checks key files every `interval`; offers a key when it changed.
+    async fn poll(self: Arc<Self>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            let mut state = self.state.lock().await;
+            self.offer_keys(&mut state, false).await;
+        }
+    }
+
+    async fn offer_keys(&self, state: &mut ReloadState, explicit: bool) -> ReloadReport {
+        let mut report = ReloadReport::default();
+        for source in self.sources.iter() {
+            let env = source.environment();
+            let Some(key_source) = state.config.key_source(env).cloned() else {
+                continue;
+            };
+            let key = match load_key(&key_source) {
+                Ok(key) => key,
+                Err(e) => {
+                    if explicit {
+                        error!(environment = %env, error = %e, "cannot re-read the API key; keeping the current one");
+                        self.count("failed");
+                        report.failed.push((env, e.to_string()));
+                    }
+                    continue;
+                }
+            };
+            let now = tokio::time::Instant::now();
+            let digest = key.digest();
+            if !explicit
+                && state
+                    .failed
+                    .iter()
+                    .any(|(e, d, at)| *e == env && *d == digest && now - *at < FAILED_KEY_RETRY)
+            {
+                continue;
+            }
+            match source.replace_key(key).await {
+                Ok(true) => {
+                    info!(environment = %env, "API key replaced");
+                    self.count("replaced");
+                    state.failed.retain(|(e, _, _)| *e != env);
+                    report.replaced.push(env);
+                }
+                Ok(false) => report.unchanged.push(env),
+                Err(e) => {
+                    self.count("failed");
+                    state.failed.retain(|(e, _, _)| *e != env);
+                    state.failed.push((env, digest, now));
+                    report.failed.push((env, e.to_string()));
+                }
+            }
+        }
+        report
+    }
+
+    fn count(&self, result: &'static str) {
+        self.metrics
+            .credential_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+}
+
+fn load_key(source: &KeySource) -> Result<ApiKey, CredentialsError> {
+    source.load()
+}
+
+/// Reload applies credentials only; say so for anything else that changed.
+fn warn_restart_needed(old: &Config, new: &Config) {
+    let mut old_keys = old.clone();
+    old_keys.credentials = new.credentials.clone();
+    for (env, e) in old_keys.environments.iter_mut() {
+        e.credentials = new.environments[env].credentials.clone();
+    }
+    if old_keys != *new {
+        warn!("the configuration changed beyond credentials; those changes take effect after a restart");
+    }
+}
+
+/// `serve --dev`: an in-process emulator with generated credentials, and a
+/// configuration pointing both environments at it.
+pub async fn dev_setup(mut config: Config, token_lifetime: Duration) -> Result<(Config, RunningEmulator), DaemonError> {
+    let secret = random_secret();
+    let emulator_config = EmulatorConfig {
+        client_id: "dev-client".into(),
+        client_secret: secret.clone().into(),
+        token_lifetime,
+        issue_refresh_tokens: true,
+    };
+    let emulator = Emulator::new(emulator_config)
+        .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .map_err(DaemonError::Emulator)?;
+    let key = KeySource {
+        client_id: crate::credentials::ValueSource::Inline("dev-client".into()),
+        client_secret: crate::credentials::ValueSource::Inline(secret),
+    };
+    config.credentials = Some(key);
+    config.oauth.allow_insecure_http = true;
+    for env in config.environments.values_mut() {
+        env.enabled = true;
+        env.token_url = emulator.token_url();
+        env.credentials = None;
+    }
+    Ok((config, emulator))
+}
+
+fn random_secret() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..32)
+        .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"[rng.random_range(0..62)]))
+        .collect()
+}

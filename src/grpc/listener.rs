@@ -1,0 +1,142 @@
+//! Binding the gRPC listeners: TCP, and Unix sockets with a configurable
+//! mode and group. A stale socket file left by a crashed run is replaced; a
+//! socket another process still serves is refused.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::config::ListenAddr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen on unix:{}: another process is serving on this socket", .0.display())]
+    InUse(PathBuf),
+    #[error("cannot listen on unix:{}: the path exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error("cannot set up unix:{}: {message}", path.display())]
+    Setup { path: PathBuf, message: String },
+}
+
+/// Ownership and permissions of Unix socket files.
+#[derive(Clone, Debug)]
+pub struct UnixSocketOptions {
+    pub mode: u32,
+    pub group: Option<String>,
+}
+
+/// A bound listener, ready to serve.
+pub enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener, SocketFile),
+}
+
+impl Bound {
+    /// The address actually bound (a TCP port of 0 resolved).
+    pub fn addr(&self) -> ListenAddr {
+        match self {
+            Bound::Tcp(l) => ListenAddr::Tcp(l.local_addr().expect("bound socket has an address")),
+            Bound::Unix(_, file) => ListenAddr::Unix(file.0.clone()),
+        }
+    }
+}
+
+/// Removes the socket file when the listener is done with it.
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+pub async fn bind(addr: &ListenAddr, unix: &UnixSocketOptions) -> Result<Bound, ListenError> {
+    match addr {
+        ListenAddr::Tcp(a) => {
+            let listener = TcpListener::bind(a).await.map_err(|source| ListenError::Bind {
+                addr: a.to_string(),
+                source,
+            })?;
+            Ok(Bound::Tcp(listener))
+        }
+        ListenAddr::Unix(path) => bind_unix(path, unix),
+    }
+}
+
+fn bind_unix(path: &Path, options: &UnixSocketOptions) -> Result<Bound, ListenError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ListenError::NotASocket(path.into()));
+        }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(ListenError::InUse(path.into())),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::warn!(path = %path.display(), "replacing a stale socket file");
+                std::fs::remove_file(path).map_err(|e| ListenError::Setup {
+                    path: path.into(),
+                    message: format!("cannot remove stale socket: {e}"),
+                })?;
+            }
+            Err(e) => {
+                return Err(ListenError::Setup {
+                    path: path.into(),
+                    message: format!("cannot probe existing socket: {e}"),
+                });
+            }
+        }
+    }
+    let listener = UnixListener::bind(path).map_err(|source| ListenError::Bind {
+        addr: format!("unix:{}", path.display()),
+        source,
+    })?;
+    let file = SocketFile(path.into());
+    let setup = |message: String| ListenError::Setup {
+        path: path.into(),
+        message,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(options.mode))
+        .map_err(|e| setup(format!("chmod {:o}: {e}", options.mode)))?;
+    if let Some(group) = &options.group {
+        let gid = resolve_group(group).map_err(setup)?;
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| setup(format!("chgrp {group}: {e}")))?;
+    }
+    Ok(Bound::Unix(listener, file))
+}
+
+/// A group name (looked up in /etc/group) or a numeric gid.
+fn resolve_group(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group").map_err(|e| format!("cannot read /etc/group: {e}"))?;
+    groups
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let gid = fields.nth(1)?.parse().ok()?;
+            (name == group).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| format!("unknown group {group:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_resolve_by_name_or_number() {
+        assert_eq!(resolve_group("0"), Ok(0));
+        assert_eq!(resolve_group("root"), Ok(0));
+        assert!(resolve_group("no-such-group-here").is_err());
+    }
+}

@@ -1,0 +1,75 @@
+//! The gRPC face of the broker: generated code for flute.tokenbroker.v1,
+//! the TokenBroker service, the one mapping from internal errors to
+//! `tonic::Status`, health reporting and the listeners it is served on.
+
+pub mod health;
+pub mod listener;
+mod service;
+mod status;
+
+use std::time::{Duration, SystemTime};
+
+pub use service::TokenBrokerService;
+pub use status::BrokerError;
+
+/// Generated protobuf and gRPC code.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("flute.tokenbroker.v1");
+
+    /// The encoded descriptor set, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/token_broker_descriptor.bin"));
+}
+
+use crate::environment::Environment;
+use crate::token::Token;
+
+impl From<Environment> for pb::Environment {
+    fn from(env: Environment) -> Self {
+        match env {
+            Environment::Sandbox => pb::Environment::Sandbox,
+            Environment::Production => pb::Environment::Production,
+        }
+    }
+}
+
+/// The environment a request names; `None` for unspecified or unknown values.
+pub fn environment_from_pb(value: i32) -> Option<Environment> {
+    match pb::Environment::try_from(value).ok()? {
+        pb::Environment::Sandbox => Some(Environment::Sandbox),
+        pb::Environment::Production => Some(Environment::Production),
+        pb::Environment::Unspecified => None,
+    }
+}
+
+pub(crate) fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+/// Wall-clock time of a monotonic instant (for replies only).
+pub(crate) fn wall_time(at: tokio::time::Instant) -> SystemTime {
+    let now = tokio::time::Instant::now();
+    if at >= now {
+        SystemTime::now() + (at - now)
+    } else {
+        SystemTime::now() - (now - at)
+    }
+}
+
+impl From<&Token> for pb::Token {
+    fn from(t: &Token) -> Self {
+        pb::Token {
+            access_token: t.access_token().to_owned(),
+            token_type: t.token_type.clone(),
+            issued_at: Some(timestamp(t.issued_at_wall)),
+            expires_at: Some(timestamp(t.expires_at_wall)),
+            environment: pb::Environment::from(t.environment) as i32,
+            token_id: t.token_id.clone(),
+        }
+    }
+}
+
+/// A protobuf Duration as a std Duration; `Err` when negative or invalid.
+pub(crate) fn duration_from_pb(d: &prost_types::Duration) -> Result<Duration, String> {
+    Duration::try_from(*d).map_err(|_| "must be a non-negative duration".to_owned())
+}

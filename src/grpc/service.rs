@@ -1,0 +1,377 @@
+//! The TokenBroker service. GetToken answers from the source's watch channel
+//! (no lock a refresh holds, no I/O); anything that needs the token endpoint
+//! goes through the source's coalesced request path, bounded by the call's
+//! deadline.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::Stream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use super::pb::token_broker_server::TokenBroker;
+use super::pb::{self, watch_token_response::Update};
+use super::status::{BrokerError, code_label};
+use super::{duration_from_pb, environment_from_pb, timestamp, wall_time};
+use crate::metrics::{GrpcLabels, Metrics};
+use crate::token::{Snapshot, SourceState, TokenSourceHandle, TokenSources};
+
+/// Longest accepted `rejected_token_id`.
+const MAX_TOKEN_ID_LEN: usize = 128;
+
+#[derive(Clone)]
+pub struct TokenBrokerService {
+    sources: Arc<TokenSources>,
+    shutdown: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    /// Longest wait for a token when the caller's deadline is longer or unset.
+    request_wait: Duration,
+}
+
+impl TokenBrokerService {
+    pub fn new(
+        sources: Arc<TokenSources>,
+        shutdown: watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
+        request_wait: Duration,
+    ) -> Self {
+        Self {
+            sources,
+            shutdown,
+            metrics,
+            request_wait,
+        }
+    }
+
+    fn source(&self, environment: i32) -> Result<&TokenSourceHandle, BrokerError> {
+        if *self.shutdown.borrow() {
+            return Err(BrokerError::ShuttingDown);
+        }
+        let env = environment_from_pb(environment).ok_or(BrokerError::UnspecifiedEnvironment)?;
+        self.sources.get(env).ok_or(BrokerError::EnvironmentNotEnabled(env))
+    }
+
+    /// How long this call may wait: the server's limit, or a little less
+    /// than the caller's deadline so the caller gets our DEADLINE_EXCEEDED.
+    fn wait_limit<T>(&self, request: &Request<T>) -> Duration {
+        let client = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        match client {
+            Some(d) => self
+                .request_wait
+                .min(d.saturating_sub((d / 10).min(Duration::from_millis(50)))),
+            None => self.request_wait,
+        }
+    }
+
+    fn finish<T>(&self, method: &'static str, result: Result<T, BrokerError>) -> Result<Response<T>, Status> {
+        let code = result
+            .as_ref()
+            .map(|_| tonic::Code::Ok)
+            .unwrap_or_else(BrokerError::code);
+        self.metrics
+            .grpc_requests
+            .get_or_create(&GrpcLabels {
+                method,
+                code: code_label(code),
+            })
+            .inc();
+        result.map(Response::new).map_err(Status::from)
+    }
+
+    async fn get_token(
+        &self,
+        request: pb::GetTokenRequest,
+        wait: Duration,
+    ) -> Result<pb::GetTokenResponse, BrokerError> {
+        let source = self.source(request.environment)?;
+        let min_remaining = match &request.min_remaining {
+            None => Duration::ZERO,
+            Some(d) => duration_from_pb(d).map_err(|message| BrokerError::InvalidArgument {
+                field: "min_remaining",
+                message,
+            })?,
+        };
+        // The hot path.
+        if let Some(token) = source
+            .current()
+            .filter(|t| t.remaining(Instant::now()) >= min_remaining)
+        {
+            return Ok(pb::GetTokenResponse {
+                token: Some(token.as_ref().into()),
+            });
+        }
+        let env = source.environment();
+        if source.snapshot().state() == SourceState::Starting {
+            tokio::time::timeout(wait, source.started())
+                .await
+                .map_err(|_| BrokerError::DeadlineExceeded(env))?;
+        }
+        let token = if min_remaining.is_zero() {
+            source.current().ok_or_else(|| no_valid_token(source))?
+        } else {
+            tokio::time::timeout(wait, source.token_with_remaining(min_remaining))
+                .await
+                .map_err(|_| BrokerError::DeadlineExceeded(env))?
+                .map_err(|outcome| BrokerError::from_outcome(env, outcome))?
+        };
+        Ok(pb::GetTokenResponse {
+            token: Some(token.as_ref().into()),
+        })
+    }
+
+    async fn refresh_token(
+        &self,
+        request: pb::RefreshTokenRequest,
+        wait: Duration,
+    ) -> Result<pb::RefreshTokenResponse, BrokerError> {
+        let source = self.source(request.environment)?;
+        let id = request.rejected_token_id.trim();
+        if id.is_empty() || id.len() > MAX_TOKEN_ID_LEN {
+            let message = format!("must be the token_id of the rejected token (1 to {MAX_TOKEN_ID_LEN} characters)");
+            return Err(BrokerError::InvalidArgument {
+                field: "rejected_token_id",
+                message,
+            });
+        }
+        let env = source.environment();
+        let token = tokio::time::timeout(wait, source.replace_rejected(id))
+            .await
+            .map_err(|_| BrokerError::DeadlineExceeded(env))?
+            .map_err(|outcome| BrokerError::from_outcome(env, outcome))?;
+        Ok(pb::RefreshTokenResponse {
+            token: Some(token.as_ref().into()),
+        })
+    }
+
+    fn status(&self) -> pb::GetStatusResponse {
+        let environments = self.sources.iter().map(environment_status).collect();
+        pb::GetStatusResponse { environments }
+    }
+
+    fn watch(&self, request: pb::WatchTokenRequest) -> Result<WatchStream, BrokerError> {
+        let source = self.source(request.environment)?;
+        let state = WatchState {
+            environment: source.environment(),
+            snapshots: source.subscribe(),
+            shutdown: self.shutdown.clone(),
+            last: None,
+            done: false,
+            _open: OpenStream::new(self.metrics.clone()),
+        };
+        Ok(Box::pin(futures_util::stream::unfold(state, WatchState::next)))
+    }
+}
+
+fn no_valid_token(source: &TokenSourceHandle) -> BrokerError {
+    let snapshot = source.snapshot();
+    BrokerError::NoValidToken {
+        environment: source.environment(),
+        reason: snapshot
+            .last_error
+            .map(|e| e.message.clone())
+            .unwrap_or_else(|| "no token has been issued yet".into()),
+        next_attempt: snapshot
+            .next_attempt
+            .map(|at| at.saturating_duration_since(Instant::now())),
+    }
+}
+
+fn environment_status(source: &TokenSourceHandle) -> pb::EnvironmentStatus {
+    let snapshot = source.snapshot();
+    let state = match snapshot.state() {
+        SourceState::Starting => pb::State::Starting,
+        SourceState::Ready => pb::State::Ready,
+        SourceState::Degraded => pb::State::Degraded,
+        SourceState::Unavailable => pb::State::Unavailable,
+    };
+    let stats = source.stats();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let token = snapshot.token.as_ref();
+    pb::EnvironmentStatus {
+        environment: pb::Environment::from(source.environment()) as i32,
+        state: state as i32,
+        token_id: token.map(|t| t.token_id.clone()).unwrap_or_default(),
+        issued_at: token.map(|t| timestamp(t.issued_at_wall)),
+        expires_at: token.map(|t| timestamp(t.expires_at_wall)),
+        next_attempt_at: snapshot.next_attempt.map(|at| timestamp(wall_time(at))),
+        last_error: snapshot
+            .last_error
+            .as_ref()
+            .map(|e| e.message.clone())
+            .unwrap_or_default(),
+        last_error_at: snapshot.last_error.as_ref().map(|e| timestamp(e.at)),
+        consecutive_failures: snapshot.last_error.as_ref().map(|e| e.consecutive).unwrap_or(0),
+        counters: Some(pb::Counters {
+            token_endpoint_calls: load(&stats.endpoint_calls),
+            refreshes_succeeded: load(&stats.refreshes_ok),
+            refreshes_failed: load(&stats.refreshes_failed),
+            rotations: load(&stats.rotations),
+            early_refreshes: load(&stats.early_refreshes),
+        }),
+    }
+}
+
+/// Parses the `grpc-timeout` header: up to 8 digits and a unit (H M S m u n).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchTokenResponse, Status>> + Send>>;
+
+/// What a watcher last saw: a token (by id) or an outage.
+#[derive(Clone, Debug, PartialEq)]
+enum View {
+    Token(String),
+    Outage(String, Option<Instant>),
+}
+
+/// Counts an open WatchToken stream for as long as it lives.
+struct OpenStream(Arc<Metrics>);
+
+impl OpenStream {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        metrics.watch_streams.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.watch_streams.dec();
+    }
+}
+
+/// One WatchToken stream. It reads the watch channel at its own pace and
+/// only ever sees the latest state, so a slow reader holds nothing back.
+struct WatchState {
+    environment: crate::Environment,
+    snapshots: watch::Receiver<Snapshot>,
+    shutdown: watch::Receiver<bool>,
+    last: Option<View>,
+    done: bool,
+    _open: OpenStream,
+}
+
+impl WatchState {
+    async fn next(mut self) -> Option<(Result<pb::WatchTokenResponse, Status>, Self)> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if let Some(update) = self.update() {
+                return Some((Ok(pb::WatchTokenResponse { update: Some(update) }), self));
+            }
+            let ended = tokio::select! {
+                biased;
+                _ = self.shutdown.wait_for(|stopping| *stopping) => true,
+                changed = self.snapshots.changed() => changed.is_err(),
+            };
+            if ended {
+                self.done = true;
+                return Some((Err(BrokerError::ShuttingDown.into()), self));
+            }
+        }
+    }
+
+    /// The update to send for the latest snapshot, if it differs from the last one sent.
+    fn update(&mut self) -> Option<Update> {
+        let snapshot = self.snapshots.borrow_and_update().clone();
+        let now = Instant::now();
+        let (view, update) = match snapshot.servable(now) {
+            Some(token) => (
+                View::Token(token.token_id.clone()),
+                Update::Token(token.as_ref().into()),
+            ),
+            None if snapshot.state() == SourceState::Starting => return None,
+            None => {
+                let reason = snapshot
+                    .last_error
+                    .as_ref()
+                    .map(|e| e.message.clone())
+                    .unwrap_or_else(|| "token expired".into());
+                let outage = pb::Outage {
+                    environment: pb::Environment::from(self.environment) as i32,
+                    reason: reason.clone(),
+                    next_attempt_at: snapshot.next_attempt.map(|at| timestamp(wall_time(at))),
+                };
+                (View::Outage(reason, snapshot.next_attempt), Update::Outage(outage))
+            }
+        };
+        if self.last.as_ref() == Some(&view) {
+            return None;
+        }
+        self.last = Some(view);
+        Some(update)
+    }
+}
+
+#[tonic::async_trait]
+impl TokenBroker for TokenBrokerService {
+    async fn get_token(&self, request: Request<pb::GetTokenRequest>) -> Result<Response<pb::GetTokenResponse>, Status> {
+        let wait = self.wait_limit(&request);
+        let result = TokenBrokerService::get_token(self, request.into_inner(), wait).await;
+        self.finish("GetToken", result)
+    }
+
+    type WatchTokenStream = WatchStream;
+
+    async fn watch_token(
+        &self,
+        request: Request<pb::WatchTokenRequest>,
+    ) -> Result<Response<Self::WatchTokenStream>, Status> {
+        let result = self.watch(request.into_inner());
+        self.finish("WatchToken", result)
+    }
+
+    async fn refresh_token(
+        &self,
+        request: Request<pb::RefreshTokenRequest>,
+    ) -> Result<Response<pb::RefreshTokenResponse>, Status> {
+        let wait = self.wait_limit(&request);
+        let result = TokenBrokerService::refresh_token(self, request.into_inner(), wait).await;
+        self.finish("RefreshToken", result)
+    }
+
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        self.finish("GetStatus", Ok(self.status()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        for bad in ["", "S", "5", "5x", "123456789S", "-1S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+    }
+}
