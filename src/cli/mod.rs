@@ -66,6 +66,11 @@ impl ClientError {
 
 /// Connects to `unix:/path` or `http://host:port` (`host:port` works too).
 pub async fn connect(addr: &str, timeout: Duration) -> Result<TokenBrokerClient<Channel>, ClientError> {
+    Ok(TokenBrokerClient::new(channel(addr, timeout).await?))
+}
+
+/// A gRPC channel to the broker (for the health or reflection services too).
+pub async fn channel(addr: &str, timeout: Duration) -> Result<Channel, ClientError> {
     let unreachable = |message: String| ClientError::Unreachable {
         addr: addr.to_owned(),
         message,
@@ -91,8 +96,7 @@ pub async fn connect(addr: &str, timeout: Duration) -> Result<TokenBrokerClient<
             .connect()
             .await
     };
-    let channel = channel.map_err(|e| unreachable(error_chain(&e)))?;
-    Ok(TokenBrokerClient::new(channel))
+    channel.map_err(|e| unreachable(error_chain(&e)))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

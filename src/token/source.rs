@@ -309,7 +309,7 @@ impl<E: TokenEndpoint> Task<E> {
         loop {
             self.expire_if_stale(Instant::now());
             self.waiters.retain(|w| !w.reply.is_closed());
-            let wake = self.next_wake();
+            let wake = self.next_wake(Instant::now());
             tokio::select! {
                 // Queued requests first: everything that arrived together is
                 // answered by the same attempt.
@@ -326,7 +326,7 @@ impl<E: TokenEndpoint> Task<E> {
                     let now = Instant::now();
                     if now >= self.next_attempt {
                         self.attempt().await;
-                    } else if !self.waiters.is_empty() && now >= self.earliest_early_attempt() {
+                    } else if !self.waiters.is_empty() && now >= self.earliest_early_attempt(now) {
                         self.last_early = Some(now);
                         self.stats.early_refreshes.fetch_add(1, Ordering::Relaxed);
                         self.attempt().await;
@@ -338,10 +338,10 @@ impl<E: TokenEndpoint> Task<E> {
 
     /// The next instant something is due: a refresh, an early refresh for
     /// waiting callers, or the current token leaving its serve window.
-    fn next_wake(&self) -> Instant {
+    fn next_wake(&self, now: Instant) -> Instant {
         let mut wake = self.next_attempt;
         if !self.waiters.is_empty() {
-            wake = wake.min(self.earliest_early_attempt());
+            wake = wake.min(self.earliest_early_attempt(now));
         }
         if let Some(token) = self.published_token() {
             wake = wake.min(token.serve_until);
@@ -349,8 +349,9 @@ impl<E: TokenEndpoint> Task<E> {
         wake
     }
 
-    fn earliest_early_attempt(&self) -> Instant {
-        let now = Instant::now();
+    /// When waiting callers may next trigger a refresh: `now`, or later if
+    /// the last early refresh was less than the rate-limit interval ago.
+    fn earliest_early_attempt(&self, now: Instant) -> Instant {
         match self.last_early {
             Some(last) => now.max(last + self.config.policy.early_refresh_interval),
             None => now,

@@ -219,3 +219,108 @@ pub async fn start_emulator(lifetime: Duration, refresh_tokens: bool) -> Running
 pub fn test_key() -> ApiKey {
     ApiKey::new(CLIENT_ID, CLIENT_SECRET).unwrap()
 }
+
+use flute_token_broker::Environment;
+use flute_token_broker::config::{Config, ListenAddr};
+use flute_token_broker::credentials::{KeySource, ValueSource};
+use flute_token_broker::daemon::{self, RunningDaemon};
+use flute_token_broker::grpc::pb::token_broker_client::TokenBrokerClient;
+
+/// A whole broker in-process, with one emulator per environment.
+pub struct Broker {
+    pub daemon: RunningDaemon,
+    pub emulators: std::collections::BTreeMap<Environment, RunningEmulator>,
+    pub tcp: String,
+    pub unix: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Broker {
+    pub async fn client(&self) -> TokenBrokerClient<tonic::transport::Channel> {
+        flute_token_broker::cli::connect(&self.tcp, Duration::from_secs(5))
+            .await
+            .unwrap()
+    }
+
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        flute_token_broker::cli::channel(&self.tcp, Duration::from_secs(5))
+            .await
+            .unwrap()
+    }
+
+    pub async fn unix_client(&self) -> TokenBrokerClient<tonic::transport::Channel> {
+        flute_token_broker::cli::connect(&self.unix, Duration::from_secs(5))
+            .await
+            .unwrap()
+    }
+
+    pub fn emulator(&self, env: Environment) -> &Emulator {
+        &self.emulators[&env].emulator
+    }
+}
+
+/// A configuration for a broker whose environments use `emulators`.
+pub fn broker_config(
+    emulators: &std::collections::BTreeMap<Environment, RunningEmulator>,
+    dir: &std::path::Path,
+) -> Config {
+    let mut config = Config::default();
+    config.server.listen = vec![
+        ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()),
+        ListenAddr::Unix(dir.join("broker.sock")),
+    ];
+    config.server.shutdown_grace = Duration::from_secs(5);
+    config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.oauth.allow_insecure_http = true;
+    config.refresh.backoff_initial = Duration::from_millis(200);
+    config.refresh.backoff_max = Duration::from_secs(1);
+    config.credentials = Some(KeySource {
+        client_id: ValueSource::Inline(CLIENT_ID.into()),
+        client_secret: ValueSource::Inline(CLIENT_SECRET.into()),
+    });
+    for (env, e) in config.environments.iter_mut() {
+        match emulators.get(env) {
+            Some(emu) => e.token_url = emu.token_url(),
+            None => e.enabled = false,
+        }
+    }
+    config
+}
+
+/// Starts emulators for `envs` (tokens living `lifetime`), lets `prepare`
+/// adjust them and the configuration, then starts the broker.
+pub async fn start_broker_with(
+    envs: &[Environment],
+    lifetime: Duration,
+    prepare: impl FnOnce(&std::collections::BTreeMap<Environment, RunningEmulator>, &mut Config),
+) -> Broker {
+    let mut emulators = std::collections::BTreeMap::new();
+    for env in envs {
+        emulators.insert(*env, start_emulator(lifetime, true).await);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = broker_config(&emulators, dir.path());
+    prepare(&emulators, &mut config);
+    let daemon = daemon::start(config, None).await.expect("broker starts");
+    let tcp = daemon
+        .grpc_addrs
+        .iter()
+        .find_map(|a| matches!(a, ListenAddr::Tcp(_)).then(|| format!("http://{a}")))
+        .unwrap_or_default();
+    let unix = daemon
+        .grpc_addrs
+        .iter()
+        .find_map(|a| matches!(a, ListenAddr::Unix(_)).then(|| a.to_string()))
+        .unwrap_or_default();
+    Broker {
+        daemon,
+        emulators,
+        tcp,
+        unix,
+        dir,
+    }
+}
+
+pub async fn start_broker(lifetime: Duration) -> Broker {
+    start_broker_with(&Environment::ALL, lifetime, |_, _| {}).await
+}

@@ -1,0 +1,451 @@
+//! The TokenBroker gRPC API over real sockets (TCP and Unix), with the
+//! emulator as the token endpoint.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use flute_token_broker::Environment;
+use flute_token_broker::emulator::FaultRequest;
+use flute_token_broker::grpc::pb::{self, watch_token_response::Update};
+use support::{start_broker, start_broker_with};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const SANDBOX: i32 = pb::Environment::Sandbox as i32;
+const PRODUCTION: i32 = pb::Environment::Production as i32;
+
+fn get(env: i32) -> pb::GetTokenRequest {
+    pb::GetTokenRequest {
+        environment: env,
+        min_remaining: None,
+    }
+}
+
+fn expires_at(t: &pb::Token) -> SystemTime {
+    SystemTime::try_from(t.expires_at.unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn every_rpc_over_tcp_and_unix() {
+    let broker = start_broker(Duration::from_secs(900)).await;
+    for mut client in [broker.client().await, broker.unix_client().await] {
+        for env in [SANDBOX, PRODUCTION] {
+            let token = client.get_token(get(env)).await.unwrap().into_inner().token.unwrap();
+            assert_eq!(token.token_type, "Bearer");
+            assert_eq!(token.environment, env);
+            assert_eq!(token.token_id.len(), 12);
+            assert!(!token.access_token.is_empty());
+            assert!(expires_at(&token) > SystemTime::now() + Duration::from_secs(800));
+
+            let mut watch = client
+                .watch_token(pb::WatchTokenRequest { environment: env })
+                .await
+                .unwrap()
+                .into_inner();
+            match watch.next().await.unwrap().unwrap().update {
+                Some(Update::Token(t)) => assert_eq!(t.token_id, token.token_id),
+                other => panic!("expected the current token first, got {other:?}"),
+            }
+
+            let refreshed = client
+                .refresh_token(pb::RefreshTokenRequest {
+                    environment: env,
+                    rejected_token_id: token.token_id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .token
+                .unwrap();
+            assert_ne!(refreshed.token_id, token.token_id);
+            match watch.next().await.unwrap().unwrap().update {
+                Some(Update::Token(t)) => assert_eq!(t.token_id, refreshed.token_id, "the watcher sees the rotation"),
+                other => panic!("expected the new token, got {other:?}"),
+            }
+        }
+        let status = client.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+        assert_eq!(status.environments.len(), 2);
+        for e in &status.environments {
+            assert_eq!(e.state, pb::State::Ready as i32);
+            assert!(!e.token_id.is_empty() && e.last_error.is_empty());
+            assert!(e.counters.unwrap().token_endpoint_calls >= 2);
+        }
+    }
+}
+
+#[tokio::test]
+async fn cold_start_thousand_concurrent_get_token_one_call_per_environment() {
+    let broker = start_broker_with(&Environment::ALL, Duration::from_secs(900), |emulators, _| {
+        for emu in emulators.values() {
+            emu.emulator.set_faults(FaultRequest {
+                delay_ms: Some(300),
+                ..Default::default()
+            });
+        }
+    })
+    .await;
+    let clients: Vec<_> = futures_util::future::join_all((0..4).map(|_| broker.client())).await;
+    let mut calls = Vec::new();
+    for i in 0..1000 {
+        let mut c = clients[i % clients.len()].clone();
+        let env = if i % 2 == 0 { SANDBOX } else { PRODUCTION };
+        calls.push(tokio::spawn(async move {
+            c.get_token(get(env))
+                .await
+                .map(|r| r.into_inner().token.unwrap().token_id)
+        }));
+    }
+    let mut ids = HashSet::new();
+    for call in calls {
+        ids.insert(call.await.unwrap().expect("GetToken during cold start"));
+    }
+    assert_eq!(ids.len(), 2, "one token per environment");
+    for env in Environment::ALL {
+        let stats = broker.emulator(env).stats();
+        println!(
+            "cold start: {env}: {} token endpoint call(s) for 500 concurrent GetToken",
+            stats.token_requests
+        );
+        assert_eq!(stats.token_requests, 1, "{env}");
+    }
+}
+
+#[tokio::test]
+async fn watchers_see_each_rotation_once_and_in_order_even_when_slow() {
+    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(2), |_, _| {}).await;
+    let mut client = broker.client().await;
+    let collect = |mut client: pb::token_broker_client::TokenBrokerClient<_>, pause: Duration| async move {
+        let mut stream = client
+            .watch_token(pb::WatchTokenRequest { environment: SANDBOX })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut seen = Vec::new();
+        let until = tokio::time::Instant::now() + Duration::from_secs(7);
+        while let Ok(Some(item)) = tokio::time::timeout_at(until, stream.next()).await
+            && tokio::time::Instant::now() < until
+        {
+            if let Some(Update::Token(t)) = item.unwrap().update {
+                seen.push((t.token_id.clone(), expires_at(&t)));
+            }
+            tokio::time::sleep(pause).await;
+        }
+        seen
+    };
+    let (fast, slow) = tokio::join!(
+        collect(client.clone(), Duration::ZERO),
+        collect(client.clone(), Duration::from_millis(1500))
+    );
+    println!(
+        "watch: fast reader saw {} rotations, slow reader {}",
+        fast.len(),
+        slow.len()
+    );
+    assert!(fast.len() >= 5, "2 s tokens refresh about every second: {fast:?}");
+    for pair in fast.windows(2) {
+        assert_ne!(pair[0].0, pair[1].0, "a rotation was sent twice");
+        assert!(pair[1].1 > pair[0].1, "rotations out of order");
+    }
+    // The slow reader sees a subsequence of the same rotations, in order, never a repeat.
+    let order: Vec<&String> = fast.iter().map(|(id, _)| id).collect();
+    let positions: Vec<usize> = slow
+        .iter()
+        .map(|(id, _)| {
+            order
+                .iter()
+                .position(|o| *o == id)
+                .expect("slow reader saw an unknown token")
+        })
+        .collect();
+    assert!(
+        positions.windows(2).all(|p| p[1] > p[0]),
+        "slow reader out of order: {positions:?}"
+    );
+    assert!(slow.len() < fast.len(), "the slow reader skips to the latest state");
+    let now = client
+        .get_token(get(SANDBOX))
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+        .unwrap();
+    assert!(expires_at(&now) > SystemTime::now());
+}
+
+async fn health(client: &mut HealthClient<tonic::transport::Channel>, service: &str) -> i32 {
+    client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+/// Waits (on the health Watch stream, not by polling) for `status`.
+async fn await_health(client: &mut HealthClient<tonic::transport::Channel>, service: &str, status: ServingStatus) {
+    let mut stream = client
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(update) = stream.next().await {
+            if update.unwrap().status == status as i32 {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("health of {service:?} never became {status:?}"));
+}
+
+#[tokio::test]
+async fn outage_longer_than_the_lifetime_then_recovery() {
+    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(2), |_, _| {}).await;
+    let mut client = broker.client().await;
+    let mut health_client = HealthClient::new(broker.channel().await);
+    await_health(&mut health_client, "", ServingStatus::Serving).await;
+    assert_eq!(
+        health(&mut health_client, "flute.tokenbroker.v1.TokenBroker/sandbox").await,
+        ServingStatus::Serving as i32
+    );
+
+    let mut watch = client
+        .watch_token(pb::WatchTokenRequest { environment: SANDBOX })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        watch.next().await.unwrap().unwrap().update,
+        Some(Update::Token(_))
+    ));
+    broker.emulator(Environment::Sandbox).set_faults(FaultRequest {
+        refuse_all: Some(true),
+        status: Some(503),
+        ..Default::default()
+    });
+
+    // Until the outage shows, every token handed out is unexpired.
+    let outage = loop {
+        match tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("an outage is announced")
+            .unwrap()
+            .unwrap()
+            .update
+        {
+            Some(Update::Outage(o)) => break o,
+            Some(Update::Token(t)) => assert!(expires_at(&t) > SystemTime::now()),
+            None => {}
+        }
+    };
+    assert!(outage.reason.contains("503"), "{}", outage.reason);
+    assert!(outage.next_attempt_at.is_some());
+    let err = client.get_token(get(SANDBOX)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        err.message().contains("503") && err.message().contains("next attempt"),
+        "{}",
+        err.message()
+    );
+    await_health(&mut health_client, "", ServingStatus::NotServing).await;
+    let status = client.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.environments[0].state, pb::State::Unavailable as i32);
+    assert!(status.environments[0].consecutive_failures >= 1);
+
+    broker.emulator(Environment::Sandbox).set_faults(FaultRequest {
+        clear: true,
+        ..Default::default()
+    });
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("recovery is announced")
+            .unwrap()
+            .unwrap()
+            .update
+        {
+            Some(Update::Token(t)) => {
+                assert!(expires_at(&t) > SystemTime::now());
+                break;
+            }
+            _ => continue,
+        }
+    }
+    assert!(client.get_token(get(SANDBOX)).await.is_ok());
+    await_health(&mut health_client, "", ServingStatus::Serving).await;
+}
+
+#[tokio::test]
+async fn hundred_concurrent_refresh_token_calls_cause_one_fetch() {
+    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, _| {}).await;
+    let client = broker.client().await;
+    let token = client
+        .clone()
+        .get_token(get(SANDBOX))
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+        .unwrap();
+    let before = broker.emulator(Environment::Sandbox).stats().token_requests;
+    let calls: Vec<_> = (0..100)
+        .map(|_| {
+            let mut c = client.clone();
+            let id = token.token_id.clone();
+            tokio::spawn(async move {
+                c.refresh_token(pb::RefreshTokenRequest {
+                    environment: SANDBOX,
+                    rejected_token_id: id,
+                })
+                .await
+            })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for call in calls {
+        ids.insert(call.await.unwrap().unwrap().into_inner().token.unwrap().token_id);
+    }
+    let after = broker.emulator(Environment::Sandbox).stats().token_requests;
+    println!(
+        "RefreshToken: 100 concurrent callers → {} token endpoint call(s)",
+        after - before
+    );
+    assert_eq!(after - before, 1);
+    assert_eq!(ids.len(), 1);
+    assert!(!ids.contains(&token.token_id));
+}
+
+#[tokio::test]
+async fn bad_requests_get_the_documented_codes() {
+    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, _| {}).await;
+    let mut c = broker.client().await;
+    let code = |r: Result<tonic::Response<pb::GetTokenResponse>, tonic::Status>| r.unwrap_err().code();
+    assert_eq!(code(c.get_token(get(0)).await), Code::InvalidArgument);
+    assert_eq!(code(c.get_token(get(42)).await), Code::InvalidArgument);
+    assert_eq!(code(c.get_token(get(PRODUCTION)).await), Code::FailedPrecondition);
+    let negative = pb::GetTokenRequest {
+        environment: SANDBOX,
+        min_remaining: Some(prost_types::Duration { seconds: -5, nanos: 0 }),
+    };
+    assert_eq!(code(c.get_token(negative).await), Code::InvalidArgument);
+    let too_long = pb::GetTokenRequest {
+        environment: SANDBOX,
+        min_remaining: Some(prost_types::Duration {
+            seconds: 7200,
+            nanos: 0,
+        }),
+    };
+    assert_eq!(code(c.get_token(too_long).await), Code::OutOfRange);
+    let fine = pb::GetTokenRequest {
+        environment: SANDBOX,
+        min_remaining: Some(prost_types::Duration { seconds: 60, nanos: 0 }),
+    };
+    assert!(c.get_token(fine).await.is_ok());
+
+    let refresh = |id: String| pb::RefreshTokenRequest {
+        environment: SANDBOX,
+        rejected_token_id: id,
+    };
+    assert_eq!(
+        c.refresh_token(refresh(String::new())).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        c.refresh_token(refresh("x".repeat(200))).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let huge = c.refresh_token(refresh("x".repeat(100_000))).await.unwrap_err();
+    assert_ne!(huge.code(), Code::Ok);
+    let watch = c
+        .watch_token(pb::WatchTokenRequest {
+            environment: PRODUCTION,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(watch.code(), Code::FailedPrecondition);
+    // The broker is still fine.
+    assert!(c.get_token(get(SANDBOX)).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_slow_endpoint_yields_deadline_exceeded() {
+    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(10), |_, _| {}).await;
+    let mut c = broker.client().await;
+    c.get_token(get(SANDBOX)).await.unwrap();
+    broker.emulator(Environment::Sandbox).set_faults(FaultRequest {
+        delay_ms: Some(3000),
+        ..Default::default()
+    });
+    let mut request = tonic::Request::new(pb::GetTokenRequest {
+        environment: SANDBOX,
+        min_remaining: Some(prost_types::Duration { seconds: 9, nanos: 0 }),
+    });
+    request.set_timeout(Duration::from_millis(500));
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the token now has less than 9 s left
+    let err = c.get_token(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+}
+
+#[tokio::test]
+async fn reflection_lists_the_service() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, _| {}).await;
+    let mut client = ServerReflectionClient::new(broker.channel().await);
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = stream.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list")
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"flute.tokenbroker.v1.TokenBroker"), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+}
+
+#[tokio::test]
+async fn stale_unix_socket_is_replaced_and_a_live_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap()); // a crashed run's leftover
+    assert!(path.exists());
+    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
+        config.server.listen = vec![flute_token_broker::config::ListenAddr::Unix(path.clone())];
+    })
+    .await;
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o660);
+    let mut c = flute_token_broker::cli::connect(&format!("unix:{}", path.display()), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(c.get_token(get(SANDBOX)).await.is_ok());
+
+    let config = support::broker_config(&broker.emulators, dir.path());
+    let mut second = config.clone();
+    second.server.listen = vec![flute_token_broker::config::ListenAddr::Unix(path.clone())];
+    second.admin_listen = None;
+    let err = flute_token_broker::daemon::start(second, None)
+        .await
+        .err()
+        .expect("a live socket is refused");
+    assert!(err.to_string().contains("another process is serving"), "{err}");
+    broker.daemon.shutdown().await;
+    assert!(!path.exists(), "the socket file is removed on shutdown");
+}
