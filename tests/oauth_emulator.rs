@@ -173,7 +173,7 @@ async fn every_fault_kind_maps_to_its_error_class() {
 #[tokio::test]
 async fn fault_and_stats_control_endpoints_over_http() {
     let emu = start_emulator(Duration::from_secs(900), false).await;
-    let http = reqwest::Client::new();
+    let http = support::http_client();
     let faults: serde_json::Value = http
         .post(format!("{}/__emulator/faults", emu.base_url()))
         .json(&serde_json::json!({"fail_next": 2, "status": 503}))
@@ -219,7 +219,7 @@ async fn raw_token_request(
     body: &str,
     basic: Option<(&str, &str)>,
 ) -> (u16, serde_json::Value, Option<String>) {
-    let mut req = reqwest::Client::new()
+    let mut req = support::http_client()
         .post(url)
         .header("content-type", "application/x-www-form-urlencoded")
         .body(body.to_owned());
@@ -302,7 +302,7 @@ async fn protected_route_accepts_only_live_tokens() {
         .request_token(&test_key(), &Grant::ClientCredentials)
         .await
         .unwrap();
-    let http = reqwest::Client::new();
+    let http = support::http_client();
     let api = format!("{}/v2/transactions", emu.base_url());
     let ok = http
         .get(&api)

@@ -68,7 +68,7 @@ impl std::fmt::Debug for OAuthClient {
 }
 
 /// Installs ring as the process-wide rustls provider (one crypto stack).
-pub(crate) fn install_crypto_provider() {
+pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 

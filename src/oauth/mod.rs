@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
-pub use client::{ClientAuth, OAuthClient, OAuthClientConfig};
+pub use client::{ClientAuth, OAuthClient, OAuthClientConfig, install_crypto_provider};
 pub use error::{ErrorClass, OAuthError};
 pub use response::{LifetimeBounds, TokenResponse, parse_error_response, parse_token_response};
 

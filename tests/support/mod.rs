@@ -324,3 +324,9 @@ pub async fn start_broker_with(
 pub async fn start_broker(lifetime: Duration) -> Broker {
     start_broker_with(&Environment::ALL, lifetime, |_, _| {}).await
 }
+
+/// A plain HTTP client for talking to the emulator and admin endpoints.
+pub fn http_client() -> reqwest::Client {
+    flute_token_broker::oauth::install_crypto_provider();
+    reqwest::Client::new()
+}

@@ -1,0 +1,242 @@
+//! The binary as users run it: `serve --dev` as a real process, the CLI
+//! clients against it, exit codes, and SIGTERM handling.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use flute_token_broker::grpc::pb::{self, watch_token_response::Update};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_stream::StreamExt;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flute-token-broker");
+
+struct DevBroker {
+    child: Child,
+    addr: String,
+    emulator: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts `serve --dev` on a Unix socket and reads its banner.
+async fn start_dev(lifetime: &str) -> DevBroker {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("broker.sock");
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--dev",
+            "--admin-listen",
+            "",
+            "--dev-token-lifetime",
+            lifetime,
+            "--listen",
+        ])
+        .arg(format!("unix:{}", sock.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut emulator = String::new();
+    let banner = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.trim().strip_prefix("emulator:") {
+                emulator = rest.split_whitespace().next().unwrap().to_owned();
+            }
+            if line.starts_with("Stop with") {
+                return;
+            }
+        }
+        panic!("serve --dev exited before printing its banner");
+    };
+    tokio::time::timeout(Duration::from_secs(20), banner)
+        .await
+        .expect("banner within 20 s");
+    assert!(emulator.starts_with("http://127.0.0.1:"), "{emulator}");
+    DevBroker {
+        child,
+        addr: format!("unix:{}", sock.display()),
+        emulator,
+        _dir: dir,
+    }
+}
+
+async fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().await.unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn sigterm_ends_watch_streams_with_unavailable_and_exits_zero() {
+    let mut broker = start_dev("900s").await;
+    let mut client = flute_token_broker::cli::connect(&broker.addr, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut watch = client
+        .watch_token(pb::WatchTokenRequest {
+            environment: pb::Environment::Sandbox as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        watch.next().await.unwrap().unwrap().update,
+        Some(Update::Token(_))
+    ));
+
+    let pid = broker.child.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap()
+            .success()
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .expect("the stream ends promptly");
+    let status = ended.expect("an error item, not a silent end").unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"));
+    let exit = tokio::time::timeout(Duration::from_secs(12), broker.child.wait())
+        .await
+        .expect("exit within the 10 s grace period")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
+
+#[tokio::test]
+async fn get_prints_a_token_the_api_accepts() {
+    let broker = start_dev("900s").await;
+    let (code, token, _) = cli(&["get", "--env", "sandbox", "--addr", &broker.addr]).await;
+    assert_eq!(code, 0);
+    let token = token.trim();
+    let api = support::http_client()
+        .get(format!("{}/v2/transactions", broker.emulator))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 200);
+
+    let (code, header, _) = cli(&[
+        "get",
+        "--env",
+        "production",
+        "--addr",
+        &broker.addr,
+        "--format",
+        "header",
+    ])
+    .await;
+    assert_eq!(code, 0);
+    assert!(header.starts_with("Authorization: Bearer "), "{header}");
+    let (code, json, _) = cli(&[
+        "get",
+        "--env",
+        "sandbox",
+        "--addr",
+        &broker.addr,
+        "--format",
+        "json",
+        "--min-remaining",
+        "60s",
+    ])
+    .await;
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["access_token"], token);
+    assert_eq!(v["token_id"].as_str().unwrap().len(), 12);
+
+    let (code, table, _) = cli(&["status", "--addr", &broker.addr]).await;
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("sandbox") && table.contains("production") && table.contains("READY"),
+        "{table}"
+    );
+}
+
+#[tokio::test]
+async fn exit_codes_for_unreachable_bad_arguments_and_no_token() {
+    let (code, _, err) = cli(&[
+        "get",
+        "--env",
+        "sandbox",
+        "--addr",
+        "unix:/nonexistent/broker.sock",
+        "--timeout",
+        "2s",
+    ])
+    .await;
+    assert_eq!(code, 69, "{err}");
+    assert!(err.contains("cannot reach the broker"), "{err}");
+    let (code, _, _) = cli(&["get", "--env", "moon"]).await;
+    assert_eq!(code, 2);
+
+    let broker = start_dev("2s").await;
+    let mut client = flute_token_broker::cli::connect(&broker.addr, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut watch = client
+        .watch_token(pb::WatchTokenRequest {
+            environment: pb::Environment::Sandbox as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let faults = support::http_client()
+        .post(format!("{}/__emulator/faults", broker.emulator))
+        .header("content-type", "application/json")
+        .body(r#"{"refuse_all": true, "status": 503}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(faults.status().is_success());
+    let outage = async {
+        while let Some(item) = watch.next().await {
+            if let Some(Update::Outage(_)) = item.unwrap().update {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), outage)
+        .await
+        .expect("outage announced");
+    let (code, _, err) = cli(&["get", "--env", "sandbox", "--addr", &broker.addr]).await;
+    assert_eq!(code, 75, "{err}");
+    assert!(err.contains("no valid sandbox token") && err.contains("503"), "{err}");
+    let (_, table, _) = cli(&["status", "--addr", &broker.addr]).await;
+    assert!(table.contains("UNAVAILABLE"), "{table}");
+}
+
+#[tokio::test]
+async fn invalid_configuration_exits_78_listing_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = [\"nowhere\"]\nbogus = 1\n[refresh]\nratio = 3.0\n",
+    )
+    .unwrap();
+    for command in ["check-config", "serve"] {
+        let (code, _, err) = cli(&[command, "--config", path.to_str().unwrap()]).await;
+        assert_eq!(code, 78, "{command}: {err}");
+        for needle in [
+            "server.listen",
+            "server.bogus: unknown key",
+            "refresh.ratio",
+            "credentials",
+        ] {
+            assert!(err.contains(needle), "{command}: missing {needle:?} in {err}");
+        }
+    }
+}
