@@ -8,6 +8,8 @@
 //! - `GET /v2/transactions`: 200 for a valid bearer token, 401 otherwise.
 //! - `POST /__emulator/faults`, `GET /__emulator/faults`: inject faults.
 //! - `GET /__emulator/stats`: counts of what was served.
+//! - `POST /__emulator/credentials`: change the accepted client id and
+//!   secret (a key rotation on Flute's side).
 
 mod faults;
 mod oauth;
@@ -69,6 +71,9 @@ impl Stats {
 }
 
 struct Inner {
+    /// The client id and secret currently accepted.
+    client_id: String,
+    client_secret: SecretString,
     /// access token → expiry.
     access_tokens: HashMap<String, tokio::time::Instant>,
     refresh_tokens: HashSet<String>,
@@ -97,6 +102,8 @@ pub struct Emulator {
 impl Emulator {
     pub fn new(config: EmulatorConfig) -> Self {
         let inner = Inner {
+            client_id: config.client_id.clone(),
+            client_secret: config.client_secret.clone(),
             access_tokens: HashMap::new(),
             refresh_tokens: HashSet::new(),
             last_access_token: None,
@@ -117,11 +124,19 @@ impl Emulator {
             .route("/v2/transactions", get(oauth::transactions))
             .route("/__emulator/faults", post(faults::set).get(faults::get))
             .route("/__emulator/stats", get(stats))
+            .route("/__emulator/credentials", post(set_credentials))
             .with_state(self.shared.clone())
     }
 
     pub fn stats(&self) -> Stats {
         self.shared.lock().stats.clone()
+    }
+
+    /// Accept this key from now on (the old one stops working).
+    pub fn set_client(&self, client_id: &str, client_secret: &str) {
+        let mut inner = self.shared.lock();
+        inner.client_id = client_id.to_owned();
+        inner.client_secret = client_secret.to_owned().into();
     }
 
     pub fn set_faults(&self, request: FaultRequest) {
@@ -178,4 +193,21 @@ impl Drop for RunningEmulator {
 
 async fn stats(axum::extract::State(shared): axum::extract::State<Arc<Shared>>) -> axum::Json<Stats> {
     axum::Json(shared.lock().stats.clone())
+}
+
+#[derive(serde::Deserialize)]
+struct NewClient {
+    client_id: String,
+    client_secret: String,
+}
+
+async fn set_credentials(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+    axum::Json(client): axum::Json<NewClient>,
+) -> axum::http::StatusCode {
+    let mut inner = shared.lock();
+    inner.client_id = client.client_id;
+    inner.client_secret = client.client_secret.into();
+    tracing::info!(client_id = %inner.client_id, "emulator credentials replaced");
+    axum::http::StatusCode::NO_CONTENT
 }

@@ -191,14 +191,14 @@ fn handle(shared: &Shared, headers: &HeaderMap, params: &[(String, String)], sam
         Err(outcome) => return outcome,
     };
     let config = &shared.config;
-    if id != config.client_id || secret != config.client_secret.expose_secret() {
+    let mut inner = shared.lock();
+    if id != inner.client_id || secret != inner.client_secret.expose_secret() {
         return oauth_error(
             StatusCode::UNAUTHORIZED,
             "invalid_client",
             "client authentication failed",
         );
     }
-    let mut inner = shared.lock();
     match param(params, "grant_type") {
         None => {
             return oauth_error(

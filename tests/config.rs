@@ -1,0 +1,314 @@
+//! Configuration validation as a table: every rule, several problems at
+//! once, environment overrides, redaction, and the example file.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use flute_token_broker::Environment;
+use flute_token_broker::config::{Config, ListenAddr};
+use flute_token_broker::credentials::ValueSource;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "very-secret-value\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Self { dir }
+    }
+
+    fn secret(&self) -> String {
+        self.dir.path().join("secret").display().to_string()
+    }
+
+    /// A valid configuration plus `extra` TOML.
+    fn load(&self, extra: &str) -> Result<flute_token_broker::config::Loaded, Vec<String>> {
+        self.load_with_env(extra, HashMap::new())
+    }
+
+    fn load_with_env(
+        &self,
+        extra: &str,
+        env: HashMap<String, String>,
+    ) -> Result<flute_token_broker::config::Loaded, Vec<String>> {
+        let path = self.dir.path().join("broker.toml");
+        let base = format!(
+            "[credentials]\nclient_id = \"my-id\"\nclient_secret_file = \"{}\"\n",
+            self.secret()
+        );
+        std::fs::write(&path, merge(&base, extra)).unwrap();
+        Config::load_with_env(Some(&path), Some(env)).map_err(|e| e.problems)
+    }
+}
+
+/// Appends `extra`, letting it replace the base [credentials] table.
+fn merge(base: &str, extra: &str) -> String {
+    if extra.contains("[credentials]") {
+        extra.to_owned()
+    } else {
+        format!("{base}\n{extra}")
+    }
+}
+
+#[test]
+fn defaults_point_at_flute_and_need_only_credentials() {
+    let f = Fixture::new();
+    let config = f.load("").unwrap().config;
+    assert_eq!(
+        config.environments[&Environment::Sandbox].token_url,
+        "https://sandbox.oauth.api.flute.com/oauth2/token"
+    );
+    assert_eq!(
+        config.environments[&Environment::Production].token_url,
+        "https://oauth.api.flute.com/oauth2/token"
+    );
+    assert!(config.enabled().count() == 2);
+    assert_eq!(
+        config.server.listen,
+        vec![ListenAddr::Tcp("127.0.0.1:50051".parse().unwrap())]
+    );
+    assert_eq!(config.refresh.refresh_ratio, 0.75);
+    assert_eq!(config.oauth.request_timeout, Duration::from_secs(30));
+    assert_eq!(
+        config.key_source(Environment::Sandbox).unwrap().client_secret,
+        ValueSource::File(f.secret().into())
+    );
+}
+
+#[test]
+fn each_rule_reports_its_key_path() {
+    let f = Fixture::new();
+    let cases: &[(&str, &str)] = &[
+        ("bogus = 1", "bogus: unknown key"),
+        ("[server]\nlisten_on = []", "server.listen_on: unknown key"),
+        ("[server]\nlisten = [\"nowhere\"]", "server.listen"),
+        ("[server]\nlisten = []", "server.listen: at least one listener"),
+        ("[server]\nlisten = [\"unix:relative.sock\"]", "must be absolute"),
+        ("[server]\nunix_socket_mode = \"999\"", "server.unix_socket_mode"),
+        ("[server]\nshutdown_grace = \"soon\"", "server.shutdown_grace"),
+        ("[admin]\nlisten = \"everywhere\"", "admin.listen"),
+        ("[log]\nformat = \"xml\"", "log.format"),
+        ("[log]\nlevel = \"info,[[[\"", "log.level"),
+        ("[oauth]\nclient_auth = \"private_key_jwt\"", "oauth.client_auth"),
+        (
+            "[oauth]\nrequest_timeout = \"10m\"",
+            "oauth.request_timeout: 10m is out of range",
+        ),
+        (
+            "[oauth]\nuse_refresh_token = \"maybe\"",
+            "oauth.use_refresh_token: invalid value",
+        ),
+        ("[refresh]\nratio = 1.5", "refresh.ratio must be between"),
+        ("[refresh]\njitter = 0.5", "refresh.jitter must be between"),
+        (
+            "[refresh]\nbackoff_initial = \"2m\"\nbackoff_max = \"1m\"",
+            "refresh.backoff_initial",
+        ),
+        ("[refresh]\nserve_margin = \"1h\"", "refresh.serve_margin"),
+        (
+            "[environments.sandbox]\ntoken_url = \"http://oauth.example.com/token\"",
+            "environments.sandbox.token_url: \"http://oauth.example.com/token\": https is required",
+        ),
+        (
+            "[oauth]\nallow_insecure_http = true\n[environments.sandbox]\ntoken_url = \"http://oauth.example.com/token\"",
+            "only allowed for loopback",
+        ),
+        (
+            "[environments.sandbox]\ntoken_url = \"ftp://x/y\"",
+            "unsupported scheme",
+        ),
+        (
+            "[environments.sandbox]\ntoken_url = \"not a url\"",
+            "environments.sandbox.token_url",
+        ),
+        (
+            "[environments.sandbox]\nenabled = false\n[environments.production]\nenabled = false",
+            "at least one environment must be enabled",
+        ),
+        (
+            "[environments.staging]\nenabled = true",
+            "environments.staging: unknown key",
+        ),
+        (
+            "[credentials]\nclient_id = \"x\"\nclient_secret = \"inline!\"",
+            "credentials.client_secret: secrets are never written",
+        ),
+        (
+            "[credentials]\nclient_id = \"x\"",
+            "credentials.client_secret_file: client_id is set but no client secret",
+        ),
+        (
+            "[credentials]\nclient_id = \"x\"\nclient_secret_env = \"A\"\nclient_secret_file = \"/b\"",
+            "credentials.client_secret: give exactly one source",
+        ),
+        (
+            "[credentials]\nclient_id = \"x\"\nclient_secret_file = \"/nonexistent/secret\"",
+            "cannot read client secret from /nonexistent/secret",
+        ),
+        (
+            "[credentials]\nclient_id = \"x\"\nclient_secret_env = \"FLUTE_TEST_UNSET_SECRET_VAR\"",
+            "FLUTE_TEST_UNSET_SECRET_VAR is not set",
+        ),
+        (
+            "[credentials]\nclient_id = \"x\"\nclient_secret_credential = \"flute-secret\"",
+            "CREDENTIALS_DIRECTORY",
+        ),
+        (
+            "[credentials]\npoll_interval = \"5s\"",
+            "environments.sandbox.credentials: no API key",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let problems = f
+            .load(extra)
+            .err()
+            .unwrap_or_else(|| panic!("{extra:?} should be rejected"));
+        assert!(
+            problems.iter().any(|p| p.contains(needle)),
+            "{extra:?}: expected {needle:?} in {problems:#?}"
+        );
+        assert!(
+            !problems
+                .iter()
+                .any(|p| p.contains("very-secret-value") || p.contains("inline!")),
+            "a secret leaked into {problems:?}"
+        );
+    }
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let f = Fixture::new();
+    let problems = f.load("junk = 1\n[server]\nlisten = [\"bad\"]\n[refresh]\nratio = 7.0\n[log]\nformat = \"x\"\n[environments.sandbox]\ntoken_url = \"http://a.b/c\"").unwrap_err();
+    assert!(problems.len() >= 5, "{problems:#?}");
+}
+
+#[test]
+fn accepted_variants() {
+    let f = Fixture::new();
+    let ok = |extra: &str| f.load(extra).unwrap_or_else(|p| panic!("{extra:?}: {p:?}")).config;
+    let c = ok("[admin]\nlisten = \"\"");
+    assert_eq!(c.admin_listen, None);
+    let c = ok(
+        "[oauth]\nallow_insecure_http = true\n[environments.sandbox]\ntoken_url = \"http://127.0.0.1:8080/oauth2/token\"",
+    );
+    assert!(c.oauth.allow_insecure_http);
+    let c = ok("[server]\nunix_socket_mode = 0o600\nlisten = [\"unix:/run/x.sock\", \"[::1]:5\"]");
+    assert_eq!(c.server.unix_socket_mode, 0o600);
+    assert_eq!(c.server.listen.len(), 2);
+    let c = ok("[refresh]\nexpiry_margin = 30\nbackoff_max = \"2m\"");
+    assert_eq!(c.refresh.expiry_margin, Duration::from_secs(30));
+    assert_eq!(c.refresh.backoff_max, Duration::from_secs(120));
+    let c = ok("[environments.production]\nenabled = false");
+    assert_eq!(c.enabled().count(), 1);
+    // Per-environment credentials.
+    let c = ok(&format!(
+        "[environments.production.credentials]\nclient_id = \"prod-id\"\nclient_secret_file = \"{}\"",
+        f.secret()
+    ));
+    assert_eq!(
+        c.key_source(Environment::Production).unwrap().client_id,
+        ValueSource::Inline("prod-id".into())
+    );
+    assert_eq!(
+        c.key_source(Environment::Sandbox).unwrap().client_id,
+        ValueSource::Inline("my-id".into())
+    );
+}
+
+#[test]
+fn environment_overrides() {
+    let f = Fixture::new();
+    let env: HashMap<String, String> = [
+        ("FLUTE_BROKER__SERVER__LISTEN", "unix:/run/broker.sock, 127.0.0.1:7000"),
+        ("FLUTE_BROKER__REFRESH__RATIO", "0.8"),
+        ("FLUTE_BROKER__OAUTH__USE_REFRESH_TOKEN", "false"),
+        ("FLUTE_BROKER__OAUTH__CLIENT_AUTH", "client_secret_post"),
+        ("FLUTE_BROKER__ENVIRONMENTS__PRODUCTION__ENABLED", "false"),
+        ("FLUTE_BROKER__SERVER__UNIX_SOCKET_MODE", "0600"),
+        ("FLUTE_BROKER__LOG__FORMAT", "json"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let c = f.load_with_env("[refresh]\nratio = 0.7", env).unwrap().config;
+    assert_eq!(
+        c.server.listen,
+        vec![
+            ListenAddr::Unix("/run/broker.sock".into()),
+            ListenAddr::Tcp("127.0.0.1:7000".parse().unwrap())
+        ]
+    );
+    assert_eq!(c.refresh.refresh_ratio, 0.8, "the environment wins over the file");
+    assert!(!c.oauth.use_refresh_token);
+    assert_eq!(
+        c.oauth.client_auth,
+        flute_token_broker::oauth::ClientAuth::ClientSecretPost
+    );
+    assert!(!c.environments[&Environment::Production].enabled);
+    assert_eq!(c.server.unix_socket_mode, 0o600);
+    let bad: HashMap<String, String> = [("FLUTE_BROKER__REFRESH__RATIO".to_owned(), "lots".to_owned())].into();
+    assert!(
+        f.load_with_env("", bad)
+            .unwrap_err()
+            .iter()
+            .any(|p| p.contains("refresh.ratio"))
+    );
+}
+
+#[test]
+fn readable_secret_file_warns() {
+    let f = Fixture::new();
+    std::fs::set_permissions(f.secret(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let loaded = f.load("").unwrap();
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.contains("accessible by group or others")),
+        "{:?}",
+        loaded.warnings
+    );
+}
+
+#[test]
+fn effective_configuration_round_trips_without_secrets() {
+    let f = Fixture::new();
+    let config = f
+        .load("[refresh]\nratio = 0.7\n[server]\nlisten = [\"unix:/run/b.sock\"]")
+        .unwrap()
+        .config;
+    let text = config.to_toml();
+    assert!(!text.contains("very-secret-value"));
+    assert!(text.contains("client_secret_file"));
+    let path = f.dir.path().join("effective.toml");
+    std::fs::write(&path, &text).unwrap();
+    let again = Config::load_with_env(Some(&path), Some(HashMap::new())).unwrap().config;
+    assert_eq!(again, config);
+}
+
+#[test]
+fn the_example_file_is_valid() {
+    let f = Fixture::new();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/config.example.toml");
+    let env: HashMap<String, String> =
+        [("FLUTE_BROKER__CREDENTIALS__CLIENT_SECRET_FILE".to_owned(), f.secret())].into();
+    let config = Config::load_with_env(Some(&example), Some(env))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .config;
+    let mut defaults = Config::default();
+    defaults.credentials = config.credentials.clone();
+    assert_eq!(config, defaults, "the example must show the defaults");
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let err = Config::load_with_env(Some(Path::new("/nonexistent/broker.toml")), Some(HashMap::new())).unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/broker.toml"));
+}
