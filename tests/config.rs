@@ -302,8 +302,10 @@ fn the_example_file_is_valid() {
     let config = Config::load_with_env(Some(&example), Some(env))
         .unwrap_or_else(|e| panic!("{e}"))
         .config;
-    let mut defaults = Config::default();
-    defaults.credentials = config.credentials.clone();
+    let defaults = Config {
+        credentials: config.credentials.clone(),
+        ..Default::default()
+    };
     assert_eq!(config, defaults, "the example must show the defaults");
 }
 
