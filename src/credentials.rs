@@ -123,10 +123,23 @@ fn read_file(what: &'static str, path: &Path) -> Result<String, CredentialsError
 }
 
 /// How to obtain one API key.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct KeySource {
     pub client_id: ValueSource,
     pub client_secret: ValueSource,
+}
+
+impl fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secret: &dyn fmt::Debug = match &self.client_secret {
+            ValueSource::Inline(_) => &"Inline([redacted])",
+            other => other,
+        };
+        f.debug_struct("KeySource")
+            .field("client_id", &self.client_id)
+            .field("client_secret", secret)
+            .finish()
+    }
 }
 
 impl KeySource {
@@ -190,6 +203,15 @@ mod tests {
         let shown = format!("{key:?}");
         assert!(shown.contains("client-1"));
         assert!(!shown.contains("s3cr3t-value"));
+    }
+
+    #[test]
+    fn inline_secret_sources_are_redacted_in_debug() {
+        let src = KeySource {
+            client_id: ValueSource::Inline("id".into()),
+            client_secret: ValueSource::Inline("dev-secret-xyz".into()),
+        };
+        assert!(!format!("{src:?}").contains("dev-secret-xyz"));
     }
 
     #[test]

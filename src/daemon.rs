@@ -16,7 +16,7 @@ use tonic_health::server::HealthReporter;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ListenAddr};
-use crate::credentials::{ApiKey, CredentialsError, KeySource};
+use crate::credentials::{CredentialsError, KeySource};
 use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator};
 use crate::environment::Environment;
 use crate::grpc::listener::{self, Bound, ListenError, UnixSocketOptions};
@@ -362,7 +362,7 @@ impl Reloader {
             let Some(key_source) = state.config.key_source(env).cloned() else {
                 continue;
             };
-            let key = match load_key(&key_source) {
+            let key = match key_source.load() {
                 Ok(key) => key,
                 Err(e) => {
                     if explicit {
@@ -408,10 +408,6 @@ impl Reloader {
             .get_or_create(&ResultLabels { result })
             .inc();
     }
-}
-
-fn load_key(source: &KeySource) -> Result<ApiKey, CredentialsError> {
-    source.load()
 }
 
 /// Reload applies credentials only; say so for anything else that changed.

@@ -240,3 +240,65 @@ async fn invalid_configuration_exits_78_listing_every_problem() {
         }
     }
 }
+
+#[tokio::test]
+async fn standalone_emulator_command_issues_tokens() {
+    use flute_token_broker::credentials::ApiKey;
+    use flute_token_broker::oauth::{Grant, OAuthClient, OAuthClientConfig, TokenEndpoint};
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, "file-secret\n").unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "emulator",
+            "--listen",
+            "127.0.0.1:0",
+            "--client-id",
+            "cli-id",
+            "--token-lifetime",
+            "60s",
+            "--no-refresh-tokens",
+            "--client-secret-file",
+        ])
+        .arg(&secret_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let base = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("the address is printed")
+        .to_owned();
+    let client = OAuthClient::new(OAuthClientConfig::new(format!("{base}/oauth2/token"))).unwrap();
+    let token = client
+        .request_token(
+            &ApiKey::new("cli-id", "file-secret").unwrap(),
+            &Grant::ClientCredentials,
+        )
+        .await
+        .unwrap();
+    assert_eq!(token.lifetime, Duration::from_secs(60));
+    assert!(token.refresh_token.is_none());
+    let wrong = client
+        .request_token(&ApiKey::new("cli-id", "nope").unwrap(), &Grant::ClientCredentials)
+        .await
+        .unwrap_err();
+    assert!(wrong.to_string().contains("invalid_client"));
+    let pid = child.id().unwrap().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .unwrap()
+            .unwrap()
+            .success()
+    );
+}
