@@ -119,11 +119,7 @@ async fn watchers_see_each_rotation_once_and_in_order_even_when_slow() {
     let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(2), |_, _| {}).await;
     let mut client = broker.client().await;
     let collect = |mut client: pb::token_broker_client::TokenBrokerClient<_>, pause: Duration| async move {
-        let mut stream = client
-            .watch_token(pb::WatchTokenRequest { environment: SANDBOX })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = support::open_watch(&mut client, SANDBOX).await;
         let mut seen = Vec::new();
         let until = tokio::time::Instant::now() + Duration::from_secs(7);
         while let Ok(Some(item)) = tokio::time::timeout_at(until, stream.next()).await
@@ -218,11 +214,7 @@ async fn outage_longer_than_the_lifetime_then_recovery() {
         ServingStatus::Serving as i32
     );
 
-    let mut watch = client
-        .watch_token(pb::WatchTokenRequest { environment: SANDBOX })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = support::open_watch(&mut client, SANDBOX).await;
     assert!(matches!(
         watch.next().await.unwrap().unwrap().update,
         Some(Update::Token(_))

@@ -15,9 +15,10 @@ use flute_token_broker::config::Config;
 use flute_token_broker::credentials::{KeySource, ValueSource};
 use flute_token_broker::daemon;
 use flute_token_broker::emulator::FaultRequest;
-use flute_token_broker::grpc::pb::{self, watch_token_response::Update};
-use support::{CLIENT_ID, CLIENT_SECRET, LogCapture, http_client, start_broker_with, start_emulator};
-use tokio_stream::StreamExt;
+use flute_token_broker::grpc::pb;
+use support::{
+    CLIENT_ID, CLIENT_SECRET, LogCapture, http_client, next_outage, next_token, start_broker_with, start_emulator,
+};
 
 const SANDBOX: i32 = pb::Environment::Sandbox as i32;
 
@@ -34,20 +35,6 @@ fn publish_secret(dir: &Path, version: u32, secret: &str) {
     if !dir.join("secret").exists() {
         std::os::unix::fs::symlink("..data/secret", dir.join("secret")).unwrap();
     }
-}
-
-async fn next_token(stream: &mut tonic::Streaming<pb::WatchTokenResponse>) -> pb::Token {
-    let wait = async {
-        while let Some(item) = stream.next().await {
-            if let Some(Update::Token(t)) = item.expect("the watch stream stays open").update {
-                return t;
-            }
-        }
-        panic!("watch stream ended");
-    };
-    tokio::time::timeout(Duration::from_secs(10), wait)
-        .await
-        .expect("a token update within 10 s")
 }
 
 async fn metric(admin: std::net::SocketAddr, sample: &str) -> f64 {
@@ -105,11 +92,7 @@ async fn secret_swap_rotates_the_key_and_a_bad_key_is_refused() {
     .await;
     let admin = broker.daemon.admin_addr.unwrap();
     let mut client = broker.client().await;
-    let mut watch = client
-        .watch_token(pb::WatchTokenRequest { environment: SANDBOX })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = support::open_watch(&mut client, SANDBOX).await;
     let t1 = next_token(&mut watch).await;
 
     // Flute side: a new key replaces the compromised one. Then the secret volume is updated.
@@ -130,16 +113,7 @@ async fn secret_swap_rotates_the_key_and_a_bad_key_is_refused() {
     // A wrong key is tried, refused, and changes nothing.
     publish_secret(secrets.path(), 3, "typo-in-the-new-secret");
     await_metric(admin, "flute_broker_credential_reloads_total{result=\"failed\"}", 1.0).await;
-    let current = client
-        .get_token(pb::GetTokenRequest {
-            environment: SANDBOX,
-            min_remaining: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token
-        .unwrap();
+    let current = support::current_token(&mut client, SANDBOX).await;
     assert_eq!(current.token_id, t2.token_id, "the old key's token stays");
     let stats = broker.emulator(Environment::Sandbox).stats();
     assert_eq!(
@@ -197,26 +171,13 @@ async fn reload_rejects_invalid_configuration_then_applies_a_new_key() {
     let mut client = flute_token_broker::cli::connect(&addr, Duration::from_secs(5))
         .await
         .unwrap();
-    let mut watch = client
-        .watch_token(pb::WatchTokenRequest { environment: SANDBOX })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = support::open_watch(&mut client, SANDBOX).await;
     let t1 = next_token(&mut watch).await;
 
     std::fs::write(&path, "[refresh]\nratio = 9.0\nnonsense = true\n").unwrap();
     let err = running.reload().await.unwrap_err();
     assert!(err.problems.len() >= 2, "{err}");
-    let same = client
-        .get_token(pb::GetTokenRequest {
-            environment: SANDBOX,
-            min_remaining: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token
-        .unwrap();
+    let same = support::current_token(&mut client, SANDBOX).await;
     assert_eq!(same.token_id, t1.token_id, "a rejected reload disturbs nothing");
 
     emu.emulator.set_client(CLIENT_ID, "second-secret");
@@ -290,11 +251,7 @@ async fn metrics_are_prometheus_text_with_the_documented_names() {
             min_remaining: None,
         })
         .await;
-    let mut watch = client
-        .watch_token(pb::WatchTokenRequest { environment: SANDBOX })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = support::open_watch(&mut client, SANDBOX).await;
     next_token(&mut watch).await;
     let admin = broker.daemon.admin_addr.unwrap();
     let response = http_client()
@@ -336,11 +293,7 @@ async fn readiness_follows_the_tokens_while_liveness_stays_up() {
     let http = http_client();
     let get = |path: &str| http.get(format!("http://{admin}{path}")).send();
     let mut client = broker.client().await;
-    let mut watch = client
-        .watch_token(pb::WatchTokenRequest { environment: SANDBOX })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = support::open_watch(&mut client, SANDBOX).await;
     next_token(&mut watch).await;
     assert_eq!(get("/readyz").await.unwrap().status(), 200);
     assert_eq!(get("/healthz").await.unwrap().status(), 200);
@@ -348,16 +301,7 @@ async fn readiness_follows_the_tokens_while_liveness_stays_up() {
         refuse_all: Some(true),
         ..Default::default()
     });
-    let outage = async {
-        while let Some(item) = watch.next().await {
-            if let Some(Update::Outage(_)) = item.unwrap().update {
-                return;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), outage)
-        .await
-        .expect("outage");
+    next_outage(&mut watch).await;
     let ready = get("/readyz").await.unwrap();
     assert_eq!(ready.status(), 503);
     assert!(ready.text().await.unwrap().contains("sandbox: no valid token"));

@@ -80,13 +80,7 @@ async fn sigterm_ends_watch_streams_with_unavailable_and_exits_zero() {
     let mut client = flute_token_broker::cli::connect(&broker.addr, Duration::from_secs(5))
         .await
         .unwrap();
-    let mut watch = client
-        .watch_token(pb::WatchTokenRequest {
-            environment: pb::Environment::Sandbox as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = support::open_watch(&mut client, pb::Environment::Sandbox as i32).await;
     assert!(matches!(
         watch.next().await.unwrap().unwrap().update,
         Some(Update::Token(_))
@@ -186,13 +180,7 @@ async fn exit_codes_for_unreachable_bad_arguments_and_no_token() {
     let mut client = flute_token_broker::cli::connect(&broker.addr, Duration::from_secs(5))
         .await
         .unwrap();
-    let mut watch = client
-        .watch_token(pb::WatchTokenRequest {
-            environment: pb::Environment::Sandbox as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = support::open_watch(&mut client, pb::Environment::Sandbox as i32).await;
     let faults = support::http_client()
         .post(format!("{}/__emulator/faults", broker.emulator))
         .header("content-type", "application/json")
@@ -201,16 +189,7 @@ async fn exit_codes_for_unreachable_bad_arguments_and_no_token() {
         .await
         .unwrap();
     assert!(faults.status().is_success());
-    let outage = async {
-        while let Some(item) = watch.next().await {
-            if let Some(Update::Outage(_)) = item.unwrap().update {
-                return;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), outage)
-        .await
-        .expect("outage announced");
+    support::next_outage(&mut watch).await;
     let (code, _, err) = cli(&["get", "--env", "sandbox", "--addr", &broker.addr]).await;
     assert_eq!(code, 75, "{err}");
     assert!(err.contains("no valid sandbox token") && err.contains("503"), "{err}");

@@ -102,11 +102,7 @@ async fn notify_reload_and_stop_under_systemd() {
     let mut client = flute_token_broker::cli::connect(&format!("unix:{}", sock.display()), Duration::from_secs(5))
         .await
         .unwrap();
-    let mut watch = client
-        .watch_token(pb::WatchTokenRequest { environment: SANDBOX })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = support::open_watch(&mut client, SANDBOX).await;
     let Ok(Some(Update::Token(t1))) = next_update(&mut watch).await else {
         panic!("first update is a token")
     };
@@ -126,16 +122,7 @@ async fn notify_reload_and_stop_under_systemd() {
     std::fs::write(&config, "[server]\nlisten = 7\n").unwrap();
     kill(pid, "-HUP").await;
     expect_notify(&notify, "READY=1").await;
-    let now = client
-        .get_token(pb::GetTokenRequest {
-            environment: SANDBOX,
-            min_remaining: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token
-        .unwrap();
+    let now = support::current_token(&mut client, SANDBOX).await;
     assert_eq!(now.token_id, t2.token_id);
 
     kill(pid, "-TERM").await;

@@ -330,3 +330,64 @@ pub fn http_client() -> reqwest::Client {
     flute_token_broker::oauth::install_crypto_provider();
     reqwest::Client::new()
 }
+
+pub type Client = TokenBrokerClient<tonic::transport::Channel>;
+pub type WatchStream = tonic::Streaming<flute_token_broker::grpc::pb::WatchTokenResponse>;
+use flute_token_broker::grpc::pb;
+
+/// The current token of `environment` (a `pb::Environment` value).
+pub async fn current_token(client: &mut Client, environment: i32) -> pb::Token {
+    let request = pb::GetTokenRequest {
+        environment,
+        min_remaining: None,
+    };
+    client
+        .get_token(request)
+        .await
+        .expect("GetToken")
+        .into_inner()
+        .token
+        .expect("a token")
+}
+
+pub async fn open_watch(client: &mut Client, environment: i32) -> WatchStream {
+    client
+        .watch_token(pb::WatchTokenRequest { environment })
+        .await
+        .expect("WatchToken")
+        .into_inner()
+}
+
+/// The next update of `stream` that `pick` accepts, within 10 s.
+async fn next_matching<T>(stream: &mut WatchStream, pick: impl Fn(pb::watch_token_response::Update) -> Option<T>) -> T {
+    use tokio_stream::StreamExt;
+    let wait = async {
+        while let Some(item) = stream.next().await {
+            if let Some(found) = item.expect("the watch stream stays open").update.and_then(&pick) {
+                return found;
+            }
+        }
+        panic!("watch stream ended");
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("an update within 10 s")
+}
+
+/// The next Token update (outages in between are skipped).
+pub async fn next_token(stream: &mut WatchStream) -> pb::Token {
+    next_matching(stream, |u| match u {
+        pb::watch_token_response::Update::Token(t) => Some(t),
+        _ => None,
+    })
+    .await
+}
+
+/// The next Outage update (tokens in between are skipped).
+pub async fn next_outage(stream: &mut WatchStream) -> pb::Outage {
+    next_matching(stream, |u| match u {
+        pb::watch_token_response::Update::Outage(o) => Some(o),
+        _ => None,
+    })
+    .await
+}

@@ -1,0 +1,203 @@
+//! Load and fan-out measurements of a whole broker (in-process, with the
+//! built-in emulator as token endpoint). Run: `cargo bench --bench broker`.
+//! Client and server share the machine, so figures are for both together.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flute_token_broker::cli;
+use flute_token_broker::config::{Config, ListenAddr};
+use flute_token_broker::daemon;
+use flute_token_broker::grpc::pb::{self, watch_token_response::Update};
+use tokio_stream::StreamExt;
+
+const SANDBOX: i32 = pb::Environment::Sandbox as i32;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn request() -> pb::GetTokenRequest {
+    pb::GetTokenRequest {
+        environment: SANDBOX,
+        min_remaining: None,
+    }
+}
+
+async fn latency(addr: &str, calls: usize) {
+    let mut client = cli::connect(addr, Duration::from_secs(5)).await.unwrap();
+    for _ in 0..1000 {
+        client.get_token(request()).await.unwrap();
+    }
+    let mut samples = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let start = Instant::now();
+        client.get_token(request()).await.unwrap();
+        samples.push(start.elapsed());
+    }
+    samples.sort();
+    let mean = samples.iter().sum::<Duration>() / calls as u32;
+    println!(
+        "GetToken latency, 1 client, {addr}: mean {:.1} µs, p50 {:.1} µs, p99 {:.1} µs ({calls} calls)",
+        mean.as_secs_f64() * 1e6,
+        percentile(&samples, 0.5).as_secs_f64() * 1e6,
+        percentile(&samples, 0.99).as_secs_f64() * 1e6
+    );
+}
+
+async fn throughput(addr: &str, channels: usize, tasks: usize, calls_per_task: usize) {
+    let mut clients = Vec::new();
+    for _ in 0..channels {
+        clients.push(cli::connect(addr, Duration::from_secs(5)).await.unwrap());
+    }
+    let start = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|i| {
+            let mut c = clients[i % channels].clone();
+            tokio::spawn(async move {
+                for _ in 0..calls_per_task {
+                    c.get_token(request()).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    let total = tasks * calls_per_task;
+    let took = start.elapsed();
+    println!(
+        "GetToken throughput, {tasks} concurrent callers on {channels} connections, {addr}: {:.0} calls/s ({total} calls in {:.2} s)",
+        total as f64 / took.as_secs_f64(),
+        took.as_secs_f64()
+    );
+}
+
+async fn fan_out(addr: &str, watchers: usize, rounds: usize) {
+    let mut client = cli::connect(addr, Duration::from_secs(5)).await.unwrap();
+    let mut streams = Vec::new();
+    for i in 0..watchers {
+        let mut c = if i % 100 == 0 {
+            cli::connect(addr, Duration::from_secs(5)).await.unwrap()
+        } else {
+            client.clone()
+        };
+        let mut s = c
+            .watch_token(pb::WatchTokenRequest { environment: SANDBOX })
+            .await
+            .unwrap()
+            .into_inner();
+        s.next().await.unwrap().unwrap();
+        streams.push(s);
+    }
+    let mut delays = Vec::new();
+    for _ in 0..rounds {
+        let current = client.get_token(request()).await.unwrap().into_inner().token.unwrap();
+        let start = Instant::now();
+        let waiting: Vec<_> = streams
+            .drain(..)
+            .map(|mut s| {
+                tokio::spawn(async move {
+                    loop {
+                        if let Some(Update::Token(t)) = s.next().await.unwrap().unwrap().update {
+                            return (s, t.token_id);
+                        }
+                    }
+                })
+            })
+            .collect();
+        let fresh = client
+            .refresh_token(pb::RefreshTokenRequest {
+                environment: SANDBOX,
+                rejected_token_id: current.token_id,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+            .unwrap();
+        for w in waiting {
+            let (s, id) = w.await.unwrap();
+            assert_eq!(id, fresh.token_id);
+            streams.push(s);
+        }
+        delays.push(start.elapsed());
+        tokio::time::sleep(Duration::from_millis(5100)).await; // forced refreshes are limited to one per 5 s
+    }
+    delays.sort();
+    println!(
+        "WatchToken fan-out: a rotation reaches all {watchers} watchers in median {:.1} ms, max {:.1} ms ({rounds} rotations)",
+        percentile(&delays, 0.5).as_secs_f64() * 1e3,
+        delays.last().unwrap().as_secs_f64() * 1e3
+    );
+}
+
+fn hot_path(sources: &Arc<flute_token_broker::token::TokenSources>, threads: usize, calls: usize) {
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let sources = sources.clone();
+            scope.spawn(move || {
+                let source = sources.get(flute_token_broker::Environment::Sandbox).unwrap();
+                for _ in 0..calls {
+                    std::hint::black_box(source.current());
+                }
+            });
+        }
+    });
+    let per_call = start.elapsed() / (calls * threads) as u32;
+    println!(
+        "TokenSourceHandle::current() (the GetToken hot path, in-process), {threads} thread(s): {:.0} ns/call",
+        per_call.as_secs_f64() * 1e9
+    );
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let dir = std::env::temp_dir().join(format!("flute-broker-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut config = Config::default();
+        config.server.listen = vec![
+            ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()),
+            ListenAddr::Unix(dir.join("broker.sock")),
+        ];
+        config.admin_listen = None;
+        let (config, _emulator) = daemon::dev_setup(config, Duration::from_secs(900)).await.unwrap();
+        let broker = daemon::start(config, None).await.unwrap();
+        for s in broker.sources.iter() {
+            s.started().await;
+        }
+        let addrs: Vec<String> = broker
+            .grpc_addrs
+            .iter()
+            .map(|a| match a {
+                ListenAddr::Tcp(t) => format!("http://{t}"),
+                ListenAddr::Unix(_) => a.to_string(),
+            })
+            .collect();
+        println!(
+            "machine: {} cores",
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        );
+        let sources = broker.sources.clone();
+        tokio::task::spawn_blocking(move || {
+            hot_path(&sources, 1, 2_000_000);
+            hot_path(&sources, 2, 2_000_000);
+        })
+        .await
+        .unwrap();
+        for addr in &addrs {
+            latency(addr, 20_000).await;
+        }
+        for addr in &addrs {
+            throughput(addr, 4, 64, 2_000).await;
+        }
+        fan_out(&addrs[0], 1000, 5).await;
+        broker.shutdown().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
