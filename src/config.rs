@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 
 use crate::credentials::{KeySource, ValueSource};
 use crate::environment::Environment;
+use crate::grpc::tls::ServerTlsFiles;
 use crate::oauth::{ClientAuth, LifetimeBounds};
 use crate::token::RefreshPolicy;
 
@@ -71,6 +72,8 @@ pub struct ServerConfig {
     /// Longest a call waits for a token (first fetch, early refresh) when
     /// the caller set no shorter deadline.
     pub request_wait: Duration,
+    /// TLS (and optionally mTLS) for every TCP listener; `None`: plaintext.
+    pub tls: Option<ServerTlsFiles>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,6 +148,7 @@ impl Default for Config {
                 unix_socket_group: None,
                 shutdown_grace: Duration::from_secs(10),
                 request_wait: Duration::from_secs(30),
+                tls: None,
             },
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             log: LogConfig {
@@ -264,6 +268,7 @@ impl Config {
             unix_socket_group: s.take_opt("unix_socket_group").filter(|g: &String| !g.is_empty()),
             shutdown_grace: s.duration("shutdown_grace", d.server.shutdown_grace),
             request_wait: s.duration("request_wait", d.server.request_wait),
+            tls: tls_files(&mut s),
         };
         if server.listen.is_empty() {
             s.problem("listen", "at least one listener is required");
@@ -468,6 +473,13 @@ impl Config {
                 "unix_socket_group": self.server.unix_socket_group.clone().unwrap_or_default(),
                 "shutdown_grace": d(self.server.shutdown_grace),
                 "request_wait": d(self.server.request_wait),
+                "tls": self.server.tls.as_ref().map(|t| {
+                    let mut v = json!({"cert_file": t.cert_file.display().to_string(), "key_file": t.key_file.display().to_string()});
+                    if let Some(ca) = &t.client_ca_file {
+                        v["client_ca_file"] = json!(ca.display().to_string());
+                    }
+                    v
+                }).unwrap_or_else(|| json!({})),
             },
             "admin": {"listen": self.admin_listen.map(|a| a.to_string()).unwrap_or_default()},
             "log": {"format": format!("{:?}", self.log.format).to_lowercase(), "level": self.log.level},
@@ -491,6 +503,38 @@ impl Config {
         });
         toml::to_string(&value).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
+}
+
+/// `[server.tls]`: cert_file and key_file together, client_ca_file optional.
+fn tls_files(server: &mut Section) -> Option<ServerTlsFiles> {
+    let mut s = server.section("tls");
+    let cert: Option<String> = s.take_opt("cert_file");
+    let key: Option<String> = s.take_opt("key_file");
+    let ca: Option<String> = s.take_opt("client_ca_file");
+    let files = match (cert, key) {
+        (Some(cert), Some(key)) => Some(ServerTlsFiles {
+            cert_file: cert.into(),
+            key_file: key.into(),
+            client_ca_file: ca.map(Into::into),
+        }),
+        (None, None) if ca.is_none() => None,
+        _ => {
+            s.problem("cert_file", "TLS needs both cert_file and key_file");
+            None
+        }
+    };
+    if let Some(f) = &files {
+        for path in [Some(&f.cert_file), Some(&f.key_file), f.client_ca_file.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            if let Err(e) = std::fs::metadata(path) {
+                s.problem("tls", &format!("cannot read {}: {e}", path.display()));
+            }
+        }
+    }
+    s.finish();
+    files
 }
 
 fn check_token_url(s: &mut Section, url: &str, allow_insecure_http: bool) {

@@ -49,6 +49,8 @@ pub enum DaemonError {
     },
     #[error("token endpoint client: {0}")]
     OAuth(#[from] OAuthError),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::grpc::tls::TlsError),
     #[error("server reflection: {0}")]
     Reflection(String),
     #[error("emulator: {0}")]
@@ -59,7 +61,9 @@ impl DaemonError {
     /// Exit code: 78 for configuration and credential problems, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            DaemonError::Credentials { .. } | DaemonError::NoCredentials { .. } => crate::config::EXIT_CONFIG,
+            DaemonError::Credentials { .. } | DaemonError::NoCredentials { .. } | DaemonError::Tls(_) => {
+                crate::config::EXIT_CONFIG
+            }
             _ => 1,
         }
     }
@@ -96,6 +100,12 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         })?;
         keys.push((env, key));
     }
+    let tls = config
+        .server
+        .tls
+        .as_ref()
+        .map(crate::grpc::tls::server_config)
+        .transpose()?;
     let unix = UnixSocketOptions {
         mode: config.server.unix_socket_mode,
         group: config.server.unix_socket_group.clone(),
@@ -154,10 +164,16 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| DaemonError::Reflection(e.to_string()))?;
-        let router = Server::builder()
+        let mut builder = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        if let (Bound::Tcp(_), Some(tls)) = (&listener, &tls) {
+            builder = builder
+                .tls_config(tls.clone())
+                .map_err(|e| DaemonError::Tls(crate::grpc::tls::TlsError::Invalid(e.to_string())))?;
+        }
+        let router = builder
             .add_service(health_service.clone())
             .add_service(reflection)
             .add_service(TokenBrokerServer::new(service.clone()).max_decoding_message_size(MAX_REQUEST_BYTES));
@@ -165,7 +181,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         let signal = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        info!(%addr, "gRPC listening");
+        info!(%addr, tls = matches!(listener, Bound::Tcp(_)) && tls.is_some(), "gRPC listening");
         servers.push(tokio::spawn(async move {
             let result = match listener {
                 Bound::Tcp(l) => {

@@ -14,6 +14,7 @@ use flute_token_broker::cli::{self, TokenFormat};
 use flute_token_broker::config::{Config, EXIT_CONFIG, ListenAddr, Loaded};
 use flute_token_broker::daemon::{self, RunningDaemon};
 use flute_token_broker::emulator::{Emulator, EmulatorConfig};
+use flute_token_broker::grpc::tls::ClientTlsFiles;
 use flute_token_broker::{Environment, duration, logging, systemd};
 
 #[derive(Parser)]
@@ -96,6 +97,27 @@ struct ClientArgs {
     /// Give up after this long.
     #[arg(long, default_value = "10s", value_parser = duration::parse)]
     timeout: Duration,
+    /// With https://: the CA certificate (PEM) that signed the broker's certificate.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// With https:// and a broker requiring mTLS: this client's certificate (PEM).
+    #[arg(long, requires = "key_file")]
+    cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --cert-file.
+    #[arg(long, requires = "cert_file")]
+    key_file: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    fn target(&self) -> cli::Target {
+        let mut target = cli::Target::new(self.addr.clone(), self.timeout);
+        target.tls = ClientTlsFiles {
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+        };
+        target
+    }
 }
 
 #[derive(clap::Args)]
@@ -146,18 +168,14 @@ async fn run(command: Command) -> u8 {
             min_remaining,
             format,
         } => print_result(
-            cli::get(&client.addr, env, min_remaining, format, client.timeout)
+            cli::get(&client.target(), env, min_remaining, format)
                 .await
                 .map(|t| println!("{t}")),
         ),
-        Command::Watch { client, env } => {
-            print_result(cli::watch(&client.addr, env, client.timeout, &mut std::io::stdout()).await)
+        Command::Watch { client, env } => print_result(cli::watch(&client.target(), env, &mut std::io::stdout()).await),
+        Command::Status { client, json } => {
+            print_result(cli::status(&client.target(), json).await.map(|t| print!("{t}")))
         }
-        Command::Status { client, json } => print_result(
-            cli::status(&client.addr, json, client.timeout)
-                .await
-                .map(|t| print!("{t}")),
-        ),
         Command::Emulator(args) => match run_emulator(args).await {
             Ok(()) => 0,
             Err(e) => {

@@ -13,6 +13,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use crate::environment::Environment;
 use crate::grpc::pb::token_broker_client::TokenBrokerClient;
 use crate::grpc::pb::{self, watch_token_response::Update};
+use crate::grpc::tls::{ClientTlsFiles, client_config};
 
 /// The address `serve --dev` listens on.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
@@ -64,18 +65,54 @@ impl ClientError {
     }
 }
 
+/// Where and how to reach the broker.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// `unix:/path`, `http://host:port`, `https://host:port` or `host:port`.
+    pub addr: String,
+    /// Connect timeout, and the deadline of unary calls.
+    pub timeout: Duration,
+    /// Certificates for `https://` addresses.
+    pub tls: ClientTlsFiles,
+}
+
+impl Target {
+    pub fn new(addr: impl Into<String>, timeout: Duration) -> Self {
+        Self {
+            addr: addr.into(),
+            timeout,
+            tls: ClientTlsFiles::default(),
+        }
+    }
+}
+
 /// Connects to `unix:/path` or `http://host:port` (`host:port` works too).
 pub async fn connect(addr: &str, timeout: Duration) -> Result<TokenBrokerClient<Channel>, ClientError> {
-    Ok(TokenBrokerClient::new(channel(addr, timeout).await?))
+    connect_to(&Target::new(addr, timeout)).await
+}
+
+pub async fn connect_to(target: &Target) -> Result<TokenBrokerClient<Channel>, ClientError> {
+    Ok(TokenBrokerClient::new(channel_to(target).await?))
 }
 
 /// A gRPC channel to the broker (for the health or reflection services too).
 pub async fn channel(addr: &str, timeout: Duration) -> Result<Channel, ClientError> {
+    channel_to(&Target::new(addr, timeout)).await
+}
+
+pub async fn channel_to(target: &Target) -> Result<Channel, ClientError> {
+    let (addr, timeout) = (target.addr.as_str(), target.timeout);
     let unreachable = |message: String| ClientError::Unreachable {
         addr: addr.to_owned(),
         message,
     };
+    let wants_tls = target.tls != ClientTlsFiles::default();
     let channel = if let Some(path) = addr.strip_prefix("unix:") {
+        if wants_tls {
+            return Err(ClientError::Usage(
+                "TLS options apply to https:// addresses, not Unix sockets".into(),
+            ));
+        }
         let path = path.to_owned();
         Endpoint::from_static("http://broker.invalid")
             .connect_timeout(timeout)
@@ -90,16 +127,23 @@ pub async fn channel(addr: &str, timeout: Duration) -> Result<Channel, ClientErr
         } else {
             format!("http://{addr}")
         };
-        Endpoint::from_shared(uri)
+        let mut endpoint = Endpoint::from_shared(uri.clone())
             .map_err(|e| ClientError::Usage(format!("invalid address {addr:?}: {e}")))?
-            .connect_timeout(timeout)
-            .connect()
-            .await
+            .connect_timeout(timeout);
+        if uri.starts_with("https://") {
+            let tls = client_config(&target.tls).map_err(|e| ClientError::Usage(e.to_string()))?;
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| ClientError::Usage(format!("TLS: {}", error_chain(&e))))?;
+        } else if wants_tls {
+            return Err(ClientError::Usage("TLS options need an https:// address".into()));
+        }
+        endpoint.connect().await
     };
     channel.map_err(|e| unreachable(error_chain(&e)))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
@@ -130,13 +174,13 @@ fn ts(t: &Option<prost_types::Timestamp>) -> String {
 }
 
 pub async fn get(
-    addr: &str,
+    target: &Target,
     env: Environment,
     min_remaining: Option<Duration>,
     format: TokenFormat,
-    timeout: Duration,
 ) -> Result<String, ClientError> {
-    let mut client = connect(addr, timeout).await?;
+    let (addr, timeout) = (target.addr.as_str(), target.timeout);
+    let mut client = connect_to(target).await?;
     let mut request = tonic::Request::new(pb::GetTokenRequest {
         environment: pb_env(env),
         min_remaining: min_remaining.map(|d| prost_types::Duration {
@@ -168,8 +212,9 @@ pub async fn get(
 }
 
 /// Prints a line per update until the stream ends.
-pub async fn watch(addr: &str, env: Environment, timeout: Duration, out: &mut impl Write) -> Result<(), ClientError> {
-    let mut client = connect(addr, timeout).await?;
+pub async fn watch(target: &Target, env: Environment, out: &mut impl Write) -> Result<(), ClientError> {
+    let addr = target.addr.as_str();
+    let mut client = connect_to(target).await?;
     let mut stream = client
         .watch_token(pb::WatchTokenRequest {
             environment: pb_env(env),
@@ -199,8 +244,9 @@ pub async fn watch(addr: &str, env: Environment, timeout: Duration, out: &mut im
 }
 
 /// A table (or JSON) of every enabled environment's state.
-pub async fn status(addr: &str, json: bool, timeout: Duration) -> Result<String, ClientError> {
-    let mut client = connect(addr, timeout).await?;
+pub async fn status(target: &Target, json: bool) -> Result<String, ClientError> {
+    let (addr, timeout) = (target.addr.as_str(), target.timeout);
+    let mut client = connect_to(target).await?;
     let mut request = tonic::Request::new(pb::GetStatusRequest {});
     request.set_timeout(timeout);
     let status = client

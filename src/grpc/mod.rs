@@ -1,11 +1,13 @@
 //! The gRPC face of the broker: generated code for flute.tokenbroker.v1,
 //! the TokenBroker service, the one mapping from internal errors to
-//! `tonic::Status`, health reporting and the listeners it is served on.
+//! `tonic::Status`, health reporting, the listeners it is served on and
+//! their TLS.
 
 pub mod health;
 pub mod listener;
 mod service;
 mod status;
+pub mod tls;
 
 use std::time::{Duration, SystemTime};
 

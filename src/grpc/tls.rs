@@ -1,0 +1,78 @@
+//! TLS for TCP listeners (server certificate, optionally client certificates
+//! for mutual TLS) and for the CLI client. Unix sockets never use TLS: file
+//! permissions guard them.
+
+use std::path::{Path, PathBuf};
+
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, Server, ServerTlsConfig};
+
+/// Certificate files of a TLS listener.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerTlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// When set, clients must present a certificate signed by this CA (mTLS).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// Certificate files of a TLS client (the CLI).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientTlsFiles {
+    /// The CA that signed the broker's certificate (system roots are not used).
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and key, for a broker that requires mTLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid TLS configuration: {0}")]
+    Invalid(String),
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Reads and checks the files; the error names the file, never its content.
+pub fn server_config(files: &ServerTlsFiles) -> Result<ServerTlsConfig, TlsError> {
+    crate::oauth::install_crypto_provider();
+    let mut config =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert_file)?, read(&files.key_file)?));
+    if let Some(ca) = &files.client_ca_file {
+        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    // Building a server is where tonic parses the PEM: fail now, not at the first connection.
+    Server::builder()
+        .tls_config(config.clone())
+        .map_err(|e| TlsError::Invalid(crate::cli::error_chain(&e)))?;
+    Ok(config)
+}
+
+pub fn client_config(files: &ClientTlsFiles) -> Result<ClientTlsConfig, TlsError> {
+    crate::oauth::install_crypto_provider();
+    let mut config = ClientTlsConfig::new();
+    if let Some(ca) = &files.ca_file {
+        config = config.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    match (&files.cert_file, &files.key_file) {
+        (Some(cert), Some(key)) => config = config.identity(Identity::from_pem(read(cert)?, read(key)?)),
+        (None, None) => {}
+        _ => {
+            return Err(TlsError::Invalid(
+                "a client certificate needs both --cert-file and --key-file".into(),
+            ));
+        }
+    }
+    Ok(config)
+}

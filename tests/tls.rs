@@ -1,0 +1,206 @@
+//! TLS and mutual TLS on the TCP listener, with certificates made here.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flute_token_broker::Environment;
+use flute_token_broker::cli::{self, Target};
+use flute_token_broker::config::ListenAddr;
+use flute_token_broker::grpc::pb;
+use flute_token_broker::grpc::tls::{ClientTlsFiles, ServerTlsFiles};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use support::start_broker_with;
+
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    /// A CA, a server certificate for localhost/127.0.0.1, a client
+    /// certificate from the same CA, and one from an unrelated CA.
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, pem: String| std::fs::write(dir.path().join(name), pem).unwrap();
+        let ca_params = || {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p
+        };
+        let ca = CertifiedIssuer::self_signed(ca_params(), KeyPair::generate().unwrap()).unwrap();
+        let rogue = CertifiedIssuer::self_signed(ca_params(), KeyPair::generate().unwrap()).unwrap();
+        write("ca.pem", ca.pem());
+        for (name, sans, issuer) in [
+            ("server", vec!["localhost".to_owned(), "127.0.0.1".to_owned()], &ca),
+            ("client", vec!["payments-service".to_owned()], &ca),
+            ("rogue", vec!["intruder".to_owned()], &rogue),
+        ] {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(sans).unwrap().signed_by(&key, issuer).unwrap();
+            write(&format!("{name}.pem"), cert.pem());
+            write(&format!("{name}.key"), key.serialize_pem());
+        }
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn client(&self, addr: &str, identity: Option<&str>) -> Target {
+        let mut target = Target::new(addr, Duration::from_secs(5));
+        target.tls = ClientTlsFiles {
+            ca_file: Some(self.path("ca.pem")),
+            cert_file: identity.map(|n| self.path(&format!("{n}.pem"))),
+            key_file: identity.map(|n| self.path(&format!("{n}.key"))),
+        };
+        target
+    }
+}
+
+fn server_files(pki: &Pki, mtls: bool) -> ServerTlsFiles {
+    ServerTlsFiles {
+        cert_file: pki.path("server.pem"),
+        key_file: pki.path("server.key"),
+        client_ca_file: mtls.then(|| pki.path("ca.pem")),
+    }
+}
+
+async fn get_token(target: &Target) -> Result<pb::Token, String> {
+    let mut client = cli::connect_to(target).await.map_err(|e| e.to_string())?;
+    let request = pb::GetTokenRequest {
+        environment: pb::Environment::Sandbox as i32,
+        min_remaining: None,
+    };
+    client
+        .get_token(request)
+        .await
+        .map(|r| r.into_inner().token.unwrap())
+        .map_err(|s| s.to_string())
+}
+
+fn https(addrs: &[ListenAddr]) -> String {
+    addrs
+        .iter()
+        .find_map(|a| matches!(a, ListenAddr::Tcp(_)).then(|| format!("https://{a}")))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
+    let pki = Pki::new();
+    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
+        config.server.tls = Some(server_files(&pki, true));
+    })
+    .await;
+    let addr = https(&broker.daemon.grpc_addrs);
+
+    let token = get_token(&pki.client(&addr, Some("client")))
+        .await
+        .expect("a client with a CA-signed certificate");
+    assert_eq!(token.token_id.len(), 12);
+    assert!(
+        get_token(&pki.client(&addr, None)).await.is_err(),
+        "no client certificate"
+    );
+    assert!(
+        get_token(&pki.client(&addr, Some("rogue"))).await.is_err(),
+        "a certificate from another CA"
+    );
+    assert!(
+        get_token(&Target::new(addr.replace("https", "http"), Duration::from_secs(2)))
+            .await
+            .is_err(),
+        "plaintext"
+    );
+    let mut no_ca = pki.client(&addr, Some("client"));
+    no_ca.tls.ca_file = None;
+    assert!(
+        get_token(&no_ca).await.is_err(),
+        "the server certificate is not trusted without the CA"
+    );
+
+    // The Unix socket stays plaintext, guarded by file permissions.
+    assert!(
+        get_token(&Target::new(broker.unix.clone(), Duration::from_secs(5)))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn server_only_tls() {
+    let pki = Pki::new();
+    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
+        config.server.tls = Some(server_files(&pki, false));
+    })
+    .await;
+    let addr = https(&broker.daemon.grpc_addrs);
+    assert!(get_token(&pki.client(&addr, None)).await.is_ok());
+}
+
+#[tokio::test]
+async fn bad_certificates_fail_at_start_with_a_clear_error() {
+    let pki = Pki::new();
+    std::fs::write(
+        pki.path("broken.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let emulators = std::collections::BTreeMap::from([(
+        Environment::Sandbox,
+        support::start_emulator(Duration::from_secs(900), false).await,
+    )]);
+    let mut config = support::broker_config(&emulators, pki.dir.path());
+    config.server.tls = Some(ServerTlsFiles {
+        cert_file: pki.path("broken.pem"),
+        key_file: pki.path("server.key"),
+        client_ca_file: None,
+    });
+    let err = flute_token_broker::daemon::start(config, None)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().starts_with("TLS"), "{err}");
+    assert_eq!(err.exit_code(), 78);
+}
+
+#[test]
+fn tls_configuration_is_validated() {
+    let pki = Pki::new();
+    let secret = pki.path("secret");
+    std::fs::write(&secret, "s").unwrap();
+    let load = |tls: &str| {
+        let path = pki.path("broker.toml");
+        let text = format!(
+            "[credentials]\nclient_id = \"id\"\nclient_secret_file = \"{}\"\n[server.tls]\n{tls}\n",
+            secret.display()
+        );
+        std::fs::write(&path, text).unwrap();
+        flute_token_broker::config::Config::load_with_env(Some(Path::new(&path)), Some(Default::default()))
+    };
+    let ok = load(&format!(
+        "cert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"",
+        pki.path("server.pem").display(),
+        pki.path("server.key").display(),
+        pki.path("ca.pem").display()
+    ));
+    assert_eq!(
+        ok.unwrap().config.server.tls.unwrap().client_ca_file,
+        Some(pki.path("ca.pem"))
+    );
+    let only_cert = load(&format!("cert_file = \"{}\"", pki.path("server.pem").display())).unwrap_err();
+    assert!(
+        only_cert
+            .problems
+            .iter()
+            .any(|p| p.contains("server.tls.cert_file: TLS needs both")),
+        "{only_cert}"
+    );
+    let missing = load("cert_file = \"/nonexistent/c.pem\"\nkey_file = \"/nonexistent/k.pem\"").unwrap_err();
+    assert!(
+        missing.problems.iter().any(|p| p.contains("/nonexistent/c.pem")),
+        "{missing}"
+    );
+}
