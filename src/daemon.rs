@@ -154,16 +154,16 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         config.server.request_wait,
     );
 
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| DaemonError::Reflection(e.to_string()))?;
     let mut grpc_addrs = Vec::new();
     let mut servers = Vec::new();
     for listener in bound {
         let addr = listener.addr();
         grpc_addrs.push(addr.clone());
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| DaemonError::Reflection(e.to_string()))?;
         let mut builder = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -175,7 +175,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         }
         let router = builder
             .add_service(health_service.clone())
-            .add_service(reflection)
+            .add_service(reflection.clone())
             .add_service(TokenBrokerServer::new(service.clone()).max_decoding_message_size(MAX_REQUEST_BYTES));
         let mut stop = shutdown_rx.clone();
         let signal = async move {
