@@ -419,7 +419,7 @@ impl<E: TokenEndpoint> Task<E> {
             _ => Grant::ClientCredentials,
         };
         let mut result = self.call(&self.key, &grant).await;
-        if let (Grant::RefreshToken(_), Err((e, _, _))) = (&grant, &result)
+        if let (Grant::RefreshToken(_), Err(e)) = (&grant, &result)
             && e.class() == ErrorClass::InvalidGrant
         {
             warn!(environment = %self.config.environment, "refresh token rejected (invalid_grant); falling back to client credentials");
@@ -428,18 +428,14 @@ impl<E: TokenEndpoint> Task<E> {
         }
         match result {
             Ok((response, issued_at, issued_wall)) => self.install(response, issued_at, issued_wall),
-            Err((error, _, _)) => self.record_failure(&error),
+            Err(error) => self.record_failure(&error),
         }
         self.publish();
         self.answer_waiters();
     }
 
     /// One token-endpoint call, timed and counted.
-    async fn call(
-        &self,
-        key: &ApiKey,
-        grant: &Grant,
-    ) -> Result<(TokenResponse, Instant, SystemTime), (OAuthError, Instant, SystemTime)> {
+    async fn call(&self, key: &ApiKey, grant: &Grant) -> Result<(TokenResponse, Instant, SystemTime), OAuthError> {
         let (sent, sent_wall) = (Instant::now(), SystemTime::now());
         self.stats.endpoint_calls.fetch_add(1, Ordering::Relaxed);
         let result = self.endpoint.request_token(key, grant).await;
@@ -461,10 +457,7 @@ impl<E: TokenEndpoint> Task<E> {
                 }
             }
         }
-        match result {
-            Ok(r) => Ok((r, sent, sent_wall)),
-            Err(e) => Err((e, sent, sent_wall)),
-        }
+        result.map(|response| (response, sent, sent_wall))
     }
 
     fn install(&mut self, response: TokenResponse, issued_at: Instant, issued_wall: SystemTime) {
@@ -599,7 +592,7 @@ impl<E: TokenEndpoint> Task<E> {
                 self.answer_waiters();
                 Ok(true)
             }
-            Err((error, _, _)) => {
+            Err(error) => {
                 error!(environment = %self.config.environment, client_id = key.client_id(), error = %error, "new API key failed verification; keeping the current key");
                 Err(error)
             }
