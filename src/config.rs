@@ -21,6 +21,9 @@ use crate::token::RefreshPolicy;
 
 /// Exit code for invalid configuration (sysexits EX_CONFIG).
 pub const EXIT_CONFIG: u8 = 78;
+const HOUR: Duration = Duration::from_secs(3600);
+const MINUTES_10: Duration = Duration::from_secs(600);
+
 /// Prefix of environment overrides: `FLUTE_BROKER__SERVER__LISTEN`.
 pub const ENV_PREFIX: &str = "FLUTE_BROKER";
 
@@ -273,6 +276,13 @@ impl Config {
         if server.listen.is_empty() {
             s.problem("listen", "at least one listener is required");
         }
+        s.range("shutdown_grace", server.shutdown_grace, Duration::ZERO, MINUTES_10);
+        s.range(
+            "request_wait",
+            server.request_wait,
+            Duration::from_millis(100),
+            MINUTES_10,
+        );
         s.finish();
 
         let mut s = root.section("admin");
@@ -343,21 +353,25 @@ impl Config {
             Duration::ZERO,
             Duration::from_secs(300),
         );
+        s.range("expiry_margin", refresh.expiry_margin, Duration::ZERO, HOUR);
+        s.range("retry_after_max", refresh.retry_after_max, Duration::ZERO, HOUR);
         s.range(
-            "expiry_margin",
-            refresh.expiry_margin,
+            "early_refresh_interval",
+            refresh.early_refresh_interval,
             Duration::ZERO,
-            Duration::from_secs(3600),
+            HOUR,
         );
         s.finish();
 
         let mut s = root.section("credentials");
         let credentials_poll_interval = s.duration("poll_interval", d.credentials_poll_interval);
+        s.range("poll_interval", credentials_poll_interval, Duration::ZERO, HOUR);
         let credentials = key_source(&mut s);
         s.finish();
 
         let mut s = root.section("systemd");
         let ready_timeout = s.duration("ready_timeout", d.ready_timeout);
+        s.range("ready_timeout", ready_timeout, Duration::ZERO, HOUR);
         s.finish();
 
         let mut envs_section = root.section("environments");

@@ -111,6 +111,17 @@ fn each_rule_reports_its_key_path() {
             "refresh.backoff_initial",
         ),
         ("[refresh]\nserve_margin = \"1h\"", "refresh.serve_margin"),
+        ("[refresh]\nretry_after_max = \"100000d\"", "refresh.retry_after_max"),
+        (
+            "[refresh]\nearly_refresh_interval = \"2h\"",
+            "refresh.early_refresh_interval",
+        ),
+        ("[server]\nrequest_wait = \"0s\"", "server.request_wait"),
+        (
+            "[credentials]\nclient_id = \"my-id\"\nclient_secret_file = \"SECRET\"\npoll_interval = \"2h\"",
+            "credentials.poll_interval",
+        ),
+        ("[systemd]\nready_timeout = \"2h\"", "systemd.ready_timeout"),
         (
             "[environments.sandbox]\ntoken_url = \"http://oauth.example.com/token\"",
             "environments.sandbox.token_url: \"http://oauth.example.com/token\": https is required",

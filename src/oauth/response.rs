@@ -490,6 +490,34 @@ mod tests {
         assert!(e.len() < 250 && !e.contains('\n'), "{e}");
     }
 
+    /// Random and mutated bodies: the parsers return errors, never panic.
+    #[test]
+    fn arbitrary_bodies_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let seeds: [&[u8]; 4] = [
+            br#"{"access_token":"a","token_type":"Bearer","expires_in":"3600"}"#,
+            br#"{"error":"invalid_client","error_description":"x"}"#,
+            br#"{"type":"t","title":"T","status":400,"errors":{"a":["b"]}}"#,
+            b"\xff\xfe{\"\x00\\u0000",
+        ];
+        for i in 0..20_000 {
+            let mut body: Vec<u8> = seeds[i % seeds.len()].to_vec();
+            for _ in 0..rng.random_range(0..6) {
+                let at = rng.random_range(0..=body.len());
+                match rng.random_range(0..3) {
+                    0 if at < body.len() => body[at] = rng.random(),
+                    1 => body.insert(at, rng.random()),
+                    _ => body.truncate(at),
+                }
+            }
+            let status = [200, 400, 401, 429, 500, 503][i % 6];
+            let _ = parse_token_response(status, &body, &LifetimeBounds::default());
+            let text = String::from_utf8_lossy(&body).into_owned();
+            let _ = parse_error_response(status, &body, Some(&text), Some(&text));
+        }
+    }
+
     #[test]
     fn unknown_codes_do_not_become_metric_labels() {
         let e = err(400, r#"{"error":"weird_thing"}"#, None, None);
