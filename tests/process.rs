@@ -86,15 +86,7 @@ async fn sigterm_ends_watch_streams_with_unavailable_and_exits_zero() {
         Some(Update::Token(_))
     ));
 
-    let pid = broker.child.id().unwrap().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .await
-            .unwrap()
-            .success()
-    );
+    support::signal(broker.child.id().unwrap(), rustix::process::Signal::TERM);
     let ended = tokio::time::timeout(Duration::from_secs(5), watch.next())
         .await
         .expect("the stream ends promptly");
@@ -271,8 +263,7 @@ async fn standalone_emulator_command_issues_tokens() {
         .await
         .unwrap_err();
     assert!(wrong.to_string().contains("invalid_client"));
-    let pid = child.id().unwrap().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+    support::signal(child.id().unwrap(), rustix::process::Signal::TERM);
     assert!(
         tokio::time::timeout(Duration::from_secs(5), child.wait())
             .await

@@ -36,17 +36,6 @@ async fn expect_notify(socket: &UnixDatagram, needle: &str) -> String {
         .unwrap_or_else(|_| panic!("no {needle:?} notification"))
 }
 
-async fn kill(pid: u32, signal: &str) {
-    assert!(
-        Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .await
-            .unwrap()
-            .success()
-    );
-}
-
 async fn next_update(stream: &mut tonic::Streaming<pb::WatchTokenResponse>) -> Result<Option<Update>, tonic::Status> {
     tokio::time::timeout(Duration::from_secs(10), stream.next())
         .await
@@ -110,7 +99,7 @@ async fn notify_reload_and_stop_under_systemd() {
     // Rotate the key: Flute accepts only the new secret; the file is updated; SIGHUP.
     emu.emulator.set_client(CLIENT_ID, "after-rotation-secret");
     std::fs::write(&secret, "after-rotation-secret\n").unwrap();
-    kill(pid, "-HUP").await;
+    support::signal(pid, rustix::process::Signal::HUP);
     expect_notify(&notify, "RELOADING=1").await;
     let Ok(Some(Update::Token(t2))) = next_update(&mut watch).await else {
         panic!("the rotation arrives on the open stream")
@@ -120,12 +109,12 @@ async fn notify_reload_and_stop_under_systemd() {
 
     // An invalid configuration on SIGHUP changes nothing.
     std::fs::write(&config, "[server]\nlisten = 7\n").unwrap();
-    kill(pid, "-HUP").await;
+    support::signal(pid, rustix::process::Signal::HUP);
     expect_notify(&notify, "READY=1").await;
     let now = support::current_token(&mut client, SANDBOX).await;
     assert_eq!(now.token_id, t2.token_id);
 
-    kill(pid, "-TERM").await;
+    support::signal(pid, rustix::process::Signal::TERM);
     expect_notify(&notify, "STOPPING=1").await;
     let end = next_update(&mut watch).await.unwrap_err();
     assert_eq!(end.code(), tonic::Code::Unavailable);

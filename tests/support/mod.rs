@@ -391,3 +391,9 @@ pub async fn next_outage(stream: &mut WatchStream) -> pb::Outage {
     })
     .await
 }
+
+/// Sends `signal` to a child process.
+pub fn signal(pid: u32, signal: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a valid pid");
+    rustix::process::kill_process(pid, signal).expect("kill");
+}
