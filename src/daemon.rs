@@ -295,6 +295,8 @@ struct ReloadState {
     config: Config,
     /// Per environment: the digest of a key that failed, and when.
     failed: Vec<(Environment, [u8; 32], tokio::time::Instant)>,
+    /// The last problem the file poller met reading each key, logged once.
+    unreadable: Vec<(Environment, String)>,
 }
 
 /// A key that failed verification is not retried by the file poller for this long.
@@ -305,6 +307,7 @@ impl Reloader {
         let state = ReloadState {
             config: config.clone(),
             failed: Vec::new(),
+            unreadable: Vec::new(),
         };
         Self {
             config_path,
@@ -379,13 +382,20 @@ impl Reloader {
                 continue;
             };
             let key = match key_source.load() {
-                Ok(key) => key,
+                Ok(key) => {
+                    state.unreadable.retain(|(e, _)| *e != env);
+                    key
+                }
                 Err(e) => {
-                    if explicit {
-                        error!(environment = %env, error = %e, "cannot re-read the API key; keeping the current one");
+                    let message = e.to_string();
+                    let new_problem = !state.unreadable.iter().any(|(en, m)| *en == env && *m == message);
+                    if explicit || new_problem {
+                        error!(environment = %env, error = %message, "cannot re-read the API key; keeping the current one");
                         self.count("failed");
-                        report.failed.push((env, e.to_string()));
+                        report.failed.push((env, message.clone()));
                     }
+                    state.unreadable.retain(|(en, _)| *en != env);
+                    state.unreadable.push((env, message));
                     continue;
                 }
             };

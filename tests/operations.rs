@@ -122,6 +122,16 @@ async fn secret_swap_rotates_the_key_and_a_bad_key_is_refused() {
     );
     let status = client.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.environments[0].state, pb::State::Ready as i32);
+    // An unreadable secret file is reported once, not on every poll, and changes nothing.
+    std::fs::remove_file(secrets.path().join("v3/secret")).unwrap();
+    await_metric(admin, "flute_broker_credential_reloads_total{result=\"failed\"}", 2.0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // five more polls
+    assert_eq!(
+        metric(admin, "flute_broker_credential_reloads_total{result=\"failed\"}").await,
+        2.0
+    );
+    assert_eq!(logs.text().matches("cannot re-read the API key").count(), 1);
+
     // And a forced refresh still works with the key in use.
     let t3 = client
         .refresh_token(pb::RefreshTokenRequest {
