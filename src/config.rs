@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 
 use crate::credentials::{KeySource, ValueSource};
 use crate::environment::Environment;
+use crate::grpc::access::AccessPolicy;
 use crate::grpc::tls::ServerTlsFiles;
 use crate::oauth::{ClientAuth, LifetimeBounds};
 use crate::token::RefreshPolicy;
@@ -122,6 +123,8 @@ pub struct EnvironmentConfig {
     pub token_url: String,
     /// Overrides the shared `[credentials]` for this environment.
     pub credentials: Option<KeySource>,
+    /// Who may get this environment's tokens (default: anyone who reaches a listener).
+    pub access: AccessPolicy,
 }
 
 /// The whole validated configuration.
@@ -180,6 +183,7 @@ impl Default for Config {
                             enabled: true,
                             token_url: env.default_token_url().into(),
                             credentials: None,
+                            access: AccessPolicy::default(),
                         },
                     )
                 })
@@ -380,6 +384,10 @@ impl Config {
             let mut s = envs_section.section(env.as_str());
             let enabled = s.take("enabled", true);
             let token_url: String = s.take("token_url", env.default_token_url().to_owned());
+            let access = AccessPolicy {
+                uids: ids(&mut s, "allowed_unix_users", crate::grpc::access::resolve_user),
+                gids: ids(&mut s, "allowed_unix_groups", crate::grpc::access::resolve_group),
+            };
             let mut c = s.section("credentials");
             let own = key_source(&mut c);
             c.finish();
@@ -403,6 +411,7 @@ impl Config {
                     enabled,
                     token_url,
                     credentials: own,
+                    access,
                 },
             );
         }
@@ -473,6 +482,11 @@ impl Config {
             .iter()
             .map(|(env, e)| {
                 let mut v = json!({"enabled": e.enabled, "token_url": e.token_url});
+                let numbers = |ids: &[u32]| ids.iter().map(ToString::to_string).collect::<Vec<_>>();
+                if !e.access.is_open() {
+                    v["allowed_unix_users"] = json!(numbers(&e.access.uids));
+                    v["allowed_unix_groups"] = json!(numbers(&e.access.gids));
+                }
                 if e.credentials.is_some() {
                     v["credentials"] = source(&e.credentials);
                 }
@@ -517,6 +531,15 @@ impl Config {
         });
         toml::to_string(&value).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
+}
+
+/// A list of user or group names (or numeric ids as strings), resolved now.
+fn ids(s: &mut Section, key: &str, resolve: fn(&str) -> Result<u32, String>) -> Vec<u32> {
+    let names: Vec<String> = s.take(key, Vec::new());
+    names
+        .iter()
+        .filter_map(|name| resolve(name).map_err(|e| s.problem(key, &e)).ok())
+        .collect()
 }
 
 /// `[server.tls]`: cert_file and key_file together, client_ca_file optional.

@@ -147,11 +147,13 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health::set_not_serving(&health_reporter, &sources).await;
+    let access = config.enabled().map(|(env, e)| (env, e.access.clone())).collect();
     let service = TokenBrokerService::new(
         sources.clone(),
         shutdown_rx.clone(),
         metrics.clone(),
         config.server.request_wait,
+        access,
     );
 
     let reflection = tonic_reflection::server::Builder::configure()

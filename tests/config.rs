@@ -123,6 +123,14 @@ fn each_rule_reports_its_key_path() {
         ),
         ("[systemd]\nready_timeout = \"2h\"", "systemd.ready_timeout"),
         (
+            "[environments.production]\nallowed_unix_users = [\"no-such-user-x\"]",
+            "environments.production.allowed_unix_users: unknown user",
+        ),
+        (
+            "[environments.production]\nallowed_unix_groups = [\"no-such-group-x\"]",
+            "environments.production.allowed_unix_groups: unknown group",
+        ),
+        (
             "[environments.sandbox]\ntoken_url = \"http://oauth.example.com/token\"",
             "environments.sandbox.token_url: \"http://oauth.example.com/token\": https is required",
         ),
@@ -216,6 +224,9 @@ fn accepted_variants() {
     let c = ok("[refresh]\nexpiry_margin = 30\nbackoff_max = \"2m\"");
     assert_eq!(c.refresh.expiry_margin, Duration::from_secs(30));
     assert_eq!(c.refresh.backoff_max, Duration::from_secs(120));
+    let c = ok("[environments.production]\nallowed_unix_users = [\"root\", \"1001\"]\nallowed_unix_groups = [\"0\"]");
+    assert_eq!(c.environments[&Environment::Production].access.uids, vec![0, 1001]);
+    assert_eq!(c.environments[&Environment::Production].access.gids, vec![0]);
     let c = ok("[environments.production]\nenabled = false");
     assert_eq!(c.enabled().count(), 1);
     // Per-environment credentials.

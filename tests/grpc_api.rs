@@ -441,3 +441,62 @@ async fn stale_unix_socket_is_replaced_and_a_live_one_refused() {
     broker.daemon.shutdown().await;
     assert!(!path.exists(), "the socket file is removed on shutdown");
 }
+
+#[tokio::test]
+async fn allow_lists_gate_environments_by_unix_peer_credentials() {
+    use flute_token_broker::grpc::access::AccessPolicy;
+    let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
+    let broker = start_broker_with(&Environment::ALL, Duration::from_secs(900), |_, config| {
+        config.environments.get_mut(&Environment::Sandbox).unwrap().access = AccessPolicy {
+            uids: vec![],
+            gids: vec![gid],
+        };
+        config.environments.get_mut(&Environment::Production).unwrap().access = AccessPolicy {
+            uids: vec![uid + 4242],
+            gids: vec![],
+        };
+    })
+    .await;
+    let mut unix = broker.unix_client().await;
+    let mut tcp = broker.client().await;
+
+    assert!(
+        unix.get_token(get(SANDBOX)).await.is_ok(),
+        "the caller's group is allowed"
+    );
+    assert_eq!(
+        unix.get_token(get(PRODUCTION)).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    let refresh = pb::RefreshTokenRequest {
+        environment: PRODUCTION,
+        rejected_token_id: "abc".into(),
+    };
+    assert_eq!(
+        unix.refresh_token(refresh).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    let watch = unix
+        .watch_token(pb::WatchTokenRequest {
+            environment: PRODUCTION,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(watch.code(), Code::PermissionDenied);
+    assert!(watch.message().contains("production"), "{}", watch.message());
+    // TCP callers carry no identity: refused wherever an allow-list applies.
+    assert_eq!(
+        tcp.get_token(get(SANDBOX)).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // GetStatus carries no token and stays open.
+    assert_eq!(
+        tcp.get_status(pb::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .environments
+            .len(),
+        2
+    );
+}

@@ -105,38 +105,8 @@ fn bind_unix(path: &Path, options: &UnixSocketOptions) -> Result<Bound, ListenEr
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(options.mode))
         .map_err(|e| setup(format!("chmod {:o}: {e}", options.mode)))?;
     if let Some(group) = &options.group {
-        let gid = resolve_group(group).map_err(setup)?;
+        let gid = super::access::resolve_group(group).map_err(setup)?;
         std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| setup(format!("chgrp {group}: {e}")))?;
     }
     Ok(Bound::Unix(listener, file))
-}
-
-/// A group name (looked up in /etc/group) or a numeric gid.
-fn resolve_group(group: &str) -> Result<u32, String> {
-    if let Ok(gid) = group.parse() {
-        return Ok(gid);
-    }
-    let groups = std::fs::read_to_string("/etc/group").map_err(|e| format!("cannot read /etc/group: {e}"))?;
-    groups
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split(':');
-            let name = fields.next()?;
-            let gid = fields.nth(1)?.parse().ok()?;
-            (name == group).then_some(gid)
-        })
-        .next()
-        .ok_or_else(|| format!("unknown group {group:?}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn groups_resolve_by_name_or_number() {
-        assert_eq!(resolve_group("0"), Ok(0));
-        assert_eq!(resolve_group("root"), Ok(0));
-        assert!(resolve_group("no-such-group-here").is_err());
-    }
 }

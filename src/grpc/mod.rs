@@ -3,6 +3,7 @@
 //! `tonic::Status`, health reporting, the listeners it is served on and
 //! their TLS.
 
+pub mod access;
 pub mod health;
 pub mod listener;
 mod service;

@@ -13,12 +13,15 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use super::access::{AccessPolicy, Caller};
 use super::pb::token_broker_server::TokenBroker;
 use super::pb::{self, watch_token_response::Update};
 use super::status::{BrokerError, code_label};
 use super::{duration_from_pb, environment_from_pb, timestamp, wall_time};
+use crate::environment::Environment;
 use crate::metrics::{GrpcLabels, Metrics};
 use crate::token::{Snapshot, SourceState, TokenSourceHandle, TokenSources};
+use std::collections::BTreeMap;
 
 /// Longest accepted `rejected_token_id`.
 const MAX_TOKEN_ID_LEN: usize = 128;
@@ -30,6 +33,8 @@ pub struct TokenBrokerService {
     metrics: Arc<Metrics>,
     /// Longest wait for a token when the caller's deadline is longer or unset.
     request_wait: Duration,
+    /// Who may get which environment's tokens.
+    access: Arc<BTreeMap<Environment, AccessPolicy>>,
 }
 
 impl TokenBrokerService {
@@ -38,21 +43,28 @@ impl TokenBrokerService {
         shutdown: watch::Receiver<bool>,
         metrics: Arc<Metrics>,
         request_wait: Duration,
+        access: BTreeMap<Environment, AccessPolicy>,
     ) -> Self {
         Self {
             sources,
             shutdown,
             metrics,
             request_wait,
+            access: Arc::new(access),
         }
     }
 
-    fn source(&self, environment: i32) -> Result<&TokenSourceHandle, BrokerError> {
+    /// The source a request names, if the caller may use it.
+    fn source(&self, environment: i32, caller: Caller) -> Result<&TokenSourceHandle, BrokerError> {
         if *self.shutdown.borrow() {
             return Err(BrokerError::ShuttingDown);
         }
         let env = environment_from_pb(environment).ok_or(BrokerError::UnspecifiedEnvironment)?;
-        self.sources.get(env).ok_or(BrokerError::EnvironmentNotEnabled(env))
+        let source = self.sources.get(env).ok_or(BrokerError::EnvironmentNotEnabled(env))?;
+        if self.access.get(&env).is_some_and(|policy| !policy.allows(caller)) {
+            return Err(BrokerError::PermissionDenied(env));
+        }
+        Ok(source)
     }
 
     /// How long this call may wait: the server's limit, or a little less
@@ -89,9 +101,10 @@ impl TokenBrokerService {
     async fn get_token(
         &self,
         request: pb::GetTokenRequest,
+        caller: Caller,
         wait: Duration,
     ) -> Result<pb::GetTokenResponse, BrokerError> {
-        let source = self.source(request.environment)?;
+        let source = self.source(request.environment, caller)?;
         let min_remaining = match &request.min_remaining {
             None => Duration::ZERO,
             Some(d) => duration_from_pb(d).map_err(|message| BrokerError::InvalidArgument {
@@ -130,9 +143,10 @@ impl TokenBrokerService {
     async fn refresh_token(
         &self,
         request: pb::RefreshTokenRequest,
+        caller: Caller,
         wait: Duration,
     ) -> Result<pb::RefreshTokenResponse, BrokerError> {
-        let source = self.source(request.environment)?;
+        let source = self.source(request.environment, caller)?;
         let id = request.rejected_token_id.trim();
         if id.is_empty() || id.len() > MAX_TOKEN_ID_LEN {
             let message = format!("must be the token_id of the rejected token (1 to {MAX_TOKEN_ID_LEN} characters)");
@@ -156,8 +170,8 @@ impl TokenBrokerService {
         pb::GetStatusResponse { environments }
     }
 
-    fn watch(&self, request: pb::WatchTokenRequest) -> Result<WatchStream, BrokerError> {
-        let source = self.source(request.environment)?;
+    fn watch(&self, request: pb::WatchTokenRequest, caller: Caller) -> Result<WatchStream, BrokerError> {
+        let source = self.source(request.environment, caller)?;
         let state = WatchState {
             environment: source.environment(),
             snapshots: source.subscribe(),
@@ -329,8 +343,8 @@ impl WatchState {
 #[tonic::async_trait]
 impl TokenBroker for TokenBrokerService {
     async fn get_token(&self, request: Request<pb::GetTokenRequest>) -> Result<Response<pb::GetTokenResponse>, Status> {
-        let wait = self.wait_limit(&request);
-        let result = TokenBrokerService::get_token(self, request.into_inner(), wait).await;
+        let (wait, caller) = (self.wait_limit(&request), Caller::of(&request));
+        let result = TokenBrokerService::get_token(self, request.into_inner(), caller, wait).await;
         self.finish("GetToken", result)
     }
 
@@ -340,7 +354,8 @@ impl TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::WatchTokenRequest>,
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
-        let result = self.watch(request.into_inner());
+        let caller = Caller::of(&request);
+        let result = self.watch(request.into_inner(), caller);
         self.finish("WatchToken", result)
     }
 
@@ -348,8 +363,8 @@ impl TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::RefreshTokenRequest>,
     ) -> Result<Response<pb::RefreshTokenResponse>, Status> {
-        let wait = self.wait_limit(&request);
-        let result = TokenBrokerService::refresh_token(self, request.into_inner(), wait).await;
+        let (wait, caller) = (self.wait_limit(&request), Caller::of(&request));
+        let result = TokenBrokerService::refresh_token(self, request.into_inner(), caller, wait).await;
         self.finish("RefreshToken", result)
     }
 

@@ -13,6 +13,8 @@ pub enum BrokerError {
     UnspecifiedEnvironment,
     #[error("environment {0} is not enabled in this broker")]
     EnvironmentNotEnabled(Environment),
+    #[error("this caller may not get {0} tokens")]
+    PermissionDenied(Environment),
     #[error("{field}: {message}")]
     InvalidArgument { field: &'static str, message: String },
     #[error("no valid {environment} token: {reason}{}", next_attempt.map(|d| format!("; next attempt in {}", crate::duration::format(Duration::from_secs(d.as_secs().max(1))))).unwrap_or_default())]
@@ -48,6 +50,7 @@ impl BrokerError {
             BrokerError::EnvironmentNotEnabled(_) => Code::FailedPrecondition,
             BrokerError::NoValidToken { .. } | BrokerError::ShuttingDown => Code::Unavailable,
             BrokerError::OutOfRange(_) => Code::OutOfRange,
+            BrokerError::PermissionDenied(_) => Code::PermissionDenied,
             BrokerError::DeadlineExceeded(_) => Code::DeadlineExceeded,
         }
     }
