@@ -8,7 +8,7 @@
 //! - [`token`]: the Token value, the refresh policy, the per-environment TokenSource task.
 //! - [`emulator`]: a local Flute token endpoint with fault injection.
 //! - [`config`]: the configuration schema, loading and validation.
-//! - [`grpc`]: the TokenBroker service, status mapping, health, listeners.
+//! - [`grpc`]: the TokenBroker service, status mapping, health, listeners, TLS, caller access.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`daemon`]: wiring, credential reload, graceful shutdown, dev mode.
 //! - [`cli`]: the `get`, `watch` and `status` client commands.
