@@ -26,6 +26,10 @@ use crate::metrics::{Metrics, ResultLabels};
 use crate::oauth::{OAuthClient, OAuthClientConfig, OAuthError};
 use crate::token::{self, TokenSourceConfig, TokenSources};
 
+/// Longest shutdown waits for watch streams to deliver their final status
+/// before connections are closed.
+const STREAM_END_WAIT: Duration = Duration::from_secs(2);
+
 /// Largest gRPC request accepted (requests are a few bytes).
 const MAX_REQUEST_BYTES: usize = 16 * 1024;
 
@@ -77,6 +81,9 @@ pub struct RunningDaemon {
     pub sources: Arc<TokenSources>,
     pub metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
+    /// First stage of shutdown: the service refuses new calls and ends watch streams.
+    draining: watch::Sender<bool>,
+    /// Second stage: listeners stop accepting and connections drain.
     shutdown: watch::Sender<bool>,
     health: HealthReporter,
     servers: Vec<JoinHandle<()>>,
@@ -144,13 +151,14 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     }
     let sources = Arc::new(TokenSources::new(handles));
 
+    let (draining, draining_rx) = watch::channel(false);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health::set_not_serving(&health_reporter, &sources).await;
     let access = config.enabled().map(|(env, e)| (env, e.access.clone())).collect();
     let service = TokenBrokerService::new(
         sources.clone(),
-        shutdown_rx.clone(),
+        draining_rx.clone(),
         metrics.clone(),
         config.server.request_wait,
         access,
@@ -206,7 +214,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     let mut background = vec![tokio::spawn(health::report(
         health_reporter.clone(),
         sources.clone(),
-        shutdown_rx.clone(),
+        draining_rx.clone(),
     ))];
     let mut admin_addr = None;
     if let Some(listener) = admin_listener {
@@ -243,6 +251,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         sources,
         metrics,
         reloader,
+        draining,
         shutdown,
         health: health_reporter,
         servers,
@@ -258,14 +267,28 @@ impl RunningDaemon {
         self.reloader.reload().await
     }
 
-    /// Health NOT_SERVING, stop accepting, end watch streams with
-    /// UNAVAILABLE, drain in-flight calls for at most the grace period.
+    /// Health NOT_SERVING; new calls and every watch stream end with
+    /// UNAVAILABLE while connections are still open (so the final status
+    /// reaches the client); then listeners stop accepting and in-flight
+    /// calls drain, all within the grace period.
     pub async fn shutdown(self) {
         info!(grace = ?self.grace, "shutting down");
+        let deadline = tokio::time::Instant::now() + self.grace;
+        let _ = self.draining.send(true);
         health::set_not_serving(&self.health, &self.sources).await;
+        let streams_ended = async {
+            while self.metrics.watch_streams.get() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let _ = tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + STREAM_END_WAIT),
+            streams_ended,
+        )
+        .await;
         let _ = self.shutdown.send(true);
         let drain = futures_util::future::join_all(self.servers);
-        if tokio::time::timeout(self.grace, drain).await.is_err() {
+        if tokio::time::timeout_at(deadline, drain).await.is_err() {
             warn!("grace period over; closing the remaining connections");
         }
         for task in self.background.into_iter().chain(self.source_tasks) {

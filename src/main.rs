@@ -218,6 +218,13 @@ fn check_config(path: Option<PathBuf>) -> u8 {
 }
 
 async fn serve(args: ServeArgs) -> u8 {
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return 1;
+        }
+    };
     let (mut config, warnings) = if args.dev {
         (Config::default(), Vec::new())
     } else {
@@ -270,7 +277,7 @@ async fn serve(args: ServeArgs) -> u8 {
         print_dev_banner(&daemon, &emulator.base_url(), args.dev_token_lifetime);
     }
     let helpers = spawn_systemd_helpers(&daemon, ready_timeout);
-    let code = wait_for_signals(&daemon).await;
+    let code = wait_for_signals(&daemon, signals).await;
     helpers.abort();
     systemd::stopping();
     daemon.shutdown().await;
@@ -305,20 +312,32 @@ fn spawn_systemd_helpers(daemon: &RunningDaemon, ready_timeout: Duration) -> tok
     })
 }
 
+/// SIGTERM, SIGINT and SIGHUP, caught from the start of `serve` so that a
+/// signal during start-up is never taken by its default action.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Runs until SIGTERM or SIGINT; SIGHUP reloads. Returns the exit code.
-async fn wait_for_signals(daemon: &RunningDaemon) -> u8 {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int, mut hup) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-        _ => {
-            eprintln!("error: cannot install signal handlers");
-            return 1;
-        }
-    };
+async fn wait_for_signals(daemon: &RunningDaemon, signals: Signals) -> u8 {
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM received"); return 0; }
@@ -381,14 +400,12 @@ async fn run_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr()?;
+    let Signals { mut term, mut int, .. } = Signals::install()?;
     println!("emulator listening on http://{addr} (token endpoint http://{addr}/oauth2/token)");
-    let shutdown = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} },
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
     };
     Emulator::new(config).serve(listener, shutdown).await?;

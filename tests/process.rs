@@ -92,7 +92,7 @@ async fn sigterm_ends_watch_streams_with_unavailable_and_exits_zero() {
         .expect("the stream ends promptly");
     let status = ended.expect("an error item, not a silent end").unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert!(status.message().contains("shutting down"));
+    assert!(status.message().contains("shutting down"), "{status:?}");
     let exit = tokio::time::timeout(Duration::from_secs(12), broker.child.wait())
         .await
         .expect("exit within the 10 s grace period")
