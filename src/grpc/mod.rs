@@ -59,6 +59,19 @@ pub(crate) fn wall_time(at: tokio::time::Instant) -> SystemTime {
     }
 }
 
+impl std::fmt::Debug for pb::Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("access_token", &"[redacted]")
+            .field("token_type", &self.token_type)
+            .field("issued_at", &self.issued_at)
+            .field("expires_at", &self.expires_at)
+            .field("environment", &self.environment)
+            .field("token_id", &self.token_id)
+            .finish()
+    }
+}
+
 impl From<&Token> for pb::Token {
     fn from(t: &Token) -> Self {
         pb::Token {
@@ -75,4 +88,25 @@ impl From<&Token> for pb::Token {
 /// A protobuf Duration as a std Duration; `Err` when negative or invalid.
 pub(crate) fn duration_from_pb(d: &prost_types::Duration) -> Result<Duration, String> {
     Duration::try_from(*d).map_err(|_| "must be a non-negative duration".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reply_token_debug_is_redacted() {
+        let t = super::pb::Token {
+            access_token: "the-bearer-value".into(),
+            token_id: "0123456789ab".into(),
+            ..Default::default()
+        };
+        let shown = format!("{t:?}");
+        assert!(
+            !shown.contains("the-bearer-value") && shown.contains("0123456789ab"),
+            "{shown}"
+        );
+        let update = super::pb::WatchTokenResponse {
+            update: Some(super::pb::watch_token_response::Update::Token(t)),
+        };
+        assert!(!format!("{update:?}").contains("the-bearer-value"));
+    }
 }
