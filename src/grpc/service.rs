@@ -20,8 +20,9 @@ use super::status::{BrokerError, code_label};
 use super::{duration_from_pb, environment_from_pb, timestamp, wall_time};
 use crate::environment::Environment;
 use crate::metrics::{GrpcLabels, Metrics};
-use crate::token::{Snapshot, SourceState, TokenSourceHandle, TokenSources};
+use crate::token::{RefreshOutcome, Snapshot, SourceState, Token, TokenSourceHandle, TokenSources};
 use std::collections::BTreeMap;
+use std::future::Future;
 
 /// Longest accepted `rejected_token_id`.
 const MAX_TOKEN_ID_LEN: usize = 128;
@@ -130,10 +131,7 @@ impl TokenBrokerService {
         let token = if min_remaining.is_zero() {
             source.current().ok_or_else(|| no_valid_token(source))?
         } else {
-            tokio::time::timeout(wait, source.token_with_remaining(min_remaining))
-                .await
-                .map_err(|_| BrokerError::DeadlineExceeded(env))?
-                .map_err(|outcome| BrokerError::from_outcome(env, outcome))?
+            within(env, wait, source.token_with_remaining(min_remaining)).await?
         };
         Ok(pb::GetTokenResponse {
             token: Some(token.as_ref().into()),
@@ -156,10 +154,7 @@ impl TokenBrokerService {
             });
         }
         let env = source.environment();
-        let token = tokio::time::timeout(wait, source.replace_rejected(id))
-            .await
-            .map_err(|_| BrokerError::DeadlineExceeded(env))?
-            .map_err(|outcome| BrokerError::from_outcome(env, outcome))?;
+        let token = within(env, wait, source.replace_rejected(id)).await?;
         Ok(pb::RefreshTokenResponse {
             token: Some(token.as_ref().into()),
         })
@@ -182,6 +177,18 @@ impl TokenBrokerService {
         };
         Ok(Box::pin(futures_util::stream::unfold(state, WatchState::next)))
     }
+}
+
+/// A token from the source's request path, waited for at most `wait`.
+async fn within(
+    env: Environment,
+    wait: Duration,
+    request: impl Future<Output = Result<Arc<Token>, RefreshOutcome>>,
+) -> Result<Arc<Token>, BrokerError> {
+    tokio::time::timeout(wait, request)
+        .await
+        .map_err(|_| BrokerError::DeadlineExceeded(env))?
+        .map_err(|outcome| BrokerError::from_outcome(env, outcome))
 }
 
 fn no_valid_token(source: &TokenSourceHandle) -> BrokerError {
