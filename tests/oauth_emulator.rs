@@ -63,7 +63,14 @@ async fn wrong_secret_is_a_permanent_invalid_client() {
             .await
             .unwrap_err();
         assert!(
-            matches!(&err, OAuthError::OAuth { status: 401, code, .. } if code == "invalid_client"),
+            matches!(
+                &err,
+                OAuthError::OAuth {
+                    status: 401,
+                    code: "invalid_client",
+                    ..
+                }
+            ),
             "{err:?}"
         );
         assert_eq!(err.class(), ErrorClass::Permanent);
@@ -135,7 +142,15 @@ async fn every_fault_kind_maps_to_its_error_class() {
                 error: Some("invalid_scope".into()),
                 ..Default::default()
             },
-            Box::new(|e| matches!(e, OAuthError::OAuth { code, .. } if code == "invalid_scope")),
+            Box::new(|e| {
+                matches!(
+                    e,
+                    OAuthError::OAuth {
+                        code: "invalid_scope",
+                        ..
+                    }
+                )
+            }),
         ),
         (
             FaultRequest {

@@ -32,7 +32,8 @@ fn start(endpoint: &FakeEndpoint) -> TokenSourceHandle {
 fn server_error() -> Reply {
     Reply::Fail(OAuthError::Server {
         status: 503,
-        excerpt: "down".into(),
+        code: None,
+        description: Some("down".into()),
     })
 }
 

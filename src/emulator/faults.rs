@@ -10,6 +10,7 @@
 //! | `malformed_next: N` | answer the next N with 200 and a body that is not JSON |
 //! | `same_token_next: N` | answer the next N with the access token last issued |
 //! | `refuse_all: true/false` | fail every token request with `status` until turned off |
+//! | `echo_request: true/false` | failures quote the whole request (headers and body) in `error_description`, and in `WWW-Authenticate` for a 401, as misconfigured proxies and debug modes do |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +34,7 @@ pub struct FaultRequest {
     pub malformed_next: Option<u32>,
     pub same_token_next: Option<u32>,
     pub refuse_all: Option<bool>,
+    pub echo_request: Option<bool>,
 }
 
 /// The faults in force.
@@ -46,6 +48,7 @@ pub struct Faults {
     pub malformed_next: u32,
     pub same_token_next: u32,
     pub refuse_all: bool,
+    pub echo_request: bool,
 }
 
 impl Default for Faults {
@@ -59,6 +62,7 @@ impl Default for Faults {
             malformed_next: 0,
             same_token_next: 0,
             refuse_all: false,
+            echo_request: false,
         }
     }
 }
@@ -70,6 +74,7 @@ pub(super) enum Injected {
         status: u16,
         retry_after: Option<u64>,
         error: Option<String>,
+        echo: bool,
     },
     Malformed,
     SameToken,
@@ -104,6 +109,9 @@ impl Faults {
         if let Some(on) = request.refuse_all {
             self.refuse_all = on;
         }
+        if let Some(on) = request.echo_request {
+            self.echo_request = on;
+        }
     }
 
     /// The delay and the fault (if any) for the next token request.
@@ -113,6 +121,7 @@ impl Faults {
             status: self.status,
             retry_after: self.retry_after,
             error: self.error.clone(),
+            echo: self.echo_request,
         };
         let injected = if self.refuse_all {
             Some(fail)
@@ -163,7 +172,8 @@ mod tests {
             Some(Injected::Fail {
                 status: 429,
                 retry_after: Some(3),
-                error: None
+                error: None,
+                echo: false,
             })
         );
         assert_eq!(f.next().1, Some(Injected::Malformed));

@@ -78,6 +78,8 @@ struct Inner {
     access_tokens: HashMap<String, tokio::time::Instant>,
     refresh_tokens: HashSet<String>,
     last_access_token: Option<String>,
+    /// Every refresh token presented, in order (for leak tests).
+    refresh_tokens_received: Vec<String>,
     faults: Faults,
     stats: Stats,
 }
@@ -107,6 +109,7 @@ impl Emulator {
             access_tokens: HashMap::new(),
             refresh_tokens: HashSet::new(),
             last_access_token: None,
+            refresh_tokens_received: Vec::new(),
             faults: Faults::default(),
             stats: Stats::default(),
         };
@@ -130,6 +133,11 @@ impl Emulator {
 
     pub fn stats(&self) -> Stats {
         self.shared.lock().stats.clone()
+    }
+
+    /// Every refresh token a client presented so far, in order.
+    pub fn refresh_tokens_received(&self) -> Vec<String> {
+        self.shared.lock().refresh_tokens_received.clone()
     }
 
     /// Accept this key from now on (the old one stops working).

@@ -26,6 +26,9 @@ pub(super) async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap,
     let (delay, injected) = {
         let mut inner = shared.lock();
         inner.stats.token_requests += 1;
+        if let Some(refresh) = param(&params, "refresh_token") {
+            inner.refresh_tokens_received.push(refresh.to_owned());
+        }
         inner.faults.next()
     };
     if !delay.is_zero() {
@@ -36,7 +39,11 @@ pub(super) async fn token(State(shared): State<Arc<Shared>>, headers: HeaderMap,
             status,
             retry_after,
             error,
-        }) => Outcome::Fault(fault_response(status, retry_after, error)),
+            echo,
+        }) => {
+            let echoed = echo.then(|| echo_text(&headers, &body));
+            Outcome::Fault(fault_response(status, retry_after, error, echoed))
+        }
         Some(Injected::Malformed) => Outcome::Fault(
             (
                 StatusCode::OK,
@@ -99,16 +106,39 @@ fn no_store() -> [(header::HeaderName, &'static str); 2] {
     [(header::CACHE_CONTROL, "no-store"), (header::PRAGMA, "no-cache")]
 }
 
-fn fault_response(status: u16, retry_after: Option<u64>, error: Option<String>) -> Response {
+/// The request as a debugging proxy would quote it: every header, then the body.
+fn echo_text(headers: &HeaderMap, body: &[u8]) -> String {
+    let mut text = String::from("POST /oauth2/token;");
+    for (name, value) in headers {
+        text.push_str(&format!(" {name}: {};", String::from_utf8_lossy(value.as_bytes())));
+    }
+    text.push_str(&format!(" body: {}", String::from_utf8_lossy(body)));
+    text
+}
+
+fn fault_response(status: u16, retry_after: Option<u64>, error: Option<String>, echo: Option<String>) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-    let mut response = match error {
-        Some(code) => (
+    let mut response = match (error, &echo) {
+        (code, Some(echo)) => (
+            status,
+            axum::Json(json!({"error": code.unwrap_or_else(|| "invalid_request".into()), "error_description": echo})),
+        )
+            .into_response(),
+        (Some(code), None) => (
             status,
             axum::Json(json!({"error": code, "error_description": "injected by the emulator"})),
         )
             .into_response(),
-        None => (status, "injected fault").into_response(),
+        (None, None) => (status, "injected fault").into_response(),
     };
+    if let Some(echo) = echo.filter(|_| status == StatusCode::UNAUTHORIZED) {
+        let quoted = echo.replace(['"', '\\'], "'");
+        let challenge =
+            format!("Basic realm=\"flute-emulator\", error=\"invalid_client\", error_description=\"{quoted}\"");
+        if let Ok(value) = HeaderValue::from_str(&challenge) {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, value);
+        }
+    }
     if let Some(secs) = retry_after {
         response
             .headers_mut()

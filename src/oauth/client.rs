@@ -9,7 +9,8 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTH
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
-use super::response::{LifetimeBounds, TokenResponse, excerpt, parse_error_response, parse_token_response};
+use super::redaction::SecretFilter;
+use super::response::{LifetimeBounds, TokenResponse, clean, parse_error_response, parse_token_response};
 use super::{Grant, OAuthError, TokenEndpoint};
 use crate::credentials::ApiKey;
 
@@ -153,11 +154,8 @@ impl OAuthClient {
         if (200..300).contains(&status) {
             parse_token_response(status, &body, &self.config.lifetime)
         } else {
-            Err(redact(
-                parse_error_response(status, &body, www_authenticate.as_deref(), retry_after.as_deref()),
-                key,
-                grant,
-            ))
+            let answer = parse_error_response(status, &body, www_authenticate.as_deref(), retry_after.as_deref());
+            Err(answer.into_error(&SecretFilter::for_request(key, grant)))
         }
     }
 
@@ -175,7 +173,7 @@ impl OAuthClient {
             message.push_str(&cause.to_string());
             source = cause.source();
         }
-        OAuthError::Transport(excerpt(message.as_bytes()))
+        OAuthError::Transport(clean(&message))
     }
 }
 
@@ -190,40 +188,6 @@ pub(crate) fn basic_authorization(client_id: &str, client_secret: &str) -> Strin
     let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let joined = format!("{}:{}", encode(client_id), encode(client_secret));
     format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(joined))
-}
-
-/// Removes anything we sent that a server might echo back into an error.
-fn redact(error: OAuthError, key: &ApiKey, grant: &Grant) -> OAuthError {
-    let mut secrets = vec![key.expose_secret().to_owned()];
-    if let Grant::RefreshToken(r) = grant {
-        secrets.push(r.expose_secret().to_owned());
-    }
-    let scrub = |text: String| {
-        secrets
-            .iter()
-            .filter(|s| s.len() >= 4)
-            .fold(text, |t, s| t.replace(s.as_str(), "[redacted]"))
-    };
-    match error {
-        OAuthError::Server { status, excerpt } => OAuthError::Server {
-            status,
-            excerpt: scrub(excerpt),
-        },
-        OAuthError::Http { status, excerpt } => OAuthError::Http {
-            status,
-            excerpt: scrub(excerpt),
-        },
-        OAuthError::OAuth {
-            status,
-            code,
-            description,
-        } => OAuthError::OAuth {
-            status,
-            code,
-            description: description.map(scrub),
-        },
-        other => other,
-    }
 }
 
 #[cfg(test)]
@@ -275,20 +239,5 @@ mod tests {
             "grant_type=refresh_token&refresh_token=r1&client_id=id&client_secret=sec"
         );
         assert!(header.is_none());
-    }
-
-    #[test]
-    fn echoed_secrets_are_redacted() {
-        let key = ApiKey::new("id", "hunter2-secret").unwrap();
-        let e = OAuthError::OAuth {
-            status: 401,
-            code: "invalid_client".into(),
-            description: Some("bad secret hunter2-secret".into()),
-        };
-        let text = redact(e, &key, &Grant::ClientCredentials).to_string();
-        assert!(
-            !text.contains("hunter2-secret") && text.contains("[redacted]"),
-            "{text}"
-        );
     }
 }

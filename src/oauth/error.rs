@@ -1,5 +1,8 @@
-//! Failure classes of a token request. Every message is secret-free: it
-//! carries the HTTP status and at most a short, sanitised excerpt of the body.
+//! Failure classes of a token request. Every message is secret-free by
+//! construction: of what the endpoint sent it carries only the HTTP status,
+//! an OAuth error code from the RFC 6749 / RFC 6750 registry (anything else
+//! reads `unrecognised`), and a description that passed the
+//! [`SecretFilter`](super::SecretFilter). Raw body text never reaches it.
 
 use std::time::Duration;
 
@@ -22,26 +25,56 @@ pub enum OAuthError {
     Timeout(Duration),
     #[error("token endpoint rate-limited the request (429{})", retry_after.map(|d| format!(", Retry-After {}s", d.as_secs())).unwrap_or_default())]
     RateLimited { retry_after: Option<Duration> },
-    #[error("token endpoint server error {status}{}", excerpt_suffix(excerpt))]
-    Server { status: u16, excerpt: String },
-    #[error("token endpoint refused the request: {status} {code}{}", description.as_ref().map(|d| format!(": {d}")).unwrap_or_default())]
-    OAuth {
+    #[error("token endpoint server error {status}{}{}", code.map(|c| format!(": {c}")).unwrap_or_default(), suffix(description))]
+    Server {
         status: u16,
-        code: String,
+        code: Option<&'static str>,
         description: Option<String>,
     },
-    #[error("token endpoint answered {status}{}", excerpt_suffix(excerpt))]
-    Http { status: u16, excerpt: String },
+    #[error("token endpoint refused the request: {status} {code}{}", suffix(description))]
+    OAuth {
+        status: u16,
+        /// A registered OAuth error code, or [`UNRECOGNISED`].
+        code: &'static str,
+        description: Option<String>,
+    },
+    #[error("token endpoint answered {status}{}", suffix(description))]
+    Http { status: u16, description: Option<String> },
     #[error("malformed token response (HTTP {status}): {reason}")]
     Malformed { status: u16, reason: String },
 }
 
-fn excerpt_suffix(excerpt: &str) -> String {
-    if excerpt.is_empty() {
-        String::new()
-    } else {
-        format!(": {excerpt}")
-    }
+/// The code shown for an OAuth `error` value outside the registry.
+pub const UNRECOGNISED: &str = "unrecognised";
+
+/// The error codes of RFC 6749 (§4.1.2.1, §5.2) and RFC 6750 (§3.1).
+const REGISTERED_CODES: [&str; 12] = [
+    "invalid_request",
+    "invalid_client",
+    "invalid_grant",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "invalid_scope",
+    "access_denied",
+    "unsupported_response_type",
+    "server_error",
+    "temporarily_unavailable",
+    "invalid_token",
+    "insufficient_scope",
+];
+
+/// The registered code `code` names (exactly, as the RFCs spell them), or
+/// [`UNRECOGNISED`]: never text chosen by the endpoint.
+pub fn registered_code(code: &str) -> &'static str {
+    REGISTERED_CODES
+        .iter()
+        .find(|known| **known == code)
+        .copied()
+        .unwrap_or(UNRECOGNISED)
+}
+
+fn suffix(description: &Option<String>) -> String {
+    description.as_ref().map(|d| format!(": {d}")).unwrap_or_default()
 }
 
 impl OAuthError {
@@ -52,11 +85,14 @@ impl OAuthError {
             | OAuthError::RateLimited { .. }
             | OAuthError::Server { .. }
             | OAuthError::Malformed { .. } => ErrorClass::Transient,
-            OAuthError::OAuth { code, .. } if code == "invalid_grant" => ErrorClass::InvalidGrant,
+            OAuthError::OAuth {
+                code: "invalid_grant", ..
+            } => ErrorClass::InvalidGrant,
             // Codes some servers use for passing trouble.
-            OAuthError::OAuth { code, .. } if code == "temporarily_unavailable" || code == "server_error" => {
-                ErrorClass::Transient
-            }
+            OAuthError::OAuth {
+                code: "temporarily_unavailable" | "server_error",
+                ..
+            } => ErrorClass::Transient,
             OAuthError::Http { status: 408, .. } => ErrorClass::Transient,
             OAuthError::OAuth { .. } | OAuthError::Http { .. } => ErrorClass::Permanent,
         }
@@ -75,23 +111,14 @@ impl OAuthError {
     }
 
     /// A short stable label for metrics and logs (`transport`, `invalid_client`, ...).
-    pub fn label(&self) -> &str {
+    pub fn label(&self) -> &'static str {
         match self {
             OAuthError::Transport(_) => "transport",
             OAuthError::Timeout(_) => "timeout",
             OAuthError::RateLimited { .. } => "rate_limited",
             OAuthError::Server { .. } => "server_error",
-            OAuthError::OAuth { code, .. } => match code.as_str() {
-                "invalid_request"
-                | "invalid_client"
-                | "invalid_grant"
-                | "unauthorized_client"
-                | "unsupported_grant_type"
-                | "invalid_scope"
-                | "temporarily_unavailable"
-                | "server_error" => code,
-                _ => "oauth_error",
-            },
+            OAuthError::OAuth { code, .. } if *code == UNRECOGNISED => "oauth_error",
+            OAuthError::OAuth { code, .. } => code,
             OAuthError::Http { .. } => "http_error",
             OAuthError::Malformed { .. } => "malformed",
         }

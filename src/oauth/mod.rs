@@ -5,6 +5,7 @@
 
 mod client;
 mod error;
+mod redaction;
 mod response;
 
 use std::future::Future;
@@ -13,8 +14,9 @@ use std::time::Duration;
 use secrecy::SecretString;
 
 pub use client::{ClientAuth, OAuthClient, OAuthClientConfig, install_crypto_provider};
-pub use error::{ErrorClass, OAuthError};
-pub use response::{LifetimeBounds, TokenResponse, parse_error_response, parse_token_response};
+pub use error::{ErrorClass, OAuthError, UNRECOGNISED, registered_code};
+pub use redaction::SecretFilter;
+pub use response::{ErrorAnswer, LifetimeBounds, TokenResponse, WITHHELD, parse_error_response, parse_token_response};
 
 use crate::credentials::ApiKey;
 

@@ -9,6 +9,8 @@ use secrecy::SecretString;
 use serde_json::{Map, Value};
 
 use super::OAuthError;
+use super::error::registered_code;
+use super::redaction::SecretFilter;
 
 /// Longest body excerpt kept in an error message.
 const EXCERPT_CHARS: usize = 160;
@@ -86,12 +88,7 @@ pub fn parse_token_response(status: u16, body: &[u8], bounds: &LifetimeBounds) -
     };
     let token_type = match get_ci(&obj, &["token_type", "TokenType", "tokenType"]) {
         Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => "Bearer".to_owned(),
-        Some(Value::String(t)) => {
-            return Err(malformed(&format!(
-                "unsupported token_type {:?} (expected Bearer)",
-                excerpt(t.as_bytes())
-            )));
-        }
+        Some(Value::String(_)) => return Err(malformed("unsupported token_type (expected Bearer)")),
         Some(_) => return Err(malformed("token_type is not a string")),
         None => return Err(malformed("token_type is missing")),
     };
@@ -122,78 +119,114 @@ pub fn parse_token_response(status: u16, body: &[u8], bounds: &LifetimeBounds) -
     })
 }
 
-/// Turns a non-2xx answer into the matching [`OAuthError`].
-///
-/// `www_authenticate` and `retry_after` are the raw header values.
+/// A non-2xx answer as parsed. The description is the endpoint's own text,
+/// whole and unchecked: it leaves only through [`ErrorAnswer::into_error`],
+/// which passes it through a [`SecretFilter`] first.
+pub struct ErrorAnswer {
+    pub status: u16,
+    /// The OAuth error code (registered, or [`super::error::UNRECOGNISED`]), from the
+    /// body or the `WWW-Authenticate` challenge.
+    pub code: Option<&'static str>,
+    description: Option<String>,
+    pub retry_after: Option<Duration>,
+}
+
+impl std::fmt::Debug for ErrorAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ErrorAnswer")
+            .field("status", &self.status)
+            .field("code", &self.code)
+            .field(
+                "description",
+                &self
+                    .description
+                    .as_ref()
+                    .map(|d| format!("[{} bytes, unchecked]", d.len())),
+            )
+            .field("retry_after", &self.retry_after)
+            .finish()
+    }
+}
+
+/// Shown instead of a description that quoted a credential.
+pub const WITHHELD: &str = "[description withheld: it quoted a credential]";
+
+impl ErrorAnswer {
+    /// Whether the endpoint sent a description at all.
+    pub fn has_description(&self) -> bool {
+        self.description.is_some()
+    }
+
+    /// The matching [`OAuthError`], with the description only if `filter`
+    /// finds no secret in it (checked before it is shortened).
+    pub fn into_error(self, filter: &SecretFilter) -> OAuthError {
+        let status = self.status;
+        if status == 429 {
+            return OAuthError::RateLimited {
+                retry_after: self.retry_after,
+            };
+        }
+        let description = self.description.map(|d| {
+            filter
+                .admit(d)
+                .map(|d| clean(&d))
+                .unwrap_or_else(|| WITHHELD.to_owned())
+        });
+        if status >= 500 {
+            return OAuthError::Server {
+                status,
+                code: self.code,
+                description,
+            };
+        }
+        match self.code.or_else(|| inferred_code(status)) {
+            Some(code) => OAuthError::OAuth {
+                status,
+                code,
+                description,
+            },
+            None => OAuthError::Http { status, description },
+        }
+    }
+}
+
+/// Parses a non-2xx answer. `www_authenticate` and `retry_after` are the raw
+/// header values. Nothing of a body that is not a JSON error object is kept.
 pub fn parse_error_response(
     status: u16,
     body: &[u8],
     www_authenticate: Option<&str>,
     retry_after: Option<&str>,
-) -> OAuthError {
-    if status == 429 {
-        return OAuthError::RateLimited {
-            retry_after: retry_after.and_then(parse_retry_after),
-        };
-    }
-    if status >= 500 {
-        let excerpt = match error_fields(body) {
-            Some((code, desc)) => [code, desc].into_iter().flatten().collect::<Vec<_>>().join(": "),
-            None => excerpt(body),
-        };
-        return OAuthError::Server { status, excerpt };
-    }
-    let from_header = www_authenticate.and_then(|h| auth_param(h, "error"));
+) -> ErrorAnswer {
+    let (body_code, body_description) = error_fields(body).unwrap_or_default();
+    let header_code = www_authenticate.and_then(|h| auth_param(h, "error"));
     let header_description = www_authenticate.and_then(|h| auth_param(h, "error_description"));
-    match error_fields(body) {
-        Some((Some(code), description)) => OAuthError::OAuth {
-            status,
-            code,
-            description,
-        },
-        Some((None, description)) => match from_header.or_else(|| inferred_code(status)) {
-            Some(code) => OAuthError::OAuth {
-                status,
-                code,
-                description: description.or(header_description),
-            },
-            None => OAuthError::Http {
-                status,
-                excerpt: description.unwrap_or_else(|| excerpt(body)),
-            },
-        },
-        None => match from_header.or_else(|| inferred_code(status)) {
-            Some(code) => {
-                let body_text = excerpt(body);
-                let description = header_description.or((!body_text.is_empty()).then_some(body_text));
-                OAuthError::OAuth {
-                    status,
-                    code,
-                    description,
-                }
-            }
-            None => OAuthError::Http {
-                status,
-                excerpt: excerpt(body),
-            },
+    ErrorAnswer {
+        status,
+        code: body_code.or(header_code).map(|c| registered_code(&c)),
+        description: body_description.or(header_description),
+        retry_after: if status == 429 {
+            retry_after.and_then(parse_retry_after)
+        } else {
+            None
         },
     }
 }
 
 /// A 401 from a token endpoint means the client failed to authenticate
 /// (RFC 6749 §5.2), even when the server says nothing else.
-fn inferred_code(status: u16) -> Option<String> {
-    (status == 401).then(|| "invalid_client".to_owned())
+fn inferred_code(status: u16) -> Option<&'static str> {
+    (status == 401).then_some("invalid_client")
 }
 
-/// Extracts (error code, description) from the JSON error shapes Flute uses.
-/// `None` when the body is not a JSON object.
+/// Extracts (error code, description) from the JSON error shapes Flute uses,
+/// unshortened. `None` when the body is not a JSON object.
 fn error_fields(body: &[u8]) -> Option<(Option<String>, Option<String>)> {
     let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) else {
         return None;
     };
     let text = |keys: &[&str]| match get_ci(&obj, keys) {
-        Some(Value::String(s)) if !s.trim().is_empty() => Some(clean(s)),
+        Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_owned()),
         _ => None,
     };
     let code = text(&["error", "Error", "error_code", "ErrorCode", "code"]).filter(|c| is_error_code(c));
@@ -216,8 +249,8 @@ fn error_fields(body: &[u8]) -> Option<(Option<String>, Option<String>)> {
             _ => None,
         };
         description = match (title, first_error) {
-            (Some(t), Some(e)) => Some(clean(&format!("{t} ({e})"))),
-            (t, e) => t.or(e.map(|e| clean(&e))),
+            (Some(t), Some(e)) => Some(format!("{t} ({e})")),
+            (t, e) => t.or(e),
         };
     }
     Some((code, description))
@@ -263,7 +296,7 @@ fn auth_param(header: &str, name: &str) -> Option<String> {
         } else {
             rest.split([',', ' ']).next().unwrap_or_default()
         };
-        return (!value.is_empty()).then(|| clean(value));
+        return (!value.is_empty()).then(|| value.to_owned());
     }
     None
 }
@@ -281,12 +314,9 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     )
 }
 
-/// A short, printable excerpt of a body, for error messages.
-pub(crate) fn excerpt(body: &[u8]) -> String {
-    clean(&String::from_utf8_lossy(body))
-}
-
-fn clean(text: &str) -> String {
+/// A short, printable, single-line form of a text of ours or one that
+/// passed the [`SecretFilter`].
+pub(crate) fn clean(text: &str) -> String {
     let mut out: String = text
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -375,7 +405,7 @@ mod tests {
     }
 
     fn err(status: u16, body: &str, www: Option<&str>, retry: Option<&str>) -> OAuthError {
-        parse_error_response(status, body.as_bytes(), www, retry)
+        parse_error_response(status, body.as_bytes(), www, retry).into_error(&SecretFilter::new([]))
     }
 
     #[test]
@@ -436,7 +466,7 @@ mod tests {
             (
                 err(503, "<html>down for maintenance</html>", None, None),
                 "503",
-                "down for maintenance",
+                "server error 503",
                 Transient,
             ),
             (
@@ -454,7 +484,7 @@ mod tests {
             (
                 err(404, "<h1>Not Found</h1>", None, None),
                 "404",
-                "Not Found",
+                "answered 404",
                 Permanent,
             ),
             (err(408, "", None, None), "408", "408", Transient),
@@ -514,7 +544,8 @@ mod tests {
             let status = [200, 400, 401, 429, 500, 503][i % 6];
             let _ = parse_token_response(status, &body, &LifetimeBounds::default());
             let text = String::from_utf8_lossy(&body).into_owned();
-            let _ = parse_error_response(status, &body, Some(&text), Some(&text));
+            let _ =
+                parse_error_response(status, &body, Some(&text), Some(&text)).into_error(&SecretFilter::new([text]));
         }
     }
 
