@@ -247,7 +247,7 @@ async fn refresh_tokens_are_used_rotated_and_dropped_on_invalid_grant() {
     sleep(secs(676)).await;
     ep.push(Reply::Fail(OAuthError::OAuth {
         status: 400,
-        code: "invalid_grant".into(),
+        code: "invalid_grant",
         description: None,
     }));
     sleep(secs(675)).await;

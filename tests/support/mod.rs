@@ -122,7 +122,7 @@ impl TokenEndpoint for FakeEndpoint {
         if key.expose_secret() != s.accepted_secret {
             return Err(OAuthError::OAuth {
                 status: 401,
-                code: "invalid_client".into(),
+                code: "invalid_client",
                 description: Some("bad client secret".into()),
             });
         }
@@ -131,7 +131,7 @@ impl TokenEndpoint for FakeEndpoint {
         {
             return Err(OAuthError::OAuth {
                 status: 400,
-                code: "invalid_grant".into(),
+                code: "invalid_grant",
                 description: None,
             });
         }
