@@ -489,14 +489,36 @@ async fn allow_lists_gate_environments_by_unix_peer_credentials() {
         tcp.get_token(get(SANDBOX)).await.unwrap_err().code(),
         Code::PermissionDenied
     );
-    // GetStatus carries no token and stays open.
-    assert_eq!(
-        tcp.get_status(pb::GetStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
+    // GetStatus lists every environment but shows details only of those the
+    // caller may get tokens of: over Unix, sandbox yes and production no;
+    // over TCP neither.
+    let status_of = |reply: pb::GetStatusResponse, env: i32| {
+        reply
             .environments
-            .len(),
-        2
-    );
+            .into_iter()
+            .find(|e| e.environment == env)
+            .expect("every enabled environment is listed")
+    };
+    let unix_status = unix.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    let sandbox = status_of(unix_status.clone(), SANDBOX);
+    assert_eq!(sandbox.state, pb::State::Ready as i32);
+    assert!(!sandbox.token_id.is_empty() && sandbox.counters.is_some());
+    let restricted = pb::EnvironmentStatus {
+        environment: PRODUCTION,
+        state: pb::State::Restricted as i32,
+        ..Default::default()
+    };
+    assert_eq!(status_of(unix_status, PRODUCTION), restricted);
+    let tcp_status = tcp.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(tcp_status.environments.len(), 2);
+    for env in [SANDBOX, PRODUCTION] {
+        let shown = status_of(tcp_status.clone(), env);
+        assert_eq!(
+            shown,
+            pb::EnvironmentStatus {
+                environment: env,
+                ..restricted.clone()
+            }
+        );
+    }
 }

@@ -62,7 +62,7 @@ impl TokenBrokerService {
         }
         let env = environment_from_pb(environment).ok_or(BrokerError::UnspecifiedEnvironment)?;
         let source = self.sources.get(env).ok_or(BrokerError::EnvironmentNotEnabled(env))?;
-        if self.access.get(&env).is_some_and(|policy| !policy.allows(caller)) {
+        if !self.allows(env, caller) {
             return Err(BrokerError::PermissionDenied(env));
         }
         Ok(source)
@@ -160,9 +160,26 @@ impl TokenBrokerService {
         })
     }
 
-    fn status(&self) -> pb::GetStatusResponse {
-        let environments = self.sources.iter().map(environment_status).collect();
+    /// Every enabled environment; those the caller may not get tokens of
+    /// are listed as restricted, without details.
+    fn status(&self, caller: Caller) -> pb::GetStatusResponse {
+        let environments = self
+            .sources
+            .iter()
+            .map(|source| match self.allows(source.environment(), caller) {
+                true => environment_status(source),
+                false => pb::EnvironmentStatus {
+                    environment: pb::Environment::from(source.environment()) as i32,
+                    state: pb::State::Restricted as i32,
+                    ..Default::default()
+                },
+            })
+            .collect();
         pb::GetStatusResponse { environments }
+    }
+
+    fn allows(&self, env: Environment, caller: Caller) -> bool {
+        self.access.get(&env).is_none_or(|policy| policy.allows(caller))
     }
 
     fn watch(&self, request: pb::WatchTokenRequest, caller: Caller) -> Result<WatchStream, BrokerError> {
@@ -377,9 +394,9 @@ impl TokenBroker for TokenBrokerService {
 
     async fn get_status(
         &self,
-        _request: Request<pb::GetStatusRequest>,
+        request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
-        self.finish("GetStatus", Ok(self.status()))
+        self.finish("GetStatus", Ok(self.status(Caller::of(&request))))
     }
 }
 
