@@ -370,3 +370,77 @@ async fn short_lived_tokens_are_never_served_expired() {
     );
     assert_eq!(violations.load(Ordering::SeqCst), 0);
 }
+
+/// A refresh that hangs past the token's serve deadline: what readers see
+/// must still follow the token, not the call. The Outage on WatchToken,
+/// health NOT_SERVING and GetStatus UNAVAILABLE all appear at the serve
+/// deadline, while the call is still in flight.
+#[tokio::test(start_paused = true)]
+async fn a_hanging_refresh_does_not_hold_back_published_state() {
+    use flute_token_broker::grpc::pb::token_broker_server::TokenBroker;
+    use flute_token_broker::grpc::{TokenBrokerService, health, pb};
+    use flute_token_broker::token::TokenSources;
+    use tokio_stream::StreamExt;
+    use tonic_health::pb::health_server::Health;
+
+    let ep = FakeEndpoint::new(LIFETIME);
+    let metrics = Arc::new(Metrics::new());
+    let mut config = TokenSourceConfig::new(Environment::Sandbox);
+    config.jitter = Jitter::Fixed(0.5);
+    let (handle, _task) = token::spawn(config, ep.clone(), FakeEndpoint::key(), metrics.clone());
+    let serve_until = handle.started().await.token.expect("a first token").serve_until;
+    // Every later call hangs well past the token's expiry.
+    ep.set_delay(secs(300));
+
+    let sources = Arc::new(TokenSources::new([handle.clone()]));
+    let (reporter, _) = tonic_health::server::health_reporter();
+    let (_draining, not_draining) = tokio::sync::watch::channel(false);
+    tokio::spawn(health::report(reporter.clone(), sources.clone(), not_draining.clone()));
+    let health = tonic_health::server::HealthService::from_health_reporter(reporter);
+    let service = TokenBrokerService::new(sources, not_draining, metrics, secs(30), Default::default());
+    let sandbox = pb::Environment::Sandbox as i32;
+
+    let mut updates = service
+        .watch_token(tonic::Request::new(pb::WatchTokenRequest { environment: sandbox }))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut health_updates = health
+        .watch(tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let serving = |r: tonic_health::pb::HealthCheckResponse| r.status;
+    assert_eq!(serving(health_updates.next().await.unwrap().unwrap()), 1, "SERVING");
+    let first = updates.next().await.unwrap().unwrap().update;
+    assert!(
+        matches!(first, Some(pb::watch_token_response::Update::Token(_))),
+        "{first:?}"
+    );
+
+    let outage = updates.next().await.unwrap().unwrap().update;
+    let outage_at = Instant::now();
+    assert!(
+        matches!(outage, Some(pb::watch_token_response::Update::Outage(_))),
+        "{outage:?}"
+    );
+    assert!(
+        outage_at >= serve_until && outage_at - serve_until < Duration::from_millis(100),
+        "the outage came {:?} after the serve deadline",
+        outage_at - serve_until
+    );
+    assert_eq!(ep.call_count(), 2, "the refresh is in flight");
+    assert_eq!(handle.stats().refreshes_ok.load(Ordering::Relaxed), 1, "and unanswered");
+
+    assert_eq!(serving(health_updates.next().await.unwrap().unwrap()), 2, "NOT_SERVING");
+    assert!(Instant::now() - serve_until < Duration::from_millis(100));
+    let status = service
+        .get_status(tonic::Request::new(pb::GetStatusRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.environments[0].state, pb::State::Unavailable as i32);
+    assert_eq!(handle.snapshot().state(), SourceState::Unavailable);
+}

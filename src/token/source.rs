@@ -6,6 +6,9 @@
 //! that arrive together are answered by one token-endpoint call, so
 //! single-flight is a property of the structure rather than of a lock.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -14,7 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use super::Token;
 use super::policy::{Jitter, RefreshPolicy};
@@ -253,7 +256,7 @@ pub fn spawn<E: TokenEndpoint>(
     let stats = Arc::new(SourceStats::default());
     let task = Task {
         config,
-        endpoint,
+        endpoint: Arc::new(endpoint),
         key,
         refresh_token: None,
         token: None,
@@ -262,13 +265,15 @@ pub fn spawn<E: TokenEndpoint>(
         next_attempt: Instant::now(),
         last_early: None,
         waiters: Vec::new(),
+        pending_keys: VecDeque::new(),
         state: state_tx,
         commands: commands_rx,
         stats: stats.clone(),
         metrics,
     };
     let environment = task.config.environment;
-    let join = tokio::spawn(task.run());
+    let span = info_span!("token_source", environment = %environment);
+    let join = tokio::spawn(task.run().instrument(span));
     (
         TokenSourceHandle {
             environment,
@@ -285,9 +290,31 @@ struct Waiter {
     reply: Reply,
 }
 
+type KeyReply = oneshot::Sender<Result<bool, OAuthError>>;
+
+/// Why a token-endpoint call was made.
+enum Purpose {
+    /// A scheduled, retried or caller-requested refresh.
+    Refresh,
+    /// Trying a new API key before adopting it.
+    VerifyKey { key: ApiKey, reply: KeyReply },
+}
+
+/// One token-endpoint call in progress. The task polls it alongside its
+/// timers and commands, so a slow endpoint never holds back what readers
+/// see (a token leaving its serve window is withdrawn on time) nor the
+/// queueing of callers.
+struct Flight {
+    purpose: Purpose,
+    grant: Grant,
+    sent: Instant,
+    sent_wall: SystemTime,
+    response: Pin<Box<dyn Future<Output = Result<TokenResponse, OAuthError>> + Send>>,
+}
+
 struct Task<E> {
     config: TokenSourceConfig,
-    endpoint: E,
+    endpoint: Arc<E>,
     key: ApiKey,
     refresh_token: Option<SecretString>,
     token: Option<Arc<Token>>,
@@ -297,6 +324,8 @@ struct Task<E> {
     next_attempt: Instant,
     last_early: Option<Instant>,
     waiters: Vec<Waiter>,
+    /// New keys offered while a call was in flight, tried in order after it.
+    pending_keys: VecDeque<(ApiKey, KeyReply)>,
     state: watch::Sender<Snapshot>,
     commands: mpsc::Receiver<Command>,
     stats: Arc<SourceStats>,
@@ -305,42 +334,129 @@ struct Task<E> {
 
 impl<E: TokenEndpoint> Task<E> {
     async fn run(mut self) {
-        self.attempt().await;
+        let mut flight = Some(self.start_refresh());
         loop {
-            self.expire_if_stale(Instant::now());
+            let now = Instant::now();
+            self.expire_if_stale(now);
             self.waiters.retain(|w| !w.reply.is_closed());
-            let wake = self.next_wake(Instant::now());
+            if flight.is_none() {
+                flight = self.next_flight(now);
+            }
+            let wake = self.next_wake(now, flight.is_some());
             tokio::select! {
                 // Queued requests first: everything that arrived together is
-                // answered by the same attempt.
+                // answered by the same call.
                 biased;
                 command = self.commands.recv() => match command {
                     Some(Command::Refresh { need, reply }) => self.on_refresh_request(need, reply),
-                    Some(Command::ReplaceKey { key, reply }) => {
-                        let result = self.try_new_key(key).await;
-                        let _ = reply.send(result);
-                    }
+                    Some(Command::ReplaceKey { key, reply }) => self.pending_keys.push_back((key, reply)),
                     None => return,
                 },
-                _ = sleep_until(wake) => {
-                    let now = Instant::now();
-                    if now >= self.next_attempt {
-                        self.attempt().await;
-                    } else if !self.waiters.is_empty() && now >= self.earliest_early_attempt(now) {
-                        self.last_early = Some(now);
-                        self.stats.early_refreshes.fetch_add(1, Ordering::Relaxed);
-                        self.attempt().await;
-                    }
+                result = poll_flight(&mut flight), if flight.is_some() => {
+                    let done = flight.take().expect("polled only while a call is in flight");
+                    flight = self.land(done, result);
                 }
+                _ = sleep_until(wake) => {}
             }
         }
     }
 
+    /// The call to start now that none is in flight, if any is due: a new
+    /// key to verify, the scheduled refresh, or an early refresh for
+    /// waiting callers (rate-limited).
+    fn next_flight(&mut self, now: Instant) -> Option<Flight> {
+        if let Some((key, reply)) = self.pending_keys.pop_front() {
+            if key.digest() == self.key.digest() {
+                let _ = reply.send(Ok(false));
+                return None;
+            }
+            return Some(self.start_call(key.clone(), Grant::ClientCredentials, Purpose::VerifyKey { key, reply }));
+        }
+        if now >= self.next_attempt {
+            return Some(self.start_refresh());
+        }
+        if !self.waiters.is_empty() && now >= self.earliest_early_attempt(now) {
+            self.last_early = Some(now);
+            self.stats.early_refreshes.fetch_add(1, Ordering::Relaxed);
+            return Some(self.start_refresh());
+        }
+        None
+    }
+
+    /// A refresh: the refresh grant when we hold a refresh token, else
+    /// client credentials.
+    fn start_refresh(&self) -> Flight {
+        let grant = match (&self.refresh_token, self.config.use_refresh_token) {
+            (Some(refresh), true) => Grant::RefreshToken(refresh.clone()),
+            _ => Grant::ClientCredentials,
+        };
+        self.start_call(self.key.clone(), grant, Purpose::Refresh)
+    }
+
+    fn start_call(&self, key: ApiKey, grant: Grant, purpose: Purpose) -> Flight {
+        self.stats.endpoint_calls.fetch_add(1, Ordering::Relaxed);
+        let endpoint = self.endpoint.clone();
+        let request_grant = grant.clone();
+        Flight {
+            purpose,
+            grant,
+            sent: Instant::now(),
+            sent_wall: SystemTime::now(),
+            response: Box::pin(async move { endpoint.request_token(&key, &request_grant).await }),
+        }
+    }
+
+    /// Applies the result of a finished call; returns the call to make at
+    /// once, if any (client credentials after a rejected refresh token).
+    fn land(&mut self, flight: Flight, result: Result<TokenResponse, OAuthError>) -> Option<Flight> {
+        self.log_call(&flight, &result);
+        match flight.purpose {
+            Purpose::Refresh => {
+                if let (Grant::RefreshToken(_), Err(e)) = (&flight.grant, &result)
+                    && e.class() == ErrorClass::InvalidGrant
+                {
+                    warn!("refresh token rejected (invalid_grant); falling back to client credentials");
+                    self.refresh_token = None;
+                    return Some(self.start_call(self.key.clone(), Grant::ClientCredentials, Purpose::Refresh));
+                }
+                match result {
+                    Ok(response) => self.install(response, flight.sent, flight.sent_wall),
+                    Err(error) => self.record_failure(&error),
+                }
+            }
+            Purpose::VerifyKey { key, reply } => match result {
+                Ok(response) => {
+                    info!(
+                        client_id = key.client_id(),
+                        "new API key accepted by the token endpoint; now in use"
+                    );
+                    self.key = key;
+                    self.refresh_token = None;
+                    self.install(response, flight.sent, flight.sent_wall);
+                    let _ = reply.send(Ok(true));
+                }
+                Err(error) => {
+                    error!(client_id = key.client_id(), error = %error, "new API key failed verification; keeping the current key");
+                    let _ = reply.send(Err(error));
+                    return None;
+                }
+            },
+        }
+        self.publish();
+        self.answer_waiters();
+        None
+    }
+
     /// The next instant something is due: a refresh, an early refresh for
     /// waiting callers, or the current token leaving its serve window.
-    fn next_wake(&self, now: Instant) -> Instant {
-        let mut wake = self.next_attempt;
-        if !self.waiters.is_empty() {
+    /// While a call is in flight only the serve window matters.
+    fn next_wake(&self, now: Instant, in_flight: bool) -> Instant {
+        let mut wake = if in_flight {
+            now + Duration::from_secs(86_400)
+        } else {
+            self.next_attempt
+        };
+        if !in_flight && !self.waiters.is_empty() {
             wake = wake.min(self.earliest_early_attempt(now));
         }
         if let Some(token) = self.published_token() {
@@ -410,54 +526,26 @@ impl<E: TokenEndpoint> Task<E> {
         }
     }
 
-    /// One refresh: the refresh grant when we hold a refresh token (falling
-    /// back to client credentials at once if it is rejected), else client
-    /// credentials. Updates state, publishes, answers every waiter.
-    async fn attempt(&mut self) {
-        let grant = match (&self.refresh_token, self.config.use_refresh_token) {
-            (Some(refresh), true) => Grant::RefreshToken(refresh.clone()),
-            _ => Grant::ClientCredentials,
-        };
-        let mut result = self.call(&self.key, &grant).await;
-        if let (Grant::RefreshToken(_), Err(e)) = (&grant, &result)
-            && e.class() == ErrorClass::InvalidGrant
-        {
-            warn!(environment = %self.config.environment, "refresh token rejected (invalid_grant); falling back to client credentials");
-            self.refresh_token = None;
-            result = self.call(&self.key, &Grant::ClientCredentials).await;
-        }
+    /// Logs and counts one finished token-endpoint call.
+    fn log_call(&self, flight: &Flight, result: &Result<TokenResponse, OAuthError>) {
+        let took = flight.sent.elapsed();
+        let (env, grant) = (self.config.environment, flight.grant.name());
+        let duration_ms = took.as_millis() as u64;
         match result {
-            Ok((response, issued_at, issued_wall)) => self.install(response, issued_at, issued_wall),
-            Err(error) => self.record_failure(&error),
-        }
-        self.publish();
-        self.answer_waiters();
-    }
-
-    /// One token-endpoint call, timed and counted.
-    async fn call(&self, key: &ApiKey, grant: &Grant) -> Result<(TokenResponse, Instant, SystemTime), OAuthError> {
-        let (sent, sent_wall) = (Instant::now(), SystemTime::now());
-        self.stats.endpoint_calls.fetch_add(1, Ordering::Relaxed);
-        let result = self.endpoint.request_token(key, grant).await;
-        let took = sent.elapsed();
-        let env = self.config.environment;
-        match &result {
             Ok(response) => {
-                self.metrics.record_refresh(env.as_str(), grant.name(), "ok", took);
-                info!(environment = %env, grant = grant.name(), outcome = "ok", duration_ms = took.as_millis() as u64,
-                      token_id = %super::token_id(response.access_token.expose_secret()), expires_in = response.lifetime.as_secs(), "token request");
+                self.metrics.record_refresh(env.as_str(), grant, "ok", took);
+                info!(grant, outcome = "ok", duration_ms, token_id = %super::token_id(response.access_token.expose_secret()),
+                      expires_in = response.lifetime.as_secs(), "token request");
             }
             Err(e) => {
-                self.metrics.record_refresh(env.as_str(), grant.name(), e.label(), took);
-                let class = e.class();
-                if class == ErrorClass::Permanent {
-                    error!(environment = %env, grant = grant.name(), outcome = e.label(), duration_ms = took.as_millis() as u64, error = %e, "token request failed");
+                self.metrics.record_refresh(env.as_str(), grant, e.label(), took);
+                if e.class() == ErrorClass::Permanent {
+                    error!(grant, outcome = e.label(), duration_ms, error = %e, "token request failed");
                 } else {
-                    warn!(environment = %env, grant = grant.name(), outcome = e.label(), duration_ms = took.as_millis() as u64, error = %e, "token request failed");
+                    warn!(grant, outcome = e.label(), duration_ms, error = %e, "token request failed");
                 }
             }
         }
-        result.map(|response| (response, sent, sent_wall))
     }
 
     fn install(&mut self, response: TokenResponse, issued_at: Instant, issued_wall: SystemTime) {
@@ -528,7 +616,7 @@ impl<E: TokenEndpoint> Task<E> {
     /// Withdraws the published token once it leaves its serve window.
     fn expire_if_stale(&mut self, now: Instant) {
         if self.published_token().is_some_and(|t| !t.is_servable(now)) {
-            warn!(environment = %self.config.environment, "token expired before a refresh succeeded; no token is served");
+            warn!("token expired before a refresh succeeded; no token is served");
             if self.last_error.is_none() {
                 self.last_error = Some(Arc::new(RefreshFailure {
                     message: "token expired before a refresh succeeded".into(),
@@ -575,27 +663,12 @@ impl<E: TokenEndpoint> Task<E> {
             let _ = waiter.reply.send(answer);
         }
     }
+}
 
-    /// Tries `key` with a client-credentials request; adopts it (and the
-    /// token it produced) only if that succeeds.
-    async fn try_new_key(&mut self, key: ApiKey) -> Result<bool, OAuthError> {
-        if key.digest() == self.key.digest() {
-            return Ok(false);
-        }
-        match self.call(&key, &Grant::ClientCredentials).await {
-            Ok((response, issued_at, issued_wall)) => {
-                info!(environment = %self.config.environment, client_id = key.client_id(), "new API key accepted by the token endpoint; now in use");
-                self.key = key;
-                self.refresh_token = None;
-                self.install(response, issued_at, issued_wall);
-                self.publish();
-                self.answer_waiters();
-                Ok(true)
-            }
-            Err(error) => {
-                error!(environment = %self.config.environment, client_id = key.client_id(), error = %error, "new API key failed verification; keeping the current key");
-                Err(error)
-            }
-        }
+/// Waits for the call in flight (the select guard ensures there is one).
+async fn poll_flight(flight: &mut Option<Flight>) -> Result<TokenResponse, OAuthError> {
+    match flight {
+        Some(flight) => flight.response.as_mut().await,
+        None => std::future::pending().await,
     }
 }
