@@ -1,12 +1,25 @@
 //! Log output: tracing to stderr, text on a terminal and JSON otherwise
 //! (or as configured), level from RUST_LOG or the configuration. Nothing
 //! secret is ever logged: events carry token_id, never a token.
+//!
+//! Output is never fatal: a log line that cannot be written (stderr on a
+//! full disk, a log pipe whose reader went away) is dropped and counted in
+//! [`DROPPED_LOG_LINES`]; Rust already ignores SIGPIPE, so a closed pipe is
+//! an error we see, not a signal that ends the process.
 
-use std::io::IsTerminal;
+use std::fmt::Display;
+use std::io::{IsTerminal, Write};
+use std::sync::LazyLock;
 
+use prometheus_client::metrics::counter::Counter;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 
 use crate::config::LogFormat;
+
+/// Log lines dropped because stderr could not take them (exported as
+/// `flute_broker_log_lines_dropped_total`).
+pub static DROPPED_LOG_LINES: LazyLock<Counter> = LazyLock::new(Counter::default);
 
 /// Installs the global subscriber; later calls are ignored.
 pub fn init(format: LogFormat, level: &str) {
@@ -18,7 +31,9 @@ pub fn init(format: LogFormat, level: &str) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(LossyStderr)
+        // Its fallback for a failed write is eprintln!, which panics.
+        .log_internal_errors(false);
     let _ = if json {
         builder
             .json()
@@ -29,4 +44,42 @@ pub fn init(format: LogFormat, level: &str) {
     } else {
         builder.with_ansi(std::io::stderr().is_terminal()).try_init()
     };
+}
+
+/// stderr for log lines: a failed write drops the line and counts it.
+struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if std::io::stderr().lock().write_all(buf).is_err() {
+            DROPPED_LOG_LINES.inc();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for LossyStderr {
+    type Writer = LossyStderr;
+    fn make_writer(&'a self) -> Self::Writer {
+        LossyStderr
+    }
+}
+
+/// Prints a message for people to stderr; a failed write is ignored
+/// (unlike `eprintln!`, which panics).
+pub fn to_stderr(text: impl Display) {
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
+/// Prints to stdout without a trailing newline; `Err` when it cannot be
+/// written (unlike `print!`, which panics).
+pub fn to_stdout(text: impl Display) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    write!(out, "{text}")?;
+    out.flush()
 }

@@ -151,7 +151,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
+            logging::to_stderr(format_args!("error: cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -170,27 +170,29 @@ async fn run(command: Command) -> u8 {
         } => print_result(
             cli::get(&client.target(), env, min_remaining, format)
                 .await
-                .map(|t| println!("{t}")),
+                .and_then(|t| print_out(format_args!("{t}\n"))),
         ),
         Command::Watch { client, env } => print_result(cli::watch(&client.target(), env, &mut std::io::stdout()).await),
-        Command::Status { client, json } => {
-            print_result(cli::status(&client.target(), json).await.map(|t| print!("{t}")))
-        }
+        Command::Status { client, json } => print_result(cli::status(&client.target(), json).await.and_then(print_out)),
         Command::Emulator(args) => match run_emulator(args).await {
             Ok(()) => 0,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                logging::to_stderr(format_args!("error: {e:#}"));
                 1
             }
         },
     }
 }
 
+fn print_out(text: impl std::fmt::Display) -> Result<(), cli::ClientError> {
+    logging::to_stdout(text).map_err(cli::ClientError::Output)
+}
+
 fn print_result(result: Result<(), cli::ClientError>) -> u8 {
     match result {
         Ok(()) => cli::exit::OK,
         Err(e) => {
-            eprintln!("error: {e}");
+            logging::to_stderr(format_args!("error: {e}"));
             e.exit_code()
         }
     }
@@ -198,7 +200,7 @@ fn print_result(result: Result<(), cli::ClientError>) -> u8 {
 
 fn load_config(path: Option<&std::path::Path>) -> Result<Loaded, u8> {
     Config::load(path).map_err(|e| {
-        eprintln!("error: {e}");
+        logging::to_stderr(format_args!("error: {e}"));
         EXIT_CONFIG
     })
 }
@@ -207,10 +209,13 @@ fn check_config(path: Option<PathBuf>) -> u8 {
     match load_config(path.as_deref()) {
         Ok(loaded) => {
             for w in &loaded.warnings {
-                eprintln!("warning: {w}");
+                logging::to_stderr(format_args!("warning: {w}"));
             }
-            print!("{}", loaded.config.to_toml());
-            eprintln!("configuration is valid");
+            if let Err(e) = logging::to_stdout(loaded.config.to_toml()) {
+                logging::to_stderr(format_args!("error: cannot write the output: {e}"));
+                return cli::exit::IO_ERROR;
+            }
+            logging::to_stderr("configuration is valid");
             0
         }
         Err(code) => code,
@@ -221,7 +226,7 @@ async fn serve(args: ServeArgs) -> u8 {
     let signals = match Signals::install() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: cannot install signal handlers: {e}");
+            logging::to_stderr(format_args!("error: cannot install signal handlers: {e}"));
             return 1;
         }
     };
@@ -242,7 +247,7 @@ async fn serve(args: ServeArgs) -> u8 {
             text => match text.parse() {
                 Ok(addr) => Some(addr),
                 Err(_) => {
-                    eprintln!("error: --admin-listen {text:?}: expected IP:PORT");
+                    logging::to_stderr(format_args!("error: --admin-listen {text:?}: expected IP:PORT"));
                     return cli::exit::USAGE;
                 }
             },
@@ -260,7 +265,7 @@ async fn serve(args: ServeArgs) -> u8 {
                 emulator = Some(e);
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                logging::to_stderr(format_args!("error: {e}"));
                 return 1;
             }
         }
@@ -269,7 +274,7 @@ async fn serve(args: ServeArgs) -> u8 {
     let daemon = match daemon::start(config, args.config.clone()).await {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("error: {e}");
+            logging::to_stderr(format_args!("error: {e}"));
             return e.exit_code();
         }
     };
@@ -363,21 +368,27 @@ fn print_dev_banner(daemon: &RunningDaemon, emulator: &str, lifetime: Duration) 
         Some(ListenAddr::Unix(p)) => format!(" --addr unix:{}", p.display()),
         None => String::new(),
     };
-    println!("flute-token-broker is running in dev mode against a built-in emulator of Flute's token endpoint.");
-    println!("  gRPC:      {}", grpc.join(", "));
-    println!("  emulator:  {emulator} (tokens live {})", duration::format(lifetime));
+    let mut banner = Vec::new();
+    banner.push(format!(
+        "flute-token-broker is running in dev mode against a built-in emulator of Flute's token endpoint."
+    ));
+    banner.push(format!("  gRPC:      {}", grpc.join(", ")));
+    banner.push(format!(
+        "  emulator:  {emulator} (tokens live {})",
+        duration::format(lifetime)
+    ));
     if let Some(admin) = daemon.admin_addr {
-        println!("  admin:     http://{admin}/metrics  /healthz  /readyz");
+        banner.push(format!("  admin:     http://{admin}/metrics  /healthz  /readyz"));
     }
-    println!();
-    println!("In another terminal:");
-    println!("  cargo run --release -- get --env sandbox{addr_flag}");
-    println!(
-        "  curl -H \"Authorization: Bearer $(cargo run -q --release -- get --env sandbox{addr_flag})\" {emulator}/v2/transactions"
-    );
-    println!("  cargo run --release -- watch --env sandbox{addr_flag}");
-    println!("  cargo run --release -- status{addr_flag}");
-    println!("Stop with Ctrl-C.");
+    banner.push(String::new());
+    banner.push(format!("In another terminal:"));
+    banner.push(format!("  cargo run --release -- get --env sandbox{addr_flag}"));
+    banner.push(format!("  curl -H \"Authorization: Bearer $(cargo run -q --release -- get --env sandbox{addr_flag})\" {emulator}/v2/transactions"));
+    banner.push(format!("  cargo run --release -- watch --env sandbox{addr_flag}"));
+    banner.push(format!("  cargo run --release -- status{addr_flag}"));
+    banner.push(format!("Stop with Ctrl-C."));
+    // The daemon keeps running when stdout is closed or full.
+    let _ = logging::to_stdout(banner.join("\n") + "\n");
 }
 
 async fn run_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
@@ -401,7 +412,9 @@ async fn run_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr()?;
     let Signals { mut term, mut int, .. } = Signals::install()?;
-    println!("emulator listening on http://{addr} (token endpoint http://{addr}/oauth2/token)");
+    let _ = logging::to_stdout(format_args!(
+        "emulator listening on http://{addr} (token endpoint http://{addr}/oauth2/token)\n"
+    ));
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {}

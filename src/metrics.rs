@@ -114,6 +114,11 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "Build information", build_info);
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because stderr could not be written",
+            crate::logging::DROPPED_LOG_LINES.clone(),
+        );
         Self {
             registry,
             refreshes,

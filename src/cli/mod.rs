@@ -27,6 +27,8 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 69;
     /// The broker has no valid token right now (sysexits EX_TEMPFAIL).
     pub const NO_TOKEN: u8 = 75;
+    /// The output could not be written (sysexits EX_IOERR).
+    pub const IO_ERROR: u8 = 74;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,8 @@ pub enum ClientError {
     Usage(String),
     #[error("broker answered {code:?}: {message}")]
     Broker { code: Code, message: String },
+    #[error("cannot write the output: {0}")]
+    Output(#[source] std::io::Error),
 }
 
 impl ClientError {
@@ -48,6 +52,7 @@ impl ClientError {
             ClientError::NoToken(_) => exit::NO_TOKEN,
             ClientError::Usage(_) => exit::USAGE,
             ClientError::Broker { .. } => exit::FAILURE,
+            ClientError::Output(_) => exit::IO_ERROR,
         }
     }
 
@@ -235,10 +240,7 @@ pub async fn watch(target: &Target, env: Environment, out: &mut impl Write) -> R
         };
         writeln!(out, "{line}")
             .and_then(|_| out.flush())
-            .map_err(|e| ClientError::Broker {
-                code: Code::Internal,
-                message: format!("cannot write: {e}"),
-            })?;
+            .map_err(ClientError::Output)?;
     }
     Ok(())
 }
