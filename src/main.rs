@@ -369,9 +369,9 @@ fn print_dev_banner(daemon: &RunningDaemon, emulator: &str, lifetime: Duration) 
         None => String::new(),
     };
     let mut banner = Vec::new();
-    banner.push(format!(
-        "flute-token-broker is running in dev mode against a built-in emulator of Flute's token endpoint."
-    ));
+    banner.push(
+        "flute-token-broker is running in dev mode against a built-in emulator of Flute's token endpoint.".to_owned(),
+    );
     banner.push(format!("  gRPC:      {}", grpc.join(", ")));
     banner.push(format!(
         "  emulator:  {emulator} (tokens live {})",
@@ -381,12 +381,12 @@ fn print_dev_banner(daemon: &RunningDaemon, emulator: &str, lifetime: Duration) 
         banner.push(format!("  admin:     http://{admin}/metrics  /healthz  /readyz"));
     }
     banner.push(String::new());
-    banner.push(format!("In another terminal:"));
+    banner.push("In another terminal:".to_owned());
     banner.push(format!("  cargo run --release -- get --env sandbox{addr_flag}"));
     banner.push(format!("  curl -H \"Authorization: Bearer $(cargo run -q --release -- get --env sandbox{addr_flag})\" {emulator}/v2/transactions"));
     banner.push(format!("  cargo run --release -- watch --env sandbox{addr_flag}"));
     banner.push(format!("  cargo run --release -- status{addr_flag}"));
-    banner.push(format!("Stop with Ctrl-C."));
+    banner.push("Stop with Ctrl-C.".to_owned());
     // The daemon keeps running when stdout is closed or full.
     let _ = logging::to_stdout(banner.join("\n") + "\n");
 }
