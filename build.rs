@@ -15,6 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Token carries the access token: its Debug is written by hand, redacted.
         .skip_debug([".flute.tokenbroker.v1.Token"])
+        // prost's codec, but undecodable requests are INVALID_ARGUMENT.
+        .codec_path("crate::grpc::codec::BrokerCodec")
         .compile_fds(files)?;
     Ok(())
 }

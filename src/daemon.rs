@@ -177,7 +177,8 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         let mut builder = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .layer(crate::grpc::request_limit::RequestLimitLayer::new(MAX_REQUEST_BYTES));
         if let (Bound::Tcp(_), Some(tls)) = (&listener, &tls) {
             builder = builder
                 .tls_config(tls.clone())
@@ -186,7 +187,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         let router = builder
             .add_service(health_service.clone())
             .add_service(reflection.clone())
-            .add_service(TokenBrokerServer::new(service.clone()).max_decoding_message_size(MAX_REQUEST_BYTES));
+            .add_service(TokenBrokerServer::new(service.clone()).max_decoding_message_size(2 * MAX_REQUEST_BYTES));
         let mut stop = shutdown_rx.clone();
         let signal = async move {
             let _ = stop.wait_for(|s| *s).await;

@@ -316,6 +316,50 @@ async fn hundred_concurrent_refresh_token_calls_cause_one_fetch() {
     assert!(!ids.contains(&token.token_id));
 }
 
+/// Sends `body` as the request message of a unary `path`; returns the error.
+async fn raw_unary(channel: tonic::transport::Channel, path: &'static str, body: &[u8]) -> tonic::Status {
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    struct Raw;
+    impl Encoder for Raw {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            bytes::BufMut::put_slice(dst, &item);
+            Ok(())
+        }
+    }
+    impl Decoder for Raw {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+            let n = bytes::Buf::remaining(src);
+            Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
+        }
+    }
+    struct RawCodec;
+    impl Codec for RawCodec {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = Raw;
+        type Decoder = Raw;
+        fn encoder(&mut self) -> Raw {
+            Raw
+        }
+        fn decoder(&mut self) -> Raw {
+            Raw
+        }
+    }
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        tonic::Request::new(body.to_vec()),
+        tonic::codegen::http::uri::PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .expect_err("a malformed request is refused")
+}
+
 #[tokio::test]
 async fn bad_requests_get_the_documented_codes() {
     let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, _| {}).await;
@@ -355,8 +399,37 @@ async fn bad_requests_get_the_documented_codes() {
         c.refresh_token(refresh("x".repeat(200))).await.unwrap_err().code(),
         Code::InvalidArgument
     );
-    let huge = c.refresh_token(refresh("x".repeat(100_000))).await.unwrap_err();
-    assert_ne!(huge.code(), Code::Ok);
+    // Oversized messages: just over the 16 KiB limit, and far over it.
+    for size in [16 * 1024 + 1, 100_000, 4_000_000] {
+        let huge = c.refresh_token(refresh("x".repeat(size))).await.unwrap_err();
+        assert_eq!(huge.code(), Code::ResourceExhausted, "{size} bytes: {huge:?}");
+    }
+    // Durations that google.protobuf.Duration does not allow.
+    for (seconds, nanos) in [
+        (1, 1_000_000_000),
+        (1, -5),
+        (-1, 5),
+        (0, i32::MAX),
+        (400_000_000_000, 0),
+    ] {
+        let request = pb::GetTokenRequest {
+            environment: SANDBOX,
+            min_remaining: Some(prost_types::Duration { seconds, nanos }),
+        };
+        let status = c.get_token(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{seconds}s {nanos}ns: {status:?}");
+    }
+    // Bytes that are not a valid request: invalid UTF-8 in a string field,
+    // a truncated field, a wrong wire type.
+    let channel = broker.channel().await;
+    for body in [
+        &[0x08, 0x01, 0x12, 0x02, 0xff, 0xfe][..],
+        &[0x08, 0x01, 0x12, 0x09, b'a'][..],
+        &[0x0d, 0x01][..],
+    ] {
+        let status = raw_unary(channel.clone(), "/flute.tokenbroker.v1.TokenBroker/RefreshToken", body).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{body:x?}: {status:?}");
+    }
     let watch = c
         .watch_token(pb::WatchTokenRequest {
             environment: PRODUCTION,

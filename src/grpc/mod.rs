@@ -4,8 +4,10 @@
 //! their TLS.
 
 pub mod access;
+pub mod codec;
 pub mod health;
 pub mod listener;
+pub mod request_limit;
 mod service;
 mod status;
 pub mod tls;
@@ -85,9 +87,21 @@ impl From<&Token> for pb::Token {
     }
 }
 
-/// A protobuf Duration as a std Duration; `Err` when negative or invalid.
+/// A protobuf Duration as a std Duration. `Err` unless it is normalised as
+/// google.protobuf.Duration requires (`nanos` within ±999,999,999 and of
+/// the same sign as `seconds`, `seconds` within ±10,000 years) and not negative.
 pub(crate) fn duration_from_pb(d: &prost_types::Duration) -> Result<Duration, String> {
-    Duration::try_from(*d).map_err(|_| "must be a non-negative duration".to_owned())
+    const MAX_SECONDS: i64 = 315_576_000_000;
+    let normalised = d.nanos.unsigned_abs() < 1_000_000_000
+        && d.seconds.abs() <= MAX_SECONDS
+        && !(d.seconds > 0 && d.nanos < 0 || d.seconds < 0 && d.nanos > 0);
+    if !normalised {
+        return Err("is not a normalised Duration (nanos must be below 1e9 and share the sign of seconds)".into());
+    }
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err("must be a non-negative duration".into());
+    }
+    Ok(Duration::new(d.seconds as u64, d.nanos as u32))
 }
 
 #[cfg(test)]

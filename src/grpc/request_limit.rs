@@ -1,0 +1,122 @@
+//! The request size limit, enforced on the HTTP/2 body before tonic buffers
+//! a message, with the code gRPC specifies for an oversized message
+//! (RESOURCE_EXHAUSTED; tonic's own limit answers OUT_OF_RANGE, which our
+//! API reserves for `min_remaining`).
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tonic::Status;
+
+/// gRPC prefixes each message with 5 bytes (compressed flag, length).
+const MESSAGE_PREFIX: usize = 5;
+
+/// Limits every request body to one message of at most `max_message` bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestLimitLayer {
+    max_message: usize,
+}
+
+impl RequestLimitLayer {
+    pub fn new(max_message: usize) -> Self {
+        Self { max_message }
+    }
+}
+
+impl<S> tower::Layer<S> for RequestLimitLayer {
+    type Service = RequestLimit<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestLimit {
+            inner,
+            max_body: self.max_message + MESSAGE_PREFIX,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RequestLimit<S> {
+    inner: S,
+    max_body: usize,
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for RequestLimit<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let (parts, body) = request.into_parts();
+        let limited = LimitedBody {
+            inner: body,
+            remaining: self.max_body,
+            limit: self.max_body - MESSAGE_PREFIX,
+            prefix: Vec::with_capacity(MESSAGE_PREFIX),
+        };
+        self.inner
+            .call(http::Request::from_parts(parts, tonic::body::Body::new(limited)))
+    }
+}
+
+/// A request body that fails with RESOURCE_EXHAUSTED as soon as the first
+/// message declares a length over the limit, or the body grows past it.
+struct LimitedBody {
+    inner: tonic::body::Body,
+    remaining: usize,
+    limit: usize,
+    /// The first message's prefix, while fewer than 5 bytes have arrived.
+    prefix: Vec<u8>,
+}
+
+impl LimitedBody {
+    /// Whether `data` (the next bytes of the body) stays within the limit.
+    fn admits(&mut self, data: &[u8]) -> bool {
+        if data.len() > self.remaining {
+            return false;
+        }
+        self.remaining -= data.len();
+        if self.prefix.len() < MESSAGE_PREFIX {
+            let take = (MESSAGE_PREFIX - self.prefix.len()).min(data.len());
+            self.prefix.extend_from_slice(&data[..take]);
+            if self.prefix.len() == MESSAGE_PREFIX {
+                let declared = u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]);
+                return declared as usize <= self.limit;
+            }
+        }
+        true
+    }
+}
+
+impl Body for LimitedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(Some(data))) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref))
+            && !self.admits(data)
+        {
+            let limit = self.limit;
+            return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
+                "request message larger than {limit} bytes"
+            )))));
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
