@@ -78,6 +78,9 @@ pub struct ServerConfig {
     pub request_wait: Duration,
     /// TLS (and optionally mTLS) for every TCP listener; `None`: plaintext.
     pub tls: Option<ServerTlsFiles>,
+    /// Per-listener connection budget, deadlines and stream cap (the admin
+    /// listener included).
+    pub limits: crate::connections::ConnectionLimits,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,6 +158,7 @@ impl Default for Config {
                 shutdown_grace: Duration::from_secs(10),
                 request_wait: Duration::from_secs(30),
                 tls: None,
+                limits: crate::connections::ConnectionLimits::default(),
             },
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             log: LogConfig {
@@ -276,11 +280,36 @@ impl Config {
             shutdown_grace: s.duration("shutdown_grace", d.server.shutdown_grace),
             request_wait: s.duration("request_wait", d.server.request_wait),
             tls: tls_files(&mut s),
+            limits: crate::connections::ConnectionLimits {
+                max_connections: s.take("max_connections", d.server.limits.max_connections),
+                handshake_timeout: s.duration("handshake_timeout", d.server.limits.handshake_timeout),
+                idle_timeout: s.duration("idle_timeout", d.server.limits.idle_timeout),
+                max_concurrent_streams: s.take("max_concurrent_streams", d.server.limits.max_concurrent_streams),
+            },
         };
         if server.listen.is_empty() {
             s.problem("listen", "at least one listener is required");
         }
         s.range("shutdown_grace", server.shutdown_grace, Duration::ZERO, MINUTES_10);
+        let limits = &server.limits;
+        if !(1..=1_000_000).contains(&limits.max_connections) {
+            s.problem("max_connections", "must be between 1 and 1000000");
+        }
+        if !(1..=100_000).contains(&limits.max_concurrent_streams) {
+            s.problem("max_concurrent_streams", "must be between 1 and 100000");
+        }
+        s.range(
+            "handshake_timeout",
+            limits.handshake_timeout,
+            Duration::from_millis(100),
+            MINUTES_10,
+        );
+        s.range(
+            "idle_timeout",
+            limits.idle_timeout,
+            Duration::from_secs(1),
+            Duration::from_secs(86_400),
+        );
         s.range(
             "request_wait",
             server.request_wait,
@@ -501,6 +530,10 @@ impl Config {
                 "unix_socket_group": self.server.unix_socket_group.clone().unwrap_or_default(),
                 "shutdown_grace": d(self.server.shutdown_grace),
                 "request_wait": d(self.server.request_wait),
+                "max_connections": self.server.limits.max_connections,
+                "handshake_timeout": d(self.server.limits.handshake_timeout),
+                "idle_timeout": d(self.server.limits.idle_timeout),
+                "max_concurrent_streams": self.server.limits.max_concurrent_streams,
                 "tls": self.server.tls.as_ref().map(|t| {
                     let mut v = json!({"cert_file": t.cert_file.display().to_string(), "key_file": t.key_file.display().to_string()});
                     if let Some(ca) = &t.client_ca_file {

@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ListenAddr};
+use crate::connections::{AdminConnection, GuardedTcpListener, ListenerGuard, StreamTrackingLayer, incoming};
 use crate::credentials::{CredentialsError, KeySource};
 use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator};
 use crate::environment::Environment;
@@ -121,6 +121,18 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     for addr in &config.server.listen {
         bound.push(listener::bind(addr, &unix).await?);
     }
+    let fd_limit = crate::connections::raise_fd_limit();
+    let listener_count = bound.len() + usize::from(config.admin_listen.is_some());
+    let mut limits = config.server.limits;
+    limits.max_connections = crate::connections::per_listener_budget(limits.max_connections, fd_limit, listener_count);
+    if limits.max_connections < config.server.limits.max_connections {
+        warn!(
+            configured = config.server.limits.max_connections,
+            budget = limits.max_connections,
+            fd_limit,
+            "server.max_connections does not fit in the open-file limit; each listener gets an equal share"
+        );
+    }
     let admin_listener = match config.admin_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -177,7 +189,8 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         let mut builder = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .tcp_nodelay(true)
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .layer(StreamTrackingLayer)
             .layer(crate::grpc::request_limit::RequestLimitLayer::new(MAX_REQUEST_BYTES));
         if let (Bound::Tcp(_), Some(tls)) = (&listener, &tls) {
             builder = builder
@@ -192,19 +205,12 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         let signal = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        info!(%addr, tls = matches!(listener, Bound::Tcp(_)) && tls.is_some(), "gRPC listening");
+        info!(%addr, tls = matches!(listener, Bound::Tcp(_)) && tls.is_some(), max_connections = limits.max_connections, "gRPC listening");
+        let guard = ListenerGuard::new(format!("grpc:{addr}"), limits, metrics.clone());
         servers.push(tokio::spawn(async move {
             let result = match listener {
-                Bound::Tcp(l) => {
-                    router
-                        .serve_with_incoming_shutdown(TcpListenerStream::new(l), signal)
-                        .await
-                }
-                Bound::Unix(l, _file) => {
-                    router
-                        .serve_with_incoming_shutdown(UnixListenerStream::new(l), signal)
-                        .await
-                }
+                Bound::Tcp(l) => router.serve_with_incoming_shutdown(incoming(l, guard), signal).await,
+                Bound::Unix(l, _file) => router.serve_with_incoming_shutdown(incoming(l, guard), signal).await,
             };
             if let Err(e) = result {
                 error!(%addr, error = %e, "gRPC server stopped with an error");
@@ -224,7 +230,13 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
             source,
         })?;
         admin_addr = Some(addr);
-        let app = crate::admin::router(sources.clone(), metrics.clone());
+        let app = crate::admin::router(sources.clone(), metrics.clone())
+            .layer(axum::middleware::from_fn(crate::connections::track_requests))
+            .into_make_service_with_connect_info::<AdminConnection>();
+        let listener = GuardedTcpListener {
+            listener,
+            guard: ListenerGuard::new(format!("admin:{addr}"), limits, metrics.clone()),
+        };
         let mut stop = shutdown_rx.clone();
         info!(%addr, "admin HTTP listening");
         background.push(tokio::spawn(async move {

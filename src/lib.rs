@@ -9,6 +9,7 @@
 //! - [`emulator`]: a local Flute token endpoint with fault injection.
 //! - [`config`]: the configuration schema, loading and validation.
 //! - [`grpc`]: the TokenBroker service, status mapping, health, listeners, TLS, caller access.
+//! - [`connections`]: per-listener connection budgets, handshake and idle deadlines, the fd limit.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`daemon`]: wiring, credential reload, graceful shutdown, dev mode.
 //! - [`cli`]: the `get`, `watch` and `status` client commands.
@@ -19,6 +20,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod credentials;
 pub mod daemon;
 pub mod duration;

@@ -28,6 +28,18 @@ pub struct GrpcLabels {
     pub code: &'static str,
 }
 
+/// One listener: `grpc:ADDRESS` or `admin:ADDRESS`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    pub listener: String,
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
@@ -51,6 +63,16 @@ pub struct Metrics {
     pub grpc_requests: Family<GrpcLabels, Counter>,
     pub watch_streams: Gauge,
     pub credential_reloads: Family<ResultLabels, Counter>,
+    /// Open connections per listener.
+    pub connections: Family<ListenerLabels, Gauge>,
+    /// Times a listener's connection budget was full.
+    pub connection_limit_reached: Family<ListenerLabels, Counter>,
+    /// Connections closed by a deadline (`handshake_timeout`, `idle_timeout`).
+    pub connections_closed: Family<ClosedLabels, Counter>,
+    /// Failed accept calls (EMFILE and the like).
+    pub accept_errors: Family<ListenerLabels, Counter>,
+    /// Requests that filled their connection's concurrent stream limit.
+    pub stream_limit_reached: Family<ListenerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -114,6 +136,32 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "Build information", build_info);
+        let connections = Family::<ListenerLabels, Gauge>::default();
+        registry.register("connections", "Open connections per listener", connections.clone());
+        let connection_limit_reached = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "connection_limit_reached",
+            "Times a listener's connection budget was full (new connections wait)",
+            connection_limit_reached.clone(),
+        );
+        let connections_closed = Family::<ClosedLabels, Counter>::default();
+        registry.register(
+            "connections_closed",
+            "Connections closed by a deadline, by reason",
+            connections_closed.clone(),
+        );
+        let accept_errors = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "accept_errors",
+            "Failed accept calls per listener",
+            accept_errors.clone(),
+        );
+        let stream_limit_reached = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "stream_limit_reached",
+            "Requests that filled their connection's concurrent stream limit",
+            stream_limit_reached.clone(),
+        );
         registry.register(
             "log_lines_dropped",
             "Log lines dropped because stderr could not be written",
@@ -129,6 +177,11 @@ impl Metrics {
             grpc_requests,
             watch_streams,
             credential_reloads,
+            connections,
+            connection_limit_reached,
+            connections_closed,
+            accept_errors,
+            stream_limit_reached,
         }
     }
 

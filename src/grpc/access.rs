@@ -8,6 +8,8 @@
 use tonic::Request;
 use tonic::transport::server::UdsConnectInfo;
 
+use crate::connections::GuardedInfo;
+
 /// The allow-lists of one environment; empty lists mean "open".
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AccessPolicy {
@@ -26,11 +28,12 @@ pub enum Caller {
 
 impl Caller {
     pub fn of<T>(request: &Request<T>) -> Self {
-        match request
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|info| info.peer_cred)
-        {
+        let extensions = request.extensions();
+        let unix = extensions
+            .get::<GuardedInfo<UdsConnectInfo>>()
+            .map(|info| &info.inner)
+            .or_else(|| extensions.get::<UdsConnectInfo>());
+        match unix.and_then(|info| info.peer_cred) {
             Some(cred) => Caller::Unix {
                 uid: cred.uid(),
                 gid: cred.gid(),

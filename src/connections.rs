@@ -1,0 +1,558 @@
+//! Accepting connections so that no local user can exhaust the daemon:
+//! every listener (each gRPC address and the admin address) accepts within
+//! its own budget of open connections, so a flood on one never starves the
+//! others; accept errors such as EMFILE back off instead of spinning; and
+//! every connection must deliver its first request within a deadline
+//! (which covers a missing HTTP/2 preface, a TLS handshake and slowly sent
+//! headers alike) and is closed after an idle period with no request open.
+//! Each limit that bites is counted in a metric and logged at WARN, at most
+//! once per [`WARN_INTERVAL`] per listener.
+//!
+//! [`Guarded`] wraps each accepted socket; [`StreamTrackingLayer`] (gRPC)
+//! and [`track_requests`] (admin) tell it when requests start and end.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+use tracing::{debug, warn};
+
+use crate::metrics::{ClosedLabels, ListenerLabels, Metrics};
+
+/// Limit warnings are logged at most this often per listener and kind.
+pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// File descriptors kept out of the listeners' budgets (token endpoint
+/// connections, key files, the runtime's own).
+pub const RESERVED_FDS: u64 = 64;
+
+/// What one listener allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Open connections; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// From accept to the first request's headers (TLS handshake included).
+    pub handshake_timeout: Duration,
+    /// A connection with no request open for this long is closed.
+    pub idle_timeout: Duration,
+    /// Concurrent streams per HTTP/2 connection (advertised in SETTINGS).
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit and returns the soft
+/// limit now in force (logged with the hard one).
+pub fn raise_fd_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (soft, hard) = (limit.current, limit.maximum);
+    if soft != hard {
+        let raised = rustix::process::Rlimit {
+            current: hard,
+            maximum: hard,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            warn!(soft = ?soft, hard = ?hard, error = %e, "cannot raise the open-file limit");
+        }
+    }
+    let now = getrlimit(Resource::Nofile).current;
+    tracing::info!(soft_before = ?soft, soft = ?now, hard = ?hard, "open-file limit");
+    now.unwrap_or(u64::MAX)
+}
+
+/// Splits the open-file limit between `listeners`, keeping [`RESERVED_FDS`]
+/// free: each listener gets at most `configured` and at most its share, so
+/// that together they can never take every descriptor.
+pub fn per_listener_budget(configured: usize, fd_limit: u64, listeners: usize) -> usize {
+    let share = fd_limit.saturating_sub(RESERVED_FDS) / listeners.max(1) as u64;
+    configured.min(share.max(1) as usize)
+}
+
+/// What one connection is doing, shared between its socket and the
+/// requests it carries.
+#[derive(Debug)]
+pub struct Activity {
+    open_requests: AtomicUsize,
+    seen_request: AtomicBool,
+    idle_since: Mutex<Instant>,
+    /// The connection's task, woken when the last request ends so that it
+    /// arms the idle timer.
+    waker: AtomicWaker,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            open_requests: AtomicUsize::new(0),
+            seen_request: AtomicBool::new(false),
+            idle_since: Mutex::new(Instant::now()),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    /// Marks a request open until the returned guard is dropped; the
+    /// count of requests open on the connection, this one included.
+    pub fn begin(self: &Arc<Self>) -> (RequestGuard, usize) {
+        self.seen_request.store(true, Ordering::Release);
+        let open = self.open_requests.fetch_add(1, Ordering::AcqRel) + 1;
+        (RequestGuard(self.clone()), open)
+    }
+
+    /// When the connection must have done something by, if anything.
+    fn deadline(&self, accepted: Instant, limits: &ConnectionLimits) -> Option<(Instant, &'static str)> {
+        if self.open_requests.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        if !self.seen_request.load(Ordering::Acquire) {
+            return Some((accepted + limits.handshake_timeout, "handshake_timeout"));
+        }
+        let idle_since = *self.idle_since.lock().unwrap_or_else(|p| p.into_inner());
+        Some((idle_since + limits.idle_timeout, "idle_timeout"))
+    }
+}
+
+/// Keeps a request counted as open on its connection.
+pub struct RequestGuard(Arc<Activity>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if self.0.open_requests.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            self.0.waker.wake();
+        }
+    }
+}
+
+/// A listener's name in metrics and logs, its limits, and its counters.
+pub struct ListenerGuard {
+    labels: ListenerLabels,
+    limits: ConnectionLimits,
+    budget: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    last_warning: Mutex<[Option<Instant>; 3]>,
+}
+
+#[derive(Clone, Copy)]
+enum Warning {
+    ConnectionLimit = 0,
+    AcceptError = 1,
+    StreamLimit = 2,
+}
+
+impl ListenerGuard {
+    pub fn new(name: String, limits: ConnectionLimits, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            labels: ListenerLabels { listener: name },
+            budget: Arc::new(Semaphore::new(limits.max_connections)),
+            limits,
+            metrics,
+            last_warning: Mutex::new([None; 3]),
+        })
+    }
+
+    pub fn limits(&self) -> &ConnectionLimits {
+        &self.limits
+    }
+
+    /// Whether a warning of this kind is due (rate limit).
+    fn warn_due(&self, kind: Warning) -> bool {
+        let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let slot = &mut last[kind as usize];
+        if slot.is_some_and(|at| now - at < WARN_INTERVAL) {
+            return false;
+        }
+        *slot = Some(now);
+        true
+    }
+
+    /// A slot in this listener's budget; waits (and says so) when full.
+    async fn admit(&self) -> OwnedSemaphorePermit {
+        if let Ok(permit) = self.budget.clone().try_acquire_owned() {
+            return permit;
+        }
+        self.metrics.connection_limit_reached.get_or_create(&self.labels).inc();
+        if self.warn_due(Warning::ConnectionLimit) {
+            warn!(listener = %self.labels.listener, max_connections = self.limits.max_connections,
+                  "connection limit reached; new connections wait in the backlog");
+        }
+        self.budget
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the budget semaphore is never closed")
+    }
+
+    /// An accept error: counted, logged (rate-limited), and waited out when
+    /// it is about resources (EMFILE, ENFILE, ENOBUFS, ENOMEM), so that a
+    /// full descriptor table does not turn the accept loop into a spin.
+    async fn accept_failed(&self, error: io::Error, backoff: &mut Duration) {
+        self.metrics.accept_errors.get_or_create(&self.labels).inc();
+        use rustix::io::Errno;
+        let resource = error
+            .raw_os_error()
+            .map(Errno::from_raw_os_error)
+            .is_some_and(|e| [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM].contains(&e));
+        if self.warn_due(Warning::AcceptError) {
+            warn!(listener = %self.labels.listener, error = %error, "cannot accept a connection");
+        }
+        if resource {
+            tokio::time::sleep(*backoff).await;
+            *backoff = (*backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Counts a request that filled its connection's stream budget.
+    fn stream_limit_reached(&self) {
+        self.metrics.stream_limit_reached.get_or_create(&self.labels).inc();
+        if self.warn_due(Warning::StreamLimit) {
+            warn!(listener = %self.labels.listener, max_concurrent_streams = self.limits.max_concurrent_streams,
+                  "a connection reached its concurrent stream limit; further streams wait");
+        }
+    }
+
+    fn guard<IO>(self: &Arc<Self>, io: IO, permit: OwnedSemaphorePermit) -> Guarded<IO> {
+        self.metrics.connections.get_or_create(&self.labels).inc();
+        Guarded {
+            io,
+            activity: Arc::new(Activity::new()),
+            listener: self.clone(),
+            accepted: Instant::now(),
+            timer: Box::pin(tokio::time::sleep_until(Instant::now())),
+            armed_for: None,
+            expired: None,
+            _permit: permit,
+        }
+    }
+}
+
+/// A socket a listener can accept.
+pub trait Accept: Send + Sync + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Io = TcpStream;
+    async fn accept(&self) -> io::Result<TcpStream> {
+        let (stream, _) = TcpListener::accept(self).await?;
+        // Small replies must not wait for Nagle's algorithm (~40 ms).
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+impl Accept for UnixListener {
+    type Io = UnixStream;
+    async fn accept(&self) -> io::Result<UnixStream> {
+        UnixListener::accept(self).await.map(|(stream, _)| stream)
+    }
+}
+
+/// Accepts the next connection within the listener's budget.
+pub async fn accept<L: Accept>(listener: &L, guard: &Arc<ListenerGuard>) -> Guarded<L::Io> {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let permit = guard.admit().await;
+        match listener.accept().await {
+            Ok(io) => return guard.guard(io, permit),
+            Err(e) => guard.accept_failed(e, &mut backoff).await,
+        }
+    }
+}
+
+/// The connections of `listener`, as a stream for tonic's `serve_with_incoming`.
+pub fn incoming<L: Accept>(
+    listener: L,
+    guard: Arc<ListenerGuard>,
+) -> impl futures_util::Stream<Item = io::Result<Guarded<L::Io>>> + Send + 'static {
+    futures_util::stream::unfold((listener, guard), |(listener, guard)| async move {
+        let conn = accept(&listener, &guard).await;
+        Some((Ok(conn), (listener, guard)))
+    })
+}
+
+/// An accepted socket under its listener's deadlines. Reading fails with
+/// `TimedOut` once a deadline passes, which makes the server close it.
+pub struct Guarded<IO> {
+    io: IO,
+    activity: Arc<Activity>,
+    listener: Arc<ListenerGuard>,
+    accepted: Instant,
+    timer: Pin<Box<Sleep>>,
+    armed_for: Option<Instant>,
+    expired: Option<&'static str>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<IO> Guarded<IO> {
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
+    }
+
+    /// `Err` once the connection has outlived its deadline.
+    fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.expired.is_none() {
+            self.activity.waker.register(cx.waker());
+            let Some((deadline, reason)) = self.activity.deadline(self.accepted, &self.listener.limits) else {
+                return Ok(());
+            };
+            if self.armed_for != Some(deadline) {
+                self.timer.as_mut().reset(deadline);
+                self.armed_for = Some(deadline);
+            }
+            if Instant::now() < deadline && self.timer.as_mut().poll(cx).is_pending() {
+                return Ok(());
+            }
+            self.expired = Some(reason);
+            let labels = ClosedLabels {
+                listener: self.listener.labels.listener.clone(),
+                reason,
+            };
+            self.listener.metrics.connections_closed.get_or_create(&labels).inc();
+            debug!(listener = %labels.listener, reason, "closing a connection");
+        }
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            self.expired.unwrap_or("connection deadline passed"),
+        ))
+    }
+}
+
+impl<IO> Drop for Guarded<IO> {
+    fn drop(&mut self) {
+        self.listener
+            .metrics
+            .connections
+            .get_or_create(&self.listener.labels)
+            .dec();
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Err(e) = self.check_deadline(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// What tonic records about a guarded connection: the socket's own
+/// connect info (peer credentials on a Unix socket) and its activity.
+#[derive(Clone, Debug)]
+pub struct GuardedInfo<I> {
+    pub inner: I,
+    pub activity: Arc<Activity>,
+    listener: Arc<ListenerGuard>,
+}
+
+impl std::fmt::Debug for ListenerGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerGuard")
+            .field("listener", &self.labels.listener)
+            .finish()
+    }
+}
+
+impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected for Guarded<IO> {
+    type ConnectInfo = GuardedInfo<IO::ConnectInfo>;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        GuardedInfo {
+            inner: self.io.connect_info(),
+            activity: self.activity.clone(),
+            listener: self.listener.clone(),
+        }
+    }
+}
+
+/// The connection a gRPC request arrived on, whatever the transport.
+fn request_connection(extensions: &http::Extensions) -> Option<(&Arc<Activity>, &Arc<ListenerGuard>)> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
+    extensions
+        .get::<GuardedInfo<UdsConnectInfo>>()
+        .map(|i| (&i.activity, &i.listener))
+        .or_else(|| {
+            extensions
+                .get::<GuardedInfo<TcpConnectInfo>>()
+                .map(|i| (&i.activity, &i.listener))
+        })
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<GuardedInfo<TcpConnectInfo>>>()
+                .map(|i| (&i.get_ref().activity, &i.get_ref().listener))
+        })
+}
+
+/// Counts every gRPC request as open on its connection until its response
+/// body has been sent (a WatchToken stream stays open for its lifetime).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StreamTrackingLayer;
+
+impl<S> tower::Layer<S> for StreamTrackingLayer {
+    type Service = StreamTracking<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        StreamTracking { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct StreamTracking<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for StreamTracking<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let guard = request_connection(request.extensions()).map(|(activity, listener)| {
+            let (guard, open) = activity.begin();
+            if open >= listener.limits.max_concurrent_streams as usize {
+                listener.stream_limit_reached();
+            }
+            guard
+        });
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(match guard {
+                Some(guard) => response.map(|body| tonic::body::Body::new(GuardedBody { body, _guard: guard })),
+                None => response,
+            })
+        })
+    }
+}
+
+/// A response body that keeps its request counted until it is dropped.
+struct GuardedBody {
+    body: tonic::body::Body,
+    _guard: RequestGuard,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A TCP listener for axum under a [`ListenerGuard`].
+pub struct GuardedTcpListener {
+    pub listener: TcpListener,
+    pub guard: Arc<ListenerGuard>,
+}
+
+impl axum::serve::Listener for GuardedTcpListener {
+    type Io = Guarded<TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let conn = accept(&self.listener, &self.guard).await;
+            // The peer address is only for axum's ConnectInfo; a socket
+            // that already went away is dropped here.
+            if let Ok(addr) = conn.io.peer_addr() {
+                return (conn, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
+}
+
+/// The activity of the connection an admin request arrived on.
+#[derive(Clone, Debug)]
+pub struct AdminConnection(pub Arc<Activity>);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, GuardedTcpListener>> for AdminConnection {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, GuardedTcpListener>) -> Self {
+        AdminConnection(stream.io().activity.clone())
+    }
+}
+
+/// axum middleware: counts an admin request as open while it is handled.
+pub async fn track_requests(
+    axum::extract::ConnectInfo(connection): axum::extract::ConnectInfo<AdminConnection>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let (_guard, _) = connection.0.begin();
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_fit_in_the_fd_limit() {
+        assert_eq!(per_listener_budget(1024, 1_048_576, 3), 1024);
+        assert_eq!(per_listener_budget(1024, 256, 3), 64);
+        assert_eq!(per_listener_budget(1024, 10, 3), 1);
+        assert_eq!(per_listener_budget(1024, u64::MAX, 3), 1024);
+    }
+}
