@@ -215,6 +215,28 @@ async fn rejected_tokens_are_replaced_once_and_rate_limited() {
     assert!(Instant::now() - before <= secs(5));
 }
 
+/// Found by the long-run simulation: an endpoint that answers a forced
+/// refresh with the very token the API rejected must not have that token
+/// handed back as its replacement.
+#[tokio::test(start_paused = true)]
+async fn a_rejected_token_re_issued_by_the_endpoint_is_not_its_replacement() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    let h = start(&ep);
+    let t1 = h.started().await.token.unwrap();
+    ep.push(Reply::Same);
+    let outcome = h.replace_rejected(&t1.token_id).await;
+    assert!(
+        matches!(&outcome, Err(RefreshOutcome::Unavailable { reason, .. }) if reason.contains("rejected token again")),
+        "{outcome:?}"
+    );
+    assert_eq!(ep.call_count(), 2, "one forced refresh was made");
+    // Readers still get the token (only the caller knows the API refused it).
+    assert_eq!(h.current().unwrap().token_id, t1.token_id);
+    // The next forced refresh, after the rate limit, brings a new one.
+    let t2 = h.replace_rejected(&t1.token_id).await.unwrap();
+    assert_ne!(t2.token_id, t1.token_id);
+}
+
 #[tokio::test(start_paused = true)]
 async fn early_refresh_does_not_bypass_backoff_or_exceed_the_lifetime() {
     let ep = FakeEndpoint::new(LIFETIME);

@@ -654,8 +654,14 @@ impl<E: TokenEndpoint> Task<E> {
         let now = Instant::now();
         for waiter in std::mem::take(&mut self.waiters) {
             let answer = match (&self.token, self.failures) {
+                (Some(token), 0) if waiter.need.met_by(token, now) => Ok(token.clone()),
                 (Some(token), 0) if token.is_servable(now) => match self.attainable(&waiter.need) {
-                    Ok(()) => Ok(token.clone()),
+                    // The endpoint answered, but with a token that does not
+                    // do: it re-issued the one the API rejected.
+                    Ok(()) => Err(RefreshOutcome::Unavailable {
+                        reason: "the token endpoint issued the rejected token again".into(),
+                        next_attempt: Some(self.next_attempt),
+                    }),
                     Err(outcome) => Err(outcome),
                 },
                 _ => Err(self.unavailable()),
