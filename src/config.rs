@@ -218,9 +218,8 @@ impl Config {
 
     /// As [`Config::load`], with the environment given explicitly (tests).
     pub fn load_with_env(path: Option<&Path>, env: Option<HashMap<String, String>>) -> Result<Loaded, ConfigError> {
-        let mut builder = config::Config::builder();
-        if let Some(path) = path {
-            if !path.is_file() {
+        let file = match path {
+            Some(path) if !path.is_file() => {
                 return Err(ConfigError {
                     problems: vec![format!(
                         "config file {} does not exist or is not a file",
@@ -228,7 +227,25 @@ impl Config {
                     )],
                 });
             }
-            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
+            Some(path) => Some(config::File::from(path).format(config::FileFormat::Toml).required(true)),
+            None => None,
+        };
+        Self::merge_and_validate(file, env)
+    }
+
+    /// Validates TOML text with exactly the given environment overrides
+    /// (for fuzzing and tests; nothing of the process environment is read).
+    pub fn from_toml_str(text: &str, env: HashMap<String, String>) -> Result<Loaded, ConfigError> {
+        Self::merge_and_validate(Some(config::File::from_str(text, config::FileFormat::Toml)), Some(env))
+    }
+
+    fn merge_and_validate<S>(file: Option<S>, env: Option<HashMap<String, String>>) -> Result<Loaded, ConfigError>
+    where
+        S: config::Source + Send + Sync + 'static,
+    {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(file);
         }
         let mut env_source = config::Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("__")

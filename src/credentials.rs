@@ -114,12 +114,33 @@ impl ValueSource {
     }
 }
 
+/// The largest secret file read: client ids and secrets are short, and a
+/// path such as /dev/zero must not exhaust memory.
+const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// Reads a regular file of at most [`MAX_SECRET_FILE_BYTES`] (a FIFO or a
+/// device is refused rather than read).
 fn read_file(what: &'static str, path: &Path) -> Result<String, CredentialsError> {
-    std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
+    use std::io::Read;
+    let fail = |source: std::io::Error| CredentialsError::Read {
         what,
         path: path.to_owned(),
         source,
-    })
+    };
+    let invalid = |message: String| fail(std::io::Error::new(std::io::ErrorKind::InvalidData, message));
+    if !std::fs::metadata(path).map_err(fail)?.is_file() {
+        return Err(invalid("not a regular file".into()));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(fail)?
+        .take(MAX_SECRET_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(fail)?;
+    if text.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(invalid(format!("larger than {MAX_SECRET_FILE_BYTES} bytes")));
+    }
+    Ok(text)
 }
 
 /// How to obtain one API key.

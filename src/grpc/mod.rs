@@ -14,7 +14,7 @@ pub mod tls;
 
 use std::time::{Duration, SystemTime};
 
-pub use service::TokenBrokerService;
+pub use service::{TokenBrokerService, parse_grpc_timeout};
 pub use status::BrokerError;
 
 /// Generated protobuf and gRPC code.

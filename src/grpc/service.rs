@@ -258,7 +258,7 @@ fn environment_status(source: &TokenSourceHandle) -> pb::EnvironmentStatus {
 }
 
 /// Parses the `grpc-timeout` header: up to 8 digits and a unit (H M S m u n).
-fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
         return None;
     }
