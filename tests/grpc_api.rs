@@ -595,3 +595,47 @@ async fn allow_lists_gate_environments_by_unix_peer_credentials() {
         );
     }
 }
+
+/// A connection with nothing open is closed after `idle_timeout`; one that
+/// carries a WatchToken stream is not, however long the stream is quiet.
+#[tokio::test]
+async fn idle_connections_are_closed_but_open_streams_keep_theirs() {
+    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(4), |_, config| {
+        config.server.limits.idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut watcher = broker.client().await;
+    let mut stream = support::open_watch(&mut watcher, SANDBOX).await;
+    support::next_token(&mut stream).await;
+    let mut idle = broker.client().await;
+    support::current_token(&mut idle, SANDBOX).await;
+
+    let admin = broker.daemon.admin_addr.unwrap();
+    let series = format!(
+        "flute_broker_connections_closed_total{{listener=\"grpc:{}\",reason=\"idle_timeout\"}}",
+        broker.tcp.trim_start_matches("http://")
+    );
+    let closed = async {
+        loop {
+            let text = support::http_client()
+                .get(format!("http://{admin}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if text.lines().any(|l| l.starts_with(&series) && !l.ends_with(" 0")) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .expect("the idle connection is closed");
+    // The stream's connection is still there: it carries the next rotation.
+    support::next_token(&mut stream).await;
+    // And the idle client simply reconnects.
+    support::current_token(&mut idle, SANDBOX).await;
+}
