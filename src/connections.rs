@@ -548,6 +548,17 @@ pub async fn track_requests(
 mod tests {
     use super::*;
 
+    /// Both the gRPC and the admin listener accept through this: every
+    /// accepted TCP socket has Nagle's algorithm off.
+    #[tokio::test]
+    async fn accepted_tcp_sockets_have_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let guard = ListenerGuard::new("test".into(), ConnectionLimits::default(), Arc::new(Metrics::new()));
+        let (_client, accepted) = tokio::join!(TcpStream::connect(addr), accept(&listener, &guard));
+        assert!(accepted.io.nodelay().unwrap());
+    }
+
     #[test]
     fn budgets_fit_in_the_fd_limit() {
         assert_eq!(per_listener_budget(1024, 1_048_576, 3), 1024);
