@@ -79,11 +79,11 @@ async fn fan_out(addr: &str, watchers: usize, rounds: usize) {
     let mut client = cli::connect(addr, Duration::from_secs(5)).await.unwrap();
     let mut streams = Vec::new();
     for i in 0..watchers {
-        let mut c = if i % 100 == 0 {
-            cli::connect(addr, Duration::from_secs(5)).await.unwrap()
-        } else {
-            client.clone()
-        };
+        // 100 streams per connection, well inside server.max_concurrent_streams.
+        if i % 100 == 0 {
+            client = cli::connect(addr, Duration::from_secs(5)).await.unwrap();
+        }
+        let mut c = client.clone();
         let mut s = c
             .watch_token(pb::WatchTokenRequest { environment: SANDBOX })
             .await

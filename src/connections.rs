@@ -13,12 +13,11 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -53,7 +52,7 @@ impl Default for ConnectionLimits {
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
-            max_concurrent_streams: 256,
+            max_concurrent_streams: 1024,
         }
     }
 }
@@ -92,19 +91,19 @@ pub fn per_listener_budget(configured: usize, fd_limit: u64, listeners: usize) -
 pub struct Activity {
     open_requests: AtomicUsize,
     seen_request: AtomicBool,
-    idle_since: Mutex<Instant>,
-    /// The connection's task, woken when the last request ends so that it
-    /// arms the idle timer.
-    waker: AtomicWaker,
+    /// When the connection was accepted; `idle_since` counts from here.
+    accepted: Instant,
+    /// Nanoseconds after `accepted` at which the last request ended.
+    idle_since: AtomicU64,
 }
 
 impl Activity {
-    fn new() -> Self {
+    fn new(accepted: Instant) -> Self {
         Self {
             open_requests: AtomicUsize::new(0),
             seen_request: AtomicBool::new(false),
-            idle_since: Mutex::new(Instant::now()),
-            waker: AtomicWaker::new(),
+            accepted,
+            idle_since: AtomicU64::new(0),
         }
     }
 
@@ -117,14 +116,14 @@ impl Activity {
     }
 
     /// When the connection must have done something by, if anything.
-    fn deadline(&self, accepted: Instant, limits: &ConnectionLimits) -> Option<(Instant, &'static str)> {
+    fn deadline(&self, limits: &ConnectionLimits) -> Option<(Instant, &'static str)> {
         if self.open_requests.load(Ordering::Acquire) > 0 {
             return None;
         }
         if !self.seen_request.load(Ordering::Acquire) {
-            return Some((accepted + limits.handshake_timeout, "handshake_timeout"));
+            return Some((self.accepted + limits.handshake_timeout, "handshake_timeout"));
         }
-        let idle_since = *self.idle_since.lock().unwrap_or_else(|p| p.into_inner());
+        let idle_since = self.accepted + Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
         Some((idle_since + limits.idle_timeout, "idle_timeout"))
     }
 }
@@ -135,8 +134,8 @@ pub struct RequestGuard(Arc<Activity>);
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         if self.0.open_requests.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-            self.0.waker.wake();
+            let since = Instant::now().saturating_duration_since(self.0.accepted);
+            self.0.idle_since.fetch_max(since.as_nanos() as u64, Ordering::AcqRel);
         }
     }
 }
@@ -231,13 +230,15 @@ impl ListenerGuard {
 
     fn guard<IO>(self: &Arc<Self>, io: IO, permit: OwnedSemaphorePermit) -> Guarded<IO> {
         self.metrics.connections.get_or_create(&self.labels).inc();
+        let accepted = Instant::now();
         Guarded {
             io,
-            activity: Arc::new(Activity::new()),
+            activity: Arc::new(Activity::new(accepted)),
             listener: self.clone(),
-            accepted: Instant::now(),
-            timer: Box::pin(tokio::time::sleep_until(Instant::now())),
-            armed_for: None,
+            // No deadline can come sooner than this one (see `check_deadline`).
+            timer: Box::pin(tokio::time::sleep_until(
+                accepted + self.limits.handshake_timeout.min(self.limits.idle_timeout),
+            )),
             expired: None,
             _permit: permit,
         }
@@ -292,13 +293,15 @@ pub fn incoming<L: Accept>(
 
 /// An accepted socket under its listener's deadlines. Reading fails with
 /// `TimedOut` once a deadline passes, which makes the server close it.
+///
+/// The timer is armed at or before the connection's real deadline and
+/// re-armed only when it fires, so requests cost a few atomic operations
+/// and no timer work: a deadline only ever moves later.
 pub struct Guarded<IO> {
     io: IO,
     activity: Arc<Activity>,
     listener: Arc<ListenerGuard>,
-    accepted: Instant,
     timer: Pin<Box<Sleep>>,
-    armed_for: Option<Instant>,
     expired: Option<&'static str>,
     _permit: OwnedSemaphorePermit,
 }
@@ -310,30 +313,29 @@ impl<IO> Guarded<IO> {
 
     /// `Err` once the connection has outlived its deadline.
     fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if self.expired.is_none() {
-            self.activity.waker.register(cx.waker());
-            let Some((deadline, reason)) = self.activity.deadline(self.accepted, &self.listener.limits) else {
-                return Ok(());
-            };
-            if self.armed_for != Some(deadline) {
-                self.timer.as_mut().reset(deadline);
-                self.armed_for = Some(deadline);
+        while self.expired.is_none() && self.timer.as_mut().poll(cx).is_ready() {
+            let limits = &self.listener.limits;
+            let now = Instant::now();
+            match self.activity.deadline(limits) {
+                Some((deadline, _)) if now < deadline => self.timer.as_mut().reset(deadline),
+                Some((_, reason)) => {
+                    self.expired = Some(reason);
+                    let labels = ClosedLabels {
+                        listener: self.listener.labels.listener.clone(),
+                        reason,
+                    };
+                    self.listener.metrics.connections_closed.get_or_create(&labels).inc();
+                    debug!(listener = %labels.listener, reason, "closing a connection");
+                }
+                // Requests are open: no deadline now; the earliest one there
+                // can be is an idle period after the last request ends.
+                None => self.timer.as_mut().reset(now + limits.idle_timeout),
             }
-            if Instant::now() < deadline && self.timer.as_mut().poll(cx).is_pending() {
-                return Ok(());
-            }
-            self.expired = Some(reason);
-            let labels = ClosedLabels {
-                listener: self.listener.labels.listener.clone(),
-                reason,
-            };
-            self.listener.metrics.connections_closed.get_or_create(&labels).inc();
-            debug!(listener = %labels.listener, reason, "closing a connection");
         }
-        Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            self.expired.unwrap_or("connection deadline passed"),
-        ))
+        match self.expired {
+            None => Ok(()),
+            Some(reason) => Err(io::Error::new(io::ErrorKind::TimedOut, reason)),
+        }
     }
 }
 
