@@ -5,9 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flute_token_broker::cli;
-use flute_token_broker::config::{Config, ListenAddr};
+use flute_token_broker::client;
+use flute_token_broker::config::Config;
 use flute_token_broker::daemon;
+use flute_token_broker::grpc::listener::ListenAddr;
 use flute_token_broker::grpc::pb::{self, watch_token_response::Update};
 use tokio_stream::StreamExt;
 
@@ -25,7 +26,7 @@ fn request() -> pb::GetTokenRequest {
 }
 
 async fn latency(addr: &str, calls: usize) {
-    let mut client = cli::connect(addr, Duration::from_secs(5)).await.unwrap();
+    let mut client = client::connect(addr, Duration::from_secs(5)).await.unwrap();
     for _ in 0..1000 {
         client.get_token(request()).await.unwrap();
     }
@@ -50,7 +51,7 @@ async fn latency(addr: &str, calls: usize) {
 async fn throughput(addr: &str, channels: usize, tasks: usize, calls_per_task: usize) {
     let mut clients = Vec::new();
     for _ in 0..channels {
-        clients.push(cli::connect(addr, Duration::from_secs(5)).await.unwrap());
+        clients.push(client::connect(addr, Duration::from_secs(5)).await.unwrap());
     }
     let start = Instant::now();
     let handles: Vec<_> = (0..tasks)
@@ -76,12 +77,12 @@ async fn throughput(addr: &str, channels: usize, tasks: usize, calls_per_task: u
 }
 
 async fn fan_out(addr: &str, watchers: usize, rounds: usize) {
-    let mut client = cli::connect(addr, Duration::from_secs(5)).await.unwrap();
+    let mut client = client::connect(addr, Duration::from_secs(5)).await.unwrap();
     let mut streams = Vec::new();
     for i in 0..watchers {
         // 100 streams per connection, well inside server.max_concurrent_streams.
         if i % 100 == 0 {
-            client = cli::connect(addr, Duration::from_secs(5)).await.unwrap();
+            client = client::connect(addr, Duration::from_secs(5)).await.unwrap();
         }
         let mut c = client.clone();
         let mut s = c

@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -16,7 +16,9 @@ use serde_json::{Map, Value, json};
 use crate::credentials::{KeySource, ValueSource};
 use crate::environment::Environment;
 use crate::grpc::access::AccessPolicy;
+use crate::grpc::listener::ListenAddr;
 use crate::grpc::tls::ServerTlsFiles;
+use crate::logging::LogFormat;
 use crate::oauth::{ClientAuth, LifetimeBounds};
 use crate::token::RefreshPolicy;
 
@@ -27,42 +29,6 @@ const MINUTES_10: Duration = Duration::from_secs(600);
 
 /// Prefix of environment overrides: `FLUTE_BROKER__SERVER__LISTEN`.
 pub const ENV_PREFIX: &str = "FLUTE_BROKER";
-
-/// Where the gRPC service listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ListenAddr {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
-}
-
-impl std::str::FromStr for ListenAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() || !Path::new(path).is_absolute() {
-                return Err(format!("{s:?}: a Unix socket path must be absolute (unix:/run/...)"));
-            }
-            return Ok(ListenAddr::Unix(path.into()));
-        }
-        let s = s.strip_prefix("http://").unwrap_or(s);
-        if let Some(port) = s.strip_prefix("localhost:") {
-            let port: u16 = port.parse().map_err(|_| format!("{s:?}: invalid port"))?;
-            return Ok(ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], port))));
-        }
-        s.parse()
-            .map(ListenAddr::Tcp)
-            .map_err(|_| format!("{s:?}: expected HOST:PORT (an IP address) or unix:/PATH"))
-    }
-}
-
-impl std::fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ListenAddr::Tcp(a) => write!(f, "{a}"),
-            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServerConfig {
@@ -81,14 +47,6 @@ pub struct ServerConfig {
     /// Per-listener connection budget, deadlines and stream cap (the admin
     /// listener included).
     pub limits: crate::connections::ConnectionLimits,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Text on a terminal, JSON otherwise.
-    Auto,
-    Text,
-    Json,
 }
 
 #[derive(Clone, Debug, PartialEq)]

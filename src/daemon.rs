@@ -14,11 +14,12 @@ use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ListenAddr};
+use crate::config::Config;
 use crate::connections::{AdminConnection, GuardedTcpListener, ListenerGuard, StreamTrackingLayer, incoming};
 use crate::credentials::{CredentialsError, KeySource};
 use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator};
 use crate::environment::Environment;
+use crate::grpc::listener::ListenAddr;
 use crate::grpc::listener::{self, Bound, ListenError, UnixSocketOptions};
 use crate::grpc::pb::token_broker_server::TokenBrokerServer;
 use crate::grpc::{TokenBrokerService, health, pb};

@@ -12,13 +12,13 @@
 //! - [`connections`]: per-listener connection budgets, handshake and idle deadlines, the fd limit.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`daemon`]: wiring, credential reload, graceful shutdown, dev mode.
-//! - [`cli`]: the `get`, `watch` and `status` client commands.
+//! - [`client`]: the gRPC client of the broker behind the `get`, `watch` and `status` commands.
 //! - [`systemd`], [`logging`], [`metrics`]: operations.
 //! - [`duration`]: human-readable durations.
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod cli;
+pub mod client;
 pub mod config;
 pub mod connections;
 pub mod credentials;
@@ -34,3 +34,40 @@ pub mod systemd;
 pub mod token;
 
 pub use environment::Environment;
+
+/// Installs ring as the process-wide rustls provider, for the token
+/// endpoint client and the gRPC TLS listeners alike (one crypto stack).
+/// Later calls do nothing.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// An error and its sources on one line (`a: b: c`). A source whose text the
+/// line already holds is skipped: many libraries repeat their cause.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_chain_skips_repeated_causes() {
+        let inner = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused (os error 111)",
+        );
+        let outer = std::io::Error::other(inner);
+        // io::Error's Display already shows the wrapped error's text.
+        assert_eq!(super::error_chain(&outer), "Connection refused (os error 111)");
+    }
+}

@@ -10,10 +10,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use flute_token_broker::cli::{self, TokenFormat};
-use flute_token_broker::config::{Config, EXIT_CONFIG, ListenAddr, Loaded};
+use flute_token_broker::client::{self, TokenFormat};
+use flute_token_broker::config::{Config, EXIT_CONFIG, Loaded};
 use flute_token_broker::daemon::{self, RunningDaemon};
 use flute_token_broker::emulator::{Emulator, EmulatorConfig};
+use flute_token_broker::grpc::listener::ListenAddr;
 use flute_token_broker::grpc::tls::ClientTlsFiles;
 use flute_token_broker::{Environment, duration, logging, systemd};
 
@@ -92,7 +93,7 @@ struct ServeArgs {
 #[derive(clap::Args)]
 struct ClientArgs {
     /// The broker: unix:/path/to.sock or http://host:port.
-    #[arg(long, env = "FLUTE_BROKER_ADDR", default_value = cli::DEFAULT_ADDR)]
+    #[arg(long, env = "FLUTE_BROKER_ADDR", default_value = client::DEFAULT_ADDR)]
     addr: String,
     /// Give up after this long.
     #[arg(long, default_value = "10s", value_parser = duration::parse)]
@@ -109,8 +110,8 @@ struct ClientArgs {
 }
 
 impl ClientArgs {
-    fn target(&self) -> cli::Target {
-        let mut target = cli::Target::new(self.addr.clone(), self.timeout);
+    fn target(&self) -> client::Target {
+        let mut target = client::Target::new(self.addr.clone(), self.timeout);
         target.tls = ClientTlsFiles {
             ca_file: self.ca_file.clone(),
             cert_file: self.cert_file.clone(),
@@ -168,12 +169,16 @@ async fn run(command: Command) -> u8 {
             min_remaining,
             format,
         } => print_result(
-            cli::get(&client.target(), env, min_remaining, format)
+            client::get(&client.target(), env, min_remaining, format)
                 .await
                 .and_then(|t| print_out(format_args!("{t}\n"))),
         ),
-        Command::Watch { client, env } => print_result(cli::watch(&client.target(), env, &mut std::io::stdout()).await),
-        Command::Status { client, json } => print_result(cli::status(&client.target(), json).await.and_then(print_out)),
+        Command::Watch { client, env } => {
+            print_result(client::watch(&client.target(), env, &mut std::io::stdout()).await)
+        }
+        Command::Status { client, json } => {
+            print_result(client::status(&client.target(), json).await.and_then(print_out))
+        }
         Command::Emulator(args) => match run_emulator(args).await {
             Ok(()) => 0,
             Err(e) => {
@@ -184,13 +189,13 @@ async fn run(command: Command) -> u8 {
     }
 }
 
-fn print_out(text: impl std::fmt::Display) -> Result<(), cli::ClientError> {
-    logging::to_stdout(text).map_err(cli::ClientError::Output)
+fn print_out(text: impl std::fmt::Display) -> Result<(), client::ClientError> {
+    logging::to_stdout(text).map_err(client::ClientError::Output)
 }
 
-fn print_result(result: Result<(), cli::ClientError>) -> u8 {
+fn print_result(result: Result<(), client::ClientError>) -> u8 {
     match result {
-        Ok(()) => cli::exit::OK,
+        Ok(()) => client::exit::OK,
         Err(e) => {
             logging::to_stderr(format_args!("error: {e}"));
             e.exit_code()
@@ -213,7 +218,7 @@ fn check_config(path: Option<PathBuf>) -> u8 {
             }
             if let Err(e) = logging::to_stdout(loaded.config.to_toml()) {
                 logging::to_stderr(format_args!("error: cannot write the output: {e}"));
-                return cli::exit::IO_ERROR;
+                return client::exit::IO_ERROR;
             }
             logging::to_stderr("configuration is valid");
             0
@@ -248,7 +253,7 @@ async fn serve(args: ServeArgs) -> u8 {
                 Ok(addr) => Some(addr),
                 Err(_) => {
                     logging::to_stderr(format_args!("error: --admin-listen {text:?}: expected IP:PORT"));
-                    return cli::exit::USAGE;
+                    return client::exit::USAGE;
                 }
             },
         };
@@ -392,7 +397,7 @@ fn print_dev_banner(daemon: &RunningDaemon, emulator: &str, lifetime: Duration) 
 }
 
 async fn run_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
-    logging::init(flute_token_broker::config::LogFormat::Text, "info");
+    logging::init(flute_token_broker::logging::LogFormat::Text, "info");
     let secret = match (args.client_secret, args.client_secret_file) {
         (Some(s), _) => s,
         (None, Some(path)) => std::fs::read_to_string(&path)

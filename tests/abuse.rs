@@ -30,7 +30,7 @@ fn free_port() -> u16 {
 async fn connect_when_up(addr: &str) -> support::Client {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        match flute_token_broker::cli::connect(addr, Duration::from_secs(1)).await {
+        match flute_token_broker::client::connect(addr, Duration::from_secs(1)).await {
             Ok(client) => return client,
             Err(e) if tokio::time::Instant::now() > deadline => panic!("broker not up: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -152,7 +152,7 @@ async fn an_idle_connection_flood_starves_neither_the_unix_socket_nor_the_admin_
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let recovered = loop {
         let attempt = async {
-            let mut client = flute_token_broker::cli::connect(&format!("http://{tcp}"), Duration::from_secs(2))
+            let mut client = flute_token_broker::client::connect(&format!("http://{tcp}"), Duration::from_secs(2))
                 .await
                 .ok()?;
             client

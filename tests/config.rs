@@ -7,8 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use flute_token_broker::Environment;
-use flute_token_broker::config::{Config, ListenAddr};
+use flute_token_broker::config::Config;
 use flute_token_broker::credentials::ValueSource;
+use flute_token_broker::grpc::listener::ListenAddr;
 
 struct Fixture {
     dir: tempfile::TempDir,

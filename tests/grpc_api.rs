@@ -492,19 +492,19 @@ async fn stale_unix_socket_is_replaced_and_a_live_one_refused() {
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap()); // a crashed run's leftover
     assert!(path.exists());
     let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
-        config.server.listen = vec![flute_token_broker::config::ListenAddr::Unix(path.clone())];
+        config.server.listen = vec![flute_token_broker::grpc::listener::ListenAddr::Unix(path.clone())];
     })
     .await;
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o660);
-    let mut c = flute_token_broker::cli::connect(&format!("unix:{}", path.display()), Duration::from_secs(5))
+    let mut c = flute_token_broker::client::connect(&format!("unix:{}", path.display()), Duration::from_secs(5))
         .await
         .unwrap();
     assert!(c.get_token(get(SANDBOX)).await.is_ok());
 
     let config = support::broker_config(&broker.emulators, dir.path());
     let mut second = config.clone();
-    second.server.listen = vec![flute_token_broker::config::ListenAddr::Unix(path.clone())];
+    second.server.listen = vec![flute_token_broker::grpc::listener::ListenAddr::Unix(path.clone())];
     second.admin_listen = None;
     let err = flute_token_broker::daemon::start(second, None)
         .await

@@ -178,7 +178,7 @@ async fn reload_rejects_invalid_configuration_then_applies_a_new_key() {
     let config = Config::load(Some(&path)).unwrap().config;
     let running = daemon::start(config, Some(path.clone())).await.unwrap();
     let addr = running.grpc_addrs[0].to_string();
-    let mut client = flute_token_broker::cli::connect(&addr, Duration::from_secs(5))
+    let mut client = flute_token_broker::client::connect(&addr, Duration::from_secs(5))
         .await
         .unwrap();
     let mut watch = support::open_watch(&mut client, SANDBOX).await;

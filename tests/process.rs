@@ -77,7 +77,7 @@ async fn cli(args: &[&str]) -> (i32, String, String) {
 #[tokio::test]
 async fn sigterm_ends_watch_streams_with_unavailable_and_exits_zero() {
     let mut broker = start_dev("900s").await;
-    let mut client = flute_token_broker::cli::connect(&broker.addr, Duration::from_secs(5))
+    let mut client = flute_token_broker::client::connect(&broker.addr, Duration::from_secs(5))
         .await
         .unwrap();
     let mut watch = support::open_watch(&mut client, pb::Environment::Sandbox as i32).await;
@@ -169,7 +169,7 @@ async fn exit_codes_for_unreachable_bad_arguments_and_no_token() {
     assert_eq!(code, 2);
 
     let broker = start_dev("2s").await;
-    let mut client = flute_token_broker::cli::connect(&broker.addr, Duration::from_secs(5))
+    let mut client = flute_token_broker::client::connect(&broker.addr, Duration::from_secs(5))
         .await
         .unwrap();
     let mut watch = support::open_watch(&mut client, pb::Environment::Sandbox as i32).await;
@@ -277,7 +277,7 @@ async fn standalone_emulator_command_issues_tokens() {
 async fn connect_when_up(addr: &str) -> support::Client {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        match flute_token_broker::cli::connect(addr, Duration::from_secs(1)).await {
+        match flute_token_broker::client::connect(addr, Duration::from_secs(1)).await {
             Ok(client) => return client,
             Err(e) if tokio::time::Instant::now() > deadline => panic!("broker not up: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,

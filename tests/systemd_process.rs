@@ -88,7 +88,7 @@ async fn notify_reload_and_stop_under_systemd() {
     assert!(ready.contains("STATUS=sandbox: Ready"), "{ready}");
     expect_notify(&notify, "WATCHDOG=1").await;
 
-    let mut client = flute_token_broker::cli::connect(&format!("unix:{}", sock.display()), Duration::from_secs(5))
+    let mut client = flute_token_broker::client::connect(&format!("unix:{}", sock.display()), Duration::from_secs(5))
         .await
         .unwrap();
     let mut watch = support::open_watch(&mut client, SANDBOX).await;

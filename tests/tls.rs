@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flute_token_broker::Environment;
-use flute_token_broker::cli::{self, Target};
-use flute_token_broker::config::ListenAddr;
+use flute_token_broker::client::{self, Target};
+use flute_token_broker::grpc::listener::ListenAddr;
 use flute_token_broker::grpc::pb;
 use flute_token_broker::grpc::tls::{ClientTlsFiles, ServerTlsFiles};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
@@ -68,7 +68,7 @@ fn server_files(pki: &Pki, mtls: bool) -> ServerTlsFiles {
 }
 
 async fn get_token(target: &Target) -> Result<pb::Token, String> {
-    let mut client = cli::connect_to(target).await.map_err(|e| e.to_string())?;
+    let mut client = client::connect_to(target).await.map_err(|e| e.to_string())?;
     let request = pb::GetTokenRequest {
         environment: pb::Environment::Sandbox as i32,
         min_remaining: None,

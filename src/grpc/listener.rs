@@ -3,12 +3,47 @@
 //! socket another process still serves is refused.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::config::ListenAddr;
+/// Where the gRPC service listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() || !Path::new(path).is_absolute() {
+                return Err(format!("{s:?}: a Unix socket path must be absolute (unix:/run/...)"));
+            }
+            return Ok(ListenAddr::Unix(path.into()));
+        }
+        let s = s.strip_prefix("http://").unwrap_or(s);
+        if let Some(port) = s.strip_prefix("localhost:") {
+            let port: u16 = port.parse().map_err(|_| format!("{s:?}: invalid port"))?;
+            return Ok(ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], port))));
+        }
+        s.parse()
+            .map(ListenAddr::Tcp)
+            .map_err(|_| format!("{s:?}: expected HOST:PORT (an IP address) or unix:/PATH"))
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {

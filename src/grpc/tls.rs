@@ -46,7 +46,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 
 /// Reads and checks the files; the error names the file, never its content.
 pub fn server_config(files: &ServerTlsFiles) -> Result<ServerTlsConfig, TlsError> {
-    crate::oauth::install_crypto_provider();
+    crate::install_crypto_provider();
     let mut config =
         ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert_file)?, read(&files.key_file)?));
     if let Some(ca) = &files.client_ca_file {
@@ -55,12 +55,12 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<ServerTlsConfig, TlsError
     // Building a server is where tonic parses the PEM: fail now, not at the first connection.
     Server::builder()
         .tls_config(config.clone())
-        .map_err(|e| TlsError::Invalid(crate::cli::error_chain(&e)))?;
+        .map_err(|e| TlsError::Invalid(crate::error_chain(&e)))?;
     Ok(config)
 }
 
 pub fn client_config(files: &ClientTlsFiles) -> Result<ClientTlsConfig, TlsError> {
-    crate::oauth::install_crypto_provider();
+    crate::install_crypto_provider();
     let mut config = ClientTlsConfig::new();
     if let Some(ca) = &files.ca_file {
         config = config.ca_certificate(Certificate::from_pem(read(ca)?));

@@ -68,14 +68,9 @@ impl std::fmt::Debug for OAuthClient {
     }
 }
 
-/// Installs ring as the process-wide rustls provider (one crypto stack).
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
 impl OAuthClient {
     pub fn new(config: OAuthClientConfig) -> Result<Self, OAuthError> {
-        install_crypto_provider();
+        crate::install_crypto_provider();
         let http = reqwest::Client::builder()
             .user_agent(concat!(env!("CARGO_PKG_NAME"), "/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.connect_timeout)
@@ -165,15 +160,7 @@ impl OAuthClient {
         }
         // reqwest's Display names the URL (never a credential: those travel in
         // the header or body); the source chain says what actually failed.
-        let error = error.without_url();
-        let mut message = error.to_string();
-        let mut source = std::error::Error::source(&error);
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        OAuthError::Transport(clean(&message))
+        OAuthError::Transport(clean(&crate::error_chain(&error.without_url())))
     }
 }
 

@@ -221,9 +221,10 @@ pub fn test_key() -> ApiKey {
 }
 
 use flute_token_broker::Environment;
-use flute_token_broker::config::{Config, ListenAddr};
+use flute_token_broker::config::Config;
 use flute_token_broker::credentials::{KeySource, ValueSource};
 use flute_token_broker::daemon::{self, RunningDaemon};
+use flute_token_broker::grpc::listener::ListenAddr;
 use flute_token_broker::grpc::pb::token_broker_client::TokenBrokerClient;
 
 /// A whole broker in-process, with one emulator per environment.
@@ -237,19 +238,19 @@ pub struct Broker {
 
 impl Broker {
     pub async fn client(&self) -> TokenBrokerClient<tonic::transport::Channel> {
-        flute_token_broker::cli::connect(&self.tcp, Duration::from_secs(5))
+        flute_token_broker::client::connect(&self.tcp, Duration::from_secs(5))
             .await
             .unwrap()
     }
 
     pub async fn channel(&self) -> tonic::transport::Channel {
-        flute_token_broker::cli::channel(&self.tcp, Duration::from_secs(5))
+        flute_token_broker::client::channel(&self.tcp, Duration::from_secs(5))
             .await
             .unwrap()
     }
 
     pub async fn unix_client(&self) -> TokenBrokerClient<tonic::transport::Channel> {
-        flute_token_broker::cli::connect(&self.unix, Duration::from_secs(5))
+        flute_token_broker::client::connect(&self.unix, Duration::from_secs(5))
             .await
             .unwrap()
     }
@@ -327,7 +328,7 @@ pub async fn start_broker(lifetime: Duration) -> Broker {
 
 /// A plain HTTP client for talking to the emulator and admin endpoints.
 pub fn http_client() -> reqwest::Client {
-    flute_token_broker::oauth::install_crypto_provider();
+    flute_token_broker::install_crypto_provider();
     reqwest::Client::new()
 }
 

@@ -139,24 +139,13 @@ pub async fn channel_to(target: &Target) -> Result<Channel, ClientError> {
             let tls = client_config(&target.tls).map_err(|e| ClientError::Usage(e.to_string()))?;
             endpoint = endpoint
                 .tls_config(tls)
-                .map_err(|e| ClientError::Usage(format!("TLS: {}", error_chain(&e))))?;
+                .map_err(|e| ClientError::Usage(format!("TLS: {}", crate::error_chain(&e))))?;
         } else if wants_tls {
             return Err(ClientError::Usage("TLS options need an https:// address".into()));
         }
         endpoint.connect().await
     };
-    channel.map_err(|e| unreachable(error_chain(&e)))
-}
-
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    channel.map_err(|e| unreachable(crate::error_chain(&e)))
 }
 
 /// How `get` prints the token.
