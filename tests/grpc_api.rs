@@ -25,6 +25,17 @@ fn get(env: i32) -> pb::GetTokenRequest {
     }
 }
 
+/// The ErrorInfo reason of a broker Status (and its domain checked).
+fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    let details = status.get_error_details();
+    let info = details
+        .error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo on {status:?}"));
+    assert_eq!(info.domain, flute_token_broker::grpc::ERROR_DOMAIN);
+    info.reason.clone()
+}
+
 fn expires_at(t: &pb::Token) -> SystemTime {
     SystemTime::try_from(t.expires_at.unwrap()).unwrap()
 }
@@ -243,6 +254,15 @@ async fn outage_longer_than_the_lifetime_then_recovery() {
     assert!(outage.next_attempt_at.is_some());
     let err = client.get_token(get(SANDBOX)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(reason(&err), "NO_VALID_TOKEN");
+    {
+        use tonic_types::StatusExt;
+        let retry = err.get_error_details().retry_info().cloned().expect("a RetryInfo");
+        assert!(
+            retry.retry_delay.is_some_and(|d| d <= Duration::from_secs(1)),
+            "{retry:?}"
+        );
+    }
     assert!(
         err.message().contains("503") && err.message().contains("next attempt"),
         "{}",
@@ -368,6 +388,30 @@ async fn bad_requests_get_the_documented_codes() {
     assert_eq!(code(c.get_token(get(0)).await), Code::InvalidArgument);
     assert_eq!(code(c.get_token(get(42)).await), Code::InvalidArgument);
     assert_eq!(code(c.get_token(get(PRODUCTION)).await), Code::FailedPrecondition);
+    // Each carries its machine-readable reason.
+    for (request, expected) in [
+        (get(0), "ENVIRONMENT_UNSPECIFIED"),
+        (get(PRODUCTION), "ENVIRONMENT_NOT_ENABLED"),
+        (
+            pb::GetTokenRequest {
+                environment: SANDBOX,
+                min_remaining: Some(prost_types::Duration { seconds: -1, nanos: 0 }),
+            },
+            "INVALID_FIELD",
+        ),
+        (
+            pb::GetTokenRequest {
+                environment: SANDBOX,
+                min_remaining: Some(prost_types::Duration {
+                    seconds: 7200,
+                    nanos: 0,
+                }),
+            },
+            "MIN_REMAINING_TOO_LONG",
+        ),
+    ] {
+        assert_eq!(reason(&c.get_token(request).await.unwrap_err()), expected);
+    }
     let negative = pb::GetTokenRequest {
         environment: SANDBOX,
         min_remaining: Some(prost_types::Duration { seconds: -5, nanos: 0 }),
@@ -556,6 +600,7 @@ async fn allow_lists_gate_environments_by_unix_peer_credentials() {
         .await
         .unwrap_err();
     assert_eq!(watch.code(), Code::PermissionDenied);
+    assert_eq!(reason(&watch), "CALLER_NOT_ALLOWED");
     assert!(watch.message().contains("production"), "{}", watch.message());
     // TCP callers carry no identity: refused wherever an allow-list applies.
     assert_eq!(

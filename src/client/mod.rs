@@ -56,16 +56,33 @@ impl ClientError {
         }
     }
 
+    /// Classifies a Status by the broker's ErrorInfo reason; a Status
+    /// without one (from the transport, or another server) by its code.
     fn from_status(addr: &str, status: tonic::Status) -> Self {
+        use crate::grpc::{ERROR_DOMAIN, reason};
+        use tonic_types::StatusExt;
         let message = status.message().to_owned();
-        match status.code() {
-            Code::Unavailable if message.contains("no valid") => ClientError::NoToken(message),
-            Code::Unavailable => ClientError::Unreachable {
+        let details = status.get_error_details();
+        let broker_reason = details
+            .error_info()
+            .filter(|info| info.domain == ERROR_DOMAIN)
+            .map(|info| info.reason.as_str());
+        match (broker_reason, status.code()) {
+            (Some(reason::NO_VALID_TOKEN), _) => ClientError::NoToken(message),
+            (Some(reason::SHUTTING_DOWN), _) | (None, Code::Unavailable) => ClientError::Unreachable {
                 addr: addr.to_owned(),
                 message,
             },
-            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => ClientError::Usage(message),
-            code => ClientError::Broker { code, message },
+            (
+                Some(
+                    reason::ENVIRONMENT_UNSPECIFIED
+                    | reason::ENVIRONMENT_NOT_ENABLED
+                    | reason::INVALID_FIELD
+                    | reason::MIN_REMAINING_TOO_LONG,
+                ),
+                _,
+            ) => ClientError::Usage(message),
+            (_, code) => ClientError::Broker { code, message },
         }
     }
 }

@@ -15,7 +15,7 @@ pub mod tls;
 use std::time::{Duration, SystemTime};
 
 pub use service::{TokenBrokerService, parse_grpc_timeout};
-pub use status::BrokerError;
+pub use status::{BrokerError, ERROR_DOMAIN, reason};
 
 /// Generated protobuf and gRPC code.
 pub mod pb {

@@ -1,8 +1,13 @@
 //! Internal failures of a call and the one place they become `tonic::Status`.
+//! Every non-OK Status carries a `google.rpc.ErrorInfo` with a stable
+//! [`reason`](BrokerError::reason) in the [`ERROR_DOMAIN`] domain (clients
+//! branch on it, never on message text) and, when waiting helps, a
+//! `google.rpc.RetryInfo` with the delay.
 
 use std::time::Duration;
 
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::environment::Environment;
 use crate::token::RefreshOutcome;
@@ -56,9 +61,67 @@ impl BrokerError {
     }
 }
 
+/// The `domain` of every ErrorInfo the broker sends.
+pub const ERROR_DOMAIN: &str = "tokenbroker.flute.com";
+
+/// The stable `reason` of each error (documented in the proto).
+pub mod reason {
+    pub const ENVIRONMENT_UNSPECIFIED: &str = "ENVIRONMENT_UNSPECIFIED";
+    pub const ENVIRONMENT_NOT_ENABLED: &str = "ENVIRONMENT_NOT_ENABLED";
+    pub const CALLER_NOT_ALLOWED: &str = "CALLER_NOT_ALLOWED";
+    pub const INVALID_FIELD: &str = "INVALID_FIELD";
+    pub const NO_VALID_TOKEN: &str = "NO_VALID_TOKEN";
+    pub const MIN_REMAINING_TOO_LONG: &str = "MIN_REMAINING_TOO_LONG";
+    pub const TOKEN_WAIT_EXCEEDED: &str = "TOKEN_WAIT_EXCEEDED";
+    pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
+}
+
+impl BrokerError {
+    /// The stable machine-readable reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BrokerError::UnspecifiedEnvironment => reason::ENVIRONMENT_UNSPECIFIED,
+            BrokerError::EnvironmentNotEnabled(_) => reason::ENVIRONMENT_NOT_ENABLED,
+            BrokerError::PermissionDenied(_) => reason::CALLER_NOT_ALLOWED,
+            BrokerError::InvalidArgument { .. } => reason::INVALID_FIELD,
+            BrokerError::NoValidToken { .. } => reason::NO_VALID_TOKEN,
+            BrokerError::OutOfRange(_) => reason::MIN_REMAINING_TOO_LONG,
+            BrokerError::DeadlineExceeded(_) => reason::TOKEN_WAIT_EXCEEDED,
+            BrokerError::ShuttingDown => reason::SHUTTING_DOWN,
+        }
+    }
+
+    fn environment(&self) -> Option<Environment> {
+        match self {
+            BrokerError::EnvironmentNotEnabled(env)
+            | BrokerError::PermissionDenied(env)
+            | BrokerError::NoValidToken { environment: env, .. }
+            | BrokerError::DeadlineExceeded(env) => Some(*env),
+            _ => None,
+        }
+    }
+}
+
 impl From<BrokerError> for Status {
     fn from(error: BrokerError) -> Self {
-        Status::new(error.code(), error.to_string())
+        let mut metadata = std::collections::HashMap::new();
+        if let Some(env) = error.environment() {
+            metadata.insert("environment".to_owned(), env.as_str().to_owned());
+        }
+        let mut details = ErrorDetails::with_error_info(error.reason(), ERROR_DOMAIN, metadata);
+        match &error {
+            BrokerError::NoValidToken {
+                next_attempt: Some(wait),
+                ..
+            } => {
+                details.set_retry_info(Some(*wait));
+            }
+            BrokerError::InvalidArgument { field, message } => {
+                details.add_bad_request_violation(*field, message.clone());
+            }
+            _ => {}
+        }
+        Status::with_error_details(error.code(), error.to_string(), details)
     }
 }
 
