@@ -22,8 +22,6 @@ use crate::logging::LogFormat;
 use crate::oauth::{ClientAuth, LifetimeBounds};
 use crate::token::RefreshPolicy;
 
-/// Exit code for invalid configuration (sysexits EX_CONFIG).
-pub const EXIT_CONFIG: u8 = 78;
 const HOUR: Duration = Duration::from_secs(3600);
 const MINUTES_10: Duration = Duration::from_secs(600);
 

@@ -67,9 +67,9 @@ impl DaemonError {
     pub fn exit_code(&self) -> u8 {
         match self {
             DaemonError::Credentials { .. } | DaemonError::NoCredentials { .. } | DaemonError::Tls(_) => {
-                crate::config::EXIT_CONFIG
+                crate::exit::CONFIG
             }
-            _ => 1,
+            _ => crate::exit::FAILURE,
         }
     }
 }

@@ -14,7 +14,7 @@
 //! - [`daemon`]: wiring, credential reload, graceful shutdown, dev mode.
 //! - [`client`]: the gRPC client of the broker behind the `get`, `watch` and `status` commands.
 //! - [`systemd`], [`logging`], [`metrics`]: operations.
-//! - [`duration`]: human-readable durations.
+//! - [`duration`]: human-readable durations; [`exit`]: every exit code.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -26,6 +26,7 @@ pub mod daemon;
 pub mod duration;
 pub mod emulator;
 pub mod environment;
+pub mod exit;
 pub mod grpc;
 pub mod logging;
 pub mod metrics;

@@ -1,5 +1,5 @@
 //! The `flute-token-broker` binary: parses the command line and calls into
-//! the library. Exit codes: 0 ok, 1 runtime failure, 2 bad arguments,
+//! the library. Exit codes (all in `flute_token_broker::exit`): 0 ok, 1 runtime failure, 2 bad arguments,
 //! 78 invalid configuration; the client commands add 69 (broker
 //! unreachable) and 75 (no valid token).
 #![forbid(unsafe_code)]
@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use flute_token_broker::client::{self, TokenFormat};
-use flute_token_broker::config::{Config, EXIT_CONFIG, Loaded};
+use flute_token_broker::config::{Config, Loaded};
+use flute_token_broker::exit;
 use flute_token_broker::daemon::{self, RunningDaemon};
 use flute_token_broker::emulator::{Emulator, EmulatorConfig};
 use flute_token_broker::grpc::listener::ListenAddr;
@@ -180,7 +181,7 @@ async fn run(command: Command) -> u8 {
             print_result(client::status(&client.target(), json).await.and_then(print_out))
         }
         Command::Emulator(args) => match run_emulator(args).await {
-            Ok(()) => 0,
+            Ok(()) => exit::OK,
             Err(e) => {
                 logging::to_stderr(format_args!("error: {e:#}"));
                 1
@@ -195,7 +196,7 @@ fn print_out(text: impl std::fmt::Display) -> Result<(), client::ClientError> {
 
 fn print_result(result: Result<(), client::ClientError>) -> u8 {
     match result {
-        Ok(()) => client::exit::OK,
+        Ok(()) => exit::OK,
         Err(e) => {
             logging::to_stderr(format_args!("error: {e}"));
             e.exit_code()
@@ -206,7 +207,7 @@ fn print_result(result: Result<(), client::ClientError>) -> u8 {
 fn load_config(path: Option<&std::path::Path>) -> Result<Loaded, u8> {
     Config::load(path).map_err(|e| {
         logging::to_stderr(format_args!("error: {e}"));
-        EXIT_CONFIG
+        exit::CONFIG
     })
 }
 
@@ -218,10 +219,10 @@ fn check_config(path: Option<PathBuf>) -> u8 {
             }
             if let Err(e) = logging::to_stdout(loaded.config.to_toml()) {
                 logging::to_stderr(format_args!("error: cannot write the output: {e}"));
-                return client::exit::IO_ERROR;
+                return exit::IO_ERROR;
             }
             logging::to_stderr("configuration is valid");
-            0
+            exit::OK
         }
         Err(code) => code,
     }
@@ -232,7 +233,7 @@ async fn serve(args: ServeArgs) -> u8 {
         Ok(s) => s,
         Err(e) => {
             logging::to_stderr(format_args!("error: cannot install signal handlers: {e}"));
-            return 1;
+            return exit::FAILURE;
         }
     };
     let (mut config, warnings) = if args.dev {
@@ -253,7 +254,7 @@ async fn serve(args: ServeArgs) -> u8 {
                 Ok(addr) => Some(addr),
                 Err(_) => {
                     logging::to_stderr(format_args!("error: --admin-listen {text:?}: expected IP:PORT"));
-                    return client::exit::USAGE;
+                    return exit::USAGE;
                 }
             },
         };
@@ -271,7 +272,7 @@ async fn serve(args: ServeArgs) -> u8 {
             }
             Err(e) => {
                 logging::to_stderr(format_args!("error: {e}"));
-                return 1;
+                return exit::FAILURE;
             }
         }
     }
@@ -350,8 +351,8 @@ async fn wait_for_signals(daemon: &RunningDaemon, signals: Signals) -> u8 {
     } = signals;
     loop {
         tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM received"); return 0; }
-            _ = int.recv() => { tracing::info!("SIGINT received"); return 0; }
+            _ = term.recv() => { tracing::info!("SIGTERM received"); return exit::OK; }
+            _ = int.recv() => { tracing::info!("SIGINT received"); return exit::OK; }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP received: reloading configuration and credentials");
                 systemd::reloading();

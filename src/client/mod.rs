@@ -11,6 +11,7 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::environment::Environment;
+use crate::exit;
 use crate::grpc::pb::token_broker_client::TokenBrokerClient;
 use crate::grpc::pb::{self, watch_token_response::Update};
 use crate::grpc::tls::{ClientTlsFiles, client_config};
@@ -18,18 +19,6 @@ use crate::grpc::tls::{ClientTlsFiles, client_config};
 /// The address `serve --dev` listens on.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
 
-/// Exit codes of the client commands.
-pub mod exit {
-    pub const OK: u8 = 0;
-    pub const FAILURE: u8 = 1;
-    pub const USAGE: u8 = 2;
-    /// The broker could not be reached (sysexits EX_UNAVAILABLE).
-    pub const UNREACHABLE: u8 = 69;
-    /// The broker has no valid token right now (sysexits EX_TEMPFAIL).
-    pub const NO_TOKEN: u8 = 75;
-    /// The output could not be written (sysexits EX_IOERR).
-    pub const IO_ERROR: u8 = 74;
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -1,0 +1,17 @@
+//! Every exit code of the binary, in one place (sysexits.h names where one
+//! fits). Scripts and systemd (`RestartPreventExitStatus=78`) rely on them.
+
+/// Success.
+pub const OK: u8 = 0;
+/// A runtime failure not covered below.
+pub const FAILURE: u8 = 1;
+/// Bad command-line arguments.
+pub const USAGE: u8 = 2;
+/// The broker could not be reached (EX_UNAVAILABLE).
+pub const UNREACHABLE: u8 = 69;
+/// The output could not be written (EX_IOERR).
+pub const IO_ERROR: u8 = 74;
+/// The broker has no valid token right now (EX_TEMPFAIL).
+pub const NO_TOKEN: u8 = 75;
+/// Invalid configuration or credentials (EX_CONFIG): restarting will not help.
+pub const CONFIG: u8 = 78;
