@@ -25,7 +25,7 @@ use crate::grpc::pb::token_broker_server::TokenBrokerServer;
 use crate::grpc::{TokenBrokerService, health, pb};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::oauth::{OAuthClient, OAuthClientConfig, OAuthError};
-use crate::token::{self, TokenSourceConfig, TokenSources};
+use crate::token::{self, KeyChange, TokenSourceConfig, TokenSources};
 
 /// Longest shutdown waits for watch streams to deliver their final status
 /// before connections are closed.
@@ -449,13 +449,13 @@ impl Reloader {
                 continue;
             }
             match source.replace_key(key).await {
-                Ok(true) => {
+                Ok(KeyChange::Adopted) => {
                     info!(environment = %env, "API key replaced");
                     self.count("replaced");
                     state.failed.retain(|(e, _, _)| *e != env);
                     report.replaced.push(env);
                 }
-                Ok(false) => report.unchanged.push(env),
+                Ok(KeyChange::Unchanged) => report.unchanged.push(env),
                 Err(e) => {
                     self.count("failed");
                     state.failed.retain(|(e, _, _)| *e != env);

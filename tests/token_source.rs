@@ -11,7 +11,7 @@ use flute_token_broker::credentials::ApiKey;
 use flute_token_broker::metrics::Metrics;
 use flute_token_broker::oauth::{ErrorClass, OAuthError};
 use flute_token_broker::token::{
-    self, Jitter, RefreshOutcome, RefreshPolicy, SourceState, TokenSourceConfig, TokenSourceHandle,
+    self, Jitter, KeyChange, RefreshError, RefreshPolicy, SourceState, TokenSourceConfig, TokenSourceHandle,
 };
 use support::{FakeEndpoint, Reply};
 use tokio::time::{Instant, sleep};
@@ -226,7 +226,7 @@ async fn a_rejected_token_re_issued_by_the_endpoint_is_not_its_replacement() {
     ep.push(Reply::Same);
     let outcome = h.replace_rejected(&t1.token_id).await;
     assert!(
-        matches!(&outcome, Err(RefreshOutcome::Unavailable { reason, .. }) if reason.contains("rejected token again")),
+        matches!(&outcome, Err(RefreshError::RejectedTokenReissued { .. })),
         "{outcome:?}"
     );
     assert_eq!(ep.call_count(), 2, "one forced refresh was made");
@@ -246,7 +246,7 @@ async fn early_refresh_does_not_bypass_backoff_or_exceed_the_lifetime() {
     // More remaining lifetime than a fresh token has: refused without a call.
     sleep(secs(10)).await;
     let err = h.token_with_remaining(secs(896)).await.unwrap_err();
-    assert!(matches!(err, RefreshOutcome::OutOfRange { .. }), "{err:?}");
+    assert!(matches!(err, RefreshError::OutOfRange { .. }), "{err:?}");
     assert_eq!(ep.call_count(), 1);
 
     // While the endpoint is failing, a forced refresh is answered at once.
@@ -255,7 +255,7 @@ async fn early_refresh_does_not_bypass_backoff_or_exceed_the_lifetime() {
     let calls = ep.call_count();
     let err = h.replace_rejected(&t1.token_id).await.unwrap_err();
     assert!(
-        matches!(&err, RefreshOutcome::Unavailable { reason, .. } if reason.contains("503")),
+        matches!(&err, RefreshError::Unavailable { reason, .. } if reason.contains("503")),
         "{err:?}"
     );
     assert_eq!(ep.call_count(), calls);
@@ -354,7 +354,7 @@ async fn permanent_failure_retries_slowly_and_a_new_key_is_tried_at_once() {
         .replace_key(ApiKey::new("client", "rotated-secret").unwrap())
         .await
         .unwrap();
-    assert!(accepted);
+    assert_eq!(accepted, KeyChange::Adopted);
     assert_eq!(
         ep.calls().last().unwrap().at,
         Instant::now(),
@@ -362,10 +362,11 @@ async fn permanent_failure_retries_slowly_and_a_new_key_is_tried_at_once() {
     );
     assert_eq!(h.snapshot().state(), SourceState::Ready);
     assert_ne!(h.current().unwrap().token_id, t_before.token_id);
-    assert!(
-        !h.replace_key(ApiKey::new("client", "rotated-secret").unwrap())
+    assert_eq!(
+        h.replace_key(ApiKey::new("client", "rotated-secret").unwrap())
             .await
             .unwrap(),
+        KeyChange::Unchanged,
         "same key again is a no-op"
     );
 

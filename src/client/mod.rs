@@ -19,7 +19,6 @@ use crate::grpc::tls::{ClientTlsFiles, client_config};
 /// The address `serve --dev` listens on.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach the broker at {addr}: {message}")]

@@ -20,7 +20,7 @@ use super::status::{BrokerError, code_label};
 use super::{duration_from_pb, environment_from_pb, timestamp, wall_time};
 use crate::environment::Environment;
 use crate::metrics::{GrpcLabels, Metrics};
-use crate::token::{RefreshOutcome, Snapshot, SourceState, Token, TokenSourceHandle, TokenSources};
+use crate::token::{RefreshError, Snapshot, SourceState, Token, TokenSourceHandle, TokenSources};
 use std::collections::BTreeMap;
 use std::future::Future;
 
@@ -200,12 +200,12 @@ impl TokenBrokerService {
 async fn within(
     env: Environment,
     wait: Duration,
-    request: impl Future<Output = Result<Arc<Token>, RefreshOutcome>>,
+    request: impl Future<Output = Result<Arc<Token>, RefreshError>>,
 ) -> Result<Arc<Token>, BrokerError> {
     tokio::time::timeout(wait, request)
         .await
         .map_err(|_| BrokerError::DeadlineExceeded(env))?
-        .map_err(|outcome| BrokerError::from_outcome(env, outcome))
+        .map_err(|error| BrokerError::from_refresh(env, error))
 }
 
 fn no_valid_token(source: &TokenSourceHandle) -> BrokerError {

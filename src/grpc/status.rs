@@ -10,7 +10,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::environment::Environment;
-use crate::token::RefreshOutcome;
+use crate::token::RefreshError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -37,15 +37,22 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
-    pub fn from_outcome(environment: Environment, outcome: RefreshOutcome) -> Self {
-        match outcome {
-            RefreshOutcome::Unavailable { reason, next_attempt } => BrokerError::NoValidToken {
+    pub fn from_refresh(environment: Environment, error: RefreshError) -> Self {
+        let wait =
+            |at: Option<tokio::time::Instant>| at.map(|at| at.saturating_duration_since(tokio::time::Instant::now()));
+        match error {
+            RefreshError::Unavailable { reason, next_attempt } => BrokerError::NoValidToken {
                 environment,
                 reason,
-                next_attempt: next_attempt.map(|at| at.saturating_duration_since(tokio::time::Instant::now())),
+                next_attempt: wait(next_attempt),
             },
-            RefreshOutcome::OutOfRange { .. } => BrokerError::OutOfRange(format!("min_remaining: {outcome}")),
-            RefreshOutcome::Stopped => BrokerError::ShuttingDown,
+            RefreshError::RejectedTokenReissued { next_attempt } => BrokerError::NoValidToken {
+                environment,
+                reason: "the token endpoint issued the rejected token again".into(),
+                next_attempt: wait(next_attempt),
+            },
+            RefreshError::OutOfRange { .. } => BrokerError::OutOfRange(format!("min_remaining: {error}")),
+            RefreshError::Stopped => BrokerError::ShuttingDown,
         }
     }
 

@@ -16,7 +16,8 @@ use crate::environment::Environment;
 
 pub use policy::{Jitter, RefreshPolicy};
 pub use source::{
-    RefreshFailure, RefreshOutcome, Snapshot, SourceState, SourceStats, TokenSourceConfig, TokenSourceHandle, spawn,
+    KeyChange, KeyError, RefreshError, RefreshFailure, Snapshot, SourceState, SourceStats, TokenSourceConfig,
+    TokenSourceHandle, spawn,
 };
 
 /// An access token as issued by the token endpoint. Debug never shows the

@@ -110,18 +110,81 @@ pub struct SourceStats {
     pub early_refreshes: AtomicU64,
 }
 
-/// What a caller that needs more than the current token gets back.
+/// Why a caller that needs more than the current token did not get one.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum RefreshOutcome {
+pub enum RefreshError {
+    /// No valid token: the endpoint is failing, or none was issued yet.
     #[error("no valid token: {reason}")]
     Unavailable {
         reason: String,
         next_attempt: Option<Instant>,
     },
+    /// The forced refresh brought back the very token the API rejected.
+    #[error("no valid token: the token endpoint issued the rejected token again")]
+    RejectedTokenReissued { next_attempt: Option<Instant> },
+    /// More remaining lifetime than the endpoint's tokens ever have.
     #[error("tokens from this endpoint live {lifetime:?}; {requested:?} of remaining lifetime cannot be provided")]
     OutOfRange { requested: Duration, lifetime: Duration },
+    /// The TokenSource task has ended (shutdown).
     #[error("token source stopped")]
     Stopped,
+}
+
+/// What offering a new API key did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyChange {
+    /// The endpoint accepted it; it and its token are now in use.
+    Adopted,
+    /// It is the key already in use.
+    Unchanged,
+}
+
+/// Why an offered API key was not adopted.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The token endpoint refused it; the current key stays.
+    #[error(transparent)]
+    Rejected(#[from] OAuthError),
+    /// The TokenSource task has ended (shutdown).
+    #[error("token source stopped")]
+    Stopped,
+}
+
+/// Why a refresh attempt produced no usable token.
+enum AttemptFailure<'a> {
+    Endpoint(&'a OAuthError),
+    /// The endpoint answered, but the token's lifetime was over before it
+    /// could be handed out.
+    ExpiredOnArrival {
+        lifetime: Duration,
+    },
+}
+
+impl AttemptFailure<'_> {
+    fn class(&self) -> ErrorClass {
+        match self {
+            // invalid_grant on client credentials has no fallback left.
+            AttemptFailure::Endpoint(e) if e.class() == ErrorClass::InvalidGrant => ErrorClass::Permanent,
+            AttemptFailure::Endpoint(e) => e.class(),
+            AttemptFailure::ExpiredOnArrival { .. } => ErrorClass::Transient,
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            AttemptFailure::Endpoint(e) => e.to_string(),
+            AttemptFailure::ExpiredOnArrival { lifetime } => {
+                format!("the issued token (lifetime {lifetime:?}) expired before it could be used")
+            }
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            AttemptFailure::Endpoint(e) => e.retry_after(),
+            AttemptFailure::ExpiredOnArrival { .. } => None,
+        }
+    }
 }
 
 /// What an early refresh must achieve.
@@ -142,17 +205,11 @@ impl Need {
     }
 }
 
-type Reply = oneshot::Sender<Result<Arc<Token>, RefreshOutcome>>;
+type Reply = oneshot::Sender<Result<Arc<Token>, RefreshError>>;
 
 enum Command {
-    Refresh {
-        need: Need,
-        reply: Reply,
-    },
-    ReplaceKey {
-        key: ApiKey,
-        reply: oneshot::Sender<Result<bool, OAuthError>>,
-    },
+    Refresh { need: Need, reply: Reply },
+    ReplaceKey { key: ApiKey, reply: KeyReply },
 }
 
 /// A cheap, cloneable handle to one TokenSource.
@@ -206,7 +263,7 @@ impl TokenSourceHandle {
 
     /// A token with at least `remaining` left; refreshes early (coalesced,
     /// rate-limited) when the current one has less.
-    pub async fn token_with_remaining(&self, remaining: Duration) -> Result<Arc<Token>, RefreshOutcome> {
+    pub async fn token_with_remaining(&self, remaining: Duration) -> Result<Arc<Token>, RefreshError> {
         if let Some(token) = self.current().filter(|t| t.remaining(Instant::now()) >= remaining) {
             return Ok(token);
         }
@@ -214,33 +271,32 @@ impl TokenSourceHandle {
     }
 
     /// A token other than `rejected_token_id`, which the API answered 401 to.
-    pub async fn replace_rejected(&self, rejected_token_id: &str) -> Result<Arc<Token>, RefreshOutcome> {
+    pub async fn replace_rejected(&self, rejected_token_id: &str) -> Result<Arc<Token>, RefreshError> {
         if let Some(token) = self.current().filter(|t| t.token_id != rejected_token_id) {
             return Ok(token);
         }
         self.request(Need::Replaces(rejected_token_id.to_owned())).await
     }
 
-    async fn request(&self, need: Need) -> Result<Arc<Token>, RefreshOutcome> {
+    async fn request(&self, need: Need) -> Result<Arc<Token>, RefreshError> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Refresh { need, reply })
             .await
-            .map_err(|_| RefreshOutcome::Stopped)?;
-        answer.await.unwrap_or(Err(RefreshOutcome::Stopped))
+            .map_err(|_| RefreshError::Stopped)?;
+        answer.await.unwrap_or(Err(RefreshError::Stopped))
     }
 
     /// Offers a new API key. It is tried against the token endpoint first;
     /// only on success does it replace the current key (and the token).
     /// `Ok(false)`: the key is the one already in use.
-    pub async fn replace_key(&self, key: ApiKey) -> Result<bool, OAuthError> {
+    pub async fn replace_key(&self, key: ApiKey) -> Result<KeyChange, KeyError> {
         let (reply, answer) = oneshot::channel();
-        let stopped = || OAuthError::Transport("token source stopped".into());
         self.commands
             .send(Command::ReplaceKey { key, reply })
             .await
-            .map_err(|_| stopped())?;
-        answer.await.unwrap_or_else(|_| Err(stopped()))
+            .map_err(|_| KeyError::Stopped)?;
+        answer.await.unwrap_or(Err(KeyError::Stopped))
     }
 }
 
@@ -290,7 +346,7 @@ struct Waiter {
     reply: Reply,
 }
 
-type KeyReply = oneshot::Sender<Result<bool, OAuthError>>;
+type KeyReply = oneshot::Sender<Result<KeyChange, KeyError>>;
 
 /// Why a token-endpoint call was made.
 enum Purpose {
@@ -367,7 +423,7 @@ impl<E: TokenEndpoint> Task<E> {
     fn next_flight(&mut self, now: Instant) -> Option<Flight> {
         if let Some((key, reply)) = self.pending_keys.pop_front() {
             if key.digest() == self.key.digest() {
-                let _ = reply.send(Ok(false));
+                let _ = reply.send(Ok(KeyChange::Unchanged));
                 return None;
             }
             return Some(self.start_call(key.clone(), Grant::ClientCredentials, Purpose::VerifyKey { key, reply }));
@@ -421,7 +477,7 @@ impl<E: TokenEndpoint> Task<E> {
                 }
                 match result {
                     Ok(response) => self.install(response, flight.sent, flight.sent_wall),
-                    Err(error) => self.record_failure(&error),
+                    Err(error) => self.record_failure(AttemptFailure::Endpoint(&error)),
                 }
             }
             Purpose::VerifyKey { key, reply } => match result {
@@ -433,11 +489,11 @@ impl<E: TokenEndpoint> Task<E> {
                     self.key = key;
                     self.refresh_token = None;
                     self.install(response, flight.sent, flight.sent_wall);
-                    let _ = reply.send(Ok(true));
+                    let _ = reply.send(Ok(KeyChange::Adopted));
                 }
                 Err(error) => {
                     error!(client_id = key.client_id(), error = %error, "new API key failed verification; keeping the current key");
-                    let _ = reply.send(Err(error));
+                    let _ = reply.send(Err(KeyError::Rejected(error)));
                     return None;
                 }
             },
@@ -497,14 +553,14 @@ impl<E: TokenEndpoint> Task<E> {
     }
 
     /// Whether a fresh token could meet `need` at all.
-    fn attainable(&self, need: &Need) -> Result<(), RefreshOutcome> {
+    fn attainable(&self, need: &Need) -> Result<(), RefreshError> {
         match (need, &self.token) {
             (Need::Remaining(requested), Some(token)) => {
                 let usable = token
                     .lifetime
                     .saturating_sub(self.config.policy.serve_margin_for(token.lifetime));
                 if *requested > usable {
-                    return Err(RefreshOutcome::OutOfRange {
+                    return Err(RefreshError::OutOfRange {
                         requested: *requested,
                         lifetime: token.lifetime,
                     });
@@ -515,12 +571,12 @@ impl<E: TokenEndpoint> Task<E> {
         }
     }
 
-    fn unavailable(&self) -> RefreshOutcome {
+    fn unavailable(&self) -> RefreshError {
         let reason = match &self.last_error {
             Some(e) => e.message.clone(),
             None => "no token has been issued yet".to_owned(),
         };
-        RefreshOutcome::Unavailable {
+        RefreshError::Unavailable {
             reason,
             next_attempt: Some(self.next_attempt),
         }
@@ -571,12 +627,8 @@ impl<E: TokenEndpoint> Task<E> {
             self.refresh_token = Some(refresh);
         }
         if !token.is_servable(Instant::now()) {
-            self.record_failure(&OAuthError::Malformed {
-                status: 200,
-                reason: format!(
-                    "issued token (lifetime {:?}) expired before it could be used",
-                    token.lifetime
-                ),
+            self.record_failure(AttemptFailure::ExpiredOnArrival {
+                lifetime: token.lifetime,
             });
             return;
         }
@@ -590,23 +642,19 @@ impl<E: TokenEndpoint> Task<E> {
         self.token = Some(Arc::new(token));
     }
 
-    fn record_failure(&mut self, error: &OAuthError) {
+    fn record_failure(&mut self, failure: AttemptFailure<'_>) {
         self.stats.refreshes_failed.fetch_add(1, Ordering::Relaxed);
         self.failures += 1;
-        let class = match error.class() {
-            // invalid_grant on client credentials has no fallback left.
-            ErrorClass::InvalidGrant => ErrorClass::Permanent,
-            c => c,
-        };
+        let class = failure.class();
         let delay = self.config.policy.retry_after_failure(
             class,
             self.failures,
             self.config.jitter.sample(),
-            error.retry_after(),
+            failure.retry_after(),
         );
         self.next_attempt = Instant::now() + delay;
         self.last_error = Some(Arc::new(RefreshFailure {
-            message: error.to_string(),
+            message: failure.message(),
             class,
             at: SystemTime::now(),
             consecutive: self.failures,
@@ -658,8 +706,7 @@ impl<E: TokenEndpoint> Task<E> {
                 (Some(token), 0) if token.is_servable(now) => match self.attainable(&waiter.need) {
                     // The endpoint answered, but with a token that does not
                     // do: it re-issued the one the API rejected.
-                    Ok(()) => Err(RefreshOutcome::Unavailable {
-                        reason: "the token endpoint issued the rejected token again".into(),
+                    Ok(()) => Err(RefreshError::RejectedTokenReissued {
                         next_attempt: Some(self.next_attempt),
                     }),
                     Err(outcome) => Err(outcome),
