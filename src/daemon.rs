@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Mutex, watch};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tokio::task::JoinHandle;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
@@ -82,10 +84,13 @@ pub struct RunningDaemon {
     pub sources: Arc<TokenSources>,
     pub metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
-    /// First stage of shutdown: the service refuses new calls and ends watch streams.
-    draining: watch::Sender<bool>,
-    /// Second stage: listeners stop accepting and connections drain.
-    shutdown: watch::Sender<bool>,
+    /// Second stage of shutdown: listeners stop accepting and connections
+    /// drain. Its child `draining` is the first stage: the service refuses
+    /// new calls and ends watch streams. Stopping implies draining.
+    stopping: CancellationToken,
+    draining: CancellationToken,
+    /// The open WatchToken streams (shutdown waits for them to end).
+    streams: TaskTracker,
     health: HealthReporter,
     servers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
@@ -164,14 +169,16 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     }
     let sources = Arc::new(TokenSources::new(handles));
 
-    let (draining, draining_rx) = watch::channel(false);
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let stopping = CancellationToken::new();
+    let draining = stopping.child_token();
+    let streams = TaskTracker::new();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health::set_not_serving(&health_reporter, &sources).await;
     let access = config.enabled().map(|(env, e)| (env, e.access.clone())).collect();
     let service = TokenBrokerService::new(
         sources.clone(),
-        draining_rx.clone(),
+        draining.clone(),
+        streams.clone(),
         metrics.clone(),
         config.server.request_wait,
         access,
@@ -202,10 +209,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
             .add_service(health_service.clone())
             .add_service(reflection.clone())
             .add_service(TokenBrokerServer::new(service.clone()).max_decoding_message_size(2 * MAX_REQUEST_BYTES));
-        let mut stop = shutdown_rx.clone();
-        let signal = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
+        let signal = stopping.clone().cancelled_owned();
         info!(%addr, tls = matches!(listener, Bound::Tcp(_)) && tls.is_some(), max_connections = limits.max_connections, "gRPC listening");
         let guard = ListenerGuard::new(format!("grpc:{addr}"), limits, metrics.clone());
         servers.push(tokio::spawn(async move {
@@ -222,7 +226,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
     let mut background = vec![tokio::spawn(health::report(
         health_reporter.clone(),
         sources.clone(),
-        draining_rx.clone(),
+        draining.clone(),
     ))];
     let mut admin_addr = None;
     if let Some(listener) = admin_listener {
@@ -238,12 +242,9 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
             listener,
             guard: ListenerGuard::new(format!("admin:{addr}"), limits, metrics.clone()),
         };
-        let mut stop = shutdown_rx.clone();
+        let signal = stopping.clone().cancelled_owned();
         info!(%addr, "admin HTTP listening");
         background.push(tokio::spawn(async move {
-            let signal = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
             if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(signal).await {
                 error!(error = %e, "admin listener stopped");
             }
@@ -255,7 +256,7 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         background.push(tokio::spawn(
             reloader
                 .clone()
-                .poll(config.credentials_poll_interval, shutdown_rx.clone()),
+                .poll(config.credentials_poll_interval, stopping.clone()),
         ));
     }
 
@@ -265,8 +266,9 @@ pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<Runni
         sources,
         metrics,
         reloader,
+        stopping,
         draining,
-        shutdown,
+        streams,
         health: health_reporter,
         servers,
         background,
@@ -288,19 +290,15 @@ impl RunningDaemon {
     pub async fn shutdown(self) {
         info!(grace = ?self.grace, "shutting down");
         let deadline = tokio::time::Instant::now() + self.grace;
-        let _ = self.draining.send(true);
+        self.draining.cancel();
         health::set_not_serving(&self.health, &self.sources).await;
-        let streams_ended = async {
-            while self.metrics.watch_streams.get() > 0 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
+        self.streams.close();
         let _ = tokio::time::timeout_at(
             deadline.min(tokio::time::Instant::now() + STREAM_END_WAIT),
-            streams_ended,
+            self.streams.wait(),
         )
         .await;
-        let _ = self.shutdown.send(true);
+        self.stopping.cancel();
         let drain = futures_util::future::join_all(self.servers);
         if tokio::time::timeout_at(deadline, drain).await.is_err() {
             warn!("grace period over; closing the remaining connections");
@@ -399,14 +397,14 @@ impl Reloader {
     }
 
     /// Checks key files every `interval`; offers a key when it changed.
-    async fn poll(self: Arc<Self>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+    async fn poll(self: Arc<Self>, interval: Duration, stopping: CancellationToken) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
-                _ = shutdown.wait_for(|s| *s) => return,
+                _ = stopping.cancelled() => return,
             }
             let mut state = self.state.lock().await;
             self.offer_keys(&mut state, false).await;

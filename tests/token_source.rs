@@ -417,10 +417,17 @@ async fn a_hanging_refresh_does_not_hold_back_published_state() {
 
     let sources = Arc::new(TokenSources::new([handle.clone()]));
     let (reporter, _) = tonic_health::server::health_reporter();
-    let (_draining, not_draining) = tokio::sync::watch::channel(false);
+    let not_draining = tokio_util::sync::CancellationToken::new();
     tokio::spawn(health::report(reporter.clone(), sources.clone(), not_draining.clone()));
     let health = tonic_health::server::HealthService::from_health_reporter(reporter);
-    let service = TokenBrokerService::new(sources, not_draining, metrics, secs(30), Default::default());
+    let service = TokenBrokerService::new(
+        sources,
+        not_draining,
+        Default::default(),
+        metrics,
+        secs(30),
+        Default::default(),
+    );
     let sandbox = pb::Environment::Sandbox as i32;
 
     let mut updates = service

@@ -5,7 +5,8 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -28,7 +29,7 @@ fn serving(ok: bool) -> ServingStatus {
 
 /// Updates `reporter` on every change of any source until shutdown, then
 /// reports NOT_SERVING everywhere.
-pub async fn report(reporter: HealthReporter, sources: Arc<TokenSources>, mut shutdown: watch::Receiver<bool>) {
+pub async fn report(reporter: HealthReporter, sources: Arc<TokenSources>, draining: CancellationToken) {
     let changed = Arc::new(Notify::new());
     let forwarders: Vec<_> = sources
         .iter()
@@ -42,7 +43,7 @@ pub async fn report(reporter: HealthReporter, sources: Arc<TokenSources>, mut sh
         })
         .collect();
     loop {
-        if *shutdown.borrow() {
+        if draining.is_cancelled() {
             break;
         }
         for source in sources.iter() {
@@ -58,7 +59,7 @@ pub async fn report(reporter: HealthReporter, sources: Arc<TokenSources>, mut sh
         reporter.set_service_status(SERVICE_NAME, all).await;
         tokio::select! {
             _ = changed.notified() => {}
-            _ = shutdown.changed() => {}
+            _ = draining.cancelled() => {}
         }
     }
     for f in forwarders {

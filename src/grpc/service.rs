@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
@@ -30,7 +33,12 @@ const MAX_TOKEN_ID_LEN: usize = 128;
 #[derive(Clone)]
 pub struct TokenBrokerService {
     sources: Arc<TokenSources>,
-    shutdown: watch::Receiver<bool>,
+    /// Cancelled when shutdown begins: new calls are refused and every
+    /// WatchToken stream ends with UNAVAILABLE.
+    draining: CancellationToken,
+    /// Every open WatchToken stream holds a token of this tracker, so that
+    /// shutdown can wait for them to end.
+    streams: TaskTracker,
     metrics: Arc<Metrics>,
     /// Longest wait for a token when the caller's deadline is longer or unset.
     request_wait: Duration,
@@ -41,14 +49,16 @@ pub struct TokenBrokerService {
 impl TokenBrokerService {
     pub fn new(
         sources: Arc<TokenSources>,
-        shutdown: watch::Receiver<bool>,
+        draining: CancellationToken,
+        streams: TaskTracker,
         metrics: Arc<Metrics>,
         request_wait: Duration,
         access: BTreeMap<Environment, AccessPolicy>,
     ) -> Self {
         Self {
             sources,
-            shutdown,
+            draining,
+            streams,
             metrics,
             request_wait,
             access: Arc::new(access),
@@ -57,7 +67,7 @@ impl TokenBrokerService {
 
     /// The source a request names, if the caller may use it.
     fn source(&self, environment: i32, caller: Caller) -> Result<&TokenSourceHandle, BrokerError> {
-        if *self.shutdown.borrow() {
+        if self.draining.is_cancelled() {
             return Err(BrokerError::ShuttingDown);
         }
         let env = environment_from_pb(environment).ok_or(BrokerError::UnspecifiedEnvironment)?;
@@ -187,7 +197,8 @@ impl TokenBrokerService {
         let state = WatchState {
             environment: source.environment(),
             snapshots: source.subscribe(),
-            shutdown: self.shutdown.clone(),
+            draining: self.draining.clone(),
+            _tracked: self.streams.token(),
             last: None,
             done: false,
             _open: OpenStream::new(self.metrics.clone()),
@@ -305,7 +316,8 @@ impl Drop for OpenStream {
 struct WatchState {
     environment: crate::Environment,
     snapshots: watch::Receiver<Snapshot>,
-    shutdown: watch::Receiver<bool>,
+    draining: CancellationToken,
+    _tracked: TaskTrackerToken,
     last: Option<View>,
     done: bool,
     _open: OpenStream,
@@ -322,7 +334,7 @@ impl WatchState {
             }
             let ended = tokio::select! {
                 biased;
-                _ = self.shutdown.wait_for(|stopping| *stopping) => true,
+                _ = self.draining.cancelled() => true,
                 changed = self.snapshots.changed() => changed.is_err(),
             };
             if ended {

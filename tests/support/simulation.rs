@@ -288,10 +288,10 @@ pub async fn run(seed: u64, hours: u64) -> Result<Summary, String> {
         jitters.insert(env, jitter);
     }
     let sources = Arc::new(TokenSources::new(handles));
-    let (_draining, not_draining) = tokio::sync::watch::channel(false);
     let service = TokenBrokerService::new(
         sources.clone(),
-        not_draining,
+        Default::default(),
+        Default::default(),
         metrics,
         Duration::from_secs(30),
         Default::default(),
