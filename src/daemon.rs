@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tokio::task::JoinHandle;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tracing::{error, info, warn};
@@ -307,6 +307,92 @@ impl RunningDaemon {
             task.abort();
         }
         info!("stopped");
+    }
+}
+
+impl RunningDaemon {
+    /// Serves until SIGTERM or SIGINT, reloading on SIGHUP and keeping
+    /// systemd informed (READY once every environment holds a token or
+    /// `ready_timeout` passed, STATUS, WATCHDOG, RELOADING, STOPPING); then
+    /// shuts down. Returns the exit code.
+    pub async fn run(self, signals: Signals, ready_timeout: Duration) -> u8 {
+        let helpers = spawn_systemd_helpers(&self, ready_timeout);
+        let code = wait_for_signals(&self, signals).await;
+        helpers.abort();
+        crate::systemd::stopping();
+        self.shutdown().await;
+        code
+    }
+}
+
+/// READY=1 once every environment holds a token (or `ready_timeout`
+/// passed), STATUS= updates, and WATCHDOG=1 while the token sources run.
+fn spawn_systemd_helpers(daemon: &RunningDaemon, ready_timeout: Duration) -> JoinHandle<()> {
+    let sources = daemon.sources.clone();
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + ready_timeout;
+        let started = async {
+            for s in sources.iter() {
+                s.started().await;
+            }
+        };
+        let _ = tokio::time::timeout_at(deadline, started).await;
+        crate::systemd::ready(&sources.summary());
+        info!(status = %sources.summary(), "ready");
+        let watchdog = crate::systemd::watchdog_interval();
+        let mut ticker =
+            tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(10)).min(Duration::from_secs(10)));
+        loop {
+            ticker.tick().await;
+            if watchdog.is_some() && sources.all_running() {
+                crate::systemd::watchdog();
+            }
+            crate::systemd::status(&sources.summary());
+        }
+    })
+}
+
+/// SIGTERM, SIGINT and SIGHUP, caught from the start of `serve` so that a
+/// signal during start-up is never taken by its default action.
+pub struct Signals {
+    pub term: tokio::signal::unix::Signal,
+    pub int: tokio::signal::unix::Signal,
+    pub hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; call it first thing, before any await.
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// Runs until SIGTERM or SIGINT; SIGHUP reloads. Returns the exit code.
+async fn wait_for_signals(daemon: &RunningDaemon, signals: Signals) -> u8 {
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM received"); return crate::exit::OK; }
+            _ = int.recv() => { info!("SIGINT received"); return crate::exit::OK; }
+            _ = hup.recv() => {
+                info!("SIGHUP received: reloading configuration and credentials");
+                crate::systemd::reloading();
+                match daemon.reload().await {
+                    Ok(report) => info!(replaced = ?report.replaced, unchanged = ?report.unchanged, failed = ?report.failed, "reload finished"),
+                    Err(_) => error!("reload rejected; the running configuration is unchanged"),
+                }
+                crate::systemd::ready(&daemon.sources.summary());
+            }
+        }
     }
 }
 

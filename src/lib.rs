@@ -12,12 +12,14 @@
 //! - [`connections`]: per-listener connection budgets, handshake and idle deadlines, the fd limit.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`daemon`]: wiring, credential reload, graceful shutdown, dev mode.
+//! - [`cli`]: the command line (clap definitions in `cli::args`, one function per subcommand).
 //! - [`client`]: the gRPC client of the broker behind the `get`, `watch` and `status` commands.
 //! - [`systemd`], [`logging`], [`metrics`]: operations.
 //! - [`duration`]: human-readable durations; [`exit`]: every exit code.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod connections;

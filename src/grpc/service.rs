@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
-use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::access::{AccessPolicy, Caller};

@@ -1,0 +1,142 @@
+//! The command-line definitions (clap): every subcommand, flag and help
+//! text. Shell completions and the man page are generated from these.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::client::{self, TokenFormat};
+use crate::grpc::listener::ListenAddr;
+use crate::grpc::tls::ClientTlsFiles;
+use crate::{Environment, duration};
+
+#[derive(Parser)]
+#[command(
+    name = "flute-token-broker",
+    version,
+    about = "Holds a Flute API key and serves fresh access tokens over gRPC"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the broker daemon.
+    Serve(ServeArgs),
+    /// Validate a configuration and print the effective settings (secrets redacted).
+    CheckConfig {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print a token (bare by default, for `$(...)`).
+    Get {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// sandbox or production.
+        #[arg(long, short)]
+        env: Environment,
+        /// Refresh first unless the token stays valid this long.
+        #[arg(long, value_parser = duration::parse)]
+        min_remaining: Option<Duration>,
+        #[arg(long, value_enum, default_value = "token")]
+        format: TokenFormat,
+    },
+    /// Print a line for every token rotation or outage.
+    Watch {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long, short)]
+        env: Environment,
+    },
+    /// Show the state of every enabled environment.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a local stand-in for Flute's token endpoint (for tests and demos).
+    Emulator(EmulatorArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// The TOML configuration file (environment overrides: FLUTE_BROKER__SECTION__KEY).
+    #[arg(long, short, conflicts_with = "dev")]
+    pub config: Option<PathBuf>,
+    /// Run against a built-in emulator of Flute's token endpoint, with generated credentials.
+    #[arg(long)]
+    pub dev: bool,
+    /// gRPC listen address, HOST:PORT or unix:PATH (repeatable; replaces server.listen).
+    #[arg(long)]
+    pub listen: Vec<ListenAddr>,
+    /// Admin HTTP address (/metrics, /healthz, /readyz); "" disables it.
+    #[arg(long)]
+    pub admin_listen: Option<String>,
+    /// With --dev: the lifetime of the emulator's tokens.
+    #[arg(long, default_value = "900s", value_parser = duration::parse, requires = "dev")]
+    pub dev_token_lifetime: Duration,
+}
+
+#[derive(clap::Args)]
+pub struct ClientArgs {
+    /// The broker: unix:/path/to.sock or http://host:port.
+    #[arg(long, env = "FLUTE_BROKER_ADDR", default_value = client::DEFAULT_ADDR)]
+    pub addr: String,
+    /// Give up after this long.
+    #[arg(long, default_value = "10s", value_parser = duration::parse)]
+    pub timeout: Duration,
+    /// With https://: the CA certificate (PEM) that signed the broker's certificate.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// With https:// and a broker requiring mTLS: this client's certificate (PEM).
+    #[arg(long, requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --cert-file.
+    #[arg(long, requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    pub fn target(&self) -> client::Target {
+        let mut target = client::Target::new(self.addr.clone(), self.timeout);
+        target.tls = ClientTlsFiles {
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+        };
+        target
+    }
+}
+
+#[derive(clap::Args)]
+pub struct EmulatorArgs {
+    /// Address to listen on (loopback by default).
+    #[arg(long, default_value = "127.0.0.1:9470")]
+    pub listen: SocketAddr,
+    /// The client id the emulator accepts.
+    #[arg(long)]
+    pub client_id: String,
+    /// The client secret the emulator accepts (a test value: it is visible in `ps`).
+    #[arg(
+        long,
+        conflicts_with = "client_secret_file",
+        required_unless_present = "client_secret_file"
+    )]
+    pub client_secret: Option<String>,
+    /// Read the accepted client secret from this file instead.
+    #[arg(long)]
+    pub client_secret_file: Option<PathBuf>,
+    /// expires_in of issued tokens.
+    #[arg(long, default_value = "900s", value_parser = duration::parse)]
+    pub token_lifetime: Duration,
+    /// Do not issue refresh tokens.
+    #[arg(long)]
+    pub no_refresh_tokens: bool,
+}

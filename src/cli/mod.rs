@@ -1,0 +1,216 @@
+//! The command line: runs each subcommand (`serve`, `check-config`, `get`,
+//! `watch`, `status`, `emulator`) and turns its outcome into an exit code.
+//! `main.rs` only parses the arguments and starts the runtime.
+
+mod args;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use args::{Cli, ClientArgs, Command, EmulatorArgs, ServeArgs};
+
+use crate::client;
+use crate::config::{Config, Loaded};
+use crate::daemon::{self, RunningDaemon, Signals};
+use crate::emulator::{Emulator, EmulatorConfig};
+use crate::exit;
+use crate::grpc::listener::ListenAddr;
+use crate::{duration, logging};
+
+/// Runs one command; returns the exit code (see [`crate::exit`]).
+pub async fn run(command: Command) -> u8 {
+    match command {
+        Command::Serve(args) => serve(args).await,
+        Command::CheckConfig { config } => check_config(config),
+        Command::Get {
+            client,
+            env,
+            min_remaining,
+            format,
+        } => print_result(
+            client::get(&client.target(), env, min_remaining, format)
+                .await
+                .and_then(|t| print_out(format_args!("{t}\n"))),
+        ),
+        Command::Watch { client, env } => {
+            print_result(client::watch(&client.target(), env, &mut std::io::stdout()).await)
+        }
+        Command::Status { client, json } => {
+            print_result(client::status(&client.target(), json).await.and_then(print_out))
+        }
+        Command::Emulator(args) => match run_emulator(args).await {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                logging::to_stderr(format_args!("error: {e:#}"));
+                1
+            }
+        },
+    }
+}
+
+fn print_out(text: impl std::fmt::Display) -> Result<(), client::ClientError> {
+    logging::to_stdout(text).map_err(client::ClientError::Output)
+}
+
+fn print_result(result: Result<(), client::ClientError>) -> u8 {
+    match result {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            logging::to_stderr(format_args!("error: {e}"));
+            e.exit_code()
+        }
+    }
+}
+
+fn load_config(path: Option<&std::path::Path>) -> Result<Loaded, u8> {
+    Config::load(path).map_err(|e| {
+        logging::to_stderr(format_args!("error: {e}"));
+        exit::CONFIG
+    })
+}
+
+fn check_config(path: Option<PathBuf>) -> u8 {
+    match load_config(path.as_deref()) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                logging::to_stderr(format_args!("warning: {w}"));
+            }
+            if let Err(e) = logging::to_stdout(loaded.config.to_toml()) {
+                logging::to_stderr(format_args!("error: cannot write the output: {e}"));
+                return exit::IO_ERROR;
+            }
+            logging::to_stderr("configuration is valid");
+            exit::OK
+        }
+        Err(code) => code,
+    }
+}
+
+async fn serve(args: ServeArgs) -> u8 {
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            logging::to_stderr(format_args!("error: cannot install signal handlers: {e}"));
+            return exit::FAILURE;
+        }
+    };
+    let (mut config, warnings) = if args.dev {
+        (Config::default(), Vec::new())
+    } else {
+        match load_config(args.config.as_deref()) {
+            Ok(Loaded { config, warnings }) => (config, warnings),
+            Err(code) => return code,
+        }
+    };
+    if !args.listen.is_empty() {
+        config.server.listen = args.listen.clone();
+    }
+    if let Some(admin) = &args.admin_listen {
+        config.admin_listen = match admin.as_str() {
+            "" => None,
+            text => match text.parse() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    logging::to_stderr(format_args!("error: --admin-listen {text:?}: expected IP:PORT"));
+                    return exit::USAGE;
+                }
+            },
+        };
+    }
+    logging::init(config.log.format, &config.log.level);
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    let mut emulator = None;
+    if args.dev {
+        match daemon::dev_setup(config, args.dev_token_lifetime).await {
+            Ok((c, e)) => {
+                config = c;
+                emulator = Some(e);
+            }
+            Err(e) => {
+                logging::to_stderr(format_args!("error: {e}"));
+                return exit::FAILURE;
+            }
+        }
+    }
+    let ready_timeout = config.ready_timeout;
+    let daemon = match daemon::start(config, args.config.clone()).await {
+        Ok(d) => d,
+        Err(e) => {
+            logging::to_stderr(format_args!("error: {e}"));
+            return e.exit_code();
+        }
+    };
+    if let Some(emulator) = &emulator {
+        print_dev_banner(&daemon, &emulator.base_url(), args.dev_token_lifetime);
+    }
+    let code = daemon.run(signals, ready_timeout).await;
+    drop(emulator);
+    code
+}
+
+fn print_dev_banner(daemon: &RunningDaemon, emulator: &str, lifetime: Duration) {
+    let grpc: Vec<String> = daemon.grpc_addrs.iter().map(ToString::to_string).collect();
+    let addr_flag = match daemon.grpc_addrs.first() {
+        Some(ListenAddr::Tcp(a)) if a.to_string() == "127.0.0.1:50051" => String::new(),
+        Some(ListenAddr::Tcp(a)) => format!(" --addr http://{a}"),
+        Some(ListenAddr::Unix(p)) => format!(" --addr unix:{}", p.display()),
+        None => String::new(),
+    };
+    let mut banner = Vec::new();
+    banner.push(
+        "flute-token-broker is running in dev mode against a built-in emulator of Flute's token endpoint.".to_owned(),
+    );
+    banner.push(format!("  gRPC:      {}", grpc.join(", ")));
+    banner.push(format!(
+        "  emulator:  {emulator} (tokens live {})",
+        duration::format(lifetime)
+    ));
+    if let Some(admin) = daemon.admin_addr {
+        banner.push(format!("  admin:     http://{admin}/metrics  /healthz  /readyz"));
+    }
+    banner.push(String::new());
+    banner.push("In another terminal:".to_owned());
+    banner.push(format!("  cargo run --release -- get --env sandbox{addr_flag}"));
+    banner.push(format!("  curl -H \"Authorization: Bearer $(cargo run -q --release -- get --env sandbox{addr_flag})\" {emulator}/v2/transactions"));
+    banner.push(format!("  cargo run --release -- watch --env sandbox{addr_flag}"));
+    banner.push(format!("  cargo run --release -- status{addr_flag}"));
+    banner.push("Stop with Ctrl-C.".to_owned());
+    // The daemon keeps running when stdout is closed or full.
+    let _ = logging::to_stdout(banner.join("\n") + "\n");
+}
+
+async fn run_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
+    logging::init(logging::LogFormat::Text, "info");
+    let secret = match (args.client_secret, args.client_secret_file) {
+        (Some(s), _) => s,
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
+            .trim()
+            .to_owned(),
+        (None, None) => anyhow::bail!("--client-secret or --client-secret-file is required"),
+    };
+    let config = EmulatorConfig {
+        client_id: args.client_id,
+        client_secret: secret.into(),
+        token_lifetime: args.token_lifetime,
+        issue_refresh_tokens: !args.no_refresh_tokens,
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let Signals { mut term, mut int, .. } = Signals::install()?;
+    let _ = logging::to_stdout(format_args!(
+        "emulator listening on http://{addr} (token endpoint http://{addr}/oauth2/token)\n"
+    ));
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    Emulator::new(config).serve(listener, shutdown).await?;
+    Ok(())
+}
