@@ -27,31 +27,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn connect_when_up(addr: &str) -> support::Client {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match flute_token_broker::client::connect(addr, Duration::from_secs(1)).await {
-            Ok(client) => return client,
-            Err(e) if tokio::time::Instant::now() > deadline => panic!("broker not up: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
-async fn metric(admin: &str, series: &str) -> f64 {
-    let text = support::http_client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 async fn healthz(admin: &str) -> u16 {
     // A new client each time: a new connection must get through.
     support::http_client()
@@ -108,7 +83,7 @@ async fn an_idle_connection_flood_starves_neither_the_unix_socket_nor_the_admin_
         text
     });
     let unix_addr = format!("unix:{}", sock.display());
-    let mut unix = connect_when_up(&unix_addr).await;
+    let mut unix = support::connect_when_up(&unix_addr).await;
     support::current_token(&mut unix, SANDBOX).await;
 
     // More idle TCP connections than the process has descriptors: none of
@@ -131,11 +106,11 @@ async fn an_idle_connection_flood_starves_neither_the_unix_socket_nor_the_admin_
     let grpc_label = format!("flute_broker_connection_limit_reached_total{{listener=\"grpc:{tcp}\"}}");
     for _ in 0..5 {
         support::current_token(&mut unix, SANDBOX).await;
-        let mut fresh = connect_when_up(&unix_addr).await;
+        let mut fresh = support::connect_when_up(&unix_addr).await;
         support::current_token(&mut fresh, SANDBOX).await;
         assert_eq!(healthz(&admin).await, 200);
     }
-    assert!(metric(&admin, &grpc_label).await >= 1.0, "the budget was hit");
+    assert!(support::metric(&admin, &grpc_label).await >= 1.0, "the budget was hit");
 
     // Slowloris on the admin port: a request head that never ends is cut
     // off at the handshake deadline.
@@ -178,7 +153,7 @@ async fn an_idle_connection_flood_starves_neither_the_unix_socket_nor_the_admin_
     assert!(recovered, "TCP answers again after the idle connections timed out");
     let closed =
         format!("flute_broker_connections_closed_total{{listener=\"grpc:{tcp}\",reason=\"handshake_timeout\"}}");
-    assert!(metric(&admin, &closed).await >= 1.0);
+    assert!(support::metric(&admin, &closed).await >= 1.0);
     drop(flood);
 
     support::signal(child.id().unwrap(), rustix::process::Signal::TERM);

@@ -669,25 +669,7 @@ async fn idle_connections_are_closed_but_open_streams_keep_theirs() {
         "flute_broker_connections_closed_total{{listener=\"grpc:{}\",reason=\"idle_timeout\"}}",
         broker.tcp.trim_start_matches("http://")
     );
-    let closed = async {
-        loop {
-            let text = support::http_client()
-                .get(format!("http://{admin}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            if text.lines().any(|l| l.starts_with(&series) && !l.ends_with(" 0")) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), closed)
-        .await
-        .expect("the idle connection is closed");
+    support::await_metric(admin, &series, 1.0).await;
     // The stream's connection is still there: it carries the next rotation.
     support::next_token(&mut stream).await;
     // And the idle client simply reconnects.

@@ -37,32 +37,6 @@ fn publish_secret(dir: &Path, version: u32, secret: &str) {
     }
 }
 
-async fn metric(admin: std::net::SocketAddr, sample: &str) -> f64 {
-    let text = http_client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
-/// Polls a metric until it reaches `value` (the admin endpoint is the only
-/// way to observe the file poller from outside).
-async fn await_metric(admin: std::net::SocketAddr, sample: &str, value: f64) {
-    for _ in 0..200 {
-        if metric(admin, sample).await >= value {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{sample} never reached {value}");
-}
-
 fn assert_no_leak(logs: &LogCapture, secrets: &[&str]) {
     let text = logs.text();
     assert!(text.contains("token request"), "logs were captured");
@@ -106,13 +80,13 @@ async fn secret_swap_rotates_the_key_and_a_bad_key_is_refused() {
         "the new key produced a new token, on the same open stream"
     );
     assert_eq!(
-        metric(admin, "flute_broker_credential_reloads_total{result=\"replaced\"}").await,
+        support::metric(admin, "flute_broker_credential_reloads_total{result=\"replaced\"}").await,
         1.0
     );
 
     // A wrong key is tried, refused, and changes nothing.
     publish_secret(secrets.path(), 3, "typo-in-the-new-secret");
-    await_metric(admin, "flute_broker_credential_reloads_total{result=\"failed\"}", 1.0).await;
+    support::await_metric(admin, "flute_broker_credential_reloads_total{result=\"failed\"}", 1.0).await;
     let current = support::current_token(&mut client, SANDBOX).await;
     assert_eq!(current.token_id, t2.token_id, "the old key's token stays");
     let stats = broker.emulator(Environment::Sandbox).stats();
@@ -124,10 +98,10 @@ async fn secret_swap_rotates_the_key_and_a_bad_key_is_refused() {
     assert_eq!(status.environments[0].state, pb::State::Ready as i32);
     // An unreadable secret file is reported once, not on every poll, and changes nothing.
     std::fs::remove_file(secrets.path().join("v3/secret")).unwrap();
-    await_metric(admin, "flute_broker_credential_reloads_total{result=\"failed\"}", 2.0).await;
+    support::await_metric(admin, "flute_broker_credential_reloads_total{result=\"failed\"}", 2.0).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // five more polls
     assert_eq!(
-        metric(admin, "flute_broker_credential_reloads_total{result=\"failed\"}").await,
+        support::metric(admin, "flute_broker_credential_reloads_total{result=\"failed\"}").await,
         2.0
     );
     assert_eq!(logs.text().matches("cannot re-read the API key").count(), 1);
@@ -321,11 +295,11 @@ async fn readiness_follows_the_tokens_while_liveness_stays_up() {
         "an endpoint outage never fails liveness"
     );
     assert_eq!(
-        metric(admin, "flute_broker_token_valid{environment=\"sandbox\"}").await,
+        support::metric(admin, "flute_broker_token_valid{environment=\"sandbox\"}").await,
         0.0
     );
     assert!(
-        metric(
+        support::metric(
             admin,
             "flute_broker_token_consecutive_failures{environment=\"sandbox\"}"
         )

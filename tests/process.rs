@@ -273,18 +273,6 @@ async fn standalone_emulator_command_issues_tokens() {
     );
 }
 
-/// Connects to `addr`, retrying while the daemon starts (at most 20 s).
-async fn connect_when_up(addr: &str) -> support::Client {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match flute_token_broker::client::connect(addr, Duration::from_secs(1)).await {
-            Ok(client) => return client,
-            Err(e) if tokio::time::Instant::now() > deadline => panic!("broker not up: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
 /// stderr on a full device or a pipe nobody reads, stdout likewise: the
 /// daemon keeps serving through several refreshes (each logs lines that
 /// cannot be written), counts the dropped lines, and exits 0 on SIGTERM.
@@ -316,25 +304,12 @@ async fn unwritable_stderr_or_stdout_is_not_fatal() {
         drop(child.stdout.take());
         drop(child.stderr.take());
 
-        let mut client = connect_when_up(&format!("unix:{}", sock.display())).await;
+        let mut client = support::connect_when_up(&format!("unix:{}", sock.display())).await;
         let mut watch = support::open_watch(&mut client, pb::Environment::Sandbox as i32).await;
         for _ in 0..3 {
             support::next_token(&mut watch).await;
         }
-        let metrics = support::http_client()
-            .get(format!("http://{admin}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let dropped: f64 = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("flute_broker_log_lines_dropped_total "))
-            .expect("the dropped-lines counter is exported")
-            .parse()
-            .unwrap();
+        let dropped = support::metric(admin, "flute_broker_log_lines_dropped_total").await;
         assert!(dropped > 0.0, "log lines were written to a broken stderr");
         assert!(child.try_wait().unwrap().is_none(), "still running");
         support::signal(child.id().unwrap(), rustix::process::Signal::TERM);

@@ -398,3 +398,42 @@ pub fn signal(pid: u32, signal: rustix::process::Signal) {
     let pid = rustix::process::Pid::from_raw(pid as i32).expect("a valid pid");
     rustix::process::kill_process(pid, signal).expect("kill");
 }
+
+/// One sample of the admin listener's `/metrics` (0 when absent).
+pub async fn metric(admin: impl std::fmt::Display, sample: &str) -> f64 {
+    let text = http_client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// Polls a metric until it reaches `value`, for at most 10 s (the admin
+/// endpoint is the only way to observe some events from outside).
+pub async fn await_metric(admin: impl std::fmt::Display + Copy, sample: &str, value: f64) {
+    for _ in 0..200 {
+        if metric(admin, sample).await >= value {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{sample} never reached {value}");
+}
+
+/// Connects to a broker that is starting, retrying for at most 20 s.
+pub async fn connect_when_up(addr: &str) -> Client {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match flute_token_broker::client::connect(addr, Duration::from_secs(1)).await {
+            Ok(client) => return client,
+            Err(e) if tokio::time::Instant::now() > deadline => panic!("broker not up: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
