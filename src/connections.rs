@@ -167,10 +167,6 @@ impl ListenerGuard {
         })
     }
 
-    pub fn limits(&self) -> &ConnectionLimits {
-        &self.limits
-    }
-
     /// Whether a warning of this kind is due (rate limit).
     fn warn_due(&self, kind: Warning) -> bool {
         let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
@@ -307,10 +303,6 @@ pub struct Guarded<IO> {
 }
 
 impl<IO> Guarded<IO> {
-    pub fn activity(&self) -> &Arc<Activity> {
-        &self.activity
-    }
-
     /// `Err` once the connection has outlived its deadline.
     fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         while self.expired.is_none() && self.timer.as_mut().poll(cx).is_ready() {

@@ -494,6 +494,7 @@ impl Reloader {
             }
             let mut state = self.state.lock().await;
             self.offer_keys(&mut state, false).await;
+            self.metrics.credential_polls.inc();
         }
     }
 

@@ -63,6 +63,8 @@ pub struct Metrics {
     pub grpc_requests: Family<GrpcLabels, Counter>,
     pub watch_streams: Gauge,
     pub credential_reloads: Family<ResultLabels, Counter>,
+    /// Completed checks of the key files by the poller.
+    pub credential_polls: Counter,
     /// Open connections per listener.
     pub connections: Family<ListenerLabels, Gauge>,
     /// Times a listener's connection budget was full.
@@ -136,6 +138,12 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "Build information", build_info);
+        let credential_polls = Counter::default();
+        registry.register(
+            "credential_polls",
+            "Completed checks of the API key files for changes",
+            credential_polls.clone(),
+        );
         let connections = Family::<ListenerLabels, Gauge>::default();
         registry.register("connections", "Open connections per listener", connections.clone());
         let connection_limit_reached = Family::<ListenerLabels, Counter>::default();
@@ -177,6 +185,7 @@ impl Metrics {
             grpc_requests,
             watch_streams,
             credential_reloads,
+            credential_polls,
             connections,
             connection_limit_reached,
             connections_closed,

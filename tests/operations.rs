@@ -99,7 +99,9 @@ async fn secret_swap_rotates_the_key_and_a_bad_key_is_refused() {
     // An unreadable secret file is reported once, not on every poll, and changes nothing.
     std::fs::remove_file(secrets.path().join("v3/secret")).unwrap();
     support::await_metric(admin, "flute_broker_credential_reloads_total{result=\"failed\"}", 2.0).await;
-    tokio::time::sleep(Duration::from_millis(500)).await; // five more polls
+    // Five more polls of the file, counted rather than timed.
+    let polls = support::metric(admin, "flute_broker_credential_polls_total").await;
+    support::await_metric(admin, "flute_broker_credential_polls_total", polls + 5.0).await;
     assert_eq!(
         support::metric(admin, "flute_broker_credential_reloads_total{result=\"failed\"}").await,
         2.0
