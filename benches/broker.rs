@@ -167,11 +167,11 @@ fn main() {
             ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()),
             ListenAddr::Unix(dir.join("broker.sock")),
         ];
-        config.admin_listen = None;
+        config.admin.listen = None;
         // Each fan-out round forces a refresh: no rate limit between them.
         config.refresh.early_refresh_interval = Duration::ZERO;
         let (config, _emulator) = daemon::dev_setup(config, Duration::from_secs(900)).await.unwrap();
-        let broker = daemon::start(config, None).await.unwrap();
+        let broker = daemon::Broker::build(config, None).await.unwrap();
         for s in broker.sources.iter() {
             s.started().await;
         }

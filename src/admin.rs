@@ -3,6 +3,7 @@
 //! triggers restarts) and `/readyz` (every enabled environment holds a
 //! valid token).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -10,10 +11,49 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::time::Instant;
 
 use crate::metrics::{EnvLabels, Metrics};
 use crate::token::TokenSources;
+
+/// `[admin]`: where the admin HTTP listener binds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `IP:PORT`; `None` (written `""`) disables the listener.
+    #[serde(serialize_with = "write_listen", deserialize_with = "read_listen")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// `IP:PORT`, or `""` for no listener (the `--admin-listen` syntax too).
+    pub fn parse_listen(text: &str) -> Result<Option<SocketAddr>, String> {
+        match text.trim() {
+            "" => Ok(None),
+            text => text
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("{text:?}: expected IP:PORT, or \"\" to disable")),
+        }
+    }
+}
+
+fn read_listen<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
+    AdminConfig::parse_listen(&String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+}
+
+fn write_listen<S: Serializer>(listen: &Option<SocketAddr>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&listen.map(|a| a.to_string()).unwrap_or_default())
+}
 
 #[derive(Clone)]
 struct AdminState {

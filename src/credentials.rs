@@ -196,6 +196,157 @@ impl KeySource {
     }
 }
 
+/// A credentials table as written: `[credentials]` (shared by every
+/// environment) or `[environments.NAME.credentials]`. Exactly one source
+/// each for the client id and the client secret; [`CredentialTable::key_source`]
+/// checks that and builds the [`KeySource`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CredentialTable {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id_env: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id_credential: Option<String>,
+    /// Refused when read from a file; set in memory by dev mode only.
+    #[serde(skip_serializing_if = "InlineSecret::is_absent")]
+    pub client_secret: InlineSecret,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret_env: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret_credential: Option<String>,
+    /// `[credentials]` only: how often credential files are checked for
+    /// changes (default [`DEFAULT_POLL_INTERVAL`]; 0 disables).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::duration::serde::deserialize_some",
+        serialize_with = "crate::duration::serde::serialize_some"
+    )]
+    pub poll_interval: Option<std::time::Duration>,
+}
+
+/// How often credential files are checked when `poll_interval` is not set.
+pub const DEFAULT_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A client secret written inline in a credentials table.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum InlineSecret {
+    #[default]
+    Absent,
+    /// The file had one: refused, and its value dropped unread.
+    Refused,
+    /// A secret generated in memory (dev mode).
+    Generated(String),
+}
+
+impl InlineSecret {
+    fn is_absent(&self) -> bool {
+        *self == InlineSecret::Absent
+    }
+}
+
+impl fmt::Debug for InlineSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            InlineSecret::Absent => "Absent",
+            InlineSecret::Refused => "Refused",
+            InlineSecret::Generated(_) => "Generated([redacted])",
+        })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for InlineSecret {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(deserializer)?;
+        Ok(InlineSecret::Refused)
+    }
+}
+
+impl serde::Serialize for InlineSecret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("[redacted]")
+    }
+}
+
+impl CredentialTable {
+    /// A table with an inline client id and an in-memory secret (dev mode).
+    pub fn generated(client_id: &str, secret: String) -> Self {
+        Self {
+            client_id: Some(client_id.into()),
+            client_secret: InlineSecret::Generated(secret),
+            ..Self::default()
+        }
+    }
+
+    /// The key source this table names: `Ok(None)` when it names none,
+    /// otherwise every problem, each starting with its key.
+    pub fn key_source(&self) -> Result<Option<KeySource>, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut one = |what: &str, found: Vec<ValueSource>| -> Option<ValueSource> {
+            if found.len() > 1 {
+                problems.push(format!(
+                    "{what}: give exactly one source (inline, _file, _env or _credential)"
+                ));
+            }
+            found.into_iter().next()
+        };
+        let client_id = one(
+            "client_id",
+            [
+                self.client_id.clone().map(ValueSource::Inline),
+                self.client_id_file.clone().map(ValueSource::File),
+                self.client_id_env.clone().map(ValueSource::Env),
+                self.client_id_credential.clone().map(ValueSource::SystemdCredential),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        );
+        let generated = match &self.client_secret {
+            InlineSecret::Generated(secret) => Some(ValueSource::Inline(secret.clone())),
+            _ => None,
+        };
+        let client_secret = one(
+            "client_secret",
+            [
+                generated,
+                self.client_secret_file.clone().map(ValueSource::File),
+                self.client_secret_env.clone().map(ValueSource::Env),
+                self.client_secret_credential
+                    .clone()
+                    .map(ValueSource::SystemdCredential),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        );
+        if self.client_secret == InlineSecret::Refused {
+            problems.push("client_secret: secrets are never written in the configuration: use client_secret_file, client_secret_env or client_secret_credential".into());
+        }
+        let source = match (client_id, client_secret) {
+            (Some(client_id), Some(client_secret)) => Some(KeySource {
+                client_id,
+                client_secret,
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                problems.push("client_secret_file: client_id is set but no client secret source is".into());
+                None
+            }
+            (None, Some(_)) => {
+                problems.push("client_id: a client secret source is set but no client_id".into());
+                None
+            }
+        };
+        if problems.is_empty() { Ok(source) } else { Err(problems) }
+    }
+}
+
 /// Why a key could not be loaded. Never contains the secret itself.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {

@@ -1,7 +1,8 @@
 //! Wiring: from a validated [`Config`] to a running broker (token sources,
 //! gRPC listeners, health, admin), credential reload, and graceful shutdown.
-//! [`start`] returns a [`RunningDaemon`] so tests can run the whole daemon
-//! in-process; the `serve` command adds signals and systemd around it.
+//! [`Broker::build`] returns a [`RunningBroker`] so tests can run the whole
+//! daemon in-process; [`RunningBroker::run`] adds signals, reload and systemd
+//! around it for the `serve` command.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,15 +19,15 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::connections::{AdminConnection, GuardedTcpListener, ListenerGuard, StreamTrackingLayer, incoming};
-use crate::credentials::{CredentialsError, KeySource};
+use crate::credentials::{CredentialTable, CredentialsError};
 use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator};
 use crate::environment::Environment;
 use crate::grpc::listener::ListenAddr;
-use crate::grpc::listener::{self, Bound, ListenError, UnixSocketOptions};
+use crate::grpc::listener::{self, Bound, ListenError};
 use crate::grpc::pb::token_broker_server::TokenBrokerServer;
 use crate::grpc::{TokenBrokerService, health, pb};
 use crate::metrics::{Metrics, ResultLabels};
-use crate::oauth::{OAuthClient, OAuthClientConfig, OAuthError};
+use crate::oauth::{OAuthClient, OAuthError};
 use crate::token::{self, KeyChange, TokenSourceConfig, TokenSources};
 
 /// Longest shutdown waits for watch streams to deliver their final status
@@ -77,7 +78,7 @@ impl DaemonError {
 }
 
 /// A running broker.
-pub struct RunningDaemon {
+pub struct RunningBroker {
     /// The addresses actually bound (ports resolved).
     pub grpc_addrs: Vec<ListenAddr>,
     pub admin_addr: Option<SocketAddr>,
@@ -96,188 +97,187 @@ pub struct RunningDaemon {
     background: Vec<JoinHandle<()>>,
     source_tasks: Vec<JoinHandle<()>>,
     grace: Duration,
+    /// systemd: READY=1 at the latest after this.
+    ready_timeout: Duration,
 }
 
-/// Starts everything the configuration asks for. Keys are loaded and every
-/// listener bound before anything is served.
-pub async fn start(config: Config, config_path: Option<PathBuf>) -> Result<RunningDaemon, DaemonError> {
-    let metrics = Arc::new(Metrics::new());
-    let mut keys = Vec::new();
-    for (env, _) in config.enabled() {
-        let source = config
-            .key_source(env)
-            .ok_or(DaemonError::NoCredentials { environment: env })?;
-        let key = source.load().map_err(|source| DaemonError::Credentials {
-            environment: env,
-            source,
-        })?;
-        keys.push((env, key));
-    }
-    let tls = config
-        .server
-        .tls
-        .as_ref()
-        .map(crate::grpc::tls::server_config)
-        .transpose()?;
-    let unix = UnixSocketOptions {
-        mode: config.server.unix_socket_mode,
-        group: config.server.unix_socket_group.clone(),
-    };
-    let mut bound = Vec::new();
-    for addr in &config.server.listen {
-        bound.push(listener::bind(addr, &unix).await?);
-    }
-    let fd_limit = crate::connections::raise_fd_limit();
-    let listener_count = bound.len() + usize::from(config.admin_listen.is_some());
-    let mut limits = config.server.limits;
-    limits.max_connections = crate::connections::per_listener_budget(limits.max_connections, fd_limit, listener_count);
-    if limits.max_connections < config.server.limits.max_connections {
-        warn!(
-            configured = config.server.limits.max_connections,
-            budget = limits.max_connections,
-            fd_limit,
-            "server.max_connections does not fit in the open-file limit; each listener gets an equal share"
-        );
-    }
-    let admin_listener = match config.admin_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| DaemonError::AdminBind { addr, source })?,
-        ),
-        None => None,
-    };
+/// Builds a broker from a validated configuration.
+pub struct Broker;
 
-    let mut handles = Vec::new();
-    let mut source_tasks = Vec::new();
-    for (env, key) in keys {
-        let env_config = &config.environments[&env];
-        let mut client_config = OAuthClientConfig::new(env_config.token_url.clone());
-        client_config.client_auth = config.oauth.client_auth;
-        client_config.scope = config.oauth.scope.clone();
-        client_config.connect_timeout = config.oauth.connect_timeout;
-        client_config.request_timeout = config.oauth.request_timeout;
-        client_config.lifetime = config.oauth.lifetime_bounds();
-        let client = OAuthClient::new(client_config)?;
-        let mut source_config = TokenSourceConfig::new(env);
-        source_config.policy = config.refresh.clone();
-        source_config.use_refresh_token = config.oauth.use_refresh_token;
-        let (handle, task) = token::spawn(source_config, client, key, metrics.clone());
-        info!(environment = %env, token_url = %env_config.token_url, "token source started");
-        handles.push(handle);
-        source_tasks.push(task);
-    }
-    let sources = Arc::new(TokenSources::new(handles));
-
-    let stopping = CancellationToken::new();
-    let draining = stopping.child_token();
-    let streams = TaskTracker::new();
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health::set_not_serving(&health_reporter, &sources).await;
-    let access = config.enabled().map(|(env, e)| (env, e.access.clone())).collect();
-    let service = TokenBrokerService::new(
-        sources.clone(),
-        draining.clone(),
-        streams.clone(),
-        metrics.clone(),
-        config.server.request_wait,
-        access,
-    );
-
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| DaemonError::Reflection(e.to_string()))?;
-    let mut grpc_addrs = Vec::new();
-    let mut servers = Vec::new();
-    for listener in bound {
-        let addr = listener.addr();
-        grpc_addrs.push(addr.clone());
-        let mut builder = Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .max_concurrent_streams(limits.max_concurrent_streams)
-            .layer(StreamTrackingLayer)
-            .layer(crate::grpc::request_limit::RequestLimitLayer::new(MAX_REQUEST_BYTES));
-        if let (Bound::Tcp(_), Some(tls)) = (&listener, &tls) {
-            builder = builder
-                .tls_config(tls.clone())
-                .map_err(|e| DaemonError::Tls(crate::grpc::tls::TlsError::Invalid(e.to_string())))?;
+impl Broker {
+    /// Starts everything the configuration asks for. Keys are loaded and
+    /// every listener bound before anything is served. `config_path` is
+    /// re-read on reload.
+    pub async fn build(config: Config, config_path: Option<PathBuf>) -> Result<RunningBroker, DaemonError> {
+        let metrics = Arc::new(Metrics::new());
+        let mut keys = Vec::new();
+        for (env, _) in config.enabled() {
+            let source = config
+                .key_source(env)
+                .ok_or(DaemonError::NoCredentials { environment: env })?;
+            let key = source.load().map_err(|source| DaemonError::Credentials {
+                environment: env,
+                source,
+            })?;
+            keys.push((env, key));
         }
-        let router = builder
-            .add_service(health_service.clone())
-            .add_service(reflection.clone())
-            .add_service(TokenBrokerServer::new(service.clone()).max_decoding_message_size(2 * MAX_REQUEST_BYTES));
-        let signal = stopping.clone().cancelled_owned();
-        info!(%addr, tls = matches!(listener, Bound::Tcp(_)) && tls.is_some(), max_connections = limits.max_connections, "gRPC listening");
-        let guard = ListenerGuard::new(format!("grpc:{addr}"), limits, metrics.clone());
-        servers.push(tokio::spawn(async move {
-            let result = match listener {
-                Bound::Tcp(l) => router.serve_with_incoming_shutdown(incoming(l, guard), signal).await,
-                Bound::Unix(l, _file) => router.serve_with_incoming_shutdown(incoming(l, guard), signal).await,
-            };
-            if let Err(e) = result {
-                error!(%addr, error = %e, "gRPC server stopped with an error");
-            }
-        }));
-    }
-
-    let mut background = vec![tokio::spawn(health::report(
-        health_reporter.clone(),
-        sources.clone(),
-        draining.clone(),
-    ))];
-    let mut admin_addr = None;
-    if let Some(listener) = admin_listener {
-        let addr = listener.local_addr().map_err(|source| DaemonError::AdminBind {
-            addr: config.admin_listen.unwrap(),
-            source,
-        })?;
-        admin_addr = Some(addr);
-        let app = crate::admin::router(sources.clone(), metrics.clone())
-            .layer(axum::middleware::from_fn(crate::connections::track_requests))
-            .into_make_service_with_connect_info::<AdminConnection>();
-        let listener = GuardedTcpListener {
-            listener,
-            guard: ListenerGuard::new(format!("admin:{addr}"), limits, metrics.clone()),
+        let tls = config
+            .server
+            .tls
+            .as_ref()
+            .map(crate::grpc::tls::server_config)
+            .transpose()?;
+        let unix = config.server.unix_socket_options();
+        let mut bound = Vec::new();
+        for addr in &config.server.listen {
+            bound.push(listener::bind(addr, &unix).await?);
+        }
+        let fd_limit = crate::connections::raise_fd_limit();
+        let listener_count = bound.len() + usize::from(config.admin.listen.is_some());
+        let mut limits = config.server.limits();
+        limits.max_connections =
+            crate::connections::per_listener_budget(limits.max_connections, fd_limit, listener_count);
+        if limits.max_connections < config.server.max_connections {
+            warn!(
+                configured = config.server.max_connections,
+                budget = limits.max_connections,
+                fd_limit,
+                "server.max_connections does not fit in the open-file limit; each listener gets an equal share"
+            );
+        }
+        let admin_listener = match config.admin.listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| DaemonError::AdminBind { addr, source })?,
+            ),
+            None => None,
         };
-        let signal = stopping.clone().cancelled_owned();
-        info!(%addr, "admin HTTP listening");
-        background.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(signal).await {
-                error!(error = %e, "admin listener stopped");
+
+        let mut handles = Vec::new();
+        let mut source_tasks = Vec::new();
+        for (env, key) in keys {
+            let env_config = &config.environments[&env];
+            let client = OAuthClient::new(config.oauth.client_config(&env_config.token_url))?;
+            let mut source_config = TokenSourceConfig::new(env);
+            source_config.policy = config.refresh.clone();
+            source_config.use_refresh_token = config.oauth.use_refresh_token;
+            let (handle, task) = token::spawn(source_config, client, key, metrics.clone());
+            info!(environment = %env, token_url = %env_config.token_url, "token source started");
+            handles.push(handle);
+            source_tasks.push(task);
+        }
+        let sources = Arc::new(TokenSources::new(handles));
+
+        let stopping = CancellationToken::new();
+        let draining = stopping.child_token();
+        let streams = TaskTracker::new();
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health::set_not_serving(&health_reporter, &sources).await;
+        let access = config.enabled().map(|(env, e)| (env, e.access())).collect();
+        let service = TokenBrokerService::new(
+            sources.clone(),
+            draining.clone(),
+            streams.clone(),
+            metrics.clone(),
+            config.server.request_wait,
+            access,
+        );
+
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| DaemonError::Reflection(e.to_string()))?;
+        let mut grpc_addrs = Vec::new();
+        let mut servers = Vec::new();
+        for listener in bound {
+            let addr = listener.addr();
+            grpc_addrs.push(addr.clone());
+            let mut builder = Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                .max_concurrent_streams(limits.max_concurrent_streams)
+                .layer(StreamTrackingLayer)
+                .layer(crate::grpc::request_limit::RequestLimitLayer::new(MAX_REQUEST_BYTES));
+            if let (Bound::Tcp(_), Some(tls)) = (&listener, &tls) {
+                builder = builder
+                    .tls_config(tls.clone())
+                    .map_err(|e| DaemonError::Tls(crate::grpc::tls::TlsError::Invalid(e.to_string())))?;
             }
-        }));
-    }
+            let router = builder
+                .add_service(health_service.clone())
+                .add_service(reflection.clone())
+                .add_service(TokenBrokerServer::new(service.clone()).max_decoding_message_size(2 * MAX_REQUEST_BYTES));
+            let signal = stopping.clone().cancelled_owned();
+            info!(%addr, tls = matches!(listener, Bound::Tcp(_)) && tls.is_some(), max_connections = limits.max_connections, "gRPC listening");
+            let guard = ListenerGuard::new(format!("grpc:{addr}"), limits, metrics.clone());
+            servers.push(tokio::spawn(async move {
+                let result = match listener {
+                    Bound::Tcp(l) => router.serve_with_incoming_shutdown(incoming(l, guard), signal).await,
+                    Bound::Unix(l, _file) => router.serve_with_incoming_shutdown(incoming(l, guard), signal).await,
+                };
+                if let Err(e) = result {
+                    error!(%addr, error = %e, "gRPC server stopped with an error");
+                }
+            }));
+        }
 
-    let reloader = Arc::new(Reloader::new(&config, config_path, sources.clone(), metrics.clone()));
-    if !config.credentials_poll_interval.is_zero() && reloader.watches_files().await {
-        background.push(tokio::spawn(
-            reloader
-                .clone()
-                .poll(config.credentials_poll_interval, stopping.clone()),
-        ));
-    }
+        let mut background = vec![tokio::spawn(health::report(
+            health_reporter.clone(),
+            sources.clone(),
+            draining.clone(),
+        ))];
+        let mut admin_addr = None;
+        if let Some(listener) = admin_listener {
+            let addr = listener.local_addr().map_err(|source| DaemonError::AdminBind {
+                addr: config.admin.listen.unwrap(),
+                source,
+            })?;
+            admin_addr = Some(addr);
+            let app = crate::admin::router(sources.clone(), metrics.clone())
+                .layer(axum::middleware::from_fn(crate::connections::track_requests))
+                .into_make_service_with_connect_info::<AdminConnection>();
+            let listener = GuardedTcpListener {
+                listener,
+                guard: ListenerGuard::new(format!("admin:{addr}"), limits, metrics.clone()),
+            };
+            let signal = stopping.clone().cancelled_owned();
+            info!(%addr, "admin HTTP listening");
+            background.push(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(signal).await {
+                    error!(error = %e, "admin listener stopped");
+                }
+            }));
+        }
 
-    Ok(RunningDaemon {
-        grpc_addrs,
-        admin_addr,
-        sources,
-        metrics,
-        reloader,
-        stopping,
-        draining,
-        streams,
-        health: health_reporter,
-        servers,
-        background,
-        source_tasks,
-        grace: config.server.shutdown_grace,
-    })
+        let reloader = Arc::new(Reloader::new(&config, config_path, sources.clone(), metrics.clone()));
+        if !config.poll_interval().is_zero() && reloader.watches_files().await {
+            background.push(tokio::spawn(
+                reloader.clone().poll(config.poll_interval(), stopping.clone()),
+            ));
+        }
+
+        Ok(RunningBroker {
+            grpc_addrs,
+            admin_addr,
+            sources,
+            metrics,
+            reloader,
+            stopping,
+            draining,
+            streams,
+            health: health_reporter,
+            servers,
+            background,
+            source_tasks,
+            grace: config.server.shutdown_grace,
+            ready_timeout: config.systemd.ready_timeout,
+        })
+    }
 }
 
-impl RunningDaemon {
+impl RunningBroker {
     /// Re-reads the configuration file (if any) and the API keys; see [`Reloader::reload`].
     pub async fn reload(&self) -> Result<ReloadReport, crate::config::ConfigError> {
         self.reloader.reload().await
@@ -310,13 +310,13 @@ impl RunningDaemon {
     }
 }
 
-impl RunningDaemon {
+impl RunningBroker {
     /// Serves until SIGTERM or SIGINT, reloading on SIGHUP and keeping
     /// systemd informed (READY once every environment holds a token or
     /// `ready_timeout` passed, STATUS, WATCHDOG, RELOADING, STOPPING); then
     /// shuts down. Returns the exit code.
-    pub async fn run(self, signals: Signals, ready_timeout: Duration) -> u8 {
-        let helpers = spawn_systemd_helpers(&self, ready_timeout);
+    pub async fn run(self, signals: Signals) -> u8 {
+        let helpers = spawn_systemd_helpers(&self, self.ready_timeout);
         let code = wait_for_signals(&self, signals).await;
         helpers.abort();
         crate::systemd::stopping();
@@ -327,7 +327,7 @@ impl RunningDaemon {
 
 /// READY=1 once every environment holds a token (or `ready_timeout`
 /// passed), STATUS= updates, and WATCHDOG=1 while the token sources run.
-fn spawn_systemd_helpers(daemon: &RunningDaemon, ready_timeout: Duration) -> JoinHandle<()> {
+fn spawn_systemd_helpers(daemon: &RunningBroker, ready_timeout: Duration) -> JoinHandle<()> {
     let sources = daemon.sources.clone();
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + ready_timeout;
@@ -373,7 +373,7 @@ impl Signals {
 }
 
 /// Runs until SIGTERM or SIGINT; SIGHUP reloads. Returns the exit code.
-async fn wait_for_signals(daemon: &RunningDaemon, signals: Signals) -> u8 {
+async fn wait_for_signals(daemon: &RunningBroker, signals: Signals) -> u8 {
     let Signals {
         mut term,
         mut int,
@@ -460,7 +460,10 @@ impl Reloader {
                     for w in &loaded.warnings {
                         warn!("{w}");
                     }
-                    warn_restart_needed(&state.config, &loaded.config);
+                    let diff = state.config.diff(&loaded.config);
+                    if !diff.needs_restart.is_empty() {
+                        warn!(keys = ?diff.needs_restart, "these settings changed; they take effect after a restart");
+                    }
                     state.config.credentials = loaded.config.credentials.clone();
                     for (env, e) in state.config.environments.iter_mut() {
                         e.credentials = loaded.config.environments[env].credentials.clone();
@@ -502,7 +505,7 @@ impl Reloader {
         let mut report = ReloadReport::default();
         for source in self.sources.iter() {
             let env = source.environment();
-            let Some(key_source) = state.config.key_source(env).cloned() else {
+            let Some(key_source) = state.config.key_source(env) else {
                 continue;
             };
             let key = match key_source.load() {
@@ -560,18 +563,6 @@ impl Reloader {
     }
 }
 
-/// Reload applies credentials only; say so for anything else that changed.
-fn warn_restart_needed(old: &Config, new: &Config) {
-    let mut old_keys = old.clone();
-    old_keys.credentials = new.credentials.clone();
-    for (env, e) in old_keys.environments.iter_mut() {
-        e.credentials = new.environments[env].credentials.clone();
-    }
-    if old_keys != *new {
-        warn!("the configuration changed beyond credentials; those changes take effect after a restart");
-    }
-}
-
 /// `serve --dev`: an in-process emulator with generated credentials, and a
 /// configuration pointing both environments at it.
 pub async fn dev_setup(mut config: Config, token_lifetime: Duration) -> Result<(Config, RunningEmulator), DaemonError> {
@@ -586,11 +577,7 @@ pub async fn dev_setup(mut config: Config, token_lifetime: Duration) -> Result<(
         .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .map_err(DaemonError::Emulator)?;
-    let key = KeySource {
-        client_id: crate::credentials::ValueSource::Inline("dev-client".into()),
-        client_secret: crate::credentials::ValueSource::Inline(secret),
-    };
-    config.credentials = Some(key);
+    config.credentials = CredentialTable::generated("dev-client", secret);
     config.oauth.allow_insecure_http = true;
     for env in config.environments.values_mut() {
         env.enabled = true;

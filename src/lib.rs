@@ -33,6 +33,7 @@ pub mod grpc;
 pub mod logging;
 pub mod metrics;
 pub mod oauth;
+pub mod settings;
 pub mod systemd;
 pub mod token;
 

@@ -12,16 +12,53 @@ use std::io::{IsTerminal, Write};
 use std::sync::LazyLock;
 
 use prometheus_client::metrics::counter::Counter;
+use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
 /// How log lines are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "&'static str")]
 pub enum LogFormat {
     /// Text on a terminal, JSON otherwise.
+    #[default]
     Auto,
     Text,
     Json,
+}
+
+crate::named_choices!(LogFormat {
+    Auto => "auto",
+    Text => "text",
+    Json => "json",
+});
+
+/// `[log]`: the log settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `flute_token_broker=debug`); RUST_LOG wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Auto,
+            level: "info".into(),
+        }
+    }
+}
+
+impl LogConfig {
+    /// Problems with the values, each starting with its key.
+    pub fn problems(&self) -> Vec<String> {
+        match EnvFilter::try_new(&self.level) {
+            Ok(_) => Vec::new(),
+            Err(e) => vec![format!("level: {:?}: {e}", self.level)],
+        }
+    }
 }
 
 /// Log lines dropped because stderr could not take them (exported as
@@ -29,9 +66,9 @@ pub enum LogFormat {
 pub static DROPPED_LOG_LINES: LazyLock<Counter> = LazyLock::new(Counter::default);
 
 /// Installs the global subscriber; later calls are ignored.
-pub fn init(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let json = match format {
+pub fn init(config: &LogConfig) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
+    let json = match config.format {
         LogFormat::Json => true,
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),

@@ -214,7 +214,7 @@ fn accepted_variants() {
     let f = Fixture::new();
     let ok = |extra: &str| f.load(extra).unwrap_or_else(|p| panic!("{extra:?}: {p:?}")).config;
     let c = ok("[admin]\nlisten = \"\"");
-    assert_eq!(c.admin_listen, None);
+    assert_eq!(c.admin.listen, None);
     let c = ok(
         "[oauth]\nallow_insecure_http = true\n[environments.sandbox]\ntoken_url = \"http://127.0.0.1:8080/oauth2/token\"",
     );
@@ -226,8 +226,11 @@ fn accepted_variants() {
     assert_eq!(c.refresh.expiry_margin, Duration::from_secs(30));
     assert_eq!(c.refresh.backoff_max, Duration::from_secs(120));
     let c = ok("[environments.production]\nallowed_unix_users = [\"root\", \"1001\"]\nallowed_unix_groups = [\"0\"]");
-    assert_eq!(c.environments[&Environment::Production].access.uids, vec![0, 1001]);
-    assert_eq!(c.environments[&Environment::Production].access.gids, vec![0]);
+    assert_eq!(
+        c.environments[&Environment::Production].allowed_unix_users,
+        vec![0, 1001]
+    );
+    assert_eq!(c.environments[&Environment::Production].allowed_unix_groups, vec![0]);
     let c = ok("[environments.production]\nenabled = false");
     assert_eq!(c.enabled().count(), 1);
     // Per-environment credentials.
@@ -336,4 +339,29 @@ fn the_example_file_is_valid() {
 fn missing_file_is_a_clear_error() {
     let err = Config::load_with_env(Some(Path::new("/nonexistent/broker.toml")), Some(HashMap::new())).unwrap_err();
     assert!(err.to_string().contains("/nonexistent/broker.toml"));
+}
+
+#[test]
+fn reload_diff_applies_key_sources_live_and_names_every_other_change() {
+    let f = Fixture::new();
+    let old = f.load("").unwrap().config;
+    assert_eq!(old.diff(&old), Default::default());
+    let new = f
+        .load(&format!(
+            "[credentials]\nclient_id = \"other-id\"\nclient_secret_file = \"{secret}\"\npoll_interval = \"1m\"\n\
+             [refresh]\nratio = 0.7\n[server]\nlisten = [\"127.0.0.1:7000\"]\n\
+             [environments.production.credentials]\nclient_id = \"p\"\nclient_secret_file = \"{secret}\"",
+            secret = f.secret()
+        ))
+        .unwrap()
+        .config;
+    let diff = old.diff(&new);
+    assert_eq!(
+        diff.credentials,
+        vec!["credentials.client_id", "environments.production.credentials"]
+    );
+    assert_eq!(
+        diff.needs_restart,
+        vec!["credentials.poll_interval", "refresh.ratio", "server.listen"]
+    );
 }

@@ -558,8 +558,8 @@ async fn stale_unix_socket_is_replaced_and_a_live_one_refused() {
     let config = support::broker_config(&broker.emulators, dir.path());
     let mut second = config.clone();
     second.server.listen = vec![flute_token_broker::grpc::listener::ListenAddr::Unix(path.clone())];
-    second.admin_listen = None;
-    let err = flute_token_broker::daemon::start(second, None)
+    second.admin.listen = None;
+    let err = flute_token_broker::daemon::Broker::build(second, None)
         .await
         .err()
         .expect("a live socket is refused");
@@ -570,17 +570,18 @@ async fn stale_unix_socket_is_replaced_and_a_live_one_refused() {
 
 #[tokio::test]
 async fn allow_lists_gate_environments_by_unix_peer_credentials() {
-    use flute_token_broker::grpc::access::AccessPolicy;
     let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
     let broker = start_broker_with(&Environment::ALL, Duration::from_secs(900), |_, config| {
-        config.environments.get_mut(&Environment::Sandbox).unwrap().access = AccessPolicy {
-            uids: vec![],
-            gids: vec![gid],
-        };
-        config.environments.get_mut(&Environment::Production).unwrap().access = AccessPolicy {
-            uids: vec![uid + 4242],
-            gids: vec![],
-        };
+        config
+            .environments
+            .get_mut(&Environment::Sandbox)
+            .unwrap()
+            .allowed_unix_groups = vec![gid];
+        config
+            .environments
+            .get_mut(&Environment::Production)
+            .unwrap()
+            .allowed_unix_users = vec![uid + 4242];
     })
     .await;
     let mut unix = broker.unix_client().await;
@@ -655,7 +656,7 @@ async fn allow_lists_gate_environments_by_unix_peer_credentials() {
 #[tokio::test]
 async fn idle_connections_are_closed_but_open_streams_keep_theirs() {
     let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(4), |_, config| {
-        config.server.limits.idle_timeout = Duration::from_secs(1);
+        config.server.idle_timeout = Duration::from_secs(1);
     })
     .await;
     let mut watcher = broker.client().await;

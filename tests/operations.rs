@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use flute_token_broker::Environment;
 use flute_token_broker::config::Config;
-use flute_token_broker::credentials::{KeySource, ValueSource};
+use flute_token_broker::credentials::CredentialTable;
 use flute_token_broker::daemon;
 use flute_token_broker::emulator::FaultRequest;
 use flute_token_broker::grpc::pb;
@@ -57,11 +57,12 @@ async fn secret_swap_rotates_the_key_and_a_bad_key_is_refused() {
     publish_secret(secrets.path(), 1, CLIENT_SECRET);
     let secret_path = secrets.path().join("secret");
     let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
-        config.credentials = Some(KeySource {
-            client_id: ValueSource::Inline(CLIENT_ID.into()),
-            client_secret: ValueSource::File(secret_path.clone()),
-        });
-        config.credentials_poll_interval = Duration::from_millis(100);
+        config.credentials = CredentialTable {
+            client_id: Some(CLIENT_ID.into()),
+            client_secret_file: Some(secret_path.clone()),
+            poll_interval: Some(Duration::from_millis(100)),
+            ..Default::default()
+        };
     })
     .await;
     let admin = broker.daemon.admin_addr.unwrap();
@@ -152,7 +153,7 @@ async fn reload_rejects_invalid_configuration_then_applies_a_new_key() {
     std::fs::write(&secret, CLIENT_SECRET).unwrap();
     std::fs::write(&path, config_file(&emu.token_url(), &secret)).unwrap();
     let config = Config::load(Some(&path)).unwrap().config;
-    let running = daemon::start(config, Some(path.clone())).await.unwrap();
+    let running = daemon::Broker::build(config, Some(path.clone())).await.unwrap();
     let addr = running.grpc_addrs[0].to_string();
     let mut client = flute_token_broker::client::connect(&addr, Duration::from_secs(5))
         .await

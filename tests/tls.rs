@@ -158,7 +158,7 @@ async fn bad_certificates_fail_at_start_with_a_clear_error() {
         key_file: pki.path("server.key"),
         client_ca_file: None,
     });
-    let err = flute_token_broker::daemon::start(config, None)
+    let err = flute_token_broker::daemon::Broker::build(config, None)
         .await
         .err()
         .expect("refused");

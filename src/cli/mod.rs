@@ -11,7 +11,7 @@ pub use args::{Cli, ClientArgs, Command, EmulatorArgs, ServeArgs};
 
 use crate::client;
 use crate::config::{Config, Loaded};
-use crate::daemon::{self, RunningDaemon, Signals};
+use crate::daemon::{self, RunningBroker, Signals};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::exit;
 use crate::grpc::listener::ListenAddr;
@@ -106,18 +106,15 @@ async fn serve(args: ServeArgs) -> u8 {
         config.server.listen = args.listen.clone();
     }
     if let Some(admin) = &args.admin_listen {
-        config.admin_listen = match admin.as_str() {
-            "" => None,
-            text => match text.parse() {
-                Ok(addr) => Some(addr),
-                Err(_) => {
-                    logging::to_stderr(format_args!("error: --admin-listen {text:?}: expected IP:PORT"));
-                    return exit::USAGE;
-                }
-            },
-        };
+        match crate::admin::AdminConfig::parse_listen(admin) {
+            Ok(listen) => config.admin.listen = listen,
+            Err(e) => {
+                logging::to_stderr(format_args!("error: --admin-listen {e}"));
+                return exit::USAGE;
+            }
+        }
     }
-    logging::init(config.log.format, &config.log.level);
+    logging::init(&config.log);
     for w in &warnings {
         tracing::warn!("{w}");
     }
@@ -134,8 +131,7 @@ async fn serve(args: ServeArgs) -> u8 {
             }
         }
     }
-    let ready_timeout = config.ready_timeout;
-    let daemon = match daemon::start(config, args.config.clone()).await {
+    let daemon = match daemon::Broker::build(config, args.config.clone()).await {
         Ok(d) => d,
         Err(e) => {
             logging::to_stderr(format_args!("error: {e}"));
@@ -145,12 +141,12 @@ async fn serve(args: ServeArgs) -> u8 {
     if let Some(emulator) = &emulator {
         print_dev_banner(&daemon, &emulator.base_url(), args.dev_token_lifetime);
     }
-    let code = daemon.run(signals, ready_timeout).await;
+    let code = daemon.run(signals).await;
     drop(emulator);
     code
 }
 
-fn print_dev_banner(daemon: &RunningDaemon, emulator: &str, lifetime: Duration) {
+fn print_dev_banner(daemon: &RunningBroker, emulator: &str, lifetime: Duration) {
     let grpc: Vec<String> = daemon.grpc_addrs.iter().map(ToString::to_string).collect();
     let addr_flag = match daemon.grpc_addrs.first() {
         Some(ListenAddr::Tcp(a)) if a.to_string() == "127.0.0.1:50051" => String::new(),
@@ -182,7 +178,10 @@ fn print_dev_banner(daemon: &RunningDaemon, emulator: &str, lifetime: Duration) 
 }
 
 async fn run_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
-    logging::init(logging::LogFormat::Text, "info");
+    logging::init(&logging::LogConfig {
+        format: logging::LogFormat::Text,
+        ..Default::default()
+    });
     let secret = match (args.client_secret, args.client_secret_file) {
         (Some(s), _) => s,
         (None, Some(path)) => std::fs::read_to_string(&path)

@@ -85,6 +85,29 @@ pub fn resolve_group(group: &str) -> Result<u32, String> {
     lookup("/etc/group", "group", group)
 }
 
+/// Serde for `allowed_unix_users`: names or numeric ids, resolved when
+/// read (an unknown name is an error), written back as ids.
+pub mod user_ids {
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u32>, D::Error> {
+        crate::settings::parsed_list(deserializer, super::resolve_user)
+    }
+
+    pub fn serialize<S: serde::Serializer>(ids: &[u32], serializer: S) -> Result<S::Ok, S::Error> {
+        crate::settings::write_list(ids, serializer)
+    }
+}
+
+/// Serde for `allowed_unix_groups`, as [`user_ids`].
+pub mod group_ids {
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u32>, D::Error> {
+        crate::settings::parsed_list(deserializer, super::resolve_group)
+    }
+
+    pub fn serialize<S: serde::Serializer>(ids: &[u32], serializer: S) -> Result<S::Ok, S::Error> {
+        crate::settings::write_list(ids, serializer)
+    }
+}
+
 /// `name:x:ID:...` files share their first three fields.
 fn lookup(file: &str, what: &str, name: &str) -> Result<u32, String> {
     if let Ok(id) = name.parse() {

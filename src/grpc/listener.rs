@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 
 use tokio::net::{TcpListener, UnixListener};
 
-/// Where the gRPC service listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where the gRPC service listens: `HOST:PORT` or `unix:/PATH`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum ListenAddr {
     Tcp(SocketAddr),
     Unix(PathBuf),
@@ -33,6 +34,19 @@ impl std::str::FromStr for ListenAddr {
         s.parse()
             .map(ListenAddr::Tcp)
             .map_err(|_| format!("{s:?}: expected HOST:PORT (an IP address) or unix:/PATH"))
+    }
+}
+
+impl TryFrom<String> for ListenAddr {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
+impl From<ListenAddr> for String {
+    fn from(addr: ListenAddr) -> String {
+        addr.to_string()
     }
 }
 

@@ -9,12 +9,14 @@ pub mod health;
 pub mod listener;
 pub mod request_limit;
 mod service;
+pub mod settings;
 mod status;
 pub mod tls;
 
 use std::time::{Duration, SystemTime};
 
 pub use service::{TokenBrokerService, parse_grpc_timeout};
+pub use settings::ServerConfig;
 pub use status::{BrokerError, ERROR_DOMAIN, reason};
 
 /// Generated protobuf and gRPC code.

@@ -16,7 +16,7 @@ use crate::credentials::ApiKey;
 
 /// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "String", into = "&'static str")]
 pub enum ClientAuth {
     /// HTTP Basic with the form-urlencoded id and secret.
     #[default]
@@ -24,6 +24,108 @@ pub enum ClientAuth {
     /// `client_id` and `client_secret` as form fields.
     ClientSecretPost,
 }
+
+crate::named_choices!(ClientAuth {
+    ClientSecretBasic => "client_secret_basic",
+    ClientSecretPost => "client_secret_post",
+});
+
+/// `[oauth]`: how every environment's token endpoint is called. Each
+/// default is defined here once; [`OAuthClientConfig::new`] uses them too.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OAuthSettings {
+    pub client_auth: ClientAuth,
+    /// Sent with client-credentials requests; `""` sends no scope.
+    pub scope: String,
+    #[serde(with = "crate::duration::serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "crate::duration::serde")]
+    pub request_timeout: Duration,
+    /// Keep and use the refresh token the endpoint issues.
+    pub use_refresh_token: bool,
+    /// Lifetime assumed when the endpoint sends no `expires_in`.
+    #[serde(with = "crate::duration::serde")]
+    pub default_lifetime: Duration,
+    /// Allow `http://` token URLs on loopback hosts (development only).
+    pub allow_insecure_http: bool,
+}
+
+impl Default for OAuthSettings {
+    fn default() -> Self {
+        Self {
+            client_auth: ClientAuth::ClientSecretBasic,
+            scope: "offline_access".into(),
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            use_refresh_token: true,
+            default_lifetime: super::DEFAULT_LIFETIME,
+            allow_insecure_http: false,
+        }
+    }
+}
+
+impl OAuthSettings {
+    /// The client of one environment's endpoint.
+    pub fn client_config(&self, token_url: impl Into<String>) -> OAuthClientConfig {
+        OAuthClientConfig {
+            token_url: token_url.into(),
+            client_auth: self.client_auth,
+            scope: (!self.scope.is_empty()).then(|| self.scope.clone()),
+            connect_timeout: self.connect_timeout,
+            request_timeout: self.request_timeout,
+            max_body_bytes: MAX_BODY_BYTES,
+            lifetime: LifetimeBounds {
+                default: self.default_lifetime,
+                ..LifetimeBounds::default()
+            },
+        }
+    }
+
+    /// Problems with the values, each starting with its key.
+    pub fn problems(&self) -> Vec<String> {
+        let secs = Duration::from_secs;
+        [
+            ("connect_timeout", self.connect_timeout, secs(120)),
+            ("request_timeout", self.request_timeout, secs(300)),
+            ("default_lifetime", self.default_lifetime, secs(86_400)),
+        ]
+        .into_iter()
+        .filter_map(|(key, value, max)| {
+            crate::duration::out_of_range(value, secs(1), max).map(|p| format!("{key}: {p}"))
+        })
+        .collect()
+    }
+
+    /// Whether `token_url` may be used: https, or http on a loopback host
+    /// when `allow_insecure_http` is set.
+    pub fn check_token_url(&self, url: &str) -> Result<(), String> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?}: {e}"))?;
+        match parsed.scheme() {
+            "https" => Ok(()),
+            "http" if !self.allow_insecure_http => Err(format!(
+                "{url:?}: https is required (oauth.allow_insecure_http permits http on loopback)"
+            )),
+            "http" => {
+                let loopback = match parsed.host() {
+                    Some(url::Host::Domain(d)) => d == "localhost",
+                    Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                    Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                    None => false,
+                };
+                if loopback {
+                    Ok(())
+                } else {
+                    Err(format!("{url:?}: plain http is only allowed for loopback hosts"))
+                }
+            }
+            other => Err(format!("{url:?}: unsupported scheme {other:?}")),
+        }
+    }
+}
+
+/// Largest response body read; larger answers are malformed.
+const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Settings of one token endpoint client.
 #[derive(Clone, Debug)]
@@ -40,16 +142,9 @@ pub struct OAuthClientConfig {
 }
 
 impl OAuthClientConfig {
+    /// A client with the default [`OAuthSettings`].
     pub fn new(token_url: impl Into<String>) -> Self {
-        Self {
-            token_url: token_url.into(),
-            client_auth: ClientAuth::default(),
-            scope: Some("offline_access".into()),
-            connect_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(30),
-            max_body_bytes: 64 * 1024,
-            lifetime: LifetimeBounds::default(),
-        }
+        OAuthSettings::default().client_config(token_url)
     }
 }
 

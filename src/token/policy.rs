@@ -4,26 +4,39 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
+use crate::duration::out_of_range;
 use crate::oauth::ErrorClass;
 
-/// The refresh and retry rules. Defaults are documented in the README.
-#[derive(Clone, Debug, PartialEq)]
+/// The refresh and retry rules (the `[refresh]` table). Defaults are
+/// documented in the README.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RefreshPolicy {
     /// Refresh at this fraction of the lifetime (default 0.75).
+    #[serde(rename = "ratio")]
     pub refresh_ratio: f64,
     /// ± this fraction of the lifetime of random spread (default 0.05).
+    #[serde(rename = "jitter")]
     pub jitter_ratio: f64,
     /// Refresh no later than this before expiry, when the lifetime allows (60 s).
+    #[serde(with = "crate::duration::serde")]
     pub expiry_margin: Duration,
     /// Never hand out a token with less than this left (5 s, at most 10% of the lifetime).
+    #[serde(with = "crate::duration::serde")]
     pub serve_margin: Duration,
     /// First retry delay ceiling after a transient failure (1 s).
+    #[serde(with = "crate::duration::serde")]
     pub backoff_initial: Duration,
     /// Largest retry delay ceiling; also the retry interval for permanent failures (60 s).
+    #[serde(with = "crate::duration::serde")]
     pub backoff_max: Duration,
     /// Largest `Retry-After` honoured (300 s).
+    #[serde(with = "crate::duration::serde")]
     pub retry_after_max: Duration,
     /// At most one caller-requested early refresh per this interval (5 s).
+    #[serde(with = "crate::duration::serde")]
     pub early_refresh_interval: Duration,
 }
 
@@ -89,29 +102,36 @@ impl RefreshPolicy {
         }
     }
 
-    /// Problems with the values, for configuration validation.
+    /// Problems with the values, each starting with its key (`ratio must
+    /// be between …`), for configuration validation.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         if !(0.1..=0.95).contains(&self.refresh_ratio) {
             out.push(format!(
-                "refresh.ratio must be between 0.1 and 0.95 (got {})",
+                "ratio must be between 0.1 and 0.95 (got {})",
                 self.refresh_ratio
             ));
         }
         if !(0.0..=0.2).contains(&self.jitter_ratio) {
-            out.push(format!(
-                "refresh.jitter must be between 0 and 0.2 (got {})",
-                self.jitter_ratio
-            ));
+            out.push(format!("jitter must be between 0 and 0.2 (got {})", self.jitter_ratio));
         }
         if self.refresh_ratio + self.jitter_ratio >= 1.0 {
-            out.push("refresh.ratio + refresh.jitter must stay below 1".into());
+            out.push("ratio + jitter must stay below 1".into());
         }
         if self.backoff_initial.is_zero() || self.backoff_initial > self.backoff_max {
-            out.push("refresh.backoff_initial must be above zero and at most refresh.backoff_max".into());
+            out.push("backoff_initial must be above zero and at most backoff_max".into());
         }
-        if self.backoff_max > Duration::from_secs(3600) {
-            out.push("refresh.backoff_max must be at most 1h".into());
+        const HOUR: Duration = Duration::from_secs(3600);
+        for (key, value, max) in [
+            ("backoff_max", self.backoff_max, HOUR),
+            ("serve_margin", self.serve_margin, Duration::from_secs(300)),
+            ("expiry_margin", self.expiry_margin, HOUR),
+            ("retry_after_max", self.retry_after_max, HOUR),
+            ("early_refresh_interval", self.early_refresh_interval, HOUR),
+        ] {
+            if let Some(problem) = out_of_range(value, Duration::ZERO, max) {
+                out.push(format!("{key}: {problem}"));
+            }
         }
         out
     }

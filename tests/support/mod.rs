@@ -222,14 +222,14 @@ pub fn test_key() -> ApiKey {
 
 use flute_token_broker::Environment;
 use flute_token_broker::config::Config;
-use flute_token_broker::credentials::{KeySource, ValueSource};
-use flute_token_broker::daemon::{self, RunningDaemon};
+use flute_token_broker::credentials::CredentialTable;
+use flute_token_broker::daemon::{self, RunningBroker};
 use flute_token_broker::grpc::listener::ListenAddr;
 use flute_token_broker::grpc::pb::token_broker_client::TokenBrokerClient;
 
 /// A whole broker in-process, with one emulator per environment.
 pub struct Broker {
-    pub daemon: RunningDaemon,
+    pub daemon: RunningBroker,
     pub emulators: std::collections::BTreeMap<Environment, RunningEmulator>,
     pub tcp: String,
     pub unix: String,
@@ -271,14 +271,11 @@ pub fn broker_config(
         ListenAddr::Unix(dir.join("broker.sock")),
     ];
     config.server.shutdown_grace = Duration::from_secs(5);
-    config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.admin.listen = Some("127.0.0.1:0".parse().unwrap());
     config.oauth.allow_insecure_http = true;
     config.refresh.backoff_initial = Duration::from_millis(200);
     config.refresh.backoff_max = Duration::from_secs(1);
-    config.credentials = Some(KeySource {
-        client_id: ValueSource::Inline(CLIENT_ID.into()),
-        client_secret: ValueSource::Inline(CLIENT_SECRET.into()),
-    });
+    config.credentials = CredentialTable::generated(CLIENT_ID, CLIENT_SECRET.into());
     for (env, e) in config.environments.iter_mut() {
         match emulators.get(env) {
             Some(emu) => e.token_url = emu.token_url(),
@@ -302,7 +299,7 @@ pub async fn start_broker_with(
     let dir = tempfile::tempdir().unwrap();
     let mut config = broker_config(&emulators, dir.path());
     prepare(&emulators, &mut config);
-    let daemon = daemon::start(config, None).await.expect("broker starts");
+    let daemon = daemon::Broker::build(config, None).await.expect("broker starts");
     let tcp = daemon
         .grpc_addrs
         .iter()
