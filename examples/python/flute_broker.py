@@ -1,6 +1,7 @@
 """A copyable Python client for flute-token-broker.
 
-Requires `grpcio` and `grpcio-tools` (pip install grpcio grpcio-tools).
+Requires `grpcio`, `grpcio-tools` and `grpcio-status`
+(pip install grpcio grpcio-tools grpcio-status).
 Stubs are generated from the broker's proto at import time, so nothing
 generated needs to be committed; copy this file and point PROTO_ROOT (or the
 `proto_root` argument) at a copy of the broker's `proto/` directory.
@@ -9,16 +10,24 @@ generated needs to be committed; copy this file and point PROTO_ROOT (or the
     broker = BrokerClient("unix:/run/flute-token-broker/broker.sock")
     token = broker.get_token("sandbox")
     headers = {"Authorization": f"Bearer {token.access_token}"}
+
+Every failure is a `BrokerError` whose `reason` is the stable
+`google.rpc.ErrorInfo` reason the broker attaches (listed in the proto);
+branch on it, never on the message text. `get_token_waiting` shows how: it
+waits out NO_VALID_TOKEN as the attached `google.rpc.RetryInfo` says.
 """
 
 import importlib
 import os
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 PROTO_ROOT = os.environ.get(
     "FLUTE_BROKER_PROTO_ROOT",
@@ -27,6 +36,52 @@ PROTO_ROOT = os.environ.get(
 PROTO_FILE = "flute/tokenbroker/v1/token_broker.proto"
 
 _stubs = None
+
+ERROR_DOMAIN = "tokenbroker.flute.com"
+
+# Reasons after which the same call can succeed later.
+RETRYABLE_REASONS = {"NO_VALID_TOKEN", "TOKEN_WAIT_EXCEEDED", "SHUTTING_DOWN"}
+
+
+class BrokerError(Exception):
+    """A failed broker call: the gRPC code, the broker's stable reason (None
+    for transport errors, which carry no ErrorInfo), the reason's metadata
+    (such as "environment") and the suggested retry delay in seconds."""
+
+    def __init__(self, code, message, reason=None, metadata=None, retry_after=None):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.metadata = metadata or {}
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_rpc_error(cls, error):
+        reason, metadata, retry_after = None, {}, None
+        status = rpc_status.from_call(error)
+        for detail in status.details if status is not None else []:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                if info.domain == ERROR_DOMAIN:
+                    reason, metadata = info.reason, dict(info.metadata)
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                retry_after = retry.retry_delay.ToTimedelta().total_seconds()
+        return cls(error.code(), error.details(), reason, metadata, retry_after)
+
+    @property
+    def retryable(self):
+        return self.reason in RETRYABLE_REASONS
+
+
+def _call(method, request, **kwargs):
+    try:
+        return method(request, **kwargs)
+    except grpc.RpcError as error:
+        raise BrokerError.from_rpc_error(error) from None
 
 
 def load_stubs(proto_root=PROTO_ROOT):
@@ -73,26 +128,47 @@ class BrokerClient:
         return self.pb2.Environment.Value(f"ENVIRONMENT_{name.upper()}")
 
     def get_token(self, environment, min_remaining_seconds=None, timeout=10.0):
-        """The current token (a `Token` message). Raises grpc.RpcError:
-        UNAVAILABLE when the broker has no valid token (retry later)."""
+        """The current token (a `Token` message). Raises BrokerError, e.g.
+        reason NO_VALID_TOKEN (retry after `retry_after` seconds) or
+        ENVIRONMENT_NOT_ENABLED / CALLER_NOT_ALLOWED (retrying cannot help)."""
         request = self.pb2.GetTokenRequest(environment=self.environment(environment))
         if min_remaining_seconds is not None:
             request.min_remaining.FromSeconds(int(min_remaining_seconds))
-        return self.stub.GetToken(request, timeout=timeout).token
+        return _call(self.stub.GetToken, request, timeout=timeout).token
+
+    def get_token_waiting(self, environment, deadline_seconds=60.0, default_retry_seconds=1.0):
+        """As get_token, but waits out retryable failures (an endpoint outage
+        longer than a token's life, a restarting broker) for up to
+        `deadline_seconds`, sleeping as the broker's RetryInfo suggests.
+        Anything else, and the last failure at the deadline, is raised."""
+        deadline = time.monotonic() + deadline_seconds
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return self.get_token(environment, timeout=max(left, 0.1))
+            except BrokerError as error:
+                left = deadline - time.monotonic()
+                if not error.retryable or left <= 0:
+                    raise
+                wait = error.retry_after if error.retry_after is not None else default_retry_seconds
+                time.sleep(min(max(wait, 0.05), left))
 
     def watch_tokens(self, environment):
         """Yields ("token", Token) or ("outage", Outage), the current state first."""
         request = self.pb2.WatchTokenRequest(environment=self.environment(environment))
-        for update in self.stub.WatchToken(request):
-            kind = update.WhichOneof("update")
-            yield kind, getattr(update, kind)
+        try:
+            for update in self.stub.WatchToken(request):
+                kind = update.WhichOneof("update")
+                yield kind, getattr(update, kind)
+        except grpc.RpcError as error:
+            raise BrokerError.from_rpc_error(error) from None
 
     def refresh_token(self, environment, rejected_token_id, timeout=10.0):
         """Report a token the API answered 401 to; returns a newer one."""
         request = self.pb2.RefreshTokenRequest(
             environment=self.environment(environment), rejected_token_id=rejected_token_id
         )
-        return self.stub.RefreshToken(request, timeout=timeout).token
+        return _call(self.stub.RefreshToken, request, timeout=timeout).token
 
     def authorized_get(self, url, environment, timeout=10.0):
         """GET `url` with a bearer token; on 401, ask the broker for a newer

@@ -8,11 +8,12 @@ import os
 import subprocess
 import tempfile
 import time
+import urllib.request
 
 import grpc
 import pytest
 
-from flute_broker import BrokerClient
+from flute_broker import BrokerClient, BrokerError
 
 BIN = os.environ.get("FLUTE_BROKER_BIN", os.path.join(os.path.dirname(__file__), "..", "..", "target", "debug", "flute-token-broker"))
 
@@ -82,3 +83,49 @@ def test_errors_carry_grpc_codes(broker):
     with pytest.raises(grpc.RpcError) as error:
         client.stub.GetToken(client.pb2.GetTokenRequest(environment=client.pb2.ENVIRONMENT_UNSPECIFIED), timeout=5)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_errors_carry_a_stable_reason(broker):
+    client, _ = broker
+    with pytest.raises(BrokerError) as error:
+        client.get_token("sandbox", min_remaining_seconds=3600)
+    assert error.value.code == grpc.StatusCode.OUT_OF_RANGE
+    assert error.value.reason == "MIN_REMAINING_TOO_LONG"
+    assert error.value.metadata["environment"] == "sandbox"
+    assert not error.value.retryable
+
+
+def set_faults(emulator, **faults):
+    request = urllib.request.Request(
+        f"{emulator}/__emulator/faults",
+        data=json.dumps(faults).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 200
+
+
+def test_an_outage_is_waited_out_as_retry_info_says(broker):
+    client, emulator = broker
+    set_faults(emulator, refuse_all=True, status=503, retry_after=1)
+    try:
+        # The last token expires (3 s tokens); the broker then answers
+        # NO_VALID_TOKEN with the time of its next attempt as RetryInfo.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.get_token("sandbox")
+            except BrokerError as error:
+                outage = error
+                break
+            assert time.monotonic() < deadline, "the token never expired"
+            time.sleep(0.1)
+        assert outage.code == grpc.StatusCode.UNAVAILABLE
+        assert outage.reason == "NO_VALID_TOKEN"
+        assert outage.retryable
+        assert outage.retry_after is not None and outage.retry_after >= 0
+    finally:
+        set_faults(emulator, clear=True)
+    token = client.get_token_waiting("sandbox", deadline_seconds=30)
+    assert token.token_type == "Bearer"

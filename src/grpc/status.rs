@@ -28,8 +28,8 @@ pub enum BrokerError {
         reason: String,
         next_attempt: Option<Duration>,
     },
-    #[error("{0}")]
-    OutOfRange(String),
+    #[error("{message}")]
+    OutOfRange { environment: Environment, message: String },
     #[error("no {0} token within the call's deadline")]
     DeadlineExceeded(Environment),
     #[error("the broker is shutting down")]
@@ -51,7 +51,10 @@ impl BrokerError {
                 reason: "the token endpoint issued the rejected token again".into(),
                 next_attempt: wait(next_attempt),
             },
-            RefreshError::OutOfRange { .. } => BrokerError::OutOfRange(format!("min_remaining: {error}")),
+            RefreshError::OutOfRange { .. } => BrokerError::OutOfRange {
+                environment,
+                message: format!("min_remaining: {error}"),
+            },
             RefreshError::Stopped => BrokerError::ShuttingDown,
         }
     }
@@ -61,7 +64,7 @@ impl BrokerError {
             BrokerError::UnspecifiedEnvironment | BrokerError::InvalidArgument { .. } => Code::InvalidArgument,
             BrokerError::EnvironmentNotEnabled(_) => Code::FailedPrecondition,
             BrokerError::NoValidToken { .. } | BrokerError::ShuttingDown => Code::Unavailable,
-            BrokerError::OutOfRange(_) => Code::OutOfRange,
+            BrokerError::OutOfRange { .. } => Code::OutOfRange,
             BrokerError::PermissionDenied(_) => Code::PermissionDenied,
             BrokerError::DeadlineExceeded(_) => Code::DeadlineExceeded,
         }
@@ -92,7 +95,7 @@ impl BrokerError {
             BrokerError::PermissionDenied(_) => reason::CALLER_NOT_ALLOWED,
             BrokerError::InvalidArgument { .. } => reason::INVALID_FIELD,
             BrokerError::NoValidToken { .. } => reason::NO_VALID_TOKEN,
-            BrokerError::OutOfRange(_) => reason::MIN_REMAINING_TOO_LONG,
+            BrokerError::OutOfRange { .. } => reason::MIN_REMAINING_TOO_LONG,
             BrokerError::DeadlineExceeded(_) => reason::TOKEN_WAIT_EXCEEDED,
             BrokerError::ShuttingDown => reason::SHUTTING_DOWN,
         }
@@ -103,6 +106,7 @@ impl BrokerError {
             BrokerError::EnvironmentNotEnabled(env)
             | BrokerError::PermissionDenied(env)
             | BrokerError::NoValidToken { environment: env, .. }
+            | BrokerError::OutOfRange { environment: env, .. }
             | BrokerError::DeadlineExceeded(env) => Some(*env),
             _ => None,
         }
