@@ -536,6 +536,32 @@ async fn reflection_lists_the_service() {
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
     assert!(names.contains(&"flute.tokenbroker.v1.TokenBroker"), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+
+    // The same through v1alpha, which older clients speak.
+    use tonic_reflection::pb::v1alpha as alpha;
+    let mut client = alpha::server_reflection_client::ServerReflectionClient::new(broker.channel().await);
+    let request = alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(alpha::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        stream.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("no v1alpha service list")
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == "flute.tokenbroker.v1.TokenBroker"),
+        "{list:?}"
+    );
 }
 
 #[tokio::test]

@@ -129,3 +129,13 @@ def test_an_outage_is_waited_out_as_retry_info_says(broker):
         set_faults(emulator, clear=True)
     token = client.get_token_waiting("sandbox", deadline_seconds=30)
     assert token.token_type == "Bearer"
+
+
+def test_reflection_lists_the_service(broker):
+    # grpcio-reflection speaks only grpc.reflection.v1alpha.
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    client, _ = broker
+    services = ProtoReflectionDescriptorDatabase(client.channel).get_services()
+    assert "flute.tokenbroker.v1.TokenBroker" in services
+    assert "grpc.health.v1.Health" in services

@@ -187,10 +187,18 @@ impl Broker {
             access,
         );
 
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Reflection in both versions: v1, and v1alpha for the clients that
+        // speak only it (grpcio-reflection, grpcurl before 1.9).
+        let reflection_builder = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection = reflection_builder()
             .build_v1()
+            .map_err(|e| DaemonError::Reflection(e.to_string()))?;
+        let reflection_v1alpha = reflection_builder()
+            .build_v1alpha()
             .map_err(|e| DaemonError::Reflection(e.to_string()))?;
         let mut grpc_addrs = Vec::new();
         let mut servers = Vec::new();
@@ -211,6 +219,7 @@ impl Broker {
             let router = builder
                 .add_service(health_service.clone())
                 .add_service(reflection.clone())
+                .add_service(reflection_v1alpha.clone())
                 .add_service(TokenBrokerServer::new(service.clone()).max_decoding_message_size(2 * MAX_REQUEST_BYTES));
             let signal = stopping.clone().cancelled_owned();
             info!(%addr, tls = matches!(listener, Bound::Tcp(_)) && tls.is_some(), max_connections = limits.max_connections, "gRPC listening");
