@@ -116,12 +116,7 @@ class BrokerClient:
 
     def __init__(self, target="127.0.0.1:50051", proto_root=PROTO_ROOT):
         self.pb2, pb2_grpc = load_stubs(proto_root)
-        options = []
-        if target.startswith("unix:"):
-            # grpc-core sends the socket path as :authority, which HTTP/2
-            # servers such as the broker's reject; name a plain host instead.
-            options.append(("grpc.default_authority", "localhost"))
-        self.channel = grpc.insecure_channel(target, options=options)
+        self.channel = grpc.insecure_channel(target)
         self.stub = pb2_grpc.TokenBrokerStub(self.channel)
 
     def environment(self, name):

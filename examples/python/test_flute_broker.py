@@ -18,25 +18,31 @@ from flute_broker import BrokerClient, BrokerError
 BIN = os.environ.get("FLUTE_BROKER_BIN", os.path.join(os.path.dirname(__file__), "..", "..", "target", "debug", "flute-token-broker"))
 
 
-@pytest.fixture(scope="module")
-def broker():
+@pytest.fixture(scope="module", params=["unix", "tcp"])
+def broker(request):
+    """A `serve --dev` broker listening on a Unix socket and a TCP port; the
+    client uses one of them with grpcio's default channel options."""
     tmp = tempfile.mkdtemp()
     sock = os.path.join(tmp, "broker.sock")
     proc = subprocess.Popen(
-        [BIN, "serve", "--dev", "--dev-token-lifetime", "3s", "--admin-listen", "", "--listen", f"unix:{sock}"],
+        [BIN, "serve", "--dev", "--dev-token-lifetime", "3s", "--admin-listen", "",
+         "--listen", f"unix:{sock}", "--listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    emulator = None
+    emulator, tcp = None, None
     deadline = time.monotonic() + 30
     for line in proc.stdout:
+        fields = line.split()
         if line.strip().startswith("emulator:"):
-            emulator = line.split()[1]
+            emulator = fields[1]
+        if line.strip().startswith("gRPC:"):
+            tcp = fields[-1]
         if line.startswith("Stop with") or time.monotonic() > deadline:
             break
-    assert emulator, "serve --dev printed no emulator address"
-    client = BrokerClient(f"unix:{sock}")
+    assert emulator and tcp, "serve --dev printed no emulator or gRPC address"
+    client = BrokerClient(f"unix:{sock}" if request.param == "unix" else tcp)
     yield client, emulator
     client.close()
     proc.terminate()
@@ -139,3 +145,12 @@ def test_reflection_lists_the_service(broker):
     services = ProtoReflectionDescriptorDatabase(client.channel).get_services()
     assert "flute.tokenbroker.v1.TokenBroker" in services
     assert "grpc.health.v1.Health" in services
+
+
+def test_health(broker):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    client, _ = broker
+    health = health_pb2_grpc.HealthStub(client.channel)
+    reply = health.Check(health_pb2.HealthCheckRequest(service="flute.tokenbroker.v1.TokenBroker"), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -227,7 +227,10 @@ impl Broker {
             servers.push(tokio::spawn(async move {
                 let result = match listener {
                     Bound::Tcp(l) => router.serve_with_incoming_shutdown(incoming(l, guard), signal).await,
-                    Bound::Unix(l, _file) => router.serve_with_incoming_shutdown(incoming(l, guard), signal).await,
+                    Bound::Unix(l, _file) => {
+                        let l = crate::grpc::unix_authority::UnixAuthorityListener(l);
+                        router.serve_with_incoming_shutdown(incoming(l, guard), signal).await
+                    }
                 };
                 if let Err(e) = result {
                     error!(%addr, error = %e, "gRPC server stopped with an error");

@@ -12,6 +12,7 @@ mod service;
 pub mod settings;
 mod status;
 pub mod tls;
+pub mod unix_authority;
 
 use std::time::{Duration, SystemTime};
 
