@@ -48,7 +48,7 @@ async fn latency(addr: &str, calls: usize) {
     );
 }
 
-async fn throughput(addr: &str, channels: usize, tasks: usize, calls_per_task: usize) {
+async fn throughput(addr: &str, channels: usize, tasks: usize, calls_per_task: usize) -> f64 {
     let mut clients = Vec::new();
     for _ in 0..channels {
         clients.push(client::connect(addr, Duration::from_secs(5)).await.unwrap());
@@ -69,11 +69,71 @@ async fn throughput(addr: &str, channels: usize, tasks: usize, calls_per_task: u
     }
     let total = tasks * calls_per_task;
     let took = start.elapsed();
+    let rate = total as f64 / took.as_secs_f64();
     println!(
-        "GetToken throughput, {tasks} concurrent callers on {channels} connections, {addr}: {:.0} calls/s ({total} calls in {:.2} s)",
-        total as f64 / took.as_secs_f64(),
+        "GetToken throughput, {tasks} concurrent callers on {channels} connections, {addr}: {rate:.0} calls/s ({total} calls in {:.2} s)",
         took.as_secs_f64()
     );
+    rate
+}
+
+/// The TokenBroker service alone on a Unix socket, with or without the
+/// `:authority` adapter the daemon puts on its Unix sockets.
+async fn unix_server(
+    path: std::path::PathBuf,
+    broker: &daemon::RunningBroker,
+    adapter: bool,
+) -> tokio::task::JoinHandle<()> {
+    use flute_token_broker::connections::{ConnectionLimits, ListenerGuard, incoming};
+    use flute_token_broker::grpc::TokenBrokerService;
+    use flute_token_broker::grpc::pb::token_broker_server::TokenBrokerServer;
+    use flute_token_broker::grpc::unix_authority::UnixAuthorityListener;
+    let service = TokenBrokerService::new(
+        broker.sources.clone(),
+        tokio_util::sync::CancellationToken::new(),
+        tokio_util::task::TaskTracker::new(),
+        broker.metrics.clone(),
+        Duration::from_secs(30),
+        Default::default(),
+    );
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let guard = ListenerGuard::new(
+        path.display().to_string(),
+        ConnectionLimits::default(),
+        broker.metrics.clone(),
+    );
+    let router = tonic::transport::Server::builder().add_service(TokenBrokerServer::new(service));
+    tokio::spawn(async move {
+        let served = if adapter {
+            router
+                .serve_with_incoming(incoming(UnixAuthorityListener(listener), guard))
+                .await
+        } else {
+            router.serve_with_incoming(incoming(listener, guard)).await
+        };
+        served.unwrap();
+    })
+}
+
+/// GetToken throughput over a Unix socket with and without the adapter,
+/// alternating rounds in one run.
+async fn adapter_cost(broker: &daemon::RunningBroker, dir: &std::path::Path, rounds: usize) {
+    let plain = unix_server(dir.join("plain.sock"), broker, false).await;
+    let adapted = unix_server(dir.join("adapted.sock"), broker, true).await;
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        without.push(throughput(&format!("unix:{}", dir.join("plain.sock").display()), 4, 64, 2_000).await);
+        with.push(throughput(&format!("unix:{}", dir.join("adapted.sock").display()), 4, 64, 2_000).await);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    println!(
+        "Unix socket :authority adapter, {rounds} alternating rounds: without {:.0} calls/s, with {:.0} calls/s ({:+.1} %)",
+        mean(&without),
+        mean(&with),
+        (mean(&with) / mean(&without) - 1.0) * 100.0
+    );
+    plain.abort();
+    adapted.abort();
 }
 
 async fn fan_out(addr: &str, watchers: usize, rounds: usize) {
@@ -201,6 +261,7 @@ fn main() {
             throughput(addr, 4, 64, 2_000).await;
         }
         fan_out(&addrs[0], 1000, 5).await;
+        adapter_cost(&broker, &dir, 5).await;
         broker.shutdown().await;
         let _ = std::fs::remove_dir_all(&dir);
     });

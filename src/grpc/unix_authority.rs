@@ -504,3 +504,275 @@ impl crate::connections::Accept for UnixAuthorityListener {
         self.0.accept().await.map(|(stream, _)| UnixAuthority::new(stream))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    type Headers = Vec<(Vec<u8>, Vec<u8>)>;
+
+    fn request(authority: Option<&[u8]>, extra: usize) -> Headers {
+        let mut h: Headers = vec![
+            (b":method".to_vec(), b"POST".to_vec()),
+            (b":scheme".to_vec(), b"http".to_vec()),
+            (
+                b":path".to_vec(),
+                b"/flute.tokenbroker.v1.TokenBroker/GetToken".to_vec(),
+            ),
+        ];
+        if let Some(a) = authority {
+            h.push((b":authority".to_vec(), a.to_vec()));
+        }
+        h.push((b"content-type".to_vec(), b"application/grpc".to_vec()));
+        h.push((b"te".to_vec(), b"trailers".to_vec()));
+        for i in 0..extra {
+            h.push((format!("x-extra-{i}").into_bytes(), vec![b'v'; i * 97 % 3000]));
+        }
+        h
+    }
+
+    fn frame(kind: u8, flags: u8, stream_id: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_frame_header(&mut out, payload.len(), kind, flags, stream_id);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// A client's HEADERS (+ CONTINUATION) frames for `headers`, split at
+    /// random, with random padding and priority.
+    fn client_block(
+        rng: &mut StdRng,
+        encoder: &mut loona_hpack::Encoder<'static>,
+        stream_id: u32,
+        headers: &Headers,
+    ) -> Vec<u8> {
+        let block = encoder.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        let first = rng.random_range(0..=block.len().min(1000));
+        let (head, mut rest) = block.split_at(first);
+        let mut payload = Vec::new();
+        let mut flags = END_STREAM * u8::from(rng.random_bool(0.3));
+        let padding = if rng.random_bool(0.5) {
+            rng.random_range(0..=255u8)
+        } else {
+            0
+        };
+        if padding > 0 {
+            flags |= PADDED;
+            payload.push(padding);
+        }
+        if rng.random_bool(0.5) {
+            flags |= PRIORITY;
+            payload.extend_from_slice(&[0, 0, 0, 0, 15]);
+        }
+        payload.extend_from_slice(head);
+        payload.extend(std::iter::repeat_n(0u8, usize::from(padding)));
+        if rest.is_empty() {
+            flags |= END_HEADERS;
+        }
+        let mut out = frame(HEADERS, flags, stream_id, &payload);
+        while !rest.is_empty() {
+            let n = rng.random_range(1..=rest.len().min(5000));
+            let (chunk, after) = rest.split_at(n);
+            rest = after;
+            out.extend(frame(
+                CONTINUATION,
+                if rest.is_empty() { END_HEADERS } else { 0 },
+                stream_id,
+                chunk,
+            ));
+        }
+        out
+    }
+
+    /// What the server sees: frames, with every header block decoded.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Block {
+            stream_id: u32,
+            end_stream: bool,
+            headers: Headers,
+        },
+        Frame(Vec<u8>),
+    }
+
+    fn server_view(mut bytes: &[u8]) -> Vec<Seen> {
+        assert!(bytes.starts_with(PREFACE));
+        bytes = &bytes[PREFACE.len()..];
+        let mut decoder = loona_hpack::Decoder::new();
+        let mut seen = Vec::new();
+        let mut block: Option<(u32, bool, Vec<u8>)> = None;
+        while !bytes.is_empty() {
+            let len = frame_len(bytes).unwrap();
+            assert!(len <= MAX_FRAME_SIZE, "frame of {len} bytes");
+            let (f, rest) = bytes.split_at(FRAME_HEADER_LEN + len);
+            bytes = rest;
+            let (kind, flags, id) = (f[3], f[4], u32::from_be_bytes([f[5], f[6], f[7], f[8]]));
+            match kind {
+                HEADERS => {
+                    let (_, fragment) = headers_fragment(flags, &f[9..]).unwrap();
+                    block = Some((id, flags & END_STREAM != 0, fragment.to_vec()));
+                }
+                CONTINUATION => block.as_mut().unwrap().2.extend_from_slice(&f[9..]),
+                _ => seen.push(Seen::Frame(f.to_vec())),
+            }
+            if matches!(kind, HEADERS | CONTINUATION) && flags & END_HEADERS != 0 {
+                let (stream_id, end_stream, fragment) = block.take().unwrap();
+                let headers = decoder.decode(&fragment).unwrap();
+                seen.push(Seen::Block {
+                    stream_id,
+                    end_stream,
+                    headers,
+                });
+            }
+        }
+        seen
+    }
+
+    fn rewrite_in_chunks(rng: &mut StdRng, input: &[u8]) -> (Vec<u8>, Vec<Event>) {
+        let mut rewriter = Rewriter::new();
+        let mut out = Vec::new();
+        let mut rest = input;
+        while !rest.is_empty() {
+            let n = rng.random_range(1..=rest.len().min(20_000));
+            rewriter.push(&rest[..n], &mut out);
+            rest = &rest[n..];
+        }
+        (out, rewriter.take_events())
+    }
+
+    #[test]
+    fn streams_come_out_identical_but_for_an_invalid_authority() {
+        let authorities: [Option<&[u8]>; 6] = [
+            Some(b"tmp%2Fbroker%2Fbroker.sock"),
+            Some(b"/run/flute/broker.sock"),
+            Some(b"unix:/run/flute/broker.sock"),
+            Some(b""),
+            Some(b"localhost:50051"),
+            None,
+        ];
+        for seed in 0..200u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut encoder = loona_hpack::Encoder::new();
+            let mut input = PREFACE.to_vec();
+            input.extend(frame(0x4, 0, 0, &[0, 4, 0, 0, 0xff, 0xff])); // SETTINGS
+            let mut expected = vec![Seen::Frame(frame(0x4, 0, 0, &[0, 4, 0, 0, 0xff, 0xff]))];
+            let mut replaced = 0;
+            for i in 0..rng.random_range(1..6u32) {
+                let stream_id = 2 * i + 1;
+                let authority = authorities[rng.random_range(0..authorities.len())];
+                let headers = request(authority, rng.random_range(0..12));
+                let block = client_block(&mut rng, &mut encoder, stream_id, &headers);
+                let end_stream = block[4] & END_STREAM != 0;
+                input.extend(block);
+                let mut wanted = headers.clone();
+                if let Some(a) = authority
+                    && (a.is_empty() || http::uri::Authority::try_from(a).is_err())
+                {
+                    wanted.iter_mut().find(|(n, _)| n == b":authority").unwrap().1 = b"localhost".to_vec();
+                    replaced += 1;
+                }
+                expected.push(Seen::Block {
+                    stream_id,
+                    end_stream,
+                    headers: wanted,
+                });
+                let data = frame(0x0, END_STREAM, stream_id, &[0, 0, 0, 0, 2, 8, 1]);
+                input.extend(&data);
+                expected.push(Seen::Frame(data));
+            }
+            let ping = frame(0x6, 0, 0, &[7; 8]);
+            input.extend(&ping);
+            expected.push(Seen::Frame(ping));
+            let (out, events) = rewrite_in_chunks(&mut rng, &input);
+            assert_eq!(server_view(&out), expected, "seed {seed}");
+            let count = events.iter().filter(|e| **e == Event::AuthorityReplaced).count();
+            assert_eq!(count, replaced, "seed {seed}");
+            assert!(
+                !events.iter().any(|e| matches!(e, Event::PassThrough(_))),
+                "seed {seed}: {events:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_large_block_is_split_at_the_frame_size() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut encoder = loona_hpack::Encoder::new();
+        let mut headers = request(Some(b"tmp%2Fx.sock"), 0);
+        headers.push((b"x-big".to_vec(), vec![b'b'; 40_000]));
+        let mut input = PREFACE.to_vec();
+        input.extend(client_block(&mut rng, &mut encoder, 1, &headers));
+        let (out, _) = rewrite_in_chunks(&mut rng, &input);
+        let Seen::Block { headers: got, .. } = &server_view(&out)[0] else {
+            panic!()
+        };
+        assert_eq!(got.iter().find(|(n, _)| n == b":authority").unwrap().1, b"localhost");
+        assert_eq!(got.last().unwrap().1.len(), 40_000);
+    }
+
+    #[test]
+    fn headers_the_server_refuses_are_reported() {
+        for (name, value, reason) in [
+            (
+                &b"Content-Type"[..],
+                &b"x"[..],
+                "a header name that is empty or not lowercase",
+            ),
+            (b"connection", b"close", "a connection-specific header"),
+            (b"te", b"gzip", "a TE header other than \"trailers\""),
+        ] {
+            let mut headers = request(Some(b"localhost"), 0);
+            headers.push((name.to_vec(), value.to_vec()));
+            let block = loona_hpack::Encoder::new().encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+            let mut input = PREFACE.to_vec();
+            input.extend(frame(HEADERS, END_HEADERS, 1, &block));
+            let mut rewriter = Rewriter::new();
+            rewriter.push(&input, &mut Vec::new());
+            assert_eq!(rewriter.take_events(), vec![Event::Malformed(reason)]);
+        }
+    }
+
+    #[test]
+    fn what_cannot_be_followed_passes_through_unchanged() {
+        let cases: Vec<Vec<u8>> = vec![
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            [PREFACE, &frame(CONTINUATION, END_HEADERS, 1, b"abc")].concat(),
+            [PREFACE, &frame(HEADERS, END_HEADERS | PADDED, 1, &[200, 1, 2])].concat(),
+            [PREFACE, &frame(HEADERS, END_HEADERS, 1, &[0xff, 0xff, 0xff, 0xff])].concat(),
+            [PREFACE, &[0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 1][..], &[0; 100]].concat(),
+            [PREFACE, &frame(HEADERS, 0, 1, &[0x82]), &frame(0x0, 0, 1, b"data")].concat(),
+        ];
+        for input in cases {
+            let mut rewriter = Rewriter::new();
+            let mut out = Vec::new();
+            for chunk in input.chunks(5) {
+                rewriter.push(chunk, &mut out);
+            }
+            assert_eq!(out, input);
+            assert!(!rewriter.is_following());
+        }
+    }
+
+    #[test]
+    fn random_input_never_panics_and_buffers_at_most_one_frame_and_block() {
+        let mut rng = StdRng::seed_from_u64(42);
+        for _ in 0..500 {
+            let mut rewriter = Rewriter::new();
+            let mut out = Vec::new();
+            let mut input = PREFACE.to_vec();
+            for _ in 0..rng.random_range(0..50) {
+                let len = rng.random_range(0..300);
+                let kind = [HEADERS, CONTINUATION, 0, 4, 6][rng.random_range(0..5)];
+                let payload: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                input.extend(frame(kind, rng.random(), rng.random_range(0..4), &payload));
+            }
+            for chunk in input.chunks(rng.random_range(1..64)) {
+                rewriter.push(chunk, &mut out);
+                assert!(rewriter.pending.len() <= FRAME_HEADER_LEN + MAX_FRAME_SIZE);
+                assert!(rewriter.block.as_ref().is_none_or(|b| b.raw.len() <= MAX_HEADER_BLOCK));
+            }
+        }
+    }
+}
