@@ -87,7 +87,12 @@ pub struct Rewriter {
     pending: Vec<u8>,
     block: Option<OpenBlock>,
     decoder: loona_hpack::Decoder<'static>,
-    encoder: loona_hpack::Encoder<'static>,
+    /// `None` while blocks pass through as received; then the re-encoder.
+    encoder: Option<loona_hpack::Encoder<'static>>,
+    /// The decoded fields of the current block: (start, name length, value
+    /// length) into `arena`, both reused from block to block.
+    fields: Vec<(usize, usize, usize)>,
+    arena: Vec<u8>,
     events: Vec<Event>,
 }
 
@@ -104,7 +109,9 @@ impl Rewriter {
             pending: Vec::new(),
             block: None,
             decoder: loona_hpack::Decoder::new(),
-            encoder: loona_hpack::Encoder::new(),
+            encoder: None,
+            fields: Vec::new(),
+            arena: Vec::new(),
             events: Vec::new(),
         }
     }
@@ -242,18 +249,35 @@ impl Rewriter {
         }
     }
 
-    /// Decodes the collected block, repairs its authority and writes it again.
+    /// Decodes the collected block (following the client's dynamic table).
+    /// While no block has needed a repair, the block's frames pass through
+    /// as received, so the server's table stays the client's. From the first
+    /// repair on, every block is encoded again, with an encoder that never
+    /// refers to the dynamic table (the server's no longer matches the
+    /// client's).
     fn finish_block(&mut self, out: &mut Vec<u8>) {
         let Some(block) = self.block.take() else { return };
-        let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let (arena, fields) = (&mut self.arena, &mut self.fields);
+        arena.clear();
+        fields.clear();
         let mut size = 0usize;
+        let mut repair = false;
+        let mut check = FieldCheck::default();
         let decoded = self
             .decoder
             .decode_with_cb(&block.fragment, |name: Cow<[u8]>, value: Cow<[u8]>| {
                 size = size.saturating_add(name.len() + value.len() + 32);
-                if size <= MAX_HEADER_BLOCK {
-                    headers.push((name.into_owned(), value.into_owned()));
+                if size > MAX_HEADER_BLOCK {
+                    return;
                 }
+                if &*name == b":authority" && (value.is_empty() || http::uri::Authority::try_from(&*value).is_err()) {
+                    repair = true;
+                }
+                check.field(&name, &value);
+                let start = arena.len();
+                arena.extend_from_slice(&name);
+                arena.extend_from_slice(&value);
+                fields.push((start, name.len(), value.len()));
             });
         if decoded.is_err() || size > MAX_HEADER_BLOCK {
             self.block = Some(block);
@@ -264,17 +288,33 @@ impl Rewriter {
             };
             return self.pass_through(why, out);
         }
-        if repair_authority(&mut headers) {
-            self.events.push(Event::AuthorityReplaced);
-        }
-        if let Some(reason) = malformed(&headers) {
+        if let Some(reason) = check.problem {
             self.events.push(Event::Malformed(reason));
         }
+        if !repair && self.encoder.is_none() {
+            return out.extend_from_slice(&block.raw);
+        }
+        if repair {
+            self.events.push(Event::AuthorityReplaced);
+        }
+        let encoder = self.encoder.get_or_insert_with(|| {
+            let mut encoder = loona_hpack::Encoder::new();
+            encoder.set_max_table_size(0);
+            encoder
+        });
+        let arena = &self.arena;
+        let headers = self.fields.iter().map(|&(start, name_len, value_len)| {
+            let name = &arena[start..start + name_len];
+            let value = &arena[start + name_len..start + name_len + value_len];
+            if repair && name == b":authority" {
+                (name, LOCAL_AUTHORITY)
+            } else {
+                (name, value)
+            }
+        });
         let mut encoded = Vec::with_capacity(block.fragment.len() + LOCAL_AUTHORITY.len());
         // Writing to a Vec cannot fail.
-        let _ = self
-            .encoder
-            .encode_into(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())), &mut encoded);
+        let _ = encoder.encode_into(headers, &mut encoded);
         write_header_block(&block, &encoded, out);
     }
 }
@@ -305,38 +345,38 @@ fn headers_fragment(flags: u8, payload: &[u8]) -> Option<(Option<[u8; 5]>, &[u8]
     Some((priority, &rest[..end]))
 }
 
-/// Replaces an `:authority` the server would refuse (empty, a path, a
-/// percent-encoded path, a `unix:` URI) with `localhost`. True if it did.
-fn repair_authority(headers: &mut [(Vec<u8>, Vec<u8>)]) -> bool {
-    let Some((_, value)) = headers.iter_mut().find(|(name, _)| name == b":authority") else {
-        return false;
-    };
-    if !value.is_empty() && http::uri::Authority::try_from(value.as_slice()).is_ok() {
-        return false;
-    }
-    *value = LOCAL_AUTHORITY.to_vec();
-    true
+/// Why the server will refuse a header list, field by field, as far as
+/// HTTP/2 and h2's checks go (RFC 9113 §8.2, §8.3).
+#[derive(Default)]
+struct FieldCheck {
+    regular_seen: bool,
+    problem: Option<&'static str>,
 }
 
-/// Why the server will refuse this header list, as far as HTTP/2 and h2's
-/// checks go (RFC 9113 §8.2, §8.3).
-fn malformed(headers: &[(Vec<u8>, Vec<u8>)]) -> Option<&'static str> {
-    let mut regular_seen = false;
-    for (name, value) in headers {
+impl FieldCheck {
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        if self.problem.is_none() {
+            self.problem = self.check(name, value);
+        }
+    }
+
+    fn check(&mut self, name: &[u8], value: &[u8]) -> Option<&'static str> {
         if let Some(pseudo) = name.strip_prefix(b":") {
-            if regular_seen {
+            if self.regular_seen {
                 return Some("a pseudo-header after a regular header");
             }
             if ![&b"method"[..], b"scheme", b"authority", b"path", b"protocol", b"status"].contains(&pseudo) {
                 return Some("an unknown pseudo-header");
             }
-            continue;
+            return None;
         }
-        regular_seen = true;
-        if name.is_empty() || name.iter().any(|b| b.is_ascii_uppercase()) {
+        self.regular_seen = true;
+        if name.is_empty() || name.iter().any(u8::is_ascii_uppercase) {
             return Some("a header name that is empty or not lowercase");
         }
-        if http::header::HeaderName::from_bytes(name).is_err() || http::HeaderValue::from_bytes(value).is_err() {
+        let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+        let value_byte = |b: &u8| *b == b'\t' || (*b >= 0x20 && *b != 0x7f);
+        if !name.iter().all(token) || !value.iter().all(value_byte) {
             return Some("a header name or value with invalid characters");
         }
         if [
@@ -346,15 +386,15 @@ fn malformed(headers: &[(Vec<u8>, Vec<u8>)]) -> Option<&'static str> {
             b"transfer-encoding",
             b"upgrade",
         ]
-        .contains(&name.as_slice())
+        .contains(&name)
         {
             return Some("a connection-specific header");
         }
         if name == b"te" && value != b"trailers" {
             return Some("a TE header other than \"trailers\"");
         }
+        None
     }
-    None
 }
 
 /// The re-encoded block as HEADERS plus CONTINUATION frames of at most
