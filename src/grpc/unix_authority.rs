@@ -14,6 +14,11 @@
 //! as many CONTINUATION frames as the frame size needs. The
 //! server-to-client direction is untouched. TCP connections never pass here.
 //!
+//! A connection is followed only while it needs it: when its first request
+//! carries a valid authority (as HTTP/2 clients such as Go's, Rust's and
+//! Node's do), the rest of the connection passes through untouched, at no
+//! cost; a gRPC channel keeps one authority for all its calls.
+//!
 //! Hostile input cannot make it panic, hang or hold unbounded memory: at
 //! most one frame and one header block are buffered, each bounded; input
 //! it cannot follow (a bad preface, an oversized frame, a broken header
@@ -39,6 +44,8 @@ const MAX_FRAME_SIZE: usize = 16_384;
 /// Largest header block (encoded, or decoded) followed; beyond it the
 /// connection passes through unchanged and the server applies its limits.
 const MAX_HEADER_BLOCK: usize = 256 * 1024;
+/// Why a connection passes through after its first request.
+pub const FIRST_AUTHORITY_VALID: &str = "the first request's :authority is valid";
 /// The authority requests get when theirs is invalid.
 const LOCAL_AUTHORITY: &[u8] = b"localhost";
 
@@ -292,7 +299,13 @@ impl Rewriter {
             self.events.push(Event::Malformed(reason));
         }
         if !repair && self.encoder.is_none() {
-            return out.extend_from_slice(&block.raw);
+            // The first request's authority is valid: a channel keeps its
+            // authority, so the rest of the connection needs nothing either
+            // (HTTP/2 clients such as Go's, Rust's and Node's send
+            // `localhost`) and passes through untouched.
+            out.extend_from_slice(&block.raw);
+            self.phase = Phase::PassThrough;
+            return self.events.push(Event::PassThrough(FIRST_AUTHORITY_VALID));
         }
         if repair {
             self.events.push(Event::AuthorityReplaced);
@@ -699,6 +712,9 @@ mod tests {
             input.extend(frame(0x4, 0, 0, &[0, 4, 0, 0, 0xff, 0xff])); // SETTINGS
             let mut expected = vec![Seen::Frame(frame(0x4, 0, 0, &[0, 4, 0, 0, 0xff, 0xff]))];
             let mut replaced = 0;
+            // Followed from the first request on if that one needs a repair;
+            // otherwise passed through untouched.
+            let mut followed = None;
             for i in 0..rng.random_range(1..6u32) {
                 let stream_id = 2 * i + 1;
                 let authority = authorities[rng.random_range(0..authorities.len())];
@@ -707,9 +723,8 @@ mod tests {
                 let end_stream = block[4] & END_STREAM != 0;
                 input.extend(block);
                 let mut wanted = headers.clone();
-                if let Some(a) = authority
-                    && (a.is_empty() || http::uri::Authority::try_from(a).is_err())
-                {
+                let invalid = authority.is_some_and(|a| a.is_empty() || http::uri::Authority::try_from(a).is_err());
+                if *followed.get_or_insert(invalid) && invalid {
                     wanted.iter_mut().find(|(n, _)| n == b":authority").unwrap().1 = b"localhost".to_vec();
                     replaced += 1;
                 }
@@ -729,8 +744,12 @@ mod tests {
             assert_eq!(server_view(&out), expected, "seed {seed}");
             let count = events.iter().filter(|e| **e == Event::AuthorityReplaced).count();
             assert_eq!(count, replaced, "seed {seed}");
+            let passed = events.contains(&Event::PassThrough(FIRST_AUTHORITY_VALID));
+            assert_eq!(passed, followed == Some(false), "seed {seed}: {events:?}");
             assert!(
-                !events.iter().any(|e| matches!(e, Event::PassThrough(_))),
+                !events
+                    .iter()
+                    .any(|e| matches!(e, Event::PassThrough(why) if *why != FIRST_AUTHORITY_VALID)),
                 "seed {seed}: {events:?}"
             );
         }
@@ -770,7 +789,7 @@ mod tests {
             input.extend(frame(HEADERS, END_HEADERS, 1, &block));
             let mut rewriter = Rewriter::new();
             rewriter.push(&input, &mut Vec::new());
-            assert_eq!(rewriter.take_events(), vec![Event::Malformed(reason)]);
+            assert_eq!(rewriter.take_events()[0], Event::Malformed(reason));
         }
     }
 
