@@ -181,19 +181,49 @@ impl KeySource {
 
     /// A warning when a secret file can be read by group or others.
     pub fn permission_warnings(&self) -> Vec<String> {
-        use std::os::unix::fs::PermissionsExt;
         let Some(path) = self.client_secret.path() else {
             return Vec::new();
         };
         match std::fs::metadata(&path) {
-            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => vec![format!(
-                "secret file {} is accessible by group or others (mode {:o}); use chmod 600",
-                path.display(),
-                meta.permissions().mode() & 0o777
-            )],
-            _ => Vec::new(),
+            Ok(meta) => secret_file_exposure(&meta, &process_groups())
+                .map(|why| format!("secret file {} {why}", path.display()))
+                .into_iter()
+                .collect(),
+            Err(_) => Vec::new(),
         }
     }
+}
+
+/// The groups of this process: its primary and supplementary groups.
+fn process_groups() -> Vec<u32> {
+    let mut groups: Vec<u32> = rustix::process::getgroups()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|g| g.as_raw())
+        .collect();
+    groups.push(rustix::process::getegid().as_raw());
+    groups
+}
+
+/// Why a secret file is exposed, if it is: readable by others, or by a
+/// group this process is not in. A file readable by a group the process
+/// belongs to is how Kubernetes (a Secret volume with `fsGroup`, mode 0440)
+/// and systemd (`LoadCredential=`) hand over secrets, and is accepted.
+pub fn secret_file_exposure(meta: &std::fs::Metadata, process_groups: &[u32]) -> Option<String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o007 != 0 {
+        return Some(format!(
+            "is accessible by group or others (mode {mode:o}: every user can read it); use chmod 600"
+        ));
+    }
+    if mode & 0o070 != 0 && !process_groups.contains(&meta.gid()) {
+        return Some(format!(
+            "is accessible by group or others (mode {mode:o}, group {}, which the broker is not in); use chmod 600",
+            meta.gid()
+        ));
+    }
+    None
 }
 
 /// A credentials table as written: `[credentials]` (shared by every

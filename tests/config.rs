@@ -304,6 +304,40 @@ fn readable_secret_file_warns() {
 }
 
 #[test]
+fn a_secret_readable_by_the_brokers_own_group_is_accepted() {
+    use std::os::unix::fs::MetadataExt;
+    let f = Fixture::new();
+    let own_gid = rustix::process::getegid().as_raw();
+    // How Kubernetes (Secret volume, defaultMode 0400, fsGroup) and systemd
+    // (LoadCredential) deliver it: 0440, owned by a group the process is in.
+    std::fs::set_permissions(f.secret(), std::fs::Permissions::from_mode(0o440)).unwrap();
+    assert_eq!(std::fs::metadata(f.secret()).unwrap().gid(), own_gid);
+    let loaded = f.load("").unwrap();
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+
+    // A group the broker is not in still warns (needs root to chown).
+    if rustix::process::geteuid().is_root() {
+        let stranger = 4242;
+        assert!(
+            !rustix::process::getgroups()
+                .unwrap()
+                .iter()
+                .any(|g| g.as_raw() == stranger)
+        );
+        std::os::unix::fs::chown(f.secret(), None, Some(stranger)).unwrap();
+        let loaded = f.load("").unwrap();
+        assert!(
+            loaded
+                .warnings
+                .iter()
+                .any(|w| w.contains("group 4242, which the broker is not in")),
+            "{:?}",
+            loaded.warnings
+        );
+    }
+}
+
+#[test]
 fn effective_configuration_round_trips_without_secrets() {
     let f = Fixture::new();
     let config = f

@@ -75,14 +75,29 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// A user name (from /etc/passwd) or a numeric uid.
+/// A user name or a numeric uid. Names are resolved through NSS
+/// (`getpwnam_r`): local files, LDAP, sssd, systemd's dynamic users alike.
 pub fn resolve_user(user: &str) -> Result<u32, String> {
-    lookup("/etc/passwd", "user", user)
+    if let Ok(uid) = user.parse() {
+        return Ok(uid);
+    }
+    match nix::unistd::User::from_name(user) {
+        Ok(Some(entry)) => Ok(entry.uid.as_raw()),
+        Ok(None) => Err(format!("unknown user {user:?}")),
+        Err(e) => Err(format!("cannot look up user {user:?}: {e}")),
+    }
 }
 
-/// A group name (from /etc/group) or a numeric gid.
+/// A group name or a numeric gid, resolved through NSS (`getgrnam_r`).
 pub fn resolve_group(group: &str) -> Result<u32, String> {
-    lookup("/etc/group", "group", group)
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(entry)) => Ok(entry.gid.as_raw()),
+        Ok(None) => Err(format!("unknown group {group:?}")),
+        Err(e) => Err(format!("cannot look up group {group:?}: {e}")),
+    }
 }
 
 /// Serde for `allowed_unix_users`: names or numeric ids, resolved when
@@ -106,24 +121,6 @@ pub mod group_ids {
     pub fn serialize<S: serde::Serializer>(ids: &[u32], serializer: S) -> Result<S::Ok, S::Error> {
         crate::settings::write_list(ids, serializer)
     }
-}
-
-/// `name:x:ID:...` files share their first three fields.
-fn lookup(file: &str, what: &str, name: &str) -> Result<u32, String> {
-    if let Ok(id) = name.parse() {
-        return Ok(id);
-    }
-    let entries = std::fs::read_to_string(file).map_err(|e| format!("cannot read {file}: {e}"))?;
-    entries
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split(':');
-            let entry = fields.next()?;
-            let id = fields.nth(1)?.parse().ok()?;
-            (entry == name).then_some(id)
-        })
-        .next()
-        .ok_or_else(|| format!("unknown {what} {name:?}"))
 }
 
 #[cfg(test)]
