@@ -1,9 +1,15 @@
 //! Who may get tokens for which environment. By default anyone who can
 //! reach a listener (guarded by socket permissions, network policy or mutual
 //! TLS). An environment with allow-lists serves only Unix-socket callers
-//! whose user, primary group or supplementary group is listed, as the kernel
-//! reports them (SO_PEERCRED); TCP callers carry no such identity and are
-//! refused for that environment.
+//! whose user, primary group or supplementary group is listed: user and
+//! primary group as the kernel reports them for the connection (SO_PEERCRED),
+//! supplementary groups from `/proc/PID/status` when the caller is visible
+//! there, else from the account database (NSS `getgrouplist`). TCP callers
+//! carry no such identity and are refused for that environment.
+
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use tonic::Request;
 use tonic::transport::server::UdsConnectInfo;
@@ -58,20 +64,64 @@ impl AccessPolicy {
             Caller::Unix { uid, gid, pid } => {
                 self.uids.contains(&uid)
                     || self.gids.contains(&gid)
-                    || (!self.gids.is_empty()
-                        && pid.is_some_and(|p| supplementary_groups(p).iter().any(|g| self.gids.contains(g))))
+                    || (!self.gids.is_empty() && caller_groups(uid, gid, pid).iter().any(|g| self.gids.contains(g)))
             }
         }
     }
 }
 
-/// The supplementary groups of a process, from `/proc/PID/status`.
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("Groups:"))
-        .map(|groups| groups.split_whitespace().filter_map(|g| g.parse().ok()).collect())
+/// A caller's groups: the kernel's view (`/proc/PID/status`) when this
+/// process can see the caller, which includes groups granted outside the
+/// account database (systemd's `SupplementaryGroups=`); otherwise the account
+/// database's, through NSS (`getgrouplist`), as when the caller lives in
+/// another pid namespace (a container, a sidecar) or `/proc` hides it.
+fn caller_groups(uid: u32, gid: u32, pid: Option<i32>) -> Vec<u32> {
+    pid.filter(|p| *p > 0)
+        .and_then(process_groups)
+        .unwrap_or_else(|| account_groups(uid, gid))
+}
+
+/// The supplementary groups of a process, from `/proc/PID/status`; `None`
+/// when the file cannot be read.
+fn process_groups(pid: i32) -> Option<Vec<u32>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let groups = status.lines().find_map(|line| line.strip_prefix("Groups:"))?;
+    Some(groups.split_whitespace().filter_map(|g| g.parse().ok()).collect())
+}
+
+/// How long an account's groups are remembered.
+const ACCOUNT_GROUPS_TTL: Duration = Duration::from_secs(60);
+
+/// The groups the account database gives `uid` (with `gid`), cached for
+/// [`ACCOUNT_GROUPS_TTL`] so that a busy caller costs one NSS lookup a minute.
+fn account_groups(uid: u32, gid: u32) -> Vec<u32> {
+    type Cache = HashMap<(u32, u32), (Instant, Vec<u32>)>;
+    static CACHE: LazyLock<Mutex<Cache>> = LazyLock::new(Mutex::default);
+    let now = Instant::now();
+    if let Some((at, groups)) = CACHE.lock().unwrap_or_else(|e| e.into_inner()).get(&(uid, gid))
+        && now.duration_since(*at) < ACCOUNT_GROUPS_TTL
+    {
+        return groups.clone();
+    }
+    let groups = lookup_account_groups(uid, gid);
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if cache.len() >= 1024 {
+        cache.retain(|_, (at, _)| now.duration_since(*at) < ACCOUNT_GROUPS_TTL);
+    }
+    cache.insert((uid, gid), (now, groups.clone()));
+    groups
+}
+
+fn lookup_account_groups(uid: u32, gid: u32) -> Vec<u32> {
+    use nix::unistd::{Gid, Uid, User, getgrouplist};
+    let Ok(Some(user)) = User::from_uid(Uid::from_raw(uid)) else {
+        return Vec::new();
+    };
+    let Ok(name) = std::ffi::CString::new(user.name) else {
+        return Vec::new();
+    };
+    getgrouplist(&name, Gid::from_raw(gid))
+        .map(|groups| groups.into_iter().map(Gid::as_raw).collect())
         .unwrap_or_default()
 }
 
@@ -200,10 +250,20 @@ mod tests {
             .into_iter()
             .map(|g| g.as_raw())
             .collect();
-        let mut groups = supplementary_groups(std::process::id() as i32);
+        let mut groups = process_groups(std::process::id() as i32).unwrap();
         expected.sort_unstable();
         groups.sort_unstable();
         assert_eq!(groups, expected);
-        assert!(supplementary_groups(-1).is_empty(), "no such process: no groups");
+        assert_eq!(process_groups(-1), None, "no such process");
+    }
+
+    #[test]
+    fn account_groups_come_from_the_account_database() {
+        // root's primary group is in its list; an unknown uid has none.
+        assert!(account_groups(0, 0).contains(&0));
+        assert!(lookup_account_groups(4_000_000_000, 4_000_000_000).is_empty());
+        // A caller this process cannot see (pid 0: another pid namespace)
+        // gets the database's view.
+        assert_eq!(caller_groups(0, 0, Some(0)), account_groups(0, 0));
     }
 }

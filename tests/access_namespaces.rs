@@ -1,0 +1,215 @@
+//! The per-environment allow-lists as the shipped systemd unit runs the
+//! broker (an unprivileged dynamic user, no private user namespace), as a
+//! container or sidecar runs it (its own pid namespace: callers invisible in
+//! its /proc), and, to show why the unit sets no `PrivateUsers=`, inside a
+//! private user namespace. Real processes: the broker started through
+//! `unshare` and `setpriv`, callers are the CLI under other uids and groups.
+//! The account database the broker sees is bind-mounted in its mount
+//! namespace, so the host's is never touched. Needs root (CI runs as root).
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use support::{CLIENT_ID, CLIENT_SECRET, start_emulator};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flute-token-broker");
+const APP: u32 = 1500; // "app", a member of "flute-prod" in the database
+const OTHER: u32 = 1501; // "other", in no extra group
+const FLUTE_PROD: u32 = 1600;
+
+struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    fn new(token_url: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        // The socket's directory belongs to the service user, as systemd's
+        // RuntimeDirectory= makes it.
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::os::unix::fs::chown(&run, Some(65534), Some(65534)).unwrap();
+        // Sticky and world-writable too, for the broker that stays root in a
+        // private user namespace (no power over files outside it).
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        std::fs::write(
+            etc.join("passwd"),
+            format!(
+                "root:x:0:0::/root:/bin/sh\napp:x:{APP}:{APP}::/:/bin/false\nother:x:{OTHER}:{OTHER}::/:/bin/false\n\
+                 nobody:x:65534:65534::/:/bin/false\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            etc.join("group"),
+            format!("root:x:0:\napp:x:{APP}:\nother:x:{OTHER}:\nflute-prod:x:{FLUTE_PROD}:app\nnogroup:x:65534:\n"),
+        )
+        .unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, CLIENT_SECRET).unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(
+            dir.path().join("broker.toml"),
+            format!(
+                "[server]\nlisten = [\"unix:{sock}\"]\nunix_socket_mode = \"0666\"\n[admin]\nlisten = \"\"\n\
+                 [oauth]\nallow_insecure_http = true\n\
+                 [credentials]\nclient_id = \"{CLIENT_ID}\"\nclient_secret_file = \"{secret}\"\npoll_interval = \"0s\"\n\
+                 [environments.sandbox]\ntoken_url = \"{token_url}\"\nallowed_unix_users = [\"app\"]\n\
+                 [environments.production]\ntoken_url = \"{token_url}\"\nallowed_unix_groups = [\"flute-prod\"]\n",
+                sock = dir.path().join("run/broker.sock").display(),
+                secret = secret.display(),
+            ),
+        )
+        .unwrap();
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts the broker: `namespaces` are unshare's options, `user` the
+    /// uid it runs as (None: stays root in its namespaces).
+    async fn start(&self, namespaces: &[&str], user: Option<u32>) -> Child {
+        let drop_to = user
+            .map(|uid| format!("setpriv --reuid {uid} --regid {uid} --clear-groups --pdeathsig TERM"))
+            .unwrap_or_default();
+        let script = format!(
+            "mount --bind {etc}/passwd /etc/passwd && mount --bind {etc}/group /etc/group && \
+             exec {drop_to} {BIN} serve --config {config}",
+            etc = self.path("etc").display(),
+            config = self.path("broker.toml").display(),
+        );
+        let child = Command::new("unshare")
+            .args(namespaces)
+            // --kill-child: with --fork the broker is unshare's child, and
+            // ends when unshare does.
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--kill-child=TERM",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        support::connect_when_up(&format!("unix:{}", self.path("run/broker.sock").display())).await;
+        child
+    }
+
+    /// `get` as a caller with this uid, primary group and supplementary groups.
+    async fn get(&self, env: &str, uid: u32, groups: &[u32]) -> Output {
+        let groups = groups.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let mut command = Command::new("setpriv");
+        command.args(["--reuid", &uid.to_string(), "--regid", &uid.to_string()]);
+        if groups.is_empty() {
+            command.arg("--clear-groups");
+        } else {
+            command.args(["--groups", &groups]);
+        }
+        let addr = format!("unix:{}", self.path("run/broker.sock").display());
+        command
+            .args([BIN, "get", "--env", env, "--addr", &addr])
+            .output()
+            .await
+            .unwrap()
+    }
+}
+
+fn allowed(output: &Output) -> bool {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        assert!(stderr.contains("may not get"), "refused for another reason: {stderr}");
+    }
+    output.status.success()
+}
+
+/// Ends the broker: killing `unshare` ends its child too (`--kill-child`).
+async fn stop(mut broker: Child) {
+    broker.kill().await.unwrap();
+}
+
+fn runs_as_root() -> bool {
+    let root = rustix::process::geteuid().is_root();
+    if !root {
+        eprintln!("skipped: creating namespaces and switching uids needs root (CI runs as root)");
+    }
+    root
+}
+
+#[tokio::test]
+async fn as_the_unit_runs_it_callers_are_told_apart_by_uid_and_kernel_groups() {
+    if !runs_as_root() {
+        return;
+    }
+    let emu = start_emulator(Duration::from_secs(900), false).await;
+    let sandbox = Sandbox::new(&emu.token_url());
+    // DynamicUser: an unprivileged uid; no private user namespace.
+    let broker = sandbox.start(&[], Some(65534)).await;
+
+    assert!(allowed(&sandbox.get("sandbox", APP, &[]).await), "listed user");
+    assert!(!allowed(&sandbox.get("sandbox", OTHER, &[]).await), "unlisted user");
+    // Supplementary groups as the kernel reports them (/proc/PID/status),
+    // as a client unit's SupplementaryGroups= grants them.
+    assert!(
+        allowed(&sandbox.get("production", OTHER, &[FLUTE_PROD]).await),
+        "listed group, kernel view"
+    );
+    assert!(
+        !allowed(&sandbox.get("production", OTHER, &[]).await),
+        "no listed group"
+    );
+    stop(broker).await;
+}
+
+#[tokio::test]
+async fn in_its_own_pid_namespace_callers_groups_come_from_the_account_database() {
+    if !runs_as_root() {
+        return;
+    }
+    let emu = start_emulator(Duration::from_secs(900), false).await;
+    let sandbox = Sandbox::new(&emu.token_url());
+    // A container or sidecar: callers are not in the broker's /proc.
+    let broker = sandbox.start(&["--pid", "--fork", "--mount-proc"], Some(65534)).await;
+
+    // "app" is a member of flute-prod in the database: allowed without the
+    // group in its process credentials.
+    assert!(allowed(&sandbox.get("production", APP, &[]).await), "database member");
+    // The kernel group alone is invisible from here: refused.
+    assert!(
+        !allowed(&sandbox.get("production", OTHER, &[FLUTE_PROD]).await),
+        "not a database member"
+    );
+    assert!(allowed(&sandbox.get("sandbox", APP, &[]).await), "listed user");
+    stop(broker).await;
+}
+
+#[tokio::test]
+async fn in_a_private_user_namespace_every_caller_is_nobody_and_refused() {
+    if !runs_as_root() {
+        return;
+    }
+    let emu = start_emulator(Duration::from_secs(900), false).await;
+    let sandbox = Sandbox::new(&emu.token_url());
+    // What PrivateUsers=yes does: only the service's own uid is mapped, so
+    // SO_PEERCRED reports every other caller as the overflow uid.
+    let broker = sandbox.start(&["--user", "--map-root-user"], None).await;
+    assert!(
+        !allowed(&sandbox.get("sandbox", APP, &[]).await),
+        "the listed user is unrecognisable"
+    );
+    assert!(!allowed(&sandbox.get("production", APP, &[FLUTE_PROD]).await));
+    stop(broker).await;
+}
