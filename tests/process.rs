@@ -185,8 +185,16 @@ async fn exit_codes_for_unreachable_bad_arguments_and_no_token() {
     let (code, _, err) = cli(&["get", "--env", "sandbox", "--addr", &broker.addr]).await;
     assert_eq!(code, 75, "{err}");
     assert!(err.contains("no valid sandbox token") && err.contains("503"), "{err}");
-    let (_, table, _) = cli(&["status", "--addr", &broker.addr]).await;
+    // status is a probe: 75 while an environment holds no valid token.
+    let (code, table, err) = cli(&["status", "--addr", &broker.addr]).await;
     assert!(table.contains("UNAVAILABLE"), "{table}");
+    assert_eq!(code, 75, "{err}");
+    assert!(err.contains("no valid token: sandbox"), "{err}");
+    let (code, json, _) = cli(&["status", "--json", "--env", "sandbox", "--addr", &broker.addr]).await;
+    assert_eq!(code, 75);
+    assert!(json.ends_with("]\n"), "{json:?}");
+    let listed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "--env shows one environment");
 }
 
 #[tokio::test]

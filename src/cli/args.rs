@@ -54,12 +54,17 @@ pub enum Command {
         env: Environment,
     },
     /// Show the state of every enabled environment.
+    /// Exits 0 when every environment shown holds a valid token, 75 when
+    /// one does not (usable as a health probe).
     Status {
         #[command(flatten)]
         client: ClientArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Only this environment (sandbox or production).
+        #[arg(long)]
+        env: Option<Environment>,
     },
     /// Run a local stand-in for Flute's token endpoint (for tests and demos).
     Emulator(EmulatorArgs),

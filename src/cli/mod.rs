@@ -35,9 +35,20 @@ pub async fn run(command: Command) -> u8 {
         Command::Watch { client, env } => {
             print_result(client::watch(&client.target(), env, &mut std::io::stdout()).await)
         }
-        Command::Status { client, json } => {
-            print_result(client::status(&client.target(), json).await.and_then(print_out))
-        }
+        Command::Status { client, json, env } => match client::status(&client.target(), json, env).await {
+            Ok(report) => {
+                if print_out(&report.text).is_err() {
+                    return exit::IO_ERROR;
+                }
+                if report.without_token.is_empty() {
+                    exit::OK
+                } else {
+                    logging::to_stderr(format_args!("no valid token: {}", report.without_token.join(", ")));
+                    exit::NO_TOKEN
+                }
+            }
+            Err(e) => print_result(Err(e)),
+        },
         Command::Emulator(args) => match run_emulator(args).await {
             Ok(()) => exit::OK,
             Err(e) => {

@@ -240,7 +240,15 @@ pub async fn watch(target: &Target, env: Environment, out: &mut impl Write) -> R
 }
 
 /// A table (or JSON) of every enabled environment's state.
-pub async fn status(target: &Target, json: bool) -> Result<String, ClientError> {
+/// What `status` shows, and which environments hold no valid token.
+pub struct StatusReport {
+    pub text: String,
+    /// Environments (of those shown) in no state that holds a valid token.
+    pub without_token: Vec<String>,
+}
+
+/// The broker's status as a table or JSON, for every environment or `only` one.
+pub async fn status(target: &Target, json: bool, only: Option<Environment>) -> Result<StatusReport, ClientError> {
     let (addr, timeout) = (target.addr.as_str(), target.timeout);
     let mut client = connect_to(target).await?;
     let mut request = tonic::Request::new(pb::GetStatusRequest {});
@@ -250,6 +258,21 @@ pub async fn status(target: &Target, json: bool) -> Result<String, ClientError> 
         .await
         .map_err(|s| ClientError::from_status(addr, s))?
         .into_inner();
+    let mut status = status;
+    if let Some(env) = only {
+        let wanted = pb_env(env) as i32;
+        status.environments.retain(|e| e.environment == wanted);
+    }
+    let without_token = status
+        .environments
+        .iter()
+        .filter(|e| !matches!(pb::State::try_from(e.state), Ok(pb::State::Ready | pb::State::Degraded)))
+        .map(|e| {
+            pb::Environment::try_from(e.environment)
+                .map(|e| e.as_str_name().trim_start_matches("ENVIRONMENT_").to_lowercase())
+                .unwrap_or_default()
+        })
+        .collect();
     let env_name = |v: i32| {
         pb::Environment::try_from(v)
             .map(|e| e.as_str_name().trim_start_matches("ENVIRONMENT_").to_lowercase())
@@ -275,7 +298,8 @@ pub async fn status(target: &Target, json: bool) -> Result<String, ClientError> 
                 })
             })
             .collect();
-        return Ok(serde_json::to_string_pretty(&items).unwrap_or_default());
+        let text = serde_json::to_string_pretty(&items).unwrap_or_default() + "\n";
+        return Ok(StatusReport { text, without_token });
     }
     let mut out = format!(
         "{:<12} {:<12} {:<13} {:<21} {:<21} {:>5} {:>6}  {}\n",
@@ -299,5 +323,8 @@ pub async fn status(target: &Target, json: bool) -> Result<String, ClientError> 
             if e.last_error.is_empty() { "-" } else { &e.last_error },
         ));
     }
-    Ok(out)
+    Ok(StatusReport {
+        text: out,
+        without_token,
+    })
 }
