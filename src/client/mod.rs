@@ -260,7 +260,7 @@ pub async fn status(target: &Target, json: bool, only: Option<Environment>) -> R
         .into_inner();
     let mut status = status;
     if let Some(env) = only {
-        let wanted = pb_env(env) as i32;
+        let wanted = pb_env(env);
         status.environments.retain(|e| e.environment == wanted);
     }
     let without_token = status
