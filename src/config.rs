@@ -271,7 +271,14 @@ impl Config {
             }
             match own.as_ref().or(shared.as_ref()) {
                 Some(source) => match source.load() {
-                    Ok(_) => warnings.extend(source.permission_warnings()),
+                    Ok(_) => {
+                        // Environments sharing one key source warn once.
+                        for warning in source.permission_warnings() {
+                            if !warnings.contains(&warning) {
+                                warnings.push(warning);
+                            }
+                        }
+                    }
                     Err(err) => problems.push(format!("{path}.credentials: {err}")),
                 },
                 None if !shared_readable => {}

@@ -13,5 +13,7 @@ pub const UNREACHABLE: u8 = 69;
 pub const IO_ERROR: u8 = 74;
 /// The broker has no valid token right now (EX_TEMPFAIL).
 pub const NO_TOKEN: u8 = 75;
+/// The broker refused this caller the environment's tokens (EX_NOPERM).
+pub const NOT_ALLOWED: u8 = 77;
 /// Invalid configuration or credentials (EX_CONFIG): restarting will not help.
 pub const CONFIG: u8 = 78;

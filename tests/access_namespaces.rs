@@ -132,6 +132,7 @@ fn allowed(output: &Output) -> bool {
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {
         assert!(stderr.contains("may not get"), "refused for another reason: {stderr}");
+        assert_eq!(output.status.code(), Some(77), "PERMISSION_DENIED exits 77 (EX_NOPERM)");
     }
     output.status.success()
 }

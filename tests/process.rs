@@ -328,3 +328,46 @@ async fn unwritable_stderr_or_stdout_is_not_fatal() {
         assert_eq!(exit.code(), Some(0), "stderr full: {broken_stderr_is_full}");
     }
 }
+
+#[tokio::test]
+async fn get_as_an_env_file_with_the_environment_from_flute_broker_env() {
+    let broker = start_dev("900s").await;
+    let out = Command::new(BIN)
+        .args(["get", "--format", "env", "--addr", &broker.addr])
+        .env("FLUTE_BROKER_ENV", "production")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let token = lines[0].strip_prefix("FLUTE_ACCESS_TOKEN=").expect("token line");
+    assert!(!token.is_empty() && !token.contains(char::is_whitespace));
+    let expires = lines[1].strip_prefix("FLUTE_TOKEN_EXPIRES_AT=").expect("expiry line");
+    let expires: prost_types::Timestamp = expires.parse().expect("RFC 3339");
+    let expires = std::time::SystemTime::try_from(expires).unwrap();
+    assert!(expires > std::time::SystemTime::now(), "a valid token");
+    // The same token as the plain format gives for production.
+    let (code, plain, _) = cli(&["get", "--env", "production", "--addr", &broker.addr]).await;
+    assert_eq!(code, 0);
+    assert_eq!(plain.trim(), token);
+}
+
+#[tokio::test]
+async fn serve_needs_a_config_or_dev_and_a_taken_port_gets_a_hint() {
+    let (code, _, err) = cli(&["serve"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--config") && err.contains("--dev"), "{err}");
+    let (code, _, err) = cli(&["check-config"]).await;
+    assert_eq!(code, 2, "{err}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, _, err) = cli(&["serve", "--dev", "--admin-listen", "", "--listen", &addr]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("Address already in use") && err.contains("another broker running?"),
+        "{err}"
+    );
+}

@@ -31,14 +31,14 @@ pub enum Command {
     CheckConfig {
         /// The TOML configuration file.
         #[arg(long, short)]
-        config: Option<PathBuf>,
+        config: PathBuf,
     },
     /// Print a token (bare by default, for `$(...)`).
     Get {
         #[command(flatten)]
         client: ClientArgs,
         /// sandbox or production.
-        #[arg(long, short)]
+        #[arg(long, short, env = "FLUTE_BROKER_ENV")]
         env: Environment,
         /// Refresh first unless the token stays valid this long.
         #[arg(long, value_parser = duration::parse)]
@@ -50,7 +50,8 @@ pub enum Command {
     Watch {
         #[command(flatten)]
         client: ClientArgs,
-        #[arg(long, short)]
+        /// sandbox or production.
+        #[arg(long, short, env = "FLUTE_BROKER_ENV")]
         env: Environment,
     },
     /// Show the state of every enabled environment.
@@ -71,6 +72,7 @@ pub enum Command {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "dev"])))]
 pub struct ServeArgs {
     /// The TOML configuration file (environment overrides: FLUTE_BROKER__SECTION__KEY).
     #[arg(long, short, conflicts_with = "dev")]

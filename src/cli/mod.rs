@@ -80,8 +80,8 @@ fn load_config(path: Option<&std::path::Path>) -> Result<Loaded, u8> {
     })
 }
 
-fn check_config(path: Option<PathBuf>) -> u8 {
-    match load_config(path.as_deref()) {
+fn check_config(path: PathBuf) -> u8 {
+    match load_config(Some(&path)) {
         Ok(loaded) => {
             for w in &loaded.warnings {
                 logging::to_stderr(format_args!("warning: {w}"));

@@ -26,6 +26,8 @@ pub enum ClientError {
     #[error("{0}")]
     NoToken(String),
     #[error("{0}")]
+    NotAllowed(String),
+    #[error("{0}")]
     Usage(String),
     #[error("broker answered {code:?}: {message}")]
     Broker { code: Code, message: String },
@@ -38,6 +40,7 @@ impl ClientError {
         match self {
             ClientError::Unreachable { .. } => exit::UNREACHABLE,
             ClientError::NoToken(_) => exit::NO_TOKEN,
+            ClientError::NotAllowed(_) => exit::NOT_ALLOWED,
             ClientError::Usage(_) => exit::USAGE,
             ClientError::Broker { .. } => exit::FAILURE,
             ClientError::Output(_) => exit::IO_ERROR,
@@ -57,6 +60,7 @@ impl ClientError {
             .map(|info| info.reason.as_str());
         match (broker_reason, status.code()) {
             (Some(reason::NO_VALID_TOKEN), _) => ClientError::NoToken(message),
+            (Some(reason::CALLER_NOT_ALLOWED), _) => ClientError::NotAllowed(message),
             (Some(reason::SHUTTING_DOWN), _) | (None, Code::Unavailable) => ClientError::Unreachable {
                 addr: addr.to_owned(),
                 message,
@@ -150,7 +154,31 @@ pub async fn channel_to(target: &Target) -> Result<Channel, ClientError> {
         }
         endpoint.connect().await
     };
-    channel.map_err(|e| unreachable(crate::error_chain(&e)))
+    channel.map_err(|e| unreachable(connect_failure(&e)))
+}
+
+/// Why a connection failed, in one clause (the innermost I/O error when
+/// there is one), with a hint for the usual causes.
+fn connect_failure(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut io = None;
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<std::io::Error>() {
+            io = Some(found);
+        }
+        current = e.source();
+    }
+    let Some(io) = io else {
+        return crate::error_chain(error);
+    };
+    let hint = match io.kind() {
+        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound => {
+            "; is it running? set --addr or FLUTE_BROKER_ADDR"
+        }
+        std::io::ErrorKind::PermissionDenied => "; is this user in the socket's group?",
+        _ => "",
+    };
+    format!("{io}{hint}")
 }
 
 /// How `get` prints the token.
@@ -162,6 +190,9 @@ pub enum TokenFormat {
     Header,
     /// A JSON object with the token and its metadata.
     Json,
+    /// `FLUTE_ACCESS_TOKEN=…` and `FLUTE_TOKEN_EXPIRES_AT=…` (RFC 3339), one
+    /// per line: for `eval` or an env file.
+    Env,
 }
 
 fn pb_env(env: Environment) -> i32 {
@@ -207,6 +238,11 @@ pub async fn get(
             "expires_at": ts(&token.expires_at),
         })
         .to_string(),
+        TokenFormat::Env => format!(
+            "FLUTE_ACCESS_TOKEN={}\nFLUTE_TOKEN_EXPIRES_AT={}",
+            token.access_token,
+            ts(&token.expires_at)
+        ),
     })
 }
 

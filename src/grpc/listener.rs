@@ -61,7 +61,7 @@ impl std::fmt::Display for ListenAddr {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}{}", if source.kind() == io::ErrorKind::AddrInUse { "; another broker running? choose another --listen" } else { "" })]
     Bind {
         addr: String,
         #[source]
