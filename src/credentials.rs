@@ -365,7 +365,7 @@ impl CredentialTable {
             }),
             (None, None) => None,
             (Some(_), None) => {
-                problems.push("client_secret_file: client_id is set but no client secret source is".into());
+                problems.push("client_secret_file: client_id is set but no client secret source is: set client_secret_file, client_secret_env or client_secret_credential".into());
                 None
             }
             (None, Some(_)) => {

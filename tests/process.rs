@@ -271,6 +271,32 @@ async fn standalone_emulator_command_issues_tokens() {
         .await
         .unwrap_err();
     assert!(wrong.to_string().contains("invalid_client"));
+
+    // The README's fault-injection commands, as curl sends them (-d:
+    // application/x-www-form-urlencoded), against this emulator.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let bodies: Vec<&str> = readme
+        .lines()
+        .filter(|l| l.starts_with("curl -X POST localhost:9470/__emulator/faults -d '"))
+        .map(|l| l.split('\'').nth(1).unwrap())
+        .collect();
+    assert!(bodies.len() >= 3, "the README shows the fault commands");
+    for body in bodies {
+        let answer = support::http_client()
+            .post(format!("{base}/__emulator/faults"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "{body}");
+    }
+    let stats = support::http_client()
+        .get(format!("{base}/__emulator/stats"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stats.status(), 200);
     support::signal(child.id().unwrap(), rustix::process::Signal::TERM);
     assert!(
         tokio::time::timeout(Duration::from_secs(5), child.wait())

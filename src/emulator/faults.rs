@@ -141,7 +141,10 @@ impl Faults {
     }
 }
 
-pub(super) async fn set(State(shared): State<Arc<Shared>>, Json(request): Json<FaultRequest>) -> Json<Faults> {
+pub(super) async fn set(
+    State(shared): State<Arc<Shared>>,
+    super::AnyJson(request): super::AnyJson<FaultRequest>,
+) -> Json<Faults> {
     let mut inner = shared.lock();
     inner.faults.apply(request);
     tracing::info!(faults = ?inner.faults, "emulator faults set");

@@ -209,9 +209,28 @@ struct NewClient {
     client_secret: String,
 }
 
+/// A JSON request body whatever its Content-Type: `curl -d` sends
+/// `application/x-www-form-urlencoded`, and the documented examples must
+/// work as written.
+pub(crate) struct AnyJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for AnyJson<T> {
+    type Rejection = (axum::http::StatusCode, String);
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bad = |message: String| (axum::http::StatusCode::BAD_REQUEST, message);
+        let body = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|e| bad(e.to_string()))?;
+        serde_json::from_slice(&body)
+            .map(AnyJson)
+            .map_err(|e| bad(format!("invalid JSON body: {e}\n")))
+    }
+}
+
 async fn set_credentials(
     axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
-    axum::Json(client): axum::Json<NewClient>,
+    AnyJson(client): AnyJson<NewClient>,
 ) -> axum::http::StatusCode {
     let mut inner = shared.lock();
     inner.client_id = client.client_id;
