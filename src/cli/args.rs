@@ -69,6 +69,13 @@ pub enum Command {
     },
     /// Run a local stand-in for Flute's token endpoint (for tests and demos).
     Emulator(EmulatorArgs),
+    /// Wait DURATION, then exit 0: a Kubernetes preStop hook for images
+    /// that have no sleep(1), such as the distroless one we ship.
+    Sleep {
+        /// How long, e.g. 5s.
+        #[arg(value_parser = duration::parse)]
+        duration: Duration,
+    },
 }
 
 #[derive(clap::Args)]

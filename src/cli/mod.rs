@@ -1,5 +1,5 @@
 //! The command line: runs each subcommand (`serve`, `check-config`, `get`,
-//! `watch`, `status`, `emulator`) and turns its outcome into an exit code.
+//! `watch`, `status`, `emulator`, `sleep`) and turns its outcome into an exit code.
 //! `main.rs` only parses the arguments and starts the runtime.
 
 mod args;
@@ -49,6 +49,10 @@ pub async fn run(command: Command) -> u8 {
             }
             Err(e) => print_result(Err(e)),
         },
+        Command::Sleep { duration } => {
+            tokio::time::sleep(duration).await;
+            exit::OK
+        }
         Command::Emulator(args) => match run_emulator(args).await {
             Ok(()) => exit::OK,
             Err(e) => {

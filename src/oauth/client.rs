@@ -172,7 +172,7 @@ impl OAuthClient {
             .timeout(config.request_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| OAuthError::Transport(format!("cannot build HTTP client: {e}")))?;
+            .map_err(|e| OAuthError::Transport(format!("cannot build HTTP client: {}", crate::error_chain(&e))))?;
         Ok(Self { http, config })
     }
 

@@ -1,0 +1,478 @@
+"""Runs every broker container of deploy/kubernetes the way the kubelet
+would, without a cluster, and probes it the way the kubelet does (run by
+.ci/run, as root).
+
+For each pod template (Deployment, DaemonSet, Pod, ...) in the rendered
+manifests (`kubectl kustomize` of every kustomization, plus the standalone
+files):
+
+- The pod gets a network namespace with a veth pair: a pod IP that is not
+  loopback, reached from the host side as the kubelet reaches it.
+- Each container whose image is the broker runs from a root filesystem made
+  like the image's (the Dockerfile's ENTRYPOINT binary, glibc), read-only when
+  `readOnlyRootFilesystem` says so, with the pod's volumes mounted where the
+  container mounts them: ConfigMap and Secret files with the kubelet's modes
+  and fsGroup ownership, emptyDir (0777, fsGroup, setgid) and hostPath
+  (DirectoryOrCreate makes it root-owned 0755, shared between pods). It runs
+  with the container's command and args (else the Dockerfile's ENTRYPOINT and
+  CMD), as the pod's user, group, fsGroup and supplementalGroups, with every
+  capability dropped and no_new_privs.
+- The one change to the container: the token URLs point at an emulator in the
+  pod's network namespace (environment overrides), as there is no Flute here.
+- startupProbe, then readinessProbe and livenessProbe, with the kubelet's
+  semantics: httpGet / tcpSocket / grpc from the host to the pod IP, exec
+  inside the container (its root, user and network), periodSeconds,
+  failureThreshold and timeoutSeconds as written.
+- Every Service targetPort and NetworkPolicy ingress port that selects the
+  pod, and every declared containerPort, has a listener on the pod IP.
+- Containers that are clients (FLUTE_BROKER_ADDR=unix:...) run
+  `flute-token-broker get` as their own user, through their own mounts.
+- Termination: the preStop hook runs while the pod is still ready, then
+  SIGTERM; the broker must exit 0 within terminationGracePeriodSeconds.
+"""
+
+import ctypes
+import json
+import os
+import pathlib
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "kubernetes"
+DOCKERFILE = ROOT / "deploy" / "container" / "Dockerfile"
+EMULATOR_PORT = 9470
+# RFC 2544's benchmarking range: never routed, only on our own veth pairs.
+POD_NET = "198.18.{}.{}"
+WORKLOAD_KINDS = {"Deployment", "DaemonSet", "StatefulSet", "ReplicaSet", "Job", "Pod"}
+
+
+# ---------------------------------------------------------------- in the container
+
+def enter(spec):
+    """Child side: join the pod's network, chroot into the container's root,
+    take its identity, drop every capability, exec its command."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{spec['netns']}", os.O_RDONLY)
+    if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+        raise OSError(ctypes.get_errno(), "setns")
+    os.close(fd)
+    os.chroot(spec["root"])
+    os.chdir(spec.get("workdir") or "/")
+    for cap in range(64):  # the bounding set, while we still may
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+    os.setgroups(spec["groups"])
+    os.setgid(spec["gid"])
+    os.setuid(spec["uid"])
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    if libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)()) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "no_new_privs")
+    os.execve(spec["argv"][0], spec["argv"], spec["env"])
+
+
+if len(sys.argv) == 3 and sys.argv[1] == "--enter":
+    enter(json.loads(sys.argv[2]))
+
+# ---------------------------------------------------------------- host side
+
+import yaml  # noqa: E402  (the container side above needs only the stdlib)
+
+BIN = pathlib.Path(os.environ.get("FLUTE_BROKER_BIN", ROOT / "target" / "debug" / "flute-token-broker"))
+failures = []
+cleanup = []
+exercised = []
+
+
+def check(ok, what, detail=""):
+    print(f"  {'ok' if ok else 'FAILED'}: {what}" + (f" ({detail})" if detail and not ok else ""))
+    if not ok:
+        failures.append(what)
+    return ok
+
+
+def sh(*cmd):
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def render():
+    docs, rendered = [], set()
+    for kustomization in sorted(K8S.rglob("kustomization.yaml")):
+        out = subprocess.run(["kubectl", "kustomize", str(kustomization.parent)], check=True, capture_output=True, text=True).stdout
+        docs += [d for d in yaml.safe_load_all(out) if d]
+        resources = yaml.safe_load(kustomization.read_text()).get("resources", [])
+        rendered |= {(kustomization.parent / r).resolve() for r in resources}
+    for path in sorted(K8S.rglob("*.yaml")):
+        if path.name != "kustomization.yaml" and path.resolve() not in rendered:
+            docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def image_defaults():
+    """ENTRYPOINT, CMD and USER of the Dockerfile's final stage."""
+    final = DOCKERFILE.read_text().split("\nFROM ")[-1]
+    out = {"entrypoint": [], "cmd": [], "user": "0:0"}
+    for line in final.splitlines():
+        word, _, rest = line.partition(" ")
+        if word in ("ENTRYPOINT", "CMD"):
+            out[word.lower() if word == "CMD" else "entrypoint"] = json.loads(rest)
+        elif word == "USER":
+            out["user"] = rest.strip()
+    return out
+
+
+def pod_spec(doc):
+    if doc["kind"] == "Pod":
+        return doc["metadata"], doc["spec"]
+    return doc["spec"]["template"]["metadata"], doc["spec"]["template"]["spec"]
+
+
+def is_broker(container):
+    return container.get("image", "").split("/")[-1].startswith("flute-token-broker:")
+
+
+class Pod:
+    def __init__(self, index, doc, objects, work, host_paths):
+        self.name = f"{doc['kind']}/{doc['metadata']['name']}"
+        self.namespace = doc["metadata"].get("namespace", "default")
+        self.meta, self.spec = pod_spec(doc)
+        self.objects = objects
+        self.netns = f"ftb-pod-{index}"
+        self.ip = POD_NET.format(index, 2)
+        self.work = work / f"pod-{index}"
+        self.work.mkdir()
+        self.host_paths = host_paths
+        self.volumes = {}
+        self.processes = []
+        security = self.spec.get("securityContext", {})
+        self.fs_group = security.get("fsGroup")
+
+    # -- network
+    def network(self):
+        host_if, pod_if = f"ftbh{self.netns[8:]}", f"ftbp{self.netns[8:]}"
+        sh("ip", "netns", "add", self.netns)
+        cleanup.append(lambda: subprocess.run(["ip", "netns", "delete", self.netns], capture_output=True))
+        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", pod_if)
+        cleanup.append(lambda: subprocess.run(["ip", "link", "delete", host_if], capture_output=True))
+        sh("ip", "link", "set", pod_if, "netns", self.netns)
+        sh("ip", "addr", "add", f"{self.ip[:-2]}.1/30", "dev", host_if)
+        sh("ip", "link", "set", host_if, "up")
+        sh("ip", "-n", self.netns, "addr", "add", f"{self.ip}/30", "dev", pod_if)
+        sh("ip", "-n", self.netns, "link", "set", pod_if, "up")
+        sh("ip", "-n", self.netns, "link", "set", "lo", "up")
+
+    # -- volumes, made as the kubelet makes them
+    def volume(self, name):
+        if name in self.volumes:
+            return self.volumes[name]
+        spec = next(v for v in self.spec.get("volumes", []) if v["name"] == name)
+        path = self.work / f"vol-{name}"
+        group = self.fs_group if self.fs_group is not None else 0
+        if "configMap" in spec or "secret" in spec:
+            source = spec.get("configMap") or spec["secret"]
+            kind = "ConfigMap" if "configMap" in spec else "Secret"
+            wanted = source.get("name") or source["secretName"]
+            obj = self.objects.get((kind, wanted))
+            check(obj is not None, f"{self.name}: volume {name} names {kind} {wanted}, which the manifests define")
+            data = dict((obj or {}).get("data") or {}) | dict((obj or {}).get("stringData") or {})
+            path.mkdir()
+            mode = source.get("defaultMode", 0o644)
+            if self.fs_group is not None:
+                mode |= 0o440  # the kubelet's read-only volume mask with fsGroup
+            for key, value in data.items():
+                f = path / key
+                f.write_text(value)
+                os.chown(f, 0, group)
+                f.chmod(mode)
+            os.chmod(path, 0o755)
+        elif "emptyDir" in spec:
+            path.mkdir()
+            os.chown(path, 0, group)
+            path.chmod(0o2777 if self.fs_group is not None else 0o777)
+        elif "hostPath" in spec:
+            host = spec["hostPath"]["path"]
+            if host not in self.host_paths:
+                check(spec["hostPath"].get("type") == "DirectoryOrCreate", f"{self.name}: hostPath {host} is created by the pod that uses it first (DirectoryOrCreate)")
+                shared = self.work.parent / f"host{host.replace('/', '_')}"
+                shared.mkdir()
+                shared.chmod(0o755)  # DirectoryOrCreate: root-owned 0755
+                self.host_paths[host] = shared
+            path = self.host_paths[host]
+        else:
+            raise SystemExit(f"{self.name}: volume {name}: this harness does not know {sorted(spec)}")
+        self.volumes[name] = path
+        return path
+
+    # -- a container's root filesystem
+    def rootfs(self, container, binary_at):
+        root = self.work / f"root-{container['name']}"
+        root.mkdir()
+        sh("mount", "--bind", str(root), str(root))
+        cleanup.append(lambda: subprocess.run(["umount", "-R", "-l", str(root)], capture_output=True))
+        for d in ("usr/lib", "usr/lib64", "proc", "dev", "etc", "tmp", pathlib.Path(binary_at).parent.relative_to("/")):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        for link, target in (("lib", "usr/lib"), ("lib64", "usr/lib64")):
+            (root / link).symlink_to(target)
+        # The distroless base carries CA certificates (the token endpoint's TLS).
+        (root / "etc" / "ssl" / "certs").mkdir(parents=True)
+        for d in ("/usr/lib", "/usr/lib64", "/etc/ssl/certs"):
+            sh("mount", "--bind", "-o", "ro", d, str(root) + d)
+        sh("mount", "-t", "proc", "proc", str(root / "proc"))
+        for dev in ("null", "zero", "random", "urandom"):
+            (root / "dev" / dev).touch()
+            sh("mount", "--bind", f"/dev/{dev}", str(root / "dev" / dev))
+        (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n")
+        (root / "etc" / "group").write_text("root:x:0:\nnonroot:x:65532:\n")
+        shutil.copy2(BIN, root / binary_at.lstrip("/"))
+        for mount in container.get("volumeMounts", []):
+            target = root / mount["mountPath"].lstrip("/")
+            target.mkdir(parents=True, exist_ok=True)
+            sh("mount", "--bind", str(self.volume(mount["name"])), str(target))
+            if mount.get("readOnly"):
+                sh("mount", "-o", "remount,bind,ro", str(target))
+        if container.get("securityContext", {}).get("readOnlyRootFilesystem"):
+            sh("mount", "-o", "remount,bind,ro", str(root))
+        return root
+
+    def identity(self, container, image):
+        pod_sc, sc = self.spec.get("securityContext", {}), container.get("securityContext", {})
+        user, _, group = image["user"].partition(":")
+        uid = sc.get("runAsUser", pod_sc.get("runAsUser", int(user)))
+        gid = sc.get("runAsGroup", pod_sc.get("runAsGroup", int(group or 0)))
+        groups = [gid] + ([self.fs_group] if self.fs_group is not None else []) + pod_sc.get("supplementalGroups", [])
+        return uid, gid, sorted(set(groups))
+
+    def check_security(self, container, image):
+        pod_sc, sc = self.spec.get("securityContext", {}), container.get("securityContext", {})
+        uid = self.identity(container, image)[0]
+        non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+        check(not (non_root and uid == 0), f"{self.name}/{container['name']}: runAsNonRoot agrees with the uid it runs as ({uid})")
+        check("ALL" in sc.get("capabilities", {}).get("drop", []), f"{self.name}/{container['name']}: drops every capability")
+        check(sc.get("allowPrivilegeEscalation") is False, f"{self.name}/{container['name']}: allowPrivilegeEscalation: false")
+
+    def launch(self, container, root, argv, image, env, **popen):
+        uid, gid, groups = self.identity(container, image)
+        spec = {"netns": self.netns, "root": str(root), "workdir": container.get("workingDir"), "uid": uid, "gid": gid, "groups": groups, "argv": argv, "env": env}
+        return subprocess.Popen([sys.executable, __file__, "--enter", json.dumps(spec)], **popen)
+
+    def ports(self):
+        return {p["name"]: p["containerPort"] for c in self.all_containers() for p in c.get("ports", []) if "name" in p}
+
+    def all_containers(self):
+        return self.spec.get("initContainers", []) + self.spec.get("containers", [])
+
+
+def tcp_open(ip, port, timeout=1.0):
+    try:
+        with socket.create_connection((ip, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def probe_once(pod, container, root, probe, image, env):
+    timeout = probe.get("timeoutSeconds", 1)
+    ports = pod.ports()
+    if "httpGet" in probe:
+        h = probe["httpGet"]
+        port = ports.get(h["port"], h["port"])
+        url = f"{h.get('scheme', 'HTTP').lower()}://{pod.ip}:{port}{h.get('path', '/')}"
+        try:
+            # The kubelet connects directly: no proxy from the environment.
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=timeout) as r:
+                return 200 <= r.status < 400, f"GET {url}: {r.status}"
+        except Exception as e:  # noqa: BLE001 - any failure is a failed probe
+            return False, f"GET {url}: {e}"
+    if "tcpSocket" in probe:
+        port = ports.get(probe["tcpSocket"]["port"], probe["tcpSocket"]["port"])
+        return tcp_open(pod.ip, port, timeout), f"tcp {pod.ip}:{port}"
+    if "grpc" in probe:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        target = f"{pod.ip}:{probe['grpc']['port']}"
+        try:
+            with grpc.insecure_channel(target) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=probe["grpc"].get("service", "")), timeout=timeout)
+                return reply.status == health_pb2.HealthCheckResponse.SERVING, f"grpc {target}: {reply.status}"
+        except grpc.RpcError as e:
+            return False, f"grpc {target}: {e.code()}"
+    if "exec" in probe:
+        command = probe["exec"]["command"]
+        child = pod.launch(container, root, command, image, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            out, _ = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            return False, f"exec {shlex.join(command)}: no answer within timeoutSeconds={timeout}"
+        return child.returncode == 0, f"exec {shlex.join(command)}: exit {child.returncode}: {out.strip()[-300:]}"
+    raise SystemExit(f"unknown probe {sorted(probe)}")
+
+
+def probe_until(pod, container, root, kind, image, env, process):
+    """The kubelet's loop: periodSeconds apart, success once, failure after
+    failureThreshold in a row. Returns whether it succeeded."""
+    probe = container.get(kind)
+    if not probe:
+        return True
+    what = f"{pod.name}/{container['name']}: {kind} ({next(k for k in probe if k in ('httpGet', 'tcpSocket', 'grpc', 'exec'))})"
+    time.sleep(probe.get("initialDelaySeconds", 0))
+    failures_in_row, detail = 0, ""
+    while failures_in_row < probe.get("failureThreshold", 3):
+        if process.poll() is not None:
+            return check(False, what, f"the broker exited with {process.returncode}")
+        ok, detail = probe_once(pod, container, root, probe, image, env)
+        if ok:
+            exercised.append(what)
+            return check(True, what)
+        failures_in_row += 1
+        time.sleep(probe.get("periodSeconds", 10))
+    return check(False, what, f"{failures_in_row} failures in a row, last: {detail}")
+
+
+def selects(selector, labels):
+    return all(labels.get(k) == v for k, v in (selector or {}).items())
+
+
+def run_pod(pod, docs, image, config_env, emulator_args):
+    print(f"{pod.name} at {pod.ip}")
+    pod.network()
+    brokers = [c for c in pod.all_containers() if is_broker(c)]
+    clients = [c for c in pod.all_containers() if not is_broker(c) and any(e.get("name") == "FLUTE_BROKER_ADDR" for e in c.get("env", []))]
+    running = []
+    if brokers:
+        emulator = subprocess.Popen(["ip", "netns", "exec", pod.netns, str(BIN), "emulator", "--listen", f"127.0.0.1:{EMULATOR_PORT}", *emulator_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cleanup.append(emulator.kill)
+        while not subprocess.run(["ip", "netns", "exec", pod.netns, sys.executable, "-c", f"import socket; socket.create_connection(('127.0.0.1', {EMULATOR_PORT}), 1)"], capture_output=True).returncode == 0:
+            time.sleep(0.05)
+    for container in brokers:
+        pod.check_security(container, image)
+        root = pod.rootfs(container, image["entrypoint"][0])
+        argv = container.get("command", image["entrypoint"]) + container.get("args", image["cmd"] if "command" not in container else [])
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin"} | {e["name"]: e["value"] for e in container.get("env", []) if "value" in e} | config_env
+        log = open(pod.work / f"{container['name']}.log", "w")
+        process = pod.launch(container, root, argv, image, env, stdout=log, stderr=subprocess.STDOUT)
+        cleanup.append(process.kill)
+        running.append((container, root, env, process))
+        ok = probe_until(pod, container, root, "startupProbe", image, env, process)
+        ok = ok and probe_until(pod, container, root, "readinessProbe", image, env, process)
+        ok = ok and probe_until(pod, container, root, "livenessProbe", image, env, process)
+        if not ok:
+            print((pod.work / f"{container['name']}.log").read_text()[-3000:])
+        for port in container.get("ports", []):
+            check(tcp_open(pod.ip, port["containerPort"]), f"{pod.name}/{container['name']}: containerPort {port.get('name', '')} {port['containerPort']} has a listener at the pod IP")
+    return running, clients
+
+
+def check_services(pod, docs):
+    labels = pod.meta.get("labels", {})
+    for doc in docs:
+        if doc["kind"] == "Service" and doc["spec"].get("selector") and selects(doc["spec"]["selector"], labels):
+            for port in doc["spec"]["ports"]:
+                target = port.get("targetPort", port["port"])
+                number = pod.ports().get(target, target)
+                check(isinstance(number, int) and tcp_open(pod.ip, number), f"Service/{doc['metadata']['name']} port {port['port']} -> targetPort {target}: a listener at {pod.ip}:{number}")
+        if doc["kind"] == "NetworkPolicy" and selects(doc["spec"]["podSelector"].get("matchLabels"), labels):
+            for rule in doc["spec"].get("ingress", []):
+                for port in rule.get("ports", []):
+                    number = pod.ports().get(port["port"], port["port"])
+                    check(isinstance(number, int) and tcp_open(pod.ip, number), f"NetworkPolicy/{doc['metadata']['name']} ingress port {port['port']}: a listener at {pod.ip}:{number}")
+
+
+def run_client(pod, container, image):
+    addr = next(e["value"] for e in container["env"] if e["name"] == "FLUTE_BROKER_ADDR")
+    if not addr.startswith("unix:"):
+        return
+    binary = "/.probe/flute-token-broker"  # stands in for the application's own client
+    pod.check_security(container, image)
+    root = pod.rootfs(container, binary)
+    child = pod.launch(container, root, [binary, "get", "--env", "sandbox", "--addr", addr, "--timeout", "5s"], image, {"PATH": "/usr/bin"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = child.communicate(timeout=30)
+    what = f"{pod.name}/{container['name']}: a client as uid {pod.identity(container, image)[0]} gets a token through {addr}"
+    if check(child.returncode == 0 and out.strip(), what, f"exit {child.returncode}: {err.strip()}"):
+        exercised.append(what)
+
+
+def terminate(pod, container, root, env, process, image, shutdown_grace):
+    grace = pod.spec.get("terminationGracePeriodSeconds", 30)
+    started = time.monotonic()
+    pre_stop = container.get("lifecycle", {}).get("preStop", {})
+    if "exec" in pre_stop:
+        hook = pod.launch(container, root, pre_stop["exec"]["command"], image, env)
+        ready = container.get("readinessProbe")
+        if ready:
+            ok, detail = probe_once(pod, container, root, ready, image, env)
+            check(ok, f"{pod.name}/{container['name']}: still ready while the preStop hook runs", detail)
+        check(hook.wait(timeout=grace) == 0, f"{pod.name}/{container['name']}: preStop hook {shlex.join(pre_stop['exec']['command'])} exits 0")
+        exercised.append(f"{pod.name}/{container['name']}: preStop exec")
+    delay = time.monotonic() - started
+    check(grace > delay + shutdown_grace, f"{pod.name}: terminationGracePeriodSeconds {grace} > preStop {delay:.1f} s + shutdown_grace {shutdown_grace} s")
+    process.send_signal(signal.SIGTERM)
+    try:
+        code = process.wait(timeout=max(grace - delay, 1))
+    except subprocess.TimeoutExpired:
+        code = "still running"
+    check(code == 0, f"{pod.name}/{container['name']}: exits 0 after SIGTERM within the grace period", f"exit {code}")
+
+
+def main():
+    if os.geteuid() != 0:
+        raise SystemExit("pod-probe.py needs root (network namespaces, mounts)")
+    docs = render()
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    image = image_defaults()
+    work = pathlib.Path(tempfile.mkdtemp(prefix="ftb-pods-"))
+    host_paths = {}
+    try:
+        pods = [Pod(i + 1, d, objects, work, host_paths) for i, d in enumerate(d for d in docs if d["kind"] in WORKLOAD_KINDS)]
+        # Brokers first: a client pod (such as the per-node broker's) needs one running.
+        pods.sort(key=lambda p: not any(is_broker(c) for c in p.all_containers()))
+        started = []
+        for pod in pods:
+            config = None
+            for c in pod.all_containers():
+                for mount in c.get("volumeMounts", []) if is_broker(c) else []:
+                    vol = next(v for v in pod.spec.get("volumes", []) if v["name"] == mount["name"])
+                    if "configMap" in vol:
+                        config = tomllib.loads(objects[("ConfigMap", vol["configMap"]["name"])]["data"]["config.toml"])
+            secret = objects.get(("Secret", "flute-api-key"), {}).get("stringData", {}).get("client-secret", "")
+            emulator_args = ["--client-id", (config or {}).get("credentials", {}).get("client_id", ""), "--client-secret", secret]
+            url = f"http://127.0.0.1:{EMULATOR_PORT}/oauth2/token"
+            config_env = {"FLUTE_BROKER__OAUTH__ALLOW_INSECURE_HTTP": "true", "FLUTE_BROKER__ENVIRONMENTS__SANDBOX__TOKEN_URL": url, "FLUTE_BROKER__ENVIRONMENTS__PRODUCTION__TOKEN_URL": url}
+            running, clients = run_pod(pod, docs, image, config_env, emulator_args)
+            check_services(pod, docs)
+            for container in clients:
+                run_client(pod, container, image)
+            grace = int(str((config or {}).get("server", {}).get("shutdown_grace", "10s")).rstrip("s"))
+            started.append((pod, running, grace))
+        for pod, running, grace in started:
+            for container, root, env, process in running:
+                terminate(pod, container, root, env, process, image, grace)
+    finally:
+        for undo in reversed(cleanup):
+            try:
+                undo()
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+        shutil.rmtree(work, ignore_errors=True)
+    print("exercised:\n" + "\n".join(f"  {e}" for e in exercised))
+    print(f"pod probe checks: {'FAILED: ' + str(failures) if failures else 'all passed'}")
+    sys.exit(1 if failures else 0)
+
+
+main()
