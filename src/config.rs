@@ -161,17 +161,35 @@ pub struct ConfigDiff {
     pub needs_restart: Vec<String>,
 }
 
+/// Whether validation reads the API keys (to prove they load) or only
+/// checks where they would come from (`check-config --skip-secrets`, for a
+/// pipeline that has the config file but not the secret).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretCheck {
+    Read,
+    Skip,
+}
+
 /// Deserialization gives up after this many problems.
 const MAX_PROBLEMS: usize = 100;
 
 impl Config {
     /// Loads `path` (if any) plus the process environment's overrides.
     pub fn load(path: Option<&Path>) -> Result<Loaded, ConfigError> {
-        Self::load_with_env(path, None)
+        Self::load_checking(path, None, SecretCheck::Read)
     }
 
     /// As [`Config::load`], with the environment given explicitly (tests).
     pub fn load_with_env(path: Option<&Path>, env: Option<HashMap<String, String>>) -> Result<Loaded, ConfigError> {
+        Self::load_checking(path, env, SecretCheck::Read)
+    }
+
+    /// As [`Config::load_with_env`], reading the API keys or not.
+    pub fn load_checking(
+        path: Option<&Path>,
+        env: Option<HashMap<String, String>>,
+        secrets: SecretCheck,
+    ) -> Result<Loaded, ConfigError> {
         let file = match path {
             Some(path) if !path.is_file() => {
                 return Err(ConfigError {
@@ -184,16 +202,24 @@ impl Config {
             Some(path) => Some(config::File::from(path).format(config::FileFormat::Toml).required(true)),
             None => None,
         };
-        Self::merge_and_validate(file, env)
+        Self::merge_and_validate(file, env, secrets)
     }
 
     /// Validates TOML text with exactly the given environment overrides
     /// (for fuzzing and tests; nothing of the process environment is read).
     pub fn from_toml_str(text: &str, env: HashMap<String, String>) -> Result<Loaded, ConfigError> {
-        Self::merge_and_validate(Some(config::File::from_str(text, config::FileFormat::Toml)), Some(env))
+        Self::merge_and_validate(
+            Some(config::File::from_str(text, config::FileFormat::Toml)),
+            Some(env),
+            SecretCheck::Read,
+        )
     }
 
-    fn merge_and_validate<S>(file: Option<S>, env: Option<HashMap<String, String>>) -> Result<Loaded, ConfigError>
+    fn merge_and_validate<S>(
+        file: Option<S>,
+        env: Option<HashMap<String, String>>,
+        secrets: SecretCheck,
+    ) -> Result<Loaded, ConfigError>
     where
         S: config::Source + Send + Sync + 'static,
     {
@@ -211,7 +237,7 @@ impl Config {
             problems: vec![e.to_string()],
         })?;
         let (config, mut problems) = deserialize_reporting_all(tree.cache);
-        let warnings = match config.as_ref().map(Config::validate) {
+        let warnings = match config.as_ref().map(|c| c.validate_with(secrets)) {
             Some(Ok(warnings)) => warnings,
             Some(Err(more)) => {
                 problems.extend(more);
@@ -228,6 +254,13 @@ impl Config {
     /// Every cross-field problem at once, each with its key path; the
     /// warnings when there is none. Reads the API keys to prove they load.
     pub fn validate(&self) -> Result<Vec<String>, Vec<String>> {
+        self.validate_with(SecretCheck::Read)
+    }
+
+    /// As [`Config::validate`]; with [`SecretCheck::Skip`] no key is read.
+    /// A problem of the shared `[credentials]` is reported once, under
+    /// `credentials`, however many environments use it.
+    pub fn validate_with(&self, secrets: SecretCheck) -> Result<Vec<String>, Vec<String>> {
         let mut problems = Vec::new();
         let mut section = |prefix: &str, found: Vec<String>| {
             problems.extend(found.into_iter().map(|p| format!("{prefix}.{p}")));
@@ -249,6 +282,7 @@ impl Config {
             }
         };
         let mut warnings = Vec::new();
+        let (mut shared_checked, mut missing_reported) = (false, false);
         for (env, e) in &self.environments {
             let path = format!("environments.{env}");
             let own = match &e.credentials {
@@ -269,22 +303,37 @@ impl Config {
             if let Err(p) = self.oauth.check_token_url(&e.token_url) {
                 problems.push(format!("{path}.token_url: {p}"));
             }
-            match own.as_ref().or(shared.as_ref()) {
-                Some(source) => match source.load() {
-                    Ok(_) => {
-                        // Environments sharing one key source warn once.
-                        for warning in source.permission_warnings() {
-                            if !warnings.contains(&warning) {
-                                warnings.push(warning);
-                            }
+            let (source, prefix) = match (own.as_ref(), shared.as_ref()) {
+                (Some(own), _) => (own, format!("{path}.credentials")),
+                (None, Some(_)) if shared_checked => continue,
+                (None, Some(shared)) => {
+                    shared_checked = true;
+                    (shared, "credentials".to_string())
+                }
+                (None, None) => {
+                    if shared_readable && !missing_reported {
+                        missing_reported = true;
+                        problems.push(
+                            "credentials: no API key: set [credentials] (client_id and client_secret_file, client_secret_env or client_secret_credential), or [environments.NAME.credentials] for each enabled environment"
+                                .into(),
+                        );
+                    }
+                    continue;
+                }
+            };
+            if secrets == SecretCheck::Skip {
+                continue;
+            }
+            match source.load() {
+                // Environments sharing one key source warn once.
+                Ok(_) => {
+                    for warning in source.permission_warnings() {
+                        if !warnings.contains(&warning) {
+                            warnings.push(warning);
                         }
                     }
-                    Err(err) => problems.push(format!("{path}.credentials: {err}")),
-                },
-                None if !shared_readable => {}
-                None => problems.push(format!(
-                    "{path}.credentials: no API key: set [credentials] (client_id and client_secret_file, client_secret_env or client_secret_credential)"
-                )),
+                }
+                Err(err) => problems.push(format!("{prefix}: {err}")),
             }
         }
         if !self.environments.values().any(|e| e.enabled) {

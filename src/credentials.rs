@@ -365,7 +365,7 @@ impl CredentialTable {
             }),
             (None, None) => None,
             (Some(_), None) => {
-                problems.push("client_secret_file: client_id is set but no client secret source is: set client_secret_file, client_secret_env or client_secret_credential".into());
+                problems.push("client_id: set, but no client secret source is set: add client_secret_file, client_secret_env or client_secret_credential".into());
                 None
             }
             (None, Some(_)) => {

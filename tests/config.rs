@@ -161,7 +161,7 @@ fn each_rule_reports_its_key_path() {
         ),
         (
             "[credentials]\nclient_id = \"x\"",
-            "credentials.client_secret_file: client_id is set but no client secret",
+            "credentials.client_id: set, but no client secret source is set",
         ),
         (
             "[credentials]\nclient_id = \"x\"\nclient_secret_env = \"A\"\nclient_secret_file = \"/b\"",
@@ -181,7 +181,7 @@ fn each_rule_reports_its_key_path() {
         ),
         (
             "[credentials]\npoll_interval = \"5s\"",
-            "environments.sandbox.credentials: no API key",
+            "credentials: no API key",
         ),
     ];
     for (extra, needle) in cases {

@@ -397,3 +397,95 @@ async fn serve_needs_a_config_or_dev_and_a_taken_port_gets_a_hint() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn usage_errors_name_every_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broker.toml");
+    std::fs::write(&config, "").unwrap();
+    // --dev-token-lifetime means nothing without --dev: refused, not ignored.
+    for args in [
+        &["serve", "--dev-token-lifetime", "5s"][..],
+        &[
+            "serve",
+            "--dev-token-lifetime",
+            "5s",
+            "--config",
+            config.to_str().unwrap(),
+        ][..],
+    ] {
+        let (code, _, err) = cli(args).await;
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains("--dev"), "{args:?}: {err}");
+    }
+    // The emulator's missing secret names both of its sources.
+    let (code, _, err) = cli(&["emulator", "--client-id", "id"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--client-secret ") && err.contains("--client-secret-file"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn check_config_skip_secrets_checks_all_but_the_key_and_reports_each_problem_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.toml");
+    let missing = dir.path().join("no-such-secret");
+    std::fs::write(
+        &path,
+        format!(
+            "[credentials]\nclient_id = \"id\"\nclient_secret_file = \"{}\"\n",
+            missing.display()
+        ),
+    )
+    .unwrap();
+    let path = path.to_str().unwrap();
+
+    // Reading the key: one problem for the shared source, not one per environment.
+    let (code, _, err) = cli(&["check-config", "--config", path]).await;
+    assert_eq!(code, 78, "{err}");
+    assert_eq!(err.matches("cannot read client secret").count(), 1, "{err}");
+    assert!(err.contains("  - credentials: cannot read client secret"), "{err}");
+
+    let (code, out, err) = cli(&["check-config", "--skip-secrets", "--config", path]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("API key sources not read"), "{err}");
+    assert!(out.contains("client_secret_file"), "{out}");
+
+    // Everything else is still checked.
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "[refresh]\nratio = 3.0\n[credentials]\nclient_id = \"id\"\nclient_secert_file = \"x\"\n",
+    )
+    .unwrap();
+    let bad = dir.path().join("bad.toml");
+    let (code, _, err) = cli(&["check-config", "--skip-secrets", "--config", bad.to_str().unwrap()]).await;
+    assert_eq!(code, 78, "{err}");
+    let unknown = err.find("credentials.client_secert_file: unknown key").expect(&err);
+    assert!(err.contains("refresh.ratio"), "{err}");
+    // The misspelling comes first; what it leaves missing is a whole sentence.
+    let missing_source = err.find("no client secret source is set").expect(&err);
+    assert!(unknown < missing_source, "{err}");
+
+    // Both shipped configs pass without their secrets (what .ci/run checks too).
+    let root = env!("CARGO_MANIFEST_DIR");
+    for shipped in ["deploy/config.example.toml", "deploy/systemd/config.toml"] {
+        let out = Command::new(BIN)
+            .args([
+                "check-config",
+                "--skip-secrets",
+                "--config",
+                &format!("{root}/{shipped}"),
+            ])
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{shipped}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -32,6 +32,10 @@ pub enum Command {
         /// The TOML configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Check everything but do not read the API key's sources (for a
+        /// pipeline that has the file but not the secret).
+        #[arg(long)]
+        skip_secrets: bool,
     },
     /// Print a token (bare by default, for `$(...)`).
     Get {
@@ -93,9 +97,9 @@ pub struct ServeArgs {
     /// Admin HTTP address (/metrics, /healthz, /readyz); "" disables it.
     #[arg(long)]
     pub admin_listen: Option<String>,
-    /// With --dev: the lifetime of the emulator's tokens.
-    #[arg(long, default_value = "900s", value_parser = duration::parse, requires = "dev")]
-    pub dev_token_lifetime: Duration,
+    /// With --dev: the lifetime of the emulator's tokens [default: 900s].
+    #[arg(long, value_parser = duration::parse, requires = "dev", conflicts_with = "config")]
+    pub dev_token_lifetime: Option<Duration>,
 }
 
 #[derive(clap::Args)]
@@ -130,6 +134,7 @@ impl ClientArgs {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("accepted_secret").required(true).args(["client_secret", "client_secret_file"])))]
 pub struct EmulatorArgs {
     /// Address to listen on (loopback by default).
     #[arg(long, default_value = "127.0.0.1:9470")]
@@ -137,12 +142,9 @@ pub struct EmulatorArgs {
     /// The client id the emulator accepts.
     #[arg(long)]
     pub client_id: String,
-    /// The client secret the emulator accepts (a test value: it is visible in `ps`).
-    #[arg(
-        long,
-        conflicts_with = "client_secret_file",
-        required_unless_present = "client_secret_file"
-    )]
+    /// The client secret the emulator accepts (a test value: it is visible
+    /// in `ps`; --client-secret-file is not).
+    #[arg(long, conflicts_with = "client_secret_file")]
     pub client_secret: Option<String>,
     /// Read the accepted client secret from this file instead.
     #[arg(long)]

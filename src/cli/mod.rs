@@ -10,18 +10,21 @@ use std::time::Duration;
 pub use args::{Cli, ClientArgs, Command, EmulatorArgs, ServeArgs};
 
 use crate::client;
-use crate::config::{Config, Loaded};
+use crate::config::{Config, Loaded, SecretCheck};
 use crate::daemon::{self, RunningBroker, Signals};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::exit;
 use crate::grpc::listener::ListenAddr;
 use crate::{duration, logging};
 
+/// `serve --dev` tokens live as long as Flute's (about 15 minutes).
+const DEV_TOKEN_LIFETIME: Duration = Duration::from_secs(900);
+
 /// Runs one command; returns the exit code (see [`crate::exit`]).
 pub async fn run(command: Command) -> u8 {
     match command {
         Command::Serve(args) => serve(args).await,
-        Command::CheckConfig { config } => check_config(config),
+        Command::CheckConfig { config, skip_secrets } => check_config(config, skip_secrets),
         Command::Get {
             client,
             env,
@@ -77,15 +80,20 @@ fn print_result(result: Result<(), client::ClientError>) -> u8 {
     }
 }
 
-fn load_config(path: Option<&std::path::Path>) -> Result<Loaded, u8> {
-    Config::load(path).map_err(|e| {
+fn load_config(path: Option<&std::path::Path>, secrets: SecretCheck) -> Result<Loaded, u8> {
+    Config::load_checking(path, None, secrets).map_err(|e| {
         logging::to_stderr(format_args!("error: {e}"));
         exit::CONFIG
     })
 }
 
-fn check_config(path: PathBuf) -> u8 {
-    match load_config(Some(&path)) {
+fn check_config(path: PathBuf, skip_secrets: bool) -> u8 {
+    let secrets = if skip_secrets {
+        SecretCheck::Skip
+    } else {
+        SecretCheck::Read
+    };
+    match load_config(Some(&path), secrets) {
         Ok(loaded) => {
             for w in &loaded.warnings {
                 logging::to_stderr(format_args!("warning: {w}"));
@@ -94,7 +102,11 @@ fn check_config(path: PathBuf) -> u8 {
                 logging::to_stderr(format_args!("error: cannot write the output: {e}"));
                 return exit::IO_ERROR;
             }
-            logging::to_stderr("configuration is valid");
+            logging::to_stderr(if skip_secrets {
+                "configuration is valid (API key sources not read)"
+            } else {
+                "configuration is valid"
+            });
             exit::OK
         }
         Err(code) => code,
@@ -112,11 +124,12 @@ async fn serve(args: ServeArgs) -> u8 {
     let (mut config, warnings) = if args.dev {
         (Config::default(), Vec::new())
     } else {
-        match load_config(args.config.as_deref()) {
+        match load_config(args.config.as_deref(), SecretCheck::Read) {
             Ok(Loaded { config, warnings }) => (config, warnings),
             Err(code) => return code,
         }
     };
+    let dev_token_lifetime = args.dev_token_lifetime.unwrap_or(DEV_TOKEN_LIFETIME);
     if !args.listen.is_empty() {
         config.server.listen = args.listen.clone();
     }
@@ -135,7 +148,7 @@ async fn serve(args: ServeArgs) -> u8 {
     }
     let mut emulator = None;
     if args.dev {
-        match daemon::dev_setup(config, args.dev_token_lifetime).await {
+        match daemon::dev_setup(config, dev_token_lifetime).await {
             Ok((c, e)) => {
                 config = c;
                 emulator = Some(e);
@@ -154,7 +167,7 @@ async fn serve(args: ServeArgs) -> u8 {
         }
     };
     if let Some(emulator) = &emulator {
-        print_dev_banner(&daemon, &emulator.base_url(), args.dev_token_lifetime);
+        print_dev_banner(&daemon, &emulator.base_url(), dev_token_lifetime);
     }
     let code = daemon.run(signals).await;
     drop(emulator);
