@@ -179,10 +179,7 @@ fn each_rule_reports_its_key_path() {
             "[credentials]\nclient_id = \"x\"\nclient_secret_credential = \"flute-secret\"",
             "CREDENTIALS_DIRECTORY",
         ),
-        (
-            "[credentials]\npoll_interval = \"5s\"",
-            "credentials: no API key",
-        ),
+        ("[credentials]\npoll_interval = \"5s\"", "credentials: no API key"),
     ];
     for (extra, needle) in cases {
         let problems = f

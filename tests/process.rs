@@ -17,13 +17,20 @@ struct DevBroker {
     child: Child,
     addr: String,
     emulator: String,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// Starts `serve --dev` on a Unix socket and reads its banner.
 async fn start_dev(lifetime: &str) -> DevBroker {
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("broker.sock");
+    let mut broker = start_dev_in(dir.path(), lifetime).await;
+    broker._dir = Some(dir);
+    broker
+}
+
+/// As [`start_dev`], with the socket `broker.sock` in `dir`.
+async fn start_dev_in(dir: &std::path::Path, lifetime: &str) -> DevBroker {
+    let sock = dir.join("broker.sock");
     let mut child = Command::new(BIN)
         .args([
             "serve",
@@ -61,7 +68,7 @@ async fn start_dev(lifetime: &str) -> DevBroker {
         child,
         addr: format!("unix:{}", sock.display()),
         emulator,
-        _dir: dir,
+        _dir: None,
     }
 }
 
@@ -487,5 +494,207 @@ async fn check_config_skip_secrets_checks_all_but_the_key_and_reports_each_probl
             "{shipped}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+/// The next line, waiting at most 30 s for it.
+async fn next_line<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut tokio::io::Lines<R>, what: &str) -> String {
+    tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within 30 s"))
+        .unwrap()
+        .unwrap_or_else(|| panic!("output ended before {what}"))
+}
+
+#[tokio::test]
+async fn exec_runs_the_command_with_the_token_and_exits_as_it_did() {
+    let broker = start_dev("900s").await;
+    let addr = broker.addr.as_str();
+    let (code, token, err) = cli(&["get", "--env", "sandbox", "--addr", addr]).await;
+    assert_eq!(code, 0, "{err}");
+
+    let show = "printf '%s|%s' \"$FLUTE_ACCESS_TOKEN\" \"$FLUTE_TOKEN_EXPIRES_AT\"; exit 7";
+    let (code, out, err) = cli(&["exec", "--env", "sandbox", "--addr", addr, "--", "sh", "-c", show]).await;
+    assert_eq!(code, 7, "the command's exit code: {err}");
+    let (access, expires) = out.split_once('|').expect(&out);
+    assert_eq!(access, token.trim());
+    let expires = humantime::parse_rfc3339(expires).expect(expires);
+    assert!(expires > std::time::SystemTime::now(), "{out}");
+
+    // Killed by signal N: 128+N, as a shell reports it.
+    let (code, _, _) = cli(&[
+        "exec",
+        "--env",
+        "sandbox",
+        "--addr",
+        addr,
+        "--",
+        "sh",
+        "-c",
+        "kill -KILL $$",
+    ])
+    .await;
+    assert_eq!(code, 128 + 9);
+    // The shell's codes for a command that cannot run.
+    let (code, _, err) = cli(&["exec", "--env", "sandbox", "--addr", addr, "--", "/nonexistent/program"]).await;
+    assert_eq!(code, 127, "{err}");
+    assert!(err.contains("cannot run /nonexistent/program"), "{err}");
+    // No broker: the command never runs.
+    let (code, out, _) = cli(&[
+        "exec",
+        "--env",
+        "sandbox",
+        "--addr",
+        "unix:/nonexistent.sock",
+        "--",
+        "echo",
+        "ran",
+    ])
+    .await;
+    assert_eq!((code, out.as_str()), (69, ""));
+    // The environment from FLUTE_BROKER_ENV.
+    let out = Command::new(BIN)
+        .args([
+            "exec",
+            "--addr",
+            addr,
+            "--",
+            "sh",
+            "-c",
+            "test -n \"$FLUTE_ACCESS_TOKEN\"",
+        ])
+        .env("FLUTE_BROKER_ENV", "sandbox")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn exec_forwards_signals_to_the_command() {
+    use nix::sys::signal::{Signal, kill};
+    let broker = start_dev("900s").await;
+    let script = "trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.05; done";
+    let mut child = Command::new(BIN)
+        .args([
+            "exec",
+            "--env",
+            "sandbox",
+            "--addr",
+            &broker.addr,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(next_line(&mut out, "the command's ready line").await, "ready");
+    // SIGTERM to exec alone (as `kill` or systemd would send it): the command gets it.
+    kill(nix::unistd::Pid::from_raw(child.id().unwrap() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(next_line(&mut out, "the command's trap").await, "got-term");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(42));
+}
+
+#[tokio::test]
+async fn watch_reconnects_when_the_broker_comes_back_and_no_reconnect_exits_69() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start_dev_in(dir.path(), "900s").await;
+    let mut watch = Command::new(BIN)
+        .args(["watch", "--env", "sandbox", "--addr", &broker.addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut err = BufReader::new(watch.stderr.take().unwrap()).lines();
+    let first = next_line(&mut out, "the first token").await;
+    assert!(first.starts_with("sandbox token "), "{first}");
+
+    // Killed without a goodbye: one line saying so, then retries.
+    broker.child.kill().await.unwrap();
+    let lost = next_line(&mut err, "the connection-lost line").await;
+    assert!(
+        lost.contains("connection to the broker lost") && lost.contains("reconnecting"),
+        "{lost}"
+    );
+
+    // A new broker on the same socket (a new emulator: a new token).
+    let mut broker = start_dev_in(dir.path(), "900s").await;
+    let back = next_line(&mut err, "the reconnected line").await;
+    assert!(back.contains("reconnected to the broker at unix:"), "{back}");
+    let current = next_line(&mut out, "the new broker's token").await;
+    assert!(
+        current.starts_with("sandbox token ") && current != first,
+        "{current} after {first}"
+    );
+
+    // --no-reconnect: the end of the connection ends watch with 69.
+    let mut once = Command::new(BIN)
+        .args(["watch", "--env", "sandbox", "--no-reconnect", "--addr", &broker.addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut once_out = BufReader::new(once.stdout.take().unwrap()).lines();
+    next_line(&mut once_out, "--no-reconnect's first token").await;
+    broker.child.kill().await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), once.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(69));
+}
+
+#[tokio::test]
+async fn completions_and_man_pages_come_from_the_cli_definitions() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = cli(&["completions", shell]).await;
+        assert_eq!(code, 0, "{shell}: {err}");
+        for word in [
+            "serve",
+            "check-config",
+            "exec",
+            "watch",
+            "no-reconnect",
+            "skip-secrets",
+            "production",
+        ] {
+            assert!(out.contains(word), "{shell} completions lack {word}");
+        }
+    }
+    let (code, _, _) = cli(&["completions", "tcsh"]).await;
+    assert_eq!(code, 2);
+
+    let (code, page, err) = cli(&["man"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        page.starts_with(".ie") && page.contains(".TH flute-token-broker 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains("Exit codes") && page.contains("128+N"),
+        "the exit-code table is in the page"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = cli(&["man", "--dir", dir.path().to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    for page in [
+        "flute-token-broker.1",
+        "flute-token-broker-exec.1",
+        "flute-token-broker-serve.1",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        assert!(text.contains(".SH NAME"), "{page}");
     }
 }

@@ -12,11 +12,23 @@ use crate::grpc::listener::ListenAddr;
 use crate::grpc::tls::ClientTlsFiles;
 use crate::{Environment, duration};
 
+/// The exit-code table (README and man page).
+const EXIT_CODES: &str = "Exit codes:
+  0   success
+  1   other failure
+  2   bad arguments
+  69  the broker could not be reached (watch --no-reconnect: the connection ended)
+  75  the broker has no valid token right now; for status, an environment shown has none
+  77  the broker refused this caller the environment's tokens (PERMISSION_DENIED)
+  78  invalid configuration (serve, check-config)
+  exec exits with the command's code, 128+N when a signal N ended it";
+
 #[derive(Parser)]
 #[command(
     name = "flute-token-broker",
     version,
-    about = "Holds a Flute API key and serves fresh access tokens over gRPC"
+    about = "Holds a Flute API key and serves fresh access tokens over gRPC",
+    after_long_help = EXIT_CODES
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -42,7 +54,7 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
         /// sandbox or production.
-        #[arg(long, short, env = "FLUTE_BROKER_ENV")]
+        #[arg(long, short, env = "FLUTE_BROKER_ENV", ignore_case = true)]
         env: Environment,
         /// Refresh first unless the token stays valid this long.
         #[arg(long, value_parser = duration::parse)]
@@ -50,13 +62,40 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "token")]
         format: TokenFormat,
     },
-    /// Print a line for every token rotation or outage.
+    /// Print a line for every token rotation or outage; reconnect (1 s
+    /// doubling to 30 s) when the broker goes away.
     Watch {
         #[command(flatten)]
         client: ClientArgs,
         /// sandbox or production.
-        #[arg(long, short, env = "FLUTE_BROKER_ENV")]
+        #[arg(long, short, env = "FLUTE_BROKER_ENV", ignore_case = true)]
         env: Environment,
+        /// Exit 69 when the connection is lost instead of reconnecting.
+        #[arg(long)]
+        no_reconnect: bool,
+    },
+    /// Run a command with FLUTE_ACCESS_TOKEN and FLUTE_TOKEN_EXPIRES_AT (RFC 3339)
+    /// in its environment; signals are forwarded and its exit code is ours
+    /// (128+N when signal N ended it). For short jobs and cron: the token is
+    /// read once, so long-running programs should ask the broker instead.
+    Exec {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// sandbox or production.
+        #[arg(long, short, env = "FLUTE_BROKER_ENV", ignore_case = true)]
+        env: Environment,
+        /// Refresh first unless the token stays valid this long (e.g. the
+        /// job's expected run time).
+        #[arg(long, value_parser = duration::parse)]
+        min_remaining: Option<Duration>,
+        /// The command and its arguments (after --).
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "COMMAND"
+        )]
+        command: Vec<std::ffi::OsString>,
     },
     /// Show the state of every enabled environment.
     /// Exits 0 when every environment shown holds a valid token, 75 when
@@ -68,11 +107,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         /// Only this environment (sandbox or production).
-        #[arg(long)]
+        #[arg(long, ignore_case = true)]
         env: Option<Environment>,
     },
     /// Run a local stand-in for Flute's token endpoint (for tests and demos).
     Emulator(EmulatorArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff); with --dir, write one page per command there.
+    Man {
+        /// Write flute-token-broker.1 and flute-token-broker-COMMAND.1 here.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Wait DURATION, then exit 0: a Kubernetes preStop hook for images
     /// that have no sleep(1), such as the distroless one we ship.
     Sleep {
@@ -107,7 +157,8 @@ pub struct ClientArgs {
     /// The broker: unix:/path/to.sock or http://host:port.
     #[arg(long, env = "FLUTE_BROKER_ADDR", default_value = client::DEFAULT_ADDR)]
     pub addr: String,
-    /// Give up after this long.
+    /// Connect timeout, and the deadline of get and status (a watch stream
+    /// has none).
     #[arg(long, default_value = "10s", value_parser = duration::parse)]
     pub timeout: Duration,
     /// With https://: the CA certificate (PEM) that signed the broker's certificate.

@@ -1,13 +1,16 @@
 //! The command line: runs each subcommand (`serve`, `check-config`, `get`,
-//! `watch`, `status`, `emulator`, `sleep`) and turns its outcome into an exit code.
+//! `watch`, `exec`, `status`, `emulator`, `completions`, `man`, `sleep`) and turns its outcome into an exit code.
 //! `main.rs` only parses the arguments and starts the runtime.
 
 mod args;
+mod exec;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub use args::{Cli, ClientArgs, Command, EmulatorArgs, ServeArgs};
+
+use clap::CommandFactory;
 
 use crate::client;
 use crate::config::{Config, Loaded, SecretCheck};
@@ -35,9 +38,17 @@ pub async fn run(command: Command) -> u8 {
                 .await
                 .and_then(|t| print_out(format_args!("{t}\n"))),
         ),
-        Command::Watch { client, env } => {
-            print_result(client::watch(&client.target(), env, &mut std::io::stdout()).await)
-        }
+        Command::Exec {
+            client,
+            env,
+            min_remaining,
+            command,
+        } => exec::run(&client.target(), env, min_remaining, &command).await,
+        Command::Watch {
+            client,
+            env,
+            no_reconnect,
+        } => print_result(client::watch(&client.target(), env, !no_reconnect, &mut std::io::stdout()).await),
         Command::Status { client, json, env } => match client::status(&client.target(), json, env).await {
             Ok(report) => {
                 if print_out(&report.text).is_err() {
@@ -51,6 +62,28 @@ pub async fn run(command: Command) -> u8 {
                 }
             }
             Err(e) => print_result(Err(e)),
+        },
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "flute-token-broker", &mut script);
+            print_bytes(&script)
+        }
+        Command::Man { dir: None } => {
+            let mut page = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                Ok(()) => print_bytes(&page),
+                Err(e) => {
+                    logging::to_stderr(format_args!("error: cannot render the man page: {e}"));
+                    exit::FAILURE
+                }
+            }
+        }
+        Command::Man { dir: Some(dir) } => match clap_mangen::generate_to(Cli::command(), &dir) {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                logging::to_stderr(format_args!("error: cannot write man pages to {}: {e}", dir.display()));
+                exit::IO_ERROR
+            }
         },
         Command::Sleep { duration } => {
             tokio::time::sleep(duration).await;
@@ -68,6 +101,13 @@ pub async fn run(command: Command) -> u8 {
 
 fn print_out(text: impl std::fmt::Display) -> Result<(), client::ClientError> {
     logging::to_stdout(text).map_err(client::ClientError::Output)
+}
+
+fn print_bytes(bytes: &[u8]) -> u8 {
+    match print_out(String::from_utf8_lossy(bytes)) {
+        Ok(()) => exit::OK,
+        Err(e) => print_result(Err(e)),
+    }
 }
 
 fn print_result(result: Result<(), client::ClientError>) -> u8 {

@@ -47,6 +47,19 @@ impl ClientError {
         }
     }
 
+    /// The broker went away (unreachable, shutting down, or the connection
+    /// broke mid-stream): worth reconnecting, unlike a refusal.
+    pub fn is_connection_loss(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Unreachable { .. }
+                | ClientError::Broker {
+                    code: Code::Unknown | Code::Cancelled | Code::Internal,
+                    ..
+                }
+        )
+    }
+
     /// Classifies a Status by the broker's ErrorInfo reason; a Status
     /// without one (from the transport, or another server) by its code.
     fn from_status(addr: &str, status: tonic::Status) -> Self {
@@ -203,12 +216,13 @@ fn ts(t: &Option<prost_types::Timestamp>) -> String {
     t.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".into())
 }
 
-pub async fn get(
+/// A token from the broker (refreshed first if it would not stay valid
+/// `min_remaining`).
+pub async fn fetch(
     target: &Target,
     env: Environment,
     min_remaining: Option<Duration>,
-    format: TokenFormat,
-) -> Result<String, ClientError> {
+) -> Result<pb::Token, ClientError> {
     let (addr, timeout) = (target.addr.as_str(), target.timeout);
     let mut client = connect_to(target).await?;
     let mut request = tonic::Request::new(pb::GetTokenRequest {
@@ -219,13 +233,31 @@ pub async fn get(
         }),
     });
     request.set_timeout(timeout);
-    let token = client
+    Ok(client
         .get_token(request)
         .await
         .map_err(|s| ClientError::from_status(addr, s))?
         .into_inner()
         .token
-        .unwrap_or_default();
+        .unwrap_or_default())
+}
+
+/// The variables `get --format env` prints and `exec` sets.
+pub fn token_env(token: &pb::Token) -> [(&'static str, String); 2] {
+    [
+        ("FLUTE_ACCESS_TOKEN", token.access_token.clone()),
+        ("FLUTE_TOKEN_EXPIRES_AT", ts(&token.expires_at)),
+    ]
+}
+
+/// A token printed the way `format` says.
+pub async fn get(
+    target: &Target,
+    env: Environment,
+    min_remaining: Option<Duration>,
+    format: TokenFormat,
+) -> Result<String, ClientError> {
+    let token = fetch(target, env, min_remaining).await?;
     Ok(match format {
         TokenFormat::Token => token.access_token,
         TokenFormat::Header => format!("Authorization: {} {}", token.token_type, token.access_token),
@@ -238,27 +270,79 @@ pub async fn get(
             "expires_at": ts(&token.expires_at),
         })
         .to_string(),
-        TokenFormat::Env => format!(
-            "FLUTE_ACCESS_TOKEN={}\nFLUTE_TOKEN_EXPIRES_AT={}",
-            token.access_token,
-            ts(&token.expires_at)
-        ),
+        TokenFormat::Env => token_env(&token)
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
     })
 }
 
-/// Prints a line per update until the stream ends.
-pub async fn watch(target: &Target, env: Environment, out: &mut impl Write) -> Result<(), ClientError> {
-    let addr = target.addr.as_str();
+/// `watch`'s first wait before reconnecting; it doubles up to the max.
+pub const RECONNECT_INITIAL: Duration = Duration::from_secs(1);
+pub const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+type UpdateStream = tonic::Streaming<pb::WatchTokenResponse>;
+
+/// Prints a line per update. When the connection to the broker is lost
+/// (killed, restarted, shut down) it says so on stderr and, with
+/// `reconnect`, tries again after 1 s, 2 s, 4 s … 30 s, says when it is
+/// back and goes on from the broker's current state; without `reconnect`
+/// it returns [`ClientError::Unreachable`]. The first connection is not
+/// retried: a wrong address fails at once.
+pub async fn watch(
+    target: &Target,
+    env: Environment,
+    reconnect: bool,
+    out: &mut impl Write,
+) -> Result<(), ClientError> {
+    let mut stream = open_watch(target, env).await?;
+    loop {
+        let lost = match print_updates(&mut stream, env, target, out).await {
+            Ok(()) => "the broker ended the stream".to_owned(),
+            Err(e) if e.is_connection_loss() => e.to_string(),
+            Err(e) => return Err(e),
+        };
+        if !reconnect {
+            return Err(ClientError::Unreachable {
+                addr: target.addr.clone(),
+                message: lost,
+            });
+        }
+        crate::logging::to_stderr(format_args!("connection to the broker lost ({lost}); reconnecting"));
+        let mut delay = RECONNECT_INITIAL;
+        stream = loop {
+            tokio::time::sleep(delay).await;
+            match open_watch(target, env).await {
+                Ok(stream) => break stream,
+                Err(e) if e.is_connection_loss() => delay = (delay * 2).min(RECONNECT_MAX),
+                Err(e) => return Err(e),
+            }
+        };
+        crate::logging::to_stderr(format_args!("reconnected to the broker at {}", target.addr));
+    }
+}
+
+async fn open_watch(target: &Target, env: Environment) -> Result<UpdateStream, ClientError> {
     let mut client = connect_to(target).await?;
-    let mut stream = client
+    Ok(client
         .watch_token(pb::WatchTokenRequest {
             environment: pb_env(env),
         })
         .await
-        .map_err(|s| ClientError::from_status(addr, s))?
-        .into_inner();
+        .map_err(|s| ClientError::from_status(&target.addr, s))?
+        .into_inner())
+}
+
+/// Prints the stream's updates until it ends (Ok) or fails.
+async fn print_updates(
+    stream: &mut UpdateStream,
+    env: Environment,
+    target: &Target,
+    out: &mut impl Write,
+) -> Result<(), ClientError> {
     while let Some(item) = stream.next().await {
-        let update = item.map_err(|s| ClientError::from_status(addr, s))?;
+        let update = item.map_err(|s| ClientError::from_status(&target.addr, s))?;
         let line = match update.update {
             Some(Update::Token(t)) => format!("{env} token {} expires_at={}", t.token_id, ts(&t.expires_at)),
             Some(Update::Outage(o)) => format!(
