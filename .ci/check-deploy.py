@@ -58,8 +58,16 @@ with tempfile.TemporaryDirectory() as tmp:
         (ROOT / "deploy" / "config.example.toml", {"FLUTE_BROKER__CREDENTIALS__CLIENT_SECRET_FILE": str(secret)}),
     ]:
         run([BIN, "check-config", "--config", config], env=env, what=f"check-config {config.name}")
+    # Every other ConfigMap's config.toml (the variants), checked as text.
+    variants = []
+    for manifest in manifests:
+        for doc in yaml.safe_load_all(manifest.read_text()):
+            if doc and doc["kind"] == "ConfigMap" and "config.toml" in doc.get("data", {}) and manifest != k8s / "configmap.yaml":
+                variant = pathlib.Path(tmp) / f"{doc['metadata']['name']}.toml"
+                variant.write_text(doc["data"]["config.toml"])
+                variants.append(variant)
     # A pipeline without the secret: everything but the key source is checked.
-    for config in (ROOT / "deploy" / "systemd" / "config.toml", ROOT / "deploy" / "config.example.toml", k8s_config):
+    for config in (ROOT / "deploy" / "systemd" / "config.toml", ROOT / "deploy" / "config.example.toml", k8s_config, *variants):
         clean = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY" and not k.startswith("FLUTE_BROKER__")}
         result = subprocess.run([BIN, "check-config", "--skip-secrets", "--config", config], env=clean, capture_output=True, text=True)
         print(f"check-config --skip-secrets {config.name}: {'ok' if result.returncode == 0 else 'FAILED'}")

@@ -26,7 +26,10 @@ files):
 - Every Service targetPort and NetworkPolicy ingress port that selects the
   pod, and every declared containerPort, has a listener on the pod IP.
 - Containers that are clients (FLUTE_BROKER_ADDR=unix:...) run
-  `flute-token-broker get` as their own user, through their own mounts.
+  `flute-token-broker get` as their own user, through their own mounts; a
+  container with FLUTE_TOKEN_FILE must find the token file (a `[[sinks]]`)
+  on its volume, readable by its uid and groups, holding a token the
+  endpoint accepts.
 - Termination: the preStop hook runs while the pod is still ready, then
   SIGTERM; the broker must exit 0 within terminationGracePeriodSeconds.
 """
@@ -52,6 +55,8 @@ DOCKERFILE = ROOT / "deploy" / "container" / "Dockerfile"
 EMULATOR_PORT = 9470
 # RFC 2544's benchmarking range: never routed, only on our own veth pairs.
 POD_NET = "198.18.{}.{}"
+# A container with one of these is a client of the broker: of its socket, or of a token file sink.
+CLIENT_VARIABLES = ("FLUTE_BROKER_ADDR", "FLUTE_TOKEN_FILE")
 WORKLOAD_KINDS = {"Deployment", "DaemonSet", "StatefulSet", "ReplicaSet", "Job", "Pod"}
 
 
@@ -353,7 +358,7 @@ def run_pod(pod, docs, image, config_env, emulator_args):
     print(f"{pod.name} at {pod.ip}")
     pod.network()
     brokers = [c for c in pod.all_containers() if is_broker(c)]
-    clients = [c for c in pod.all_containers() if not is_broker(c) and any(e.get("name") == "FLUTE_BROKER_ADDR" for e in c.get("env", []))]
+    clients = [c for c in pod.all_containers() if not is_broker(c) and any(e.get("name") in CLIENT_VARIABLES for e in c.get("env", []))]
     running = []
     if brokers:
         emulator = subprocess.Popen(["ip", "netns", "exec", pod.netns, str(BIN), "emulator", "--listen", f"127.0.0.1:{EMULATOR_PORT}", *emulator_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -395,7 +400,10 @@ def check_services(pod, docs):
 
 
 def run_client(pod, container, image):
-    addr = next(e["value"] for e in container["env"] if e["name"] == "FLUTE_BROKER_ADDR")
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    if "FLUTE_TOKEN_FILE" in env:
+        run_file_client(pod, container, image, env["FLUTE_TOKEN_FILE"])
+    addr = env.get("FLUTE_BROKER_ADDR") or ""
     if not addr.startswith("unix:"):
         return
     binary = "/.probe/flute-token-broker"  # stands in for the application's own client
@@ -405,6 +413,39 @@ def run_client(pod, container, image):
     out, err = child.communicate(timeout=30)
     what = f"{pod.name}/{container['name']}: a client as uid {pod.identity(container, image)[0]} gets a token through {addr}"
     if check(child.returncode == 0 and out.strip(), what, f"exit {child.returncode}: {err.strip()}"):
+        exercised.append(what)
+
+
+def run_file_client(pod, container, image, path):
+    """The token file, as the container sees it: there once the broker's
+    startup probe passed, readable by the container's uid and groups
+    (permission bits, as the kernel decides), and a token the endpoint accepts."""
+    mount = max((m for m in container.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")), key=lambda m: len(m["mountPath"]), default=None)
+    what = f"{pod.name}/{container['name']}: reads a valid token from {path}"
+    if not check(mount is not None, f"{pod.name}/{container['name']}: {path} is on one of its volumes"):
+        return
+    host_file = pod.volume(mount["name"]) / path[len(mount["mountPath"].rstrip("/")) + 1:]
+    uid, _, groups = pod.identity(container, image)
+    try:
+        st = os.stat(host_file)
+    except FileNotFoundError:
+        check(False, what, "no such file after the broker's startup probe passed")
+        return
+    mode = st.st_mode
+    # The kernel's order, for a process without CAP_DAC_OVERRIDE: the owner's
+    # bits if it owns the file, else the group's if it is in the group, else others'.
+    if st.st_uid == uid:
+        readable = bool(mode & 0o400)
+    elif st.st_gid in groups:
+        readable = bool(mode & 0o040)
+    else:
+        readable = bool(mode & 0o004)
+    if not check(readable, what, f"mode {mode & 0o777:04o} owner {st.st_uid}:{st.st_gid}, reader uid {uid} groups {groups}"):
+        return
+    token = host_file.read_text()
+    probe = "import sys, urllib.request as u; print(u.urlopen(u.Request(sys.argv[1], headers={'Authorization': 'Bearer ' + sys.stdin.read()}), timeout=5).status)"
+    answer = subprocess.run(["ip", "netns", "exec", pod.netns, sys.executable, "-c", probe, f"http://127.0.0.1:{EMULATOR_PORT}/v2/transactions"], input=token, capture_output=True, text=True)
+    if check(answer.returncode == 0 and answer.stdout.strip() == "200", what, answer.stderr.strip()[-300:]):
         exercised.append(what)
 
 

@@ -21,6 +21,7 @@ use crate::grpc::ServerConfig;
 use crate::grpc::access::{self, AccessPolicy};
 use crate::logging::LogConfig;
 use crate::oauth::OAuthSettings;
+use crate::sinks::SinkConfig;
 use crate::systemd::SystemdConfig;
 use crate::token::RefreshPolicy;
 
@@ -44,6 +45,9 @@ pub struct Config {
     /// Both environments, always (missing tables take the defaults).
     #[serde(deserialize_with = "read_environments")]
     pub environments: BTreeMap<Environment, EnvironmentConfig>,
+    /// `[[sinks]]`: token files for programs that can only read a file.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sinks: Vec<SinkConfig>,
 }
 
 impl Default for Config {
@@ -60,6 +64,7 @@ impl Default for Config {
                 .into_iter()
                 .map(|env| (env, EnvironmentConfig::for_environment(env)))
                 .collect(),
+            sinks: Vec::new(),
         }
     }
 }
@@ -161,9 +166,10 @@ pub struct ConfigDiff {
     pub needs_restart: Vec<String>,
 }
 
-/// Whether validation reads the API keys (to prove they load) or only
-/// checks where they would come from (`check-config --skip-secrets`, for a
-/// pipeline that has the config file but not the secret).
+/// Whether validation touches the host: reads the API keys (to prove they
+/// load) and probes each sink's directory (by creating a file there). Skip
+/// checks only the text (`check-config --skip-secrets`, for a pipeline that
+/// has the config file but neither the secret nor the target's directories).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SecretCheck {
     Read,
@@ -206,12 +212,13 @@ impl Config {
     }
 
     /// Validates TOML text with exactly the given environment overrides
-    /// (for fuzzing and tests; nothing of the process environment is read).
+    /// (for fuzzing: nothing of the process environment or the file system
+    /// is read or written).
     pub fn from_toml_str(text: &str, env: HashMap<String, String>) -> Result<Loaded, ConfigError> {
         Self::merge_and_validate(
             Some(config::File::from_str(text, config::FileFormat::Toml)),
             Some(env),
-            SecretCheck::Read,
+            SecretCheck::Skip,
         )
     }
 
@@ -339,6 +346,10 @@ impl Config {
         if !self.environments.values().any(|e| e.enabled) {
             problems.push("environments: at least one environment must be enabled".into());
         }
+        let enabled: Vec<Environment> = self.enabled().map(|(env, _)| env).collect();
+        let (sink_problems, sink_warnings) = crate::sinks::problems(&self.sinks, &enabled, secrets);
+        problems.extend(sink_problems);
+        warnings.extend(sink_warnings);
         if problems.is_empty() {
             Ok(warnings)
         } else {
@@ -426,15 +437,16 @@ fn deserialize_reporting_all(mut tree: config::Value) -> (Option<Config>, Vec<St
             }
             Err(error) => error,
         };
-        let keys: Vec<String> = error
+        let keys: Vec<KeyPart> = error
             .path()
             .iter()
             .map_while(|segment| match segment {
-                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                serde_path_to_error::Segment::Map { key } => Some(KeyPart::Key(key.clone())),
+                serde_path_to_error::Segment::Seq { index } => Some(KeyPart::Index(*index)),
                 _ => None,
             })
             .collect();
-        problems.push(format!("{}: {}", keys.join("."), describe(error.inner())));
+        problems.push(format!("{}: {}", key_path(&keys), describe(error.inner())));
         if !remove_key(&mut tree, &keys) {
             break;
         }
@@ -458,14 +470,44 @@ fn describe(error: &config::ConfigError) -> String {
     }
 }
 
+/// One step of a key path: a table key, or an index into an array of
+/// tables (`[[sinks]]`).
+enum KeyPart {
+    Key(String),
+    Index(usize),
+}
+
+/// `server.listen`, `sinks[2].format`.
+fn key_path(keys: &[KeyPart]) -> String {
+    let mut path = String::new();
+    for part in keys {
+        match part {
+            KeyPart::Key(key) if path.is_empty() => path.push_str(key),
+            KeyPart::Key(key) => {
+                path.push('.');
+                path.push_str(key);
+            }
+            KeyPart::Index(index) => path.push_str(&format!("[{index}]")),
+        }
+    }
+    path
+}
+
 /// Removes the value at `keys`; false when there is none.
-fn remove_key(tree: &mut config::Value, keys: &[String]) -> bool {
-    let config::ValueKind::Table(table) = &mut tree.kind else {
-        return false;
-    };
-    match keys {
-        [] => false,
-        [key] => table.remove(key).is_some(),
-        [key, rest @ ..] => table.get_mut(key).is_some_and(|child| remove_key(child, rest)),
+fn remove_key(tree: &mut config::Value, keys: &[KeyPart]) -> bool {
+    match (&mut tree.kind, keys) {
+        (_, []) => false,
+        (config::ValueKind::Table(table), [KeyPart::Key(key)]) => table.remove(key).is_some(),
+        (config::ValueKind::Table(table), [KeyPart::Key(key), rest @ ..]) => {
+            table.get_mut(key).is_some_and(|child| remove_key(child, rest))
+        }
+        (config::ValueKind::Array(items), [KeyPart::Index(index)]) if *index < items.len() => {
+            items.remove(*index);
+            true
+        }
+        (config::ValueKind::Array(items), [KeyPart::Index(index), rest @ ..]) => {
+            items.get_mut(*index).is_some_and(|child| remove_key(child, rest))
+        }
+        _ => false,
     }
 }

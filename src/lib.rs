@@ -34,6 +34,7 @@ pub mod logging;
 pub mod metrics;
 pub mod oauth;
 pub mod settings;
+pub mod sinks;
 pub mod systemd;
 pub mod token;
 

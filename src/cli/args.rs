@@ -44,8 +44,9 @@ pub enum Command {
         /// The TOML configuration file.
         #[arg(long, short)]
         config: PathBuf,
-        /// Check everything but do not read the API key's sources (for a
-        /// pipeline that has the file but not the secret).
+        /// Check the file alone: do not read the API key's sources nor probe
+        /// the sinks' directories (for a pipeline that has the file but not
+        /// the secret or the target's directories).
         #[arg(long)]
         skip_secrets: bool,
     },

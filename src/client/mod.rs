@@ -194,10 +194,12 @@ fn connect_failure(error: &(dyn std::error::Error + 'static)) -> String {
     format!("{io}{hint}")
 }
 
-/// How `get` prints the token.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// How `get` prints the token and a `[[sinks]]` file holds it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "&'static str")]
 pub enum TokenFormat {
     /// The bare access token (for `$(...)` in shell scripts).
+    #[default]
     Token,
     /// `Authorization: Bearer <token>`.
     Header,
@@ -207,6 +209,13 @@ pub enum TokenFormat {
     /// per line: for `eval` or an env file.
     Env,
 }
+
+crate::named_choices!(TokenFormat {
+    Token => "token",
+    Header => "header",
+    Json => "json",
+    Env => "env",
+});
 
 fn pb_env(env: Environment) -> i32 {
     pb::Environment::from(env) as i32
@@ -257,9 +266,13 @@ pub async fn get(
     min_remaining: Option<Duration>,
     format: TokenFormat,
 ) -> Result<String, ClientError> {
-    let token = fetch(target, env, min_remaining).await?;
-    Ok(match format {
-        TokenFormat::Token => token.access_token,
+    Ok(render_token(&fetch(target, env, min_remaining).await?, env, format))
+}
+
+/// A token as `get` prints it and a token file sink holds it.
+pub fn render_token(token: &pb::Token, env: Environment, format: TokenFormat) -> String {
+    match format {
+        TokenFormat::Token => token.access_token.clone(),
         TokenFormat::Header => format!("Authorization: {} {}", token.token_type, token.access_token),
         TokenFormat::Json => serde_json::json!({
             "access_token": token.access_token,
@@ -270,12 +283,12 @@ pub async fn get(
             "expires_at": ts(&token.expires_at),
         })
         .to_string(),
-        TokenFormat::Env => token_env(&token)
+        TokenFormat::Env => token_env(token)
             .iter()
             .map(|(name, value)| format!("{name}={value}"))
             .collect::<Vec<_>>()
             .join("\n"),
-    })
+    }
 }
 
 /// `watch`'s first wait before reconnecting; it doubles up to the max.

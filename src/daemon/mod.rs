@@ -99,6 +99,8 @@ pub struct RunningBroker {
     servers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
     source_tasks: Vec<JoinHandle<()>>,
+    /// Token file sinks: each removes its file when draining starts.
+    sinks: Vec<JoinHandle<()>>,
     grace: Duration,
     /// systemd: READY=1 at the latest after this.
     ready_timeout: Duration,
@@ -174,6 +176,7 @@ impl Broker {
 
         let stopping = CancellationToken::new();
         let draining = stopping.child_token();
+        let sinks = crate::sinks::spawn(&config.sinks, &sources, &draining);
         let streams = TaskTracker::new();
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health::set_not_serving(&health_reporter, &sources).await;
@@ -286,6 +289,7 @@ impl Broker {
             servers,
             background,
             source_tasks,
+            sinks,
             grace: config.server.shutdown_grace,
             ready_timeout: config.systemd.ready_timeout,
         })
@@ -313,6 +317,8 @@ impl RunningBroker {
             self.streams.wait(),
         )
         .await;
+        // Token files go before the broker does: nobody would remove them at expiry.
+        let _ = tokio::time::timeout_at(deadline, futures_util::future::join_all(self.sinks)).await;
         self.stopping.cancel();
         let drain = futures_util::future::join_all(self.servers);
         if tokio::time::timeout_at(deadline, drain).await.is_err() {
