@@ -106,11 +106,17 @@ async fn sinks_hold_the_current_token_replace_it_atomically_and_vanish_in_an_out
     );
     // A file left by an earlier run is not trusted.
     std::fs::write(&token_path, "stale-token-from-a-crash").unwrap();
+    // As root any group works; otherwise our own.
+    let gid = if rustix::process::geteuid().is_root() {
+        4242
+    } else {
+        rustix::process::getegid().as_raw()
+    };
     let config = write_config(
         dir.path(),
         &emulator,
         &format!(
-            "[[sinks]]\nenvironment = \"sandbox\"\npath = \"{}\"\nmode = \"0640\"\n\
+            "[[sinks]]\nenvironment = \"sandbox\"\npath = \"{}\"\nmode = \"0640\"\ngroup = \"{gid}\"\n\
              [[sinks]]\nenvironment = \"sandbox\"\npath = \"{}\"\nformat = \"json\"\n\
              [[sinks]]\nenvironment = \"sandbox\"\npath = \"{}\"\nformat = \"env\"\n",
             token_path.display(),
@@ -147,6 +153,7 @@ async fn sinks_hold_the_current_token_replace_it_atomically_and_vanish_in_an_out
     );
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!((mode(&token_path), mode(&json_path)), (0o640, 0o600));
+    assert_eq!(std::fs::metadata(&token_path).unwrap().gid(), gid);
 
     // Rotation: every read sees a whole token, old or new, never a missing,
     // empty or partial file; the new one is a new inode (renamed into place).
