@@ -53,10 +53,7 @@ pub enum Command {
     /// Print a token (bare by default, for `$(...)`).
     Get {
         #[command(flatten)]
-        client: ClientArgs,
-        /// sandbox or production.
-        #[arg(long, short, env = "FLUTE_BROKER_ENV", ignore_case = true)]
-        env: Environment,
+        broker: EnvironmentArgs,
         /// Refresh first unless the token stays valid this long.
         #[arg(long, value_parser = duration::parse)]
         min_remaining: Option<Duration>,
@@ -67,10 +64,7 @@ pub enum Command {
     /// doubling to 30 s) when the broker goes away.
     Watch {
         #[command(flatten)]
-        client: ClientArgs,
-        /// sandbox or production.
-        #[arg(long, short, env = "FLUTE_BROKER_ENV", ignore_case = true)]
-        env: Environment,
+        broker: EnvironmentArgs,
         /// Exit 69 when the connection is lost instead of reconnecting.
         #[arg(long)]
         no_reconnect: bool,
@@ -81,10 +75,7 @@ pub enum Command {
     /// read once, so long-running programs should ask the broker instead.
     Exec {
         #[command(flatten)]
-        client: ClientArgs,
-        /// sandbox or production.
-        #[arg(long, short, env = "FLUTE_BROKER_ENV", ignore_case = true)]
-        env: Environment,
+        broker: EnvironmentArgs,
         /// Refresh first unless the token stays valid this long (e.g. the
         /// job's expected run time).
         #[arg(long, value_parser = duration::parse)]
@@ -151,6 +142,16 @@ pub struct ServeArgs {
     /// With --dev: the lifetime of the emulator's tokens [default: 900s].
     #[arg(long, value_parser = duration::parse, requires = "dev", conflicts_with = "config")]
     pub dev_token_lifetime: Option<Duration>,
+}
+
+/// The broker and one environment (`get`, `watch`, `exec`).
+#[derive(clap::Args)]
+pub struct EnvironmentArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// sandbox or production (or prod).
+    #[arg(long, short, env = "FLUTE_BROKER_ENV", ignore_case = true)]
+    pub env: Environment,
 }
 
 #[derive(clap::Args)]

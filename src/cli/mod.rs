@@ -8,7 +8,7 @@ mod exec;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use args::{Cli, ClientArgs, Command, EmulatorArgs, ServeArgs};
+pub use args::{Cli, ClientArgs, Command, EmulatorArgs, EnvironmentArgs, ServeArgs};
 
 use clap::CommandFactory;
 
@@ -29,8 +29,7 @@ pub async fn run(command: Command) -> u8 {
         Command::Serve(args) => serve(args).await,
         Command::CheckConfig { config, skip_secrets } => check_config(config, skip_secrets),
         Command::Get {
-            client,
-            env,
+            broker: EnvironmentArgs { client, env },
             min_remaining,
             format,
         } => print_result(
@@ -39,14 +38,12 @@ pub async fn run(command: Command) -> u8 {
                 .and_then(|t| print_out(format_args!("{t}\n"))),
         ),
         Command::Exec {
-            client,
-            env,
+            broker: EnvironmentArgs { client, env },
             min_remaining,
             command,
         } => exec::run(&client.target(), env, min_remaining, &command).await,
         Command::Watch {
-            client,
-            env,
+            broker: EnvironmentArgs { client, env },
             no_reconnect,
         } => print_result(client::watch(&client.target(), env, !no_reconnect, &mut std::io::stdout()).await),
         Command::Status { client, json, env } => match client::status(&client.target(), json, env).await {
