@@ -1,6 +1,6 @@
 //! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz` (the
-//! process is alive: independent of the token endpoint, so an outage never
-//! triggers restarts) and `/readyz` (every enabled environment holds a
+//! process is alive and every token source task runs: independent of the
+//! token endpoint, so an outage never triggers restarts) and `/readyz` (every enabled environment holds a
 //! valid token).
 
 use std::net::SocketAddr;
@@ -64,7 +64,7 @@ struct AdminState {
 pub fn router(sources: Arc<TokenSources>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(live))
         .route("/readyz", get(ready))
         .with_state(AdminState { sources, metrics })
 }
@@ -91,6 +91,19 @@ async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
         )],
         state.metrics.encode(),
     )
+}
+
+/// Liveness: the process serves and every token source task runs. Never
+/// about the token endpoint (an outage must not restart the broker).
+async fn live(State(state): State<AdminState>) -> impl IntoResponse {
+    if state.sources.all_running() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a token source task stopped: restart the broker\n",
+        )
+    }
 }
 
 async fn ready(State(state): State<AdminState>) -> impl IntoResponse {

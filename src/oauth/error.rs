@@ -124,3 +124,112 @@ impl OAuthError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oauth(status: u16, code: &'static str) -> OAuthError {
+        OAuthError::OAuth {
+            status,
+            code,
+            description: None,
+        }
+    }
+
+    #[test]
+    fn each_failure_has_its_class_label_and_wait() {
+        let wait = Some(Duration::from_secs(7));
+        let cases = [
+            (
+                OAuthError::Transport("refused".into()),
+                ErrorClass::Transient,
+                "transport",
+            ),
+            (
+                OAuthError::Timeout(Duration::from_secs(10)),
+                ErrorClass::Transient,
+                "timeout",
+            ),
+            (
+                OAuthError::RateLimited { retry_after: wait },
+                ErrorClass::Transient,
+                "rate_limited",
+            ),
+            (
+                OAuthError::Server {
+                    status: 503,
+                    code: None,
+                    description: None,
+                },
+                ErrorClass::Transient,
+                "server_error",
+            ),
+            (
+                OAuthError::Malformed {
+                    status: 200,
+                    reason: "x".into(),
+                },
+                ErrorClass::Transient,
+                "malformed",
+            ),
+            (oauth(400, "invalid_grant"), ErrorClass::InvalidGrant, "invalid_grant"),
+            (
+                oauth(400, "temporarily_unavailable"),
+                ErrorClass::Transient,
+                "temporarily_unavailable",
+            ),
+            (oauth(400, "server_error"), ErrorClass::Transient, "server_error"),
+            (oauth(401, "invalid_client"), ErrorClass::Permanent, "invalid_client"),
+            (oauth(400, "invalid_scope"), ErrorClass::Permanent, "invalid_scope"),
+            (oauth(400, UNRECOGNISED), ErrorClass::Permanent, "oauth_error"),
+            (
+                OAuthError::Http {
+                    status: 408,
+                    description: None,
+                },
+                ErrorClass::Transient,
+                "http_error",
+            ),
+            (
+                OAuthError::Http {
+                    status: 404,
+                    description: None,
+                },
+                ErrorClass::Permanent,
+                "http_error",
+            ),
+        ];
+        for (error, class, label) in cases {
+            assert_eq!(error.class(), class, "{error}");
+            assert_eq!(error.is_transient(), class == ErrorClass::Transient, "{error}");
+            assert_eq!(error.label(), label, "{error}");
+            let expected_wait = matches!(error, OAuthError::RateLimited { .. })
+                .then_some(wait)
+                .flatten();
+            assert_eq!(error.retry_after(), expected_wait, "{error}");
+        }
+    }
+
+    #[test]
+    fn only_registered_codes_are_kept() {
+        for code in REGISTERED_CODES {
+            assert_eq!(registered_code(code), code);
+        }
+        for other in ["Invalid_Client", "invalid_client ", "made_up", ""] {
+            assert_eq!(registered_code(other), UNRECOGNISED, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn messages_carry_status_code_and_description() {
+        let e = OAuthError::Server {
+            status: 502,
+            code: Some("server_error"),
+            description: Some("upstream".into()),
+        };
+        assert_eq!(e.to_string(), "token endpoint server error 502: server_error: upstream");
+        let e = OAuthError::RateLimited { retry_after: None };
+        assert_eq!(e.to_string(), "token endpoint rate-limited the request (429)");
+    }
+}

@@ -498,7 +498,11 @@ mod tests {
         for (e, label_or_status, needle, class) in cases {
             let text = e.to_string();
             assert!(text.contains(needle), "{text:?} should contain {needle:?}");
-            assert!(e.label() == label_or_status || text.contains(label_or_status), "{text}");
+            if label_or_status.parse::<u16>().is_ok() {
+                assert!(text.contains(label_or_status), "{text}");
+            } else {
+                assert_eq!(e.label(), label_or_status, "{text}");
+            }
             assert_eq!(e.class(), class, "{text}");
         }
     }
@@ -547,6 +551,129 @@ mod tests {
             let _ =
                 parse_error_response(status, &body, Some(&text), Some(&text)).into_error(&SecretFilter::new([text]));
         }
+    }
+
+    /// RFC 6750 §3: the error may come only in the challenge, on any status.
+    #[test]
+    fn errors_in_www_authenticate_alone_are_read() {
+        let cases = [
+            (
+                400,
+                r#"Bearer error="invalid_request", error_description="scope is wrong""#,
+                "invalid_request",
+                Some("scope is wrong"),
+            ),
+            (
+                403,
+                r#"Bearer realm="flute",error=insufficient_scope"#,
+                "insufficient_scope",
+                None,
+            ),
+            // A parameter whose name merely contains "error" is not the error.
+            (
+                400,
+                r#"Bearer xerror="invalid_client", error="invalid_scope""#,
+                "invalid_scope",
+                None,
+            ),
+            (
+                400,
+                r#"Bearer error_uri="https://x", error="invalid_grant""#,
+                "invalid_grant",
+                None,
+            ),
+            // Case-insensitive names; unquoted values end at a comma or space.
+            (
+                400,
+                r#"Bearer ERROR=invalid_request,realm="x""#,
+                "invalid_request",
+                None,
+            ),
+        ];
+        for (status, header, code, description) in cases {
+            let answer = parse_error_response(status, b"", Some(header), None);
+            assert_eq!(answer.code, Some(code), "{header}");
+            match answer.into_error(&SecretFilter::new([])) {
+                OAuthError::OAuth {
+                    status: s,
+                    code: c,
+                    description: d,
+                } => {
+                    assert_eq!((s, c), (status, code), "{header}");
+                    assert_eq!(d.as_deref(), description, "{header}");
+                }
+                other => panic!("{header}: {other:?}"),
+            }
+        }
+        // An empty value, or no value at all, is no error code.
+        for header in [r#"Bearer error="""#, "Bearer error", r#"Bearer realm="error""#] {
+            let e = err(403, "", Some(header), None);
+            assert!(matches!(e, OAuthError::Http { status: 403, .. }), "{header}: {e:?}");
+        }
+        // The body wins over the header.
+        let e = err(
+            400,
+            r#"{"error":"invalid_grant"}"#,
+            Some(r#"Bearer error="invalid_token""#),
+            None,
+        );
+        assert_eq!(e.label(), "invalid_grant");
+    }
+
+    #[test]
+    fn blank_fields_count_as_absent() {
+        let t = ok(r#"{"access_token":"a","token_type":"Bearer","refresh_token":""}"#).unwrap();
+        assert!(t.refresh_token.is_none(), "an empty refresh_token is no refresh token");
+        let e = err(400, r#"{"error":"  ","error_description":" \t "}"#, None, None);
+        assert_eq!(e.to_string(), "token endpoint answered 400");
+        let e = err(
+            400,
+            r#"{"error":"invalid_request","error_description":"  padded  "}"#,
+            None,
+            None,
+        );
+        assert_eq!(
+            e.to_string(),
+            "token endpoint refused the request: 400 invalid_request: padded"
+        );
+    }
+
+    #[test]
+    fn problem_details_errors_as_lists_or_strings() {
+        for (errors, shown) in [
+            (r#"{"grant_type":["is required","x"]}"#, "Bad (grant_type: is required)"),
+            (r#"{"grant_type":"is required"}"#, "Bad (grant_type: is required)"),
+            (r#"{"grant_type":7}"#, "Bad"),
+        ] {
+            let body = format!(r#"{{"title":"Bad","errors":{errors}}}"#);
+            let e = err(400, &body, None, None);
+            assert_eq!(
+                e.to_string(),
+                format!("token endpoint answered 400: {shown}"),
+                "{errors}"
+            );
+        }
+        let e = err(400, r#"{"errors":{"scope":"unknown"}}"#, None, None);
+        assert_eq!(e.to_string(), "token endpoint answered 400: scope: unknown");
+    }
+
+    #[test]
+    fn debug_shows_the_shape_but_no_secret() {
+        let t = ok(r#"{"access_token":"tok-secret","token_type":"Bearer","expires_in":60,"refresh_token":"ref-secret","scope":"s"}"#).unwrap();
+        assert_eq!(
+            format!("{t:?}"),
+            r#"TokenResponse { access_token: "[redacted]", token_type: "Bearer", lifetime: 60s, refresh_token: Some("[redacted]"), scope: Some("s") }"#
+        );
+        let answer = parse_error_response(
+            400,
+            br#"{"error":"invalid_request","error_description":"abc"}"#,
+            None,
+            None,
+        );
+        assert_eq!(
+            format!("{answer:?}"),
+            r#"ErrorAnswer { status: 400, code: Some("invalid_request"), description: Some("[3 bytes, unchecked]"), retry_after: None }"#
+        );
     }
 
     #[test]

@@ -238,4 +238,105 @@ mod tests {
         };
         assert_eq!(bad.problems().len(), 4, "{:?}", bad.problems());
     }
+
+    /// Each bound is inclusive: the limit itself is accepted, one step past it is not.
+    #[test]
+    fn validation_bounds_are_inclusive() {
+        let problems = |p: RefreshPolicy| p.problems();
+        let hour = Duration::from_secs(3600);
+        let step = Duration::from_millis(1);
+        let accepted = [
+            RefreshPolicy {
+                backoff_initial: secs(30.0),
+                backoff_max: secs(30.0),
+                ..Default::default()
+            },
+            RefreshPolicy {
+                backoff_max: hour,
+                expiry_margin: hour,
+                retry_after_max: hour,
+                early_refresh_interval: hour,
+                serve_margin: secs(300.0),
+                ..Default::default()
+            },
+            RefreshPolicy {
+                refresh_ratio: 0.1,
+                jitter_ratio: 0.0,
+                ..Default::default()
+            },
+            RefreshPolicy {
+                refresh_ratio: 0.8,
+                jitter_ratio: 0.19,
+                ..Default::default()
+            },
+        ];
+        for policy in accepted {
+            assert!(
+                problems(policy.clone()).is_empty(),
+                "{policy:?}: {:?}",
+                problems(policy.clone())
+            );
+        }
+        let rejected = [
+            (
+                RefreshPolicy {
+                    backoff_initial: secs(30.0) + step,
+                    backoff_max: secs(30.0),
+                    ..Default::default()
+                },
+                "backoff_initial must be above zero and at most backoff_max",
+            ),
+            (
+                RefreshPolicy {
+                    backoff_max: hour + step,
+                    ..Default::default()
+                },
+                "backoff_max: ",
+            ),
+            (
+                RefreshPolicy {
+                    expiry_margin: hour + step,
+                    ..Default::default()
+                },
+                "expiry_margin: ",
+            ),
+            (
+                RefreshPolicy {
+                    serve_margin: secs(300.0) + step,
+                    ..Default::default()
+                },
+                "serve_margin: ",
+            ),
+            (
+                RefreshPolicy {
+                    refresh_ratio: 0.8,
+                    jitter_ratio: 0.2,
+                    ..Default::default()
+                },
+                "ratio + jitter must stay below 1",
+            ),
+            (
+                RefreshPolicy {
+                    refresh_ratio: 0.96,
+                    jitter_ratio: 0.0,
+                    ..Default::default()
+                },
+                "ratio must be between 0.1 and 0.95 (got 0.96)",
+            ),
+            (
+                RefreshPolicy {
+                    jitter_ratio: 0.21,
+                    ..Default::default()
+                },
+                "jitter must be between 0 and 0.2 (got 0.21)",
+            ),
+        ];
+        for (policy, needle) in rejected {
+            let found = problems(policy.clone());
+            assert!(
+                found.len() == 1 && found[0].starts_with(needle),
+                "{policy:?}: {found:?}"
+            );
+        }
+    }
 }

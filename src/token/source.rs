@@ -329,7 +329,8 @@ pub fn spawn<E: TokenEndpoint>(
     };
     let environment = task.config.environment;
     let span = info_span!("token_source", environment = %environment);
-    let join = tokio::spawn(task.run().instrument(span));
+    let supervisor_state = task.state.clone();
+    let join = tokio::spawn(supervise(task.run(), supervisor_state).instrument(span));
     (
         TokenSourceHandle {
             environment,
@@ -339,6 +340,36 @@ pub fn spawn<E: TokenEndpoint>(
         },
         join,
     )
+}
+
+/// Runs the task. It ends normally when every handle is dropped; if it
+/// ends any other way (a panic: a bug), nothing refreshes this
+/// environment's token any more, so the source says so where every reader
+/// looks: an ERROR log, and a snapshot without a token and with the reason
+/// (GetToken answers UNAVAILABLE, health NOT_SERVING, /readyz 503). The
+/// handles then report it not running: /healthz fails and the systemd
+/// watchdog stops, so the platform restarts the broker.
+async fn supervise(run: impl Future<Output = ()>, state: watch::Sender<Snapshot>) {
+    use futures_util::FutureExt;
+    let Err(panic) = std::panic::AssertUnwindSafe(run).catch_unwind().await else {
+        return;
+    };
+    let why = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into());
+    error!(reason = %why, "token source task stopped: no token for this environment until the broker restarts");
+    state.send_replace(Snapshot {
+        token: None,
+        last_error: Some(Arc::new(RefreshFailure {
+            message: format!("token source stopped ({why}); the broker must be restarted"),
+            class: ErrorClass::Permanent,
+            at: SystemTime::now(),
+            consecutive: 0,
+        })),
+        next_attempt: None,
+    });
 }
 
 struct Waiter {
