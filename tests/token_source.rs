@@ -474,3 +474,130 @@ async fn a_hanging_refresh_does_not_hold_back_published_state() {
     assert_eq!(status.environments[0].state, pb::State::Unavailable as i32);
     assert_eq!(handle.snapshot().state(), SourceState::Unavailable);
 }
+
+/// A source task that dies (a panic: a bug) must not leave the broker
+/// looking healthy with a token nobody refreshes: the outage is published
+/// with the reason, logged at ERROR, and liveness fails (the watchdog and
+/// /healthz read `all_running`) so the platform restarts the broker.
+#[tokio::test(start_paused = true)]
+async fn a_source_task_that_dies_says_so_everywhere() {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    let logs = support::LogCapture::default();
+    let _guard = logs.install();
+    let ep = FakeEndpoint::new(LIFETIME);
+    let h = start(&ep);
+    let sources = Arc::new(flute_token_broker::token::TokenSources::new([h.clone()]));
+    let router = flute_token_broker::admin::router(sources.clone(), Arc::new(Metrics::new()));
+    let status_of = |path: &'static str| {
+        let router = router.clone();
+        async move {
+            router
+                .oneshot(Request::get(path).body(Body::empty()).unwrap())
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    let first = h.started().await.token.expect("a token");
+    assert!(h.is_running() && sources.all_running());
+    assert_eq!(status_of("/healthz").await, StatusCode::OK);
+    assert_eq!(status_of("/readyz").await, StatusCode::OK);
+
+    // The scheduled refresh panics the task, long before the token expires.
+    ep.push(Reply::Panic);
+    let mut rx = h.subscribe();
+    let snapshot = rx.wait_for(|s| s.token.is_none()).await.unwrap().clone();
+    assert!(
+        first.is_servable(Instant::now()),
+        "withdrawn because the task died, not by expiry"
+    );
+    assert_eq!(snapshot.state(), SourceState::Unavailable);
+    let reason = &snapshot.last_error.as_ref().unwrap().message;
+    assert!(
+        reason.contains("token source stopped") && reason.contains("restarted"),
+        "{reason}"
+    );
+    assert!(!h.is_running() && !sources.all_running());
+    assert!(
+        h.current().is_none(),
+        "no token from a source that can no longer refresh it"
+    );
+    assert!(matches!(
+        h.token_with_remaining(secs(1)).await,
+        Err(RefreshError::Stopped)
+    ));
+    assert_eq!(status_of("/healthz").await, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(status_of("/readyz").await, StatusCode::SERVICE_UNAVAILABLE);
+    let text = logs.text();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("ERROR") && l.contains("token source task stopped")),
+        "{text}"
+    );
+}
+
+/// Callers that arrive while a refresh is in flight, wanting what that
+/// refresh brings, are answered by it: no second endpoint call.
+#[tokio::test(start_paused = true)]
+async fn callers_queued_during_a_refresh_are_answered_by_it() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    let h = start(&ep);
+    let t1 = h.started().await.token.unwrap();
+    sleep(secs(300)).await; // 600 s left
+    ep.set_delay(secs(2));
+    let early = {
+        let h = h.clone();
+        tokio::spawn(async move { h.token_with_remaining(secs(700)).await })
+    };
+    sleep(secs(1)).await;
+    assert_eq!(ep.call_count(), 2, "the early refresh is in flight");
+    let (more, replacing) = {
+        let (h1, h2, id) = (h.clone(), h.clone(), t1.token_id.clone());
+        (
+            tokio::spawn(async move { h1.token_with_remaining(secs(650)).await }),
+            tokio::spawn(async move { h2.replace_rejected(&id).await }),
+        )
+    };
+    let t2 = early.await.unwrap().expect("the early refresh");
+    assert_ne!(t2.token_id, t1.token_id);
+    for queued in [more, replacing] {
+        assert_eq!(
+            queued.await.unwrap().expect("answered by the same refresh").token_id,
+            t2.token_id
+        );
+    }
+    // Past the early-refresh interval: still no second call was needed.
+    sleep(secs(30)).await;
+    assert_eq!(ep.call_count(), 2);
+}
+
+/// A permanent failure (the key is refused) is an ERROR: someone must act.
+/// A transient one (the endpoint is down) is a WARN: retries handle it.
+#[tokio::test(start_paused = true)]
+async fn permanent_failures_log_errors_and_transient_ones_warnings() {
+    let logs = support::LogCapture::default();
+    let _guard = logs.install();
+    let ep = FakeEndpoint::new(LIFETIME);
+    ep.push(server_error());
+    let h = start(&ep);
+    h.started().await;
+    let line = |text: &str, needle: &str| text.lines().find(|l| l.contains(needle)).map(str::to_owned);
+    let transient = line(&logs.text(), "token request failed").expect("the failure is logged");
+    assert!(
+        transient.contains("WARN") && transient.contains("server_error"),
+        "{transient}"
+    );
+    assert!(!logs.text().contains("ERROR"), "{}", logs.text());
+
+    ep.set_accepted_secret("rotated-secret");
+    sleep(LIFETIME).await;
+    let text = logs.text();
+    let permanent = text
+        .lines()
+        .find(|l| l.contains("token request failed") && l.contains("invalid_client"))
+        .expect("the refusal is logged");
+    assert!(permanent.contains("ERROR"), "{permanent}");
+}

@@ -56,3 +56,17 @@ pub trait TokenEndpoint: Send + Sync + 'static {
 
 /// Default lifetime assumed when the endpoint omits `expires_in`.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(900);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_shows_its_type_never_its_refresh_token() {
+        assert_eq!(format!("{:?}", Grant::ClientCredentials), "client_credentials");
+        assert_eq!(
+            format!("{:?}", Grant::RefreshToken(SecretString::from("rt-secret"))),
+            "refresh_token"
+        );
+    }
+}

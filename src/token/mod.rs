@@ -147,7 +147,15 @@ mod tests {
         );
         assert!(t.is_servable(now + Duration::from_secs(94)));
         assert!(!t.is_servable(now + Duration::from_secs(95)));
-        assert!(!format!("{t:?}").contains("abc-secret"));
+        let shown = format!("{t:?}");
+        assert!(!shown.contains("abc-secret"));
+        assert_eq!(
+            shown,
+            format!(
+                "Token {{ environment: Sandbox, token_id: \"{}\", token_type: \"Bearer\", lifetime: 100s, .. }}",
+                token_id("abc-secret")
+            )
+        );
     }
 }
 

@@ -20,6 +20,8 @@ pub enum Reply {
     /// The access token issued last time, again.
     Same,
     Fail(OAuthError),
+    /// The endpoint code panics (a bug): the source task dies.
+    Panic,
 }
 
 /// What the fake endpoint saw in one call.
@@ -142,6 +144,10 @@ impl TokenEndpoint for FakeEndpoint {
             .unwrap_or(Reply::Fresh);
         let access = match reply {
             Reply::Fail(e) => return Err(e),
+            Reply::Panic => {
+                drop(s);
+                panic!("the fake endpoint was told to panic");
+            }
             Reply::Same if s.last.is_some() => s.last.clone().unwrap(),
             Reply::Same | Reply::Fresh => {
                 s.issued += 1;
