@@ -347,7 +347,8 @@ impl Config {
             problems.push("environments: at least one environment must be enabled".into());
         }
         let enabled: Vec<Environment> = self.enabled().map(|(env, _)| env).collect();
-        let (sink_problems, sink_warnings) = crate::sinks::problems(&self.sinks, &enabled, secrets);
+        let (sink_problems, sink_warnings) =
+            crate::sinks::problems(&self.sinks, &enabled, secrets == SecretCheck::Read);
         problems.extend(sink_problems);
         warnings.extend(sink_warnings);
         if problems.is_empty() {

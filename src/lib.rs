@@ -37,6 +37,7 @@ pub mod settings;
 pub mod sinks;
 pub mod systemd;
 pub mod token;
+pub mod token_text;
 
 pub use environment::Environment;
 

@@ -27,11 +27,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::Environment;
-use crate::client::{TokenFormat, render_token};
-use crate::config::SecretCheck;
 use crate::grpc::access::resolve_group;
 use crate::grpc::pb;
 use crate::token::{Snapshot, TokenSources};
+use crate::token_text::{self, TokenFormat};
 
 /// A failed write is tried again after this long (or at the next rotation).
 const RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -62,10 +61,10 @@ fn default_mode() -> u32 {
 }
 
 /// Problems of every sink (key paths `sinks[N].…`) and warnings, given the
-/// enabled environments. With [`SecretCheck::Read`] it also checks the
+/// enabled environments. With `probe_directories` it also checks the
 /// directories as they are now: each must exist and take a new file (one is
 /// created and removed to prove it).
-pub fn problems(sinks: &[SinkConfig], enabled: &[Environment], host: SecretCheck) -> (Vec<String>, Vec<String>) {
+pub fn problems(sinks: &[SinkConfig], enabled: &[Environment], probe_directories: bool) -> (Vec<String>, Vec<String>) {
     let (mut problems, mut warnings) = (Vec::new(), Vec::new());
     for (i, sink) in sinks.iter().enumerate() {
         let key = format!("sinks[{i}]");
@@ -78,7 +77,7 @@ pub fn problems(sinks: &[SinkConfig], enabled: &[Environment], host: SecretCheck
                 sink.path.display()
             ));
         }
-        if let Err(p) = check_path(&sink.path, host) {
+        if let Err(p) = check_path(&sink.path, probe_directories) {
             problems.push(format!("{key}.path: {p}"));
         }
         if !sink.group.is_empty()
@@ -96,7 +95,7 @@ pub fn problems(sinks: &[SinkConfig], enabled: &[Environment], host: SecretCheck
     (problems, warnings)
 }
 
-fn check_path(path: &Path, host: SecretCheck) -> Result<(), String> {
+fn check_path(path: &Path, probe_directory: bool) -> Result<(), String> {
     let shown = path.display();
     if !path.is_absolute() {
         return Err(format!("{shown}: must be an absolute path"));
@@ -104,7 +103,7 @@ fn check_path(path: &Path, host: SecretCheck) -> Result<(), String> {
     let (Some(dir), Some(_)) = (path.parent(), path.file_name()) else {
         return Err(format!("{shown}: names no file"));
     };
-    if host == SecretCheck::Skip {
+    if !probe_directory {
         return Ok(());
     }
     if path.is_dir() {
@@ -151,7 +150,7 @@ impl Sink {
             }
             // Explicitly: the umask would narrow the mode given to open().
             file.set_permissions(Permissions::from_mode(self.config.mode))?;
-            file.write_all(render_token(token, self.config.environment, self.config.format).as_bytes())?;
+            file.write_all(token_text::render(token, self.config.environment, self.config.format).as_bytes())?;
             file.sync_all()?;
             fs::rename(&temporary, path)?;
             File::open(path.parent().unwrap_or(Path::new("/")))?.sync_all()

@@ -503,6 +503,11 @@ async fn a_source_task_that_dies_says_so_everywhere() {
     };
     let first = h.started().await.token.expect("a token");
     assert!(h.is_running() && sources.all_running());
+    // What systemd's STATUS= and the logs show.
+    assert_eq!(
+        sources.summary(),
+        format!("sandbox: Ready, token {} (900s left)", first.token_id)
+    );
     assert_eq!(status_of("/healthz").await, StatusCode::OK);
     assert_eq!(status_of("/readyz").await, StatusCode::OK);
 
@@ -521,6 +526,7 @@ async fn a_source_task_that_dies_says_so_everywhere() {
         "{reason}"
     );
     assert!(!h.is_running() && !sources.all_running());
+    assert_eq!(sources.summary(), "sandbox: Unavailable");
     assert!(
         h.current().is_none(),
         "no token from a source that can no longer refresh it"

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::client::{self, TokenFormat};
+use crate::client;
 use crate::grpc::listener::ListenAddr;
 use crate::grpc::tls::ClientTlsFiles;
+use crate::token_text::TokenFormat;
 use crate::{Environment, duration};
 
 /// The exit-code table (README and man page).

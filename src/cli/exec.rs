@@ -57,7 +57,7 @@ pub async fn run(
     }
     let mut child = match tokio::process::Command::new(program)
         .args(args)
-        .envs(client::token_env(&token))
+        .envs(crate::token_text::token_env(&token))
         .spawn()
     {
         Ok(child) => child,

@@ -15,6 +15,7 @@ use crate::exit;
 use crate::grpc::pb::token_broker_client::TokenBrokerClient;
 use crate::grpc::pb::{self, watch_token_response::Update};
 use crate::grpc::tls::{ClientTlsFiles, client_config};
+use crate::token_text::{self, TokenFormat, ts};
 
 /// The address `serve --dev` listens on.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
@@ -194,35 +195,8 @@ fn connect_failure(error: &(dyn std::error::Error + 'static)) -> String {
     format!("{io}{hint}")
 }
 
-/// How `get` prints the token and a `[[sinks]]` file holds it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(try_from = "String", into = "&'static str")]
-pub enum TokenFormat {
-    /// The bare access token (for `$(...)` in shell scripts).
-    #[default]
-    Token,
-    /// `Authorization: Bearer <token>`.
-    Header,
-    /// A JSON object with the token and its metadata.
-    Json,
-    /// `FLUTE_ACCESS_TOKEN=…` and `FLUTE_TOKEN_EXPIRES_AT=…` (RFC 3339), one
-    /// per line: for `eval` or an env file.
-    Env,
-}
-
-crate::named_choices!(TokenFormat {
-    Token => "token",
-    Header => "header",
-    Json => "json",
-    Env => "env",
-});
-
 fn pb_env(env: Environment) -> i32 {
     pb::Environment::from(env) as i32
-}
-
-fn ts(t: &Option<prost_types::Timestamp>) -> String {
-    t.as_ref().map(ToString::to_string).unwrap_or_else(|| "-".into())
 }
 
 /// A token from the broker (refreshed first if it would not stay valid
@@ -251,14 +225,6 @@ pub async fn fetch(
         .unwrap_or_default())
 }
 
-/// The variables `get --format env` prints and `exec` sets.
-pub fn token_env(token: &pb::Token) -> [(&'static str, String); 2] {
-    [
-        ("FLUTE_ACCESS_TOKEN", token.access_token.clone()),
-        ("FLUTE_TOKEN_EXPIRES_AT", ts(&token.expires_at)),
-    ]
-}
-
 /// A token printed the way `format` says.
 pub async fn get(
     target: &Target,
@@ -266,29 +232,11 @@ pub async fn get(
     min_remaining: Option<Duration>,
     format: TokenFormat,
 ) -> Result<String, ClientError> {
-    Ok(render_token(&fetch(target, env, min_remaining).await?, env, format))
-}
-
-/// A token as `get` prints it and a token file sink holds it.
-pub fn render_token(token: &pb::Token, env: Environment, format: TokenFormat) -> String {
-    match format {
-        TokenFormat::Token => token.access_token.clone(),
-        TokenFormat::Header => format!("Authorization: {} {}", token.token_type, token.access_token),
-        TokenFormat::Json => serde_json::json!({
-            "access_token": token.access_token,
-            "token_type": token.token_type,
-            "environment": env.as_str(),
-            "token_id": token.token_id,
-            "issued_at": ts(&token.issued_at),
-            "expires_at": ts(&token.expires_at),
-        })
-        .to_string(),
-        TokenFormat::Env => token_env(token)
-            .iter()
-            .map(|(name, value)| format!("{name}={value}"))
-            .collect::<Vec<_>>()
-            .join("\n"),
-    }
+    Ok(token_text::render(
+        &fetch(target, env, min_remaining).await?,
+        env,
+        format,
+    ))
 }
 
 /// `watch`'s first wait before reconnecting; it doubles up to the max.
