@@ -474,6 +474,10 @@ def terminate(pod, container, root, env, process, image, shutdown_grace):
 def main():
     if os.geteuid() != 0:
         raise SystemExit("pod-probe.py needs root (network namespaces, mounts)")
+    # Left over from an interrupted run: the names would clash.
+    for stale in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
+        if stale.startswith("ftb-pod-"):
+            subprocess.run(["ip", "netns", "delete", stale], capture_output=True)
     docs = render()
     objects = {(d["kind"], d["metadata"]["name"]): d for d in docs}
     image = image_defaults()
