@@ -322,4 +322,106 @@ mod tests {
         );
         assert!(header.is_none());
     }
+
+    #[test]
+    fn token_urls_need_https_unless_insecure_http_is_allowed_on_loopback() {
+        let strict = OAuthSettings::default();
+        let lax = OAuthSettings {
+            allow_insecure_http: true,
+            ..OAuthSettings::default()
+        };
+        for url in ["https://oauth.api.flute.com/oauth2/token", "https://10.0.0.1/token"] {
+            assert_eq!(strict.check_token_url(url), Ok(()), "{url}");
+            assert_eq!(lax.check_token_url(url), Ok(()), "{url}");
+        }
+        for url in [
+            "http://127.0.0.1:9470/oauth2/token",
+            "http://localhost/t",
+            "http://[::1]:8080/t",
+        ] {
+            let refused = strict.check_token_url(url).unwrap_err();
+            assert!(refused.contains("https is required"), "{url}: {refused}");
+            assert_eq!(lax.check_token_url(url), Ok(()), "{url}");
+        }
+        for url in [
+            "http://10.0.0.1/t",
+            "http://example.com/t",
+            "http://localhost.example.com/t",
+        ] {
+            let refused = lax.check_token_url(url).unwrap_err();
+            assert!(refused.contains("only allowed for loopback"), "{url}: {refused}");
+        }
+        for (url, why) in [
+            ("ftp://127.0.0.1/t", "unsupported scheme"),
+            ("not a url", "relative URL"),
+        ] {
+            let refused = lax.check_token_url(url).unwrap_err();
+            assert!(refused.contains(why), "{url}: {refused}");
+        }
+    }
+
+    #[test]
+    fn settings_bounds_are_one_second_to_their_maximum() {
+        let secs = Duration::from_secs;
+        assert!(OAuthSettings::default().problems().is_empty());
+        let at_limits = OAuthSettings {
+            connect_timeout: secs(120),
+            request_timeout: secs(1),
+            default_lifetime: secs(86_400),
+            ..OAuthSettings::default()
+        };
+        assert!(at_limits.problems().is_empty(), "{:?}", at_limits.problems());
+        let past = OAuthSettings {
+            connect_timeout: secs(121),
+            request_timeout: Duration::from_millis(999),
+            default_lifetime: secs(86_401),
+            ..OAuthSettings::default()
+        };
+        let problems = past.problems();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        for (problem, key) in problems
+            .iter()
+            .zip(["connect_timeout: ", "request_timeout: ", "default_lifetime: "])
+        {
+            assert!(
+                problem.starts_with(key) && problem.contains("out of range"),
+                "{problem}"
+            );
+        }
+    }
+
+    #[test]
+    fn each_environment_client_takes_the_shared_settings() {
+        let settings = OAuthSettings {
+            client_auth: ClientAuth::ClientSecretPost,
+            scope: String::new(),
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(7),
+            default_lifetime: Duration::from_secs(120),
+            ..OAuthSettings::default()
+        };
+        let config = settings.client_config("https://example.invalid/token");
+        assert_eq!(config.token_url, "https://example.invalid/token");
+        assert_eq!(config.client_auth, ClientAuth::ClientSecretPost);
+        assert_eq!(config.scope, None, "an empty scope sends none");
+        assert_eq!(
+            (config.connect_timeout, config.request_timeout),
+            (Duration::from_secs(3), Duration::from_secs(7))
+        );
+        assert_eq!(config.max_body_bytes, 64 * 1024);
+        assert_eq!(config.lifetime.default, Duration::from_secs(120));
+        assert_eq!(
+            (config.lifetime.min, config.lifetime.max),
+            (Duration::from_secs(1), Duration::from_secs(86_400))
+        );
+        let scoped = OAuthSettings::default().client_config("https://example.invalid/token");
+        assert_eq!(scoped.scope.as_deref(), Some("offline_access"));
+        let client = OAuthClient::new(config).unwrap();
+        let shown = format!("{client:?}");
+        assert!(
+            shown.starts_with("OAuthClient { config: OAuthClientConfig { token_url: \"https://example.invalid/token\"")
+                && shown.ends_with(", .. }"),
+            "{shown}"
+        );
+    }
 }
