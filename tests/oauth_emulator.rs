@@ -402,3 +402,40 @@ async fn oversized_and_redirecting_answers_are_refused() {
         .unwrap_err();
     assert!(matches!(redirect, OAuthError::Http { status: 302, .. }), "{redirect:?}");
 }
+
+/// The body limit: an answer of exactly `max_body_bytes` is read, one byte
+/// more is malformed (and never buffered whole).
+#[tokio::test]
+async fn bodies_up_to_the_limit_are_read_and_larger_ones_refused() {
+    const LIMIT: usize = 200;
+    let body_of = |len: usize| {
+        let head = r#"{"access_token":"a","token_type":"Bearer","pad":""#;
+        let tail = r#""}"#;
+        format!("{head}{}{tail}", "x".repeat(len - head.len() - tail.len()))
+    };
+    let (exact, over) = (body_of(LIMIT), body_of(LIMIT + 1));
+    let app = axum::Router::new()
+        .route("/exact", axum::routing::post(move || async move { exact }))
+        .route("/over", axum::routing::post(move || async move { over }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client_for = |path: &str| {
+        let mut config = OAuthClientConfig::new(format!("http://{addr}{path}"));
+        config.max_body_bytes = LIMIT;
+        OAuthClient::new(config).unwrap()
+    };
+    let token = client_for("/exact")
+        .request_token(&test_key(), &Grant::ClientCredentials)
+        .await
+        .expect("a body of exactly the limit");
+    assert_eq!(token.access_token.expose_secret(), "a");
+    let refused = client_for("/over")
+        .request_token(&test_key(), &Grant::ClientCredentials)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        format!("malformed token response (HTTP 200): response body exceeds {LIMIT} bytes")
+    );
+}
