@@ -440,7 +440,7 @@ def run_file_client(pod, container, image, path):
         readable = bool(mode & 0o040)
     else:
         readable = bool(mode & 0o004)
-    if not check(readable, what, f"mode {mode & 0o777:04o} owner {st.st_uid}:{st.st_gid}, reader uid {uid} groups {groups}"):
+    if not check(readable, f"{pod.name}/{container['name']}: uid {uid} with groups {groups} may read {path} (mode {mode & 0o777:04o}, owner {st.st_uid}:{st.st_gid})"):
         return
     token = host_file.read_text()
     probe = "import sys, urllib.request as u; print(u.urlopen(u.Request(sys.argv[1], headers={'Authorization': 'Bearer ' + sys.stdin.read()}), timeout=5).status)"
