@@ -152,11 +152,6 @@ impl std::fmt::Debug for ErrorAnswer {
 pub const WITHHELD: &str = "[description withheld: it quoted a credential]";
 
 impl ErrorAnswer {
-    /// Whether the endpoint sent a description at all.
-    pub fn has_description(&self) -> bool {
-        self.description.is_some()
-    }
-
     /// The matching [`OAuthError`], with the description only if `filter`
     /// finds no secret in it (checked before it is shortened).
     pub fn into_error(self, filter: &SecretFilter) -> OAuthError {
