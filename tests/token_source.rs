@@ -607,3 +607,25 @@ async fn permanent_failures_log_errors_and_transient_ones_warnings() {
         .expect("the refusal is logged");
     assert!(permanent.contains("ERROR"), "{permanent}");
 }
+
+/// Some servers answer `invalid_grant` to a client-credentials request (a
+/// disabled client). There is no refresh token to drop and no grant to fall
+/// back to: it is a permanent failure, retried every backoff_max (60 s),
+/// never at once.
+#[tokio::test(start_paused = true)]
+async fn invalid_grant_to_client_credentials_is_a_permanent_failure() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    ep.set_default(Some(Reply::Fail(OAuthError::OAuth {
+        status: 400,
+        code: "invalid_grant",
+        description: None,
+    })));
+    let h = start(&ep);
+    let failure = h.started().await.last_error.expect("the first call failed");
+    assert_eq!(failure.class, ErrorClass::Permanent);
+    sleep(secs(125)).await;
+    let calls = ep.calls();
+    let times: Vec<_> = calls.iter().map(|c| c.at - calls[0].at).collect();
+    assert_eq!(times, [secs(0), secs(60), secs(120)]);
+    assert!(calls.iter().all(|c| c.grant == "client_credentials"));
+}

@@ -519,6 +519,23 @@ mod tests {
         assert!(e.len() < 250 && !e.contains('\n'), "{e}");
     }
 
+    /// A description is shown whole up to 160 characters, on one line with
+    /// its whitespace collapsed; a longer one is cut there and marked.
+    #[test]
+    fn descriptions_are_cut_at_160_characters() {
+        let shown = |description: &str| {
+            let body = serde_json::json!({"error": "invalid_request", "error_description": description}).to_string();
+            match err(400, &body, None, None) {
+                OAuthError::OAuth { description, .. } => description.unwrap(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let exact = "é".repeat(160);
+        assert_eq!(shown(&exact), exact, "160 characters (320 bytes) stay whole");
+        assert_eq!(shown(&format!("{exact}x")), format!("{exact}…"));
+        assert_eq!(shown("two\n\tlines  here"), "two lines here");
+    }
+
     /// Random and mutated bodies: the parsers return errors, never panic.
     #[test]
     fn arbitrary_bodies_never_panic() {
