@@ -629,3 +629,21 @@ async fn invalid_grant_to_client_credentials_is_a_permanent_failure() {
     assert_eq!(times, [secs(0), secs(60), secs(120)]);
     assert!(calls.iter().all(|c| c.grant == "client_credentials"));
 }
+
+/// The longest `min_remaining` a fresh token can meet is its lifetime less
+/// the serve margin (900 s − 5 s): exactly that is refreshed for, one
+/// second more is out of range at once.
+#[tokio::test(start_paused = true)]
+async fn min_remaining_up_to_lifetime_less_the_serve_margin_is_attainable() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    let h = start(&ep);
+    h.started().await;
+    sleep(secs(10)).await;
+    let token = h.token_with_remaining(secs(895)).await.expect("895 s is attainable");
+    assert!(token.remaining(Instant::now()) >= secs(895));
+    assert_eq!(ep.call_count(), 2);
+    sleep(secs(10)).await;
+    let refused = h.token_with_remaining(secs(896)).await;
+    assert!(matches!(refused, Err(RefreshError::OutOfRange { .. })), "{refused:?}");
+    assert_eq!(ep.call_count(), 2, "no call for what no token can meet");
+}

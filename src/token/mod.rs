@@ -81,27 +81,6 @@ impl Token {
     pub fn remaining(&self, now: Instant) -> Duration {
         self.expires_at.saturating_duration_since(now)
     }
-
-    /// The same token with a new expiry (the endpoint re-issued it).
-    pub(crate) fn extended(
-        &self,
-        issued_at: Instant,
-        issued_at_wall: SystemTime,
-        lifetime: Duration,
-        serve_margin: Duration,
-    ) -> Self {
-        let mut token = Token::new(
-            self.access_token.clone(),
-            self.token_type.clone(),
-            self.environment,
-            issued_at,
-            issued_at_wall,
-            lifetime,
-            serve_margin,
-        );
-        token.token_id = self.token_id.clone();
-        token
-    }
 }
 
 impl fmt::Debug for Token {

@@ -642,18 +642,17 @@ impl<E: TokenEndpoint> Task<E> {
             .token
             .as_ref()
             .is_some_and(|t| t.access_token() == response.access_token.expose_secret());
-        let token = match (&self.token, same_token) {
-            (Some(current), true) => current.extended(issued_at, issued_wall, response.lifetime, serve_margin),
-            _ => Token::new(
-                response.access_token,
-                response.token_type,
-                self.config.environment,
-                issued_at,
-                issued_wall,
-                response.lifetime,
-                serve_margin,
-            ),
-        };
+        // A re-issued token is built afresh too: same token, same token_id,
+        // new expiry. It just does not count as a rotation.
+        let token = Token::new(
+            response.access_token,
+            response.token_type,
+            self.config.environment,
+            issued_at,
+            issued_wall,
+            response.lifetime,
+            serve_margin,
+        );
         if let Some(refresh) = response.refresh_token {
             self.refresh_token = Some(refresh);
         }
