@@ -2,6 +2,7 @@
 
 mod support;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -11,7 +12,7 @@ use flute_token_broker::credentials::ApiKey;
 use flute_token_broker::metrics::Metrics;
 use flute_token_broker::oauth::{ErrorClass, OAuthError};
 use flute_token_broker::token::{
-    self, Jitter, KeyChange, RefreshError, RefreshPolicy, SourceState, TokenSourceConfig, TokenSourceHandle,
+    self, Jitter, KeyChange, RefreshError, RefreshPolicy, Snapshot, SourceState, TokenSourceConfig, TokenSourceHandle,
 };
 use support::{FakeEndpoint, Reply};
 use tokio::time::{Instant, sleep};
@@ -27,6 +28,20 @@ fn start(endpoint: &FakeEndpoint) -> TokenSourceHandle {
     config.jitter = Jitter::Fixed(0.5);
     let (handle, _task) = token::spawn(config, endpoint.clone(), FakeEndpoint::key(), Arc::new(Metrics::new()));
     handle
+}
+
+/// Awaits `f` for at most an hour of virtual time. Time is paused, so an
+/// engine that stops answering fails the test at once, naming `what`,
+/// instead of hanging it: no token, no timer, nothing to wait for.
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(secs(3600), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within an hour"))
+}
+
+/// The source's first published state (a token, or the first failure).
+async fn started(h: &TokenSourceHandle) -> Snapshot {
+    within("the first state", h.started()).await
 }
 
 fn server_error() -> Reply {
@@ -57,7 +72,7 @@ fn watch_for_expired_publications(handle: &TokenSourceHandle) -> Arc<AtomicUsize
 async fn refreshes_at_three_quarters_of_the_lifetime() {
     let ep = FakeEndpoint::new(LIFETIME);
     let h = start(&ep);
-    let first = h.started().await;
+    let first = started(&h).await;
     assert_eq!(first.state(), SourceState::Ready);
     let t1 = first.token.unwrap();
     let t0 = ep.calls()[0].at;
@@ -79,7 +94,7 @@ async fn outage_shorter_than_the_remaining_lifetime_is_invisible() {
     let ep = FakeEndpoint::new(LIFETIME);
     let h = start(&ep);
     let violations = watch_for_expired_publications(&h);
-    let t1 = h.started().await.token.unwrap();
+    let t1 = started(&h).await.token.unwrap();
     let t0 = ep.calls()[0].at;
     ep.set_default(Some(server_error()));
 
@@ -127,7 +142,7 @@ async fn outage_longer_than_the_lifetime_withdraws_the_token_then_recovers() {
     let ep = FakeEndpoint::new(LIFETIME);
     let h = start(&ep);
     let violations = watch_for_expired_publications(&h);
-    h.started().await;
+    started(&h).await;
     let t0 = ep.calls()[0].at;
     ep.set_default(Some(server_error()));
 
@@ -159,7 +174,7 @@ async fn outage_longer_than_the_lifetime_withdraws_the_token_then_recovers() {
 async fn a_thousand_concurrent_early_refreshes_cause_one_call() {
     let ep = FakeEndpoint::new(LIFETIME);
     let h = start(&ep);
-    let t1 = h.started().await.token.unwrap();
+    let t1 = started(&h).await.token.unwrap();
     sleep(secs(300)).await; // 600 s left; callers want 700 s
     ep.set_delay(Duration::from_millis(200));
     let tasks: Vec<_> = (0..1000)
@@ -170,7 +185,7 @@ async fn a_thousand_concurrent_early_refreshes_cause_one_call() {
         .collect();
     let mut ids = std::collections::HashSet::new();
     for t in tasks {
-        let token = t.await.unwrap().expect("early refresh");
+        let token = within("an early refresh", t).await.unwrap().expect("early refresh");
         assert!(token.remaining(Instant::now()) >= secs(700));
         ids.insert(token.token_id.clone());
     }
@@ -183,7 +198,7 @@ async fn a_thousand_concurrent_early_refreshes_cause_one_call() {
 async fn rejected_tokens_are_replaced_once_and_rate_limited() {
     let ep = FakeEndpoint::new(LIFETIME);
     let h = start(&ep);
-    let t1 = h.started().await.token.unwrap();
+    let t1 = started(&h).await.token.unwrap();
     sleep(secs(10)).await;
 
     let tasks: Vec<_> = (0..100)
@@ -193,17 +208,17 @@ async fn rejected_tokens_are_replaced_once_and_rate_limited() {
         })
         .collect();
     for t in tasks {
-        assert_ne!(t.await.unwrap().unwrap().token_id, t1.token_id);
+        assert_ne!(within("a replacement", t).await.unwrap().unwrap().token_id, t1.token_id);
     }
     assert_eq!(ep.call_count(), 2, "100 reports of one rejected token → one call");
 
     // A stale rejection gets the current token without a call.
-    let t2 = h.replace_rejected(&t1.token_id).await.unwrap();
+    let t2 = within("a replacement", h.replace_rejected(&t1.token_id)).await.unwrap();
     assert_eq!(ep.call_count(), 2);
 
     // A second forced refresh waits for the rate limit (5 s by default).
     let before = Instant::now();
-    let t3 = h.replace_rejected(&t2.token_id).await.unwrap();
+    let t3 = within("a replacement", h.replace_rejected(&t2.token_id)).await.unwrap();
     assert_ne!(t3.token_id, t2.token_id);
     assert_eq!(ep.call_count(), 3);
     let calls = ep.calls();
@@ -222,9 +237,9 @@ async fn rejected_tokens_are_replaced_once_and_rate_limited() {
 async fn a_rejected_token_re_issued_by_the_endpoint_is_not_its_replacement() {
     let ep = FakeEndpoint::new(LIFETIME);
     let h = start(&ep);
-    let t1 = h.started().await.token.unwrap();
+    let t1 = started(&h).await.token.unwrap();
     ep.push(Reply::Same);
-    let outcome = h.replace_rejected(&t1.token_id).await;
+    let outcome = within("a replacement", h.replace_rejected(&t1.token_id)).await;
     assert!(
         matches!(&outcome, Err(RefreshError::RejectedTokenReissued { .. })),
         "{outcome:?}"
@@ -233,7 +248,7 @@ async fn a_rejected_token_re_issued_by_the_endpoint_is_not_its_replacement() {
     // Readers still get the token (only the caller knows the API refused it).
     assert_eq!(h.current().unwrap().token_id, t1.token_id);
     // The next forced refresh, after the rate limit, brings a new one.
-    let t2 = h.replace_rejected(&t1.token_id).await.unwrap();
+    let t2 = within("a replacement", h.replace_rejected(&t1.token_id)).await.unwrap();
     assert_ne!(t2.token_id, t1.token_id);
 }
 
@@ -241,11 +256,11 @@ async fn a_rejected_token_re_issued_by_the_endpoint_is_not_its_replacement() {
 async fn early_refresh_does_not_bypass_backoff_or_exceed_the_lifetime() {
     let ep = FakeEndpoint::new(LIFETIME);
     let h = start(&ep);
-    let t1 = h.started().await.token.unwrap();
+    let t1 = started(&h).await.token.unwrap();
 
     // More remaining lifetime than a fresh token has: refused without a call.
     sleep(secs(10)).await;
-    let err = h.token_with_remaining(secs(896)).await.unwrap_err();
+    let err = within("a token", h.token_with_remaining(secs(896))).await.unwrap_err();
     assert!(matches!(err, RefreshError::OutOfRange { .. }), "{err:?}");
     assert_eq!(ep.call_count(), 1);
 
@@ -253,7 +268,9 @@ async fn early_refresh_does_not_bypass_backoff_or_exceed_the_lifetime() {
     ep.set_default(Some(server_error()));
     sleep(secs(670)).await;
     let calls = ep.call_count();
-    let err = h.replace_rejected(&t1.token_id).await.unwrap_err();
+    let err = within("a replacement", h.replace_rejected(&t1.token_id))
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, RefreshError::Unavailable { reason, .. } if reason.contains("503")),
         "{err:?}"
@@ -265,7 +282,7 @@ async fn early_refresh_does_not_bypass_backoff_or_exceed_the_lifetime() {
 async fn refresh_tokens_are_used_rotated_and_dropped_on_invalid_grant() {
     let ep = FakeEndpoint::new(LIFETIME).with_refresh_tokens();
     let h = start(&ep);
-    h.started().await;
+    started(&h).await;
     sleep(secs(676)).await;
     ep.push(Reply::Fail(OAuthError::OAuth {
         status: 400,
@@ -302,7 +319,7 @@ async fn reissued_identical_token_is_not_a_rotation() {
     let ep = FakeEndpoint::new(LIFETIME);
     let h = start(&ep);
     let mut rx = h.subscribe();
-    let t1 = h.started().await.token.unwrap();
+    let t1 = started(&h).await.token.unwrap();
     rx.borrow_and_update();
     ep.push(Reply::Same);
     sleep(secs(676)).await;
@@ -317,7 +334,7 @@ async fn reissued_identical_token_is_not_a_rotation() {
 async fn retry_after_is_honoured() {
     let ep = FakeEndpoint::new(LIFETIME);
     let h = start(&ep);
-    h.started().await;
+    started(&h).await;
     ep.push(Reply::Fail(OAuthError::RateLimited {
         retry_after: Some(secs(30)),
     }));
@@ -331,7 +348,7 @@ async fn retry_after_is_honoured() {
 async fn permanent_failure_retries_slowly_and_a_new_key_is_tried_at_once() {
     let ep = FakeEndpoint::new(LIFETIME);
     let h = start(&ep);
-    h.started().await;
+    started(&h).await;
     ep.set_accepted_secret("rotated-secret");
     sleep(secs(675 + 125)).await;
     let calls = ep.calls();
@@ -379,7 +396,7 @@ async fn short_lived_tokens_are_never_served_expired() {
     let ep = FakeEndpoint::new(secs(2));
     let h = start(&ep);
     let violations = watch_for_expired_publications(&h);
-    h.started().await;
+    started(&h).await;
     for _ in 0..200 {
         sleep(Duration::from_millis(97)).await;
         if let Some(t) = h.current() {
@@ -411,7 +428,7 @@ async fn a_hanging_refresh_does_not_hold_back_published_state() {
     let mut config = TokenSourceConfig::new(Environment::Sandbox);
     config.jitter = Jitter::Fixed(0.5);
     let (handle, _task) = token::spawn(config, ep.clone(), FakeEndpoint::key(), metrics.clone());
-    let serve_until = handle.started().await.token.expect("a first token").serve_until;
+    let serve_until = started(&handle).await.token.expect("a first token").serve_until;
     // Every later call hangs well past the token's expiry.
     ep.set_delay(secs(300));
 
@@ -443,14 +460,18 @@ async fn a_hanging_refresh_does_not_hold_back_published_state() {
         .unwrap()
         .into_inner();
     let serving = |r: tonic_health::pb::HealthCheckResponse| r.status;
-    assert_eq!(serving(health_updates.next().await.unwrap().unwrap()), 1, "SERVING");
-    let first = updates.next().await.unwrap().unwrap().update;
+    assert_eq!(
+        serving(within("health", health_updates.next()).await.unwrap().unwrap()),
+        1,
+        "SERVING"
+    );
+    let first = within("the first token", updates.next()).await.unwrap().unwrap().update;
     assert!(
         matches!(first, Some(pb::watch_token_response::Update::Token(_))),
         "{first:?}"
     );
 
-    let outage = updates.next().await.unwrap().unwrap().update;
+    let outage = within("the outage", updates.next()).await.unwrap().unwrap().update;
     let outage_at = Instant::now();
     assert!(
         matches!(outage, Some(pb::watch_token_response::Update::Outage(_))),
@@ -464,7 +485,11 @@ async fn a_hanging_refresh_does_not_hold_back_published_state() {
     assert_eq!(ep.call_count(), 2, "the refresh is in flight");
     assert_eq!(handle.stats().refreshes_ok.load(Ordering::Relaxed), 1, "and unanswered");
 
-    assert_eq!(serving(health_updates.next().await.unwrap().unwrap()), 2, "NOT_SERVING");
+    assert_eq!(
+        serving(within("health", health_updates.next()).await.unwrap().unwrap()),
+        2,
+        "NOT_SERVING"
+    );
     assert!(Instant::now() - serve_until < Duration::from_millis(100));
     let status = service
         .get_status(tonic::Request::new(pb::GetStatusRequest {}))
@@ -501,7 +526,7 @@ async fn a_source_task_that_dies_says_so_everywhere() {
                 .status()
         }
     };
-    let first = h.started().await.token.expect("a token");
+    let first = started(&h).await.token.expect("a token");
     assert!(h.is_running() && sources.all_running());
     // What systemd's STATUS= and the logs show.
     assert_eq!(
@@ -514,7 +539,10 @@ async fn a_source_task_that_dies_says_so_everywhere() {
     // The scheduled refresh panics the task, long before the token expires.
     ep.push(Reply::Panic);
     let mut rx = h.subscribe();
-    let snapshot = rx.wait_for(|s| s.token.is_none()).await.unwrap().clone();
+    let snapshot = within("the withdrawal", rx.wait_for(|s| s.token.is_none()))
+        .await
+        .unwrap()
+        .clone();
     assert!(
         first.is_servable(Instant::now()),
         "withdrawn because the task died, not by expiry"
@@ -532,7 +560,7 @@ async fn a_source_task_that_dies_says_so_everywhere() {
         "no token from a source that can no longer refresh it"
     );
     assert!(matches!(
-        h.token_with_remaining(secs(1)).await,
+        within("a token", h.token_with_remaining(secs(1))).await,
         Err(RefreshError::Stopped)
     ));
     assert_eq!(status_of("/healthz").await, StatusCode::SERVICE_UNAVAILABLE);
@@ -551,7 +579,7 @@ async fn a_source_task_that_dies_says_so_everywhere() {
 async fn callers_queued_during_a_refresh_are_answered_by_it() {
     let ep = FakeEndpoint::new(LIFETIME);
     let h = start(&ep);
-    let t1 = h.started().await.token.unwrap();
+    let t1 = started(&h).await.token.unwrap();
     sleep(secs(300)).await; // 600 s left
     ep.set_delay(secs(2));
     let early = {
@@ -567,11 +595,18 @@ async fn callers_queued_during_a_refresh_are_answered_by_it() {
             tokio::spawn(async move { h2.replace_rejected(&id).await }),
         )
     };
-    let t2 = early.await.unwrap().expect("the early refresh");
+    let t2 = within("the early refresh", early)
+        .await
+        .unwrap()
+        .expect("the early refresh");
     assert_ne!(t2.token_id, t1.token_id);
     for queued in [more, replacing] {
         assert_eq!(
-            queued.await.unwrap().expect("answered by the same refresh").token_id,
+            within("a queued caller", queued)
+                .await
+                .unwrap()
+                .expect("answered by the same refresh")
+                .token_id,
             t2.token_id
         );
     }
@@ -589,7 +624,7 @@ async fn permanent_failures_log_errors_and_transient_ones_warnings() {
     let ep = FakeEndpoint::new(LIFETIME);
     ep.push(server_error());
     let h = start(&ep);
-    h.started().await;
+    started(&h).await;
     let line = |text: &str, needle: &str| text.lines().find(|l| l.contains(needle)).map(str::to_owned);
     let transient = line(&logs.text(), "token request failed").expect("the failure is logged");
     assert!(
@@ -621,7 +656,7 @@ async fn invalid_grant_to_client_credentials_is_a_permanent_failure() {
         description: None,
     })));
     let h = start(&ep);
-    let failure = h.started().await.last_error.expect("the first call failed");
+    let failure = started(&h).await.last_error.expect("the first call failed");
     assert_eq!(failure.class, ErrorClass::Permanent);
     sleep(secs(125)).await;
     let calls = ep.calls();
@@ -637,13 +672,15 @@ async fn invalid_grant_to_client_credentials_is_a_permanent_failure() {
 async fn min_remaining_up_to_lifetime_less_the_serve_margin_is_attainable() {
     let ep = FakeEndpoint::new(LIFETIME);
     let h = start(&ep);
-    h.started().await;
+    started(&h).await;
     sleep(secs(10)).await;
-    let token = h.token_with_remaining(secs(895)).await.expect("895 s is attainable");
+    let token = within("a token", h.token_with_remaining(secs(895)))
+        .await
+        .expect("895 s is attainable");
     assert!(token.remaining(Instant::now()) >= secs(895));
     assert_eq!(ep.call_count(), 2);
     sleep(secs(10)).await;
-    let refused = h.token_with_remaining(secs(896)).await;
+    let refused = within("a token", h.token_with_remaining(secs(896))).await;
     assert!(matches!(refused, Err(RefreshError::OutOfRange { .. })), "{refused:?}");
     assert_eq!(ep.call_count(), 2, "no call for what no token can meet");
 }
