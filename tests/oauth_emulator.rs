@@ -15,9 +15,16 @@ use secrecy::ExposeSecret;
 use support::{CLIENT_ID, CLIENT_SECRET, start_emulator, test_key};
 
 fn client(url: String, auth: ClientAuth) -> OAuthClient {
+    client_with(url, |config| {
+        config.client_auth = auth;
+        config.request_timeout = Duration::from_secs(2);
+    })
+}
+
+/// A client for `url` with the defaults, changed by `adjust`.
+fn client_with(url: String, adjust: impl FnOnce(&mut OAuthClientConfig)) -> OAuthClient {
     let mut config = OAuthClientConfig::new(url);
-    config.client_auth = auth;
-    config.request_timeout = Duration::from_secs(2);
+    adjust(&mut config);
     OAuthClient::new(config).unwrap()
 }
 
@@ -171,10 +178,10 @@ async fn every_fault_kind_maps_to_its_error_class() {
         delay_ms: Some(3_000),
         ..Default::default()
     });
-    let mut impatient = OAuthClientConfig::new(emu.token_url());
-    impatient.request_timeout = Duration::from_millis(200);
-    let err = OAuthClient::new(impatient)
-        .unwrap()
+    let impatient = client_with(emu.token_url(), |config| {
+        config.request_timeout = Duration::from_millis(200)
+    });
+    let err = impatient
         .request_token(&key, &Grant::ClientCredentials)
         .await
         .unwrap_err();
@@ -431,11 +438,7 @@ async fn bodies_up_to_the_limit_are_read_and_larger_ones_refused() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let client_for = |path: &str| {
-        let mut config = OAuthClientConfig::new(format!("http://{addr}{path}"));
-        config.max_body_bytes = LIMIT;
-        OAuthClient::new(config).unwrap()
-    };
+    let client_for = |path: &str| client_with(format!("http://{addr}{path}"), |config| config.max_body_bytes = LIMIT);
     let token = client_for("/exact")
         .request_token(&test_key(), &Grant::ClientCredentials)
         .await

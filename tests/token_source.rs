@@ -44,6 +44,16 @@ async fn started(h: &TokenSourceHandle) -> Snapshot {
     within("the first state", h.started()).await
 }
 
+/// `replace_rejected`, bounded as [`within`].
+async fn replacement(h: &TokenSourceHandle, rejected_token_id: &str) -> Result<Arc<token::Token>, RefreshError> {
+    within("a replacement", h.replace_rejected(rejected_token_id)).await
+}
+
+/// `token_with_remaining`, bounded as [`within`].
+async fn token_with_remaining(h: &TokenSourceHandle, remaining: Duration) -> Result<Arc<token::Token>, RefreshError> {
+    within("a token", h.token_with_remaining(remaining)).await
+}
+
 fn server_error() -> Reply {
     Reply::Fail(OAuthError::Server {
         status: 503,
@@ -213,12 +223,12 @@ async fn rejected_tokens_are_replaced_once_and_rate_limited() {
     assert_eq!(ep.call_count(), 2, "100 reports of one rejected token → one call");
 
     // A stale rejection gets the current token without a call.
-    let t2 = within("a replacement", h.replace_rejected(&t1.token_id)).await.unwrap();
+    let t2 = replacement(&h, &t1.token_id).await.unwrap();
     assert_eq!(ep.call_count(), 2);
 
     // A second forced refresh waits for the rate limit (5 s by default).
     let before = Instant::now();
-    let t3 = within("a replacement", h.replace_rejected(&t2.token_id)).await.unwrap();
+    let t3 = replacement(&h, &t2.token_id).await.unwrap();
     assert_ne!(t3.token_id, t2.token_id);
     assert_eq!(ep.call_count(), 3);
     let calls = ep.calls();
@@ -239,7 +249,7 @@ async fn a_rejected_token_re_issued_by_the_endpoint_is_not_its_replacement() {
     let h = start(&ep);
     let t1 = started(&h).await.token.unwrap();
     ep.push(Reply::Same);
-    let outcome = within("a replacement", h.replace_rejected(&t1.token_id)).await;
+    let outcome = replacement(&h, &t1.token_id).await;
     assert!(
         matches!(&outcome, Err(RefreshError::RejectedTokenReissued { .. })),
         "{outcome:?}"
@@ -248,7 +258,7 @@ async fn a_rejected_token_re_issued_by_the_endpoint_is_not_its_replacement() {
     // Readers still get the token (only the caller knows the API refused it).
     assert_eq!(h.current().unwrap().token_id, t1.token_id);
     // The next forced refresh, after the rate limit, brings a new one.
-    let t2 = within("a replacement", h.replace_rejected(&t1.token_id)).await.unwrap();
+    let t2 = replacement(&h, &t1.token_id).await.unwrap();
     assert_ne!(t2.token_id, t1.token_id);
 }
 
@@ -260,7 +270,7 @@ async fn early_refresh_does_not_bypass_backoff_or_exceed_the_lifetime() {
 
     // More remaining lifetime than a fresh token has: refused without a call.
     sleep(secs(10)).await;
-    let err = within("a token", h.token_with_remaining(secs(896))).await.unwrap_err();
+    let err = token_with_remaining(&h, secs(896)).await.unwrap_err();
     assert!(matches!(err, RefreshError::OutOfRange { .. }), "{err:?}");
     assert_eq!(ep.call_count(), 1);
 
@@ -268,9 +278,7 @@ async fn early_refresh_does_not_bypass_backoff_or_exceed_the_lifetime() {
     ep.set_default(Some(server_error()));
     sleep(secs(670)).await;
     let calls = ep.call_count();
-    let err = within("a replacement", h.replace_rejected(&t1.token_id))
-        .await
-        .unwrap_err();
+    let err = replacement(&h, &t1.token_id).await.unwrap_err();
     assert!(
         matches!(&err, RefreshError::Unavailable { reason, .. } if reason.contains("503")),
         "{err:?}"
@@ -560,7 +568,7 @@ async fn a_source_task_that_dies_says_so_everywhere() {
         "no token from a source that can no longer refresh it"
     );
     assert!(matches!(
-        within("a token", h.token_with_remaining(secs(1))).await,
+        token_with_remaining(&h, secs(1)).await,
         Err(RefreshError::Stopped)
     ));
     assert_eq!(status_of("/healthz").await, StatusCode::SERVICE_UNAVAILABLE);
@@ -674,13 +682,11 @@ async fn min_remaining_up_to_lifetime_less_the_serve_margin_is_attainable() {
     let h = start(&ep);
     started(&h).await;
     sleep(secs(10)).await;
-    let token = within("a token", h.token_with_remaining(secs(895)))
-        .await
-        .expect("895 s is attainable");
+    let token = token_with_remaining(&h, secs(895)).await.expect("895 s is attainable");
     assert!(token.remaining(Instant::now()) >= secs(895));
     assert_eq!(ep.call_count(), 2);
     sleep(secs(10)).await;
-    let refused = within("a token", h.token_with_remaining(secs(896))).await;
+    let refused = token_with_remaining(&h, secs(896)).await;
     assert!(matches!(refused, Err(RefreshError::OutOfRange { .. })), "{refused:?}");
     assert_eq!(ep.call_count(), 2, "no call for what no token can meet");
 }
