@@ -23,6 +23,7 @@ use crate::logging::LogConfig;
 use crate::oauth::OAuthSettings;
 use crate::sinks::SinkConfig;
 use crate::systemd::SystemdConfig;
+use crate::tls_roots::{RootsError, TrustRoots};
 use crate::token::RefreshPolicy;
 
 /// Prefix of environment overrides: `FLUTE_BROKER__SERVER__LISTEN`.
@@ -346,6 +347,11 @@ impl Config {
         if !self.environments.values().any(|e| e.enabled) {
             problems.push("environments: at least one environment must be enabled".into());
         }
+        if secrets == SecretCheck::Read
+            && let Err(e) = self.token_endpoint_roots()
+        {
+            problems.push(format!("oauth.tls_roots: {e}"));
+        }
         let enabled: Vec<Environment> = self.enabled().map(|(env, _)| env).collect();
         let (sink_problems, sink_warnings) =
             crate::sinks::problems(&self.sinks, &enabled, secrets == SecretCheck::Read);
@@ -355,6 +361,19 @@ impl Config {
             Ok(warnings)
         } else {
             Err(problems)
+        }
+    }
+
+    /// The CAs the token endpoint clients trust: loaded from
+    /// `oauth.tls_roots` when an enabled environment's token URL is
+    /// `https://`, none otherwise (an all-`http://` configuration needs no
+    /// CA store on the host).
+    pub fn token_endpoint_roots(&self) -> Result<TrustRoots, RootsError> {
+        let https = |url: &str| url::Url::parse(url).is_ok_and(|u| u.scheme() == "https");
+        if self.enabled().any(|(_, e)| https(&e.token_url)) {
+            self.oauth.tls_roots.load()
+        } else {
+            Ok(TrustRoots::default())
         }
     }
 

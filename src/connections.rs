@@ -69,12 +69,23 @@ pub fn raise_fd_limit() -> u64 {
             maximum: hard,
         };
         if let Err(e) = setrlimit(Resource::Nofile, raised) {
-            warn!(soft = ?soft, hard = ?hard, error = %e, "cannot raise the open-file limit");
+            warn!(soft = rlimit_value(soft), hard = rlimit_value(hard), error = %e, "cannot raise the open-file limit");
         }
     }
     let now = getrlimit(Resource::Nofile).current;
-    tracing::info!(soft_before = ?soft, soft = ?now, hard = ?hard, "open-file limit");
-    now.unwrap_or(u64::MAX)
+    tracing::info!(
+        soft_before = rlimit_value(soft),
+        soft = rlimit_value(now),
+        hard = rlimit_value(hard),
+        "open-file limit"
+    );
+    rlimit_value(now)
+}
+
+/// A resource limit as a number; unlimited is `RLIM_INFINITY` (`u64::MAX`),
+/// as the kernel writes it.
+fn rlimit_value(limit: Option<u64>) -> u64 {
+    limit.unwrap_or(u64::MAX)
 }
 
 /// Splits the open-file limit between `listeners`, keeping [`RESERVED_FDS`]

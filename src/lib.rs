@@ -36,6 +36,7 @@ pub mod oauth;
 pub mod settings;
 pub mod sinks;
 pub mod systemd;
+pub mod tls_roots;
 pub mod token;
 pub mod token_text;
 

@@ -663,6 +663,22 @@ async fn allow_lists_gate_environments_by_unix_peer_credentials() {
         ..Default::default()
     };
     assert_eq!(status_of(unix_status, PRODUCTION), restricted);
+    // `status` as a probe: a restricted environment is listed but is not the
+    // caller's failure; asked for by name, it is a refusal (exit 77).
+    let target = flute_token_broker::client::Target::new(broker.unix.clone(), Duration::from_secs(5));
+    let report = flute_token_broker::client::status(&target, false, None).await.unwrap();
+    assert!(report.without_token.is_empty(), "{:?}", report.without_token);
+    assert!(report.text.contains("RESTRICTED"), "{}", report.text);
+    let only = flute_token_broker::client::status(&target, false, Some(Environment::Production))
+        .await
+        .err()
+        .expect("production is not shown to this caller");
+    assert_eq!(only.exit_code(), 77, "{only}");
+    assert!(
+        flute_token_broker::client::status(&target, false, Some(Environment::Sandbox))
+            .await
+            .is_ok()
+    );
     let tcp_status = tcp.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(tcp_status.environments.len(), 2);
     for env in [SANDBOX, PRODUCTION] {

@@ -162,7 +162,9 @@ async fn reload_rejects_invalid_configuration_then_applies_a_new_key() {
     let t1 = next_token(&mut watch).await;
 
     std::fs::write(&path, "[refresh]\nratio = 9.0\nnonsense = true\n").unwrap();
-    let err = running.reload().await.unwrap_err();
+    let outcome = running.reload().await;
+    assert!(!outcome.is_ok());
+    let err = outcome.rejected().expect("rejected");
     assert!(err.problems.len() >= 2, "{err}");
     let same = support::current_token(&mut client, SANDBOX).await;
     assert_eq!(same.token_id, t1.token_id, "a rejected reload disturbs nothing");
@@ -170,19 +172,34 @@ async fn reload_rejects_invalid_configuration_then_applies_a_new_key() {
     emu.emulator.set_client(CLIENT_ID, "second-secret");
     std::fs::write(&secret, "second-secret").unwrap();
     std::fs::write(&path, config_file(&emu.token_url(), &secret)).unwrap();
-    let report = running.reload().await.unwrap();
-    assert_eq!(report.replaced, vec![Environment::Sandbox]);
+    let outcome = running.reload().await;
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert_eq!(outcome.report().unwrap().replaced, vec![Environment::Sandbox]);
     let t2 = next_token(&mut watch).await;
     assert_ne!(t2.token_id, t1.token_id);
     assert_eq!(
-        running.reload().await.unwrap().unchanged,
+        running.reload().await.report().unwrap().unchanged,
         vec![Environment::Sandbox],
         "reloading the same key is a no-op"
     );
+    std::fs::write(&secret, "wrong-secret").unwrap();
+    let outcome = running.reload().await;
+    assert!(!outcome.is_ok(), "a key that fails verification is a failed reload");
+    let failed = &outcome.report().expect("the file itself was valid").failed;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].0, Environment::Sandbox);
+    let kept = support::current_token(&mut client, SANDBOX).await;
+    assert_eq!(kept.token_id, t2.token_id, "the current key and token stay in use");
     running.shutdown().await;
     assert_no_leak(
         &logs,
-        &[CLIENT_SECRET, "second-secret", &t1.access_token, &t2.access_token],
+        &[
+            CLIENT_SECRET,
+            "second-secret",
+            "wrong-secret",
+            &t1.access_token,
+            &t2.access_token,
+        ],
     );
 }
 

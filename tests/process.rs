@@ -227,6 +227,116 @@ async fn invalid_configuration_exits_78_listing_every_problem() {
     }
 }
 
+/// A configuration with its secret in `dir`; `extra` is appended.
+fn config_with_secret(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "a-secret\n").unwrap();
+    let path = dir.join("broker.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[credentials]\nclient_id = \"id\"\nclient_secret_file = \"{}\"\n{extra}",
+            secret.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A host without a CA store: `https://` token URLs with `tls_roots =
+/// "system"` are a local configuration problem (78, named as such);
+/// `http://` ones never load roots, and `auto` falls back to the bundled
+/// roots.
+#[tokio::test]
+async fn tls_roots_without_a_system_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &'static str, command: &'static str| {
+        let path = config_with_secret(dir.path(), extra);
+        async move {
+            let out = Command::new(BIN)
+                .args([command, "--config", path.to_str().unwrap()])
+                .args(if command == "serve" {
+                    &["--admin-listen", ""][..]
+                } else {
+                    &[][..]
+                })
+                // rustls-native-certs reads only these when they are set.
+                .env("SSL_CERT_FILE", "/nonexistent/ca.pem")
+                .env("SSL_CERT_DIR", "/nonexistent")
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .unwrap();
+            (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    };
+    let https_system = "[oauth]\ntls_roots = \"system\"\n\
+        [environments.sandbox]\ntoken_url = \"https://sandbox.example/oauth2/token\"\n\
+        [environments.production]\nenabled = false\n[server]\nlisten = [\"127.0.0.1:0\"]\n";
+    for command in ["check-config", "serve"] {
+        let (code, err) = run(https_system, command).await;
+        assert_eq!(code, Some(78), "{command}: {err}");
+        assert!(
+            err.contains("oauth.tls_roots: this host has no CA certificates")
+                && err.contains("install the ca-certificates package"),
+            "{command}: {err}"
+        );
+        assert!(!err.contains("token endpoint"), "{command} blames the endpoint: {err}");
+    }
+    let (code, err) = run(
+        "[oauth]\ntls_roots = \"system\"\nallow_insecure_http = true\n\
+         [environments.sandbox]\ntoken_url = \"http://127.0.0.1:9/oauth2/token\"\n\
+         [environments.production]\nenabled = false\n",
+        "check-config",
+    )
+    .await;
+    assert_eq!(code, Some(0), "http:// needs no roots: {err}");
+    let (code, err) = run(
+        "[environments.sandbox]\ntoken_url = \"https://sandbox.example/oauth2/token\"\n\
+         [environments.production]\nenabled = false\n",
+        "check-config",
+    )
+    .await;
+    assert_eq!(code, Some(0), "auto falls back to the bundled roots: {err}");
+}
+
+/// `reload` (the unit's ExecReload=) checks the file first: an invalid one
+/// exits 78 with its problems and the process is not signalled; a valid
+/// one is signalled with SIGHUP.
+#[tokio::test]
+async fn reload_signals_only_a_valid_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    // A stand-in for the broker that SIGHUP ends (its default action).
+    let mut target = Command::new("sleep").arg("300").kill_on_drop(true).spawn().unwrap();
+    let pid = target.id().unwrap().to_string();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[refresh]\nratio = 3.0\n").unwrap();
+    let (code, _, err) = cli(&["reload", "--config", bad.to_str().unwrap(), "--pid", &pid]).await;
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("refresh.ratio") && err.contains("reload rejected: the broker (PID"),
+        "{err}"
+    );
+    assert!(target.try_wait().unwrap().is_none(), "a rejected file is not signalled");
+
+    let good = config_with_secret(
+        dir.path(),
+        "[oauth]\nallow_insecure_http = true\n[environments.sandbox]\ntoken_url = \"http://127.0.0.1:9/t\"\n\
+         [environments.production]\nenabled = false\n",
+    );
+    let (code, _, err) = cli(&["reload", "--config", good.to_str().unwrap(), "--pid", &pid]).await;
+    assert_eq!(code, 0, "{err}");
+    let status = tokio::time::timeout(Duration::from_secs(30), target.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(1), "SIGHUP reached the process");
+
+    let (code, _, _) = cli(&["reload", "--config", good.to_str().unwrap(), "--pid", "0"]).await;
+    assert_eq!(code, 2, "pid 0 would signal the whole process group");
+}
+
 #[tokio::test]
 async fn standalone_emulator_command_issues_tokens() {
     use flute_token_broker::credentials::ApiKey;
@@ -656,6 +766,36 @@ async fn watch_reconnects_when_the_broker_comes_back_and_no_reconnect_exits_69()
     assert_eq!(status.code(), Some(69));
 }
 
+/// A broker that shuts down was reached: `watch --no-reconnect` says the
+/// broker ended the connection, once, with the broker's reason.
+#[tokio::test]
+async fn watch_on_a_stopping_broker_says_it_ended_the_connection() {
+    let broker = start_dev("900s").await;
+    let mut once = Command::new(BIN)
+        .args(["watch", "--env", "sandbox", "--no-reconnect", "--addr", &broker.addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(once.stdout.take().unwrap()).lines();
+    next_line(&mut out, "the first token").await;
+    support::signal(broker.child.id().unwrap(), rustix::process::Signal::TERM);
+    let output = tokio::time::timeout(Duration::from_secs(30), once.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(69));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "error: the broker at {} ended the connection: the broker is shutting down",
+            broker.addr
+        )
+    );
+}
+
 #[tokio::test]
 async fn completions_and_man_pages_come_from_the_cli_definitions() {
     for shell in ["bash", "zsh", "fish"] {
@@ -686,15 +826,17 @@ async fn completions_and_man_pages_come_from_the_cli_definitions() {
         page.contains("Exit codes") && page.contains("128+N"),
         "the exit-code table is in the page"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let (code, _, err) = cli(&["man", "--dir", dir.path().to_str().unwrap()]).await;
+    let base = tempfile::tempdir().unwrap();
+    // A directory that does not exist yet, as /usr/local/share/man/man1 on stock Debian.
+    let dir = base.path().join("share/man/man1");
+    let (code, _, err) = cli(&["man", "--dir", dir.to_str().unwrap()]).await;
     assert_eq!(code, 0, "{err}");
     for page in [
         "flute-token-broker.1",
         "flute-token-broker-exec.1",
         "flute-token-broker-serve.1",
     ] {
-        let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        let text = std::fs::read_to_string(dir.join(page)).unwrap();
         assert!(text.contains(".SH NAME"), "{page}");
     }
 }

@@ -51,6 +51,18 @@ pub enum Command {
         #[arg(long)]
         skip_secrets: bool,
     },
+    /// Check a configuration file as the broker's reload will, then make the
+    /// broker reload it (SIGHUP). An invalid file is reported and the broker
+    /// is not signalled (exit 78): the systemd unit's ExecReload=, so that
+    /// `systemctl reload` fails for a configuration the broker would reject.
+    Reload {
+        /// The TOML configuration file the broker was started with.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The broker's process id (systemd: $MAINPID).
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+        pid: i32,
+    },
     /// Print a token (bare by default, for `$(...)`).
     Get {
         #[command(flatten)]
@@ -92,7 +104,9 @@ pub enum Command {
     },
     /// Show the state of every enabled environment.
     /// Exits 0 when every environment shown holds a valid token, 75 when
-    /// one does not (usable as a health probe).
+    /// one does not (usable as a health probe). An environment whose tokens
+    /// this caller may not have is listed as RESTRICTED and does not count;
+    /// asked for with --env, it exits 77.
     Status {
         #[command(flatten)]
         client: ClientArgs,
@@ -112,7 +126,8 @@ pub enum Command {
     },
     /// Print the man page (roff); with --dir, write one page per command there.
     Man {
-        /// Write flute-token-broker.1 and flute-token-broker-COMMAND.1 here.
+        /// Write flute-token-broker.1 and flute-token-broker-COMMAND.1 here
+        /// (created if missing).
         #[arg(long)]
         dir: Option<PathBuf>,
     },

@@ -1,5 +1,5 @@
 //! The command line: runs each subcommand (`serve`, `check-config`, `get`,
-//! `watch`, `exec`, `status`, `emulator`, `completions`, `man`, `sleep`) and turns its outcome into an exit code.
+//! `reload`, `watch`, `exec`, `status`, `emulator`, `completions`, `man`, `sleep`) and turns its outcome into an exit code.
 //! `main.rs` only parses the arguments and starts the runtime.
 
 mod args;
@@ -28,6 +28,7 @@ pub async fn run(command: Command) -> u8 {
     match command {
         Command::Serve(args) => serve(args).await,
         Command::CheckConfig { config, skip_secrets } => check_config(config, skip_secrets),
+        Command::Reload { config, pid } => reload(&config, pid),
         Command::Get {
             broker: EnvironmentArgs { client, env },
             min_remaining,
@@ -75,13 +76,15 @@ pub async fn run(command: Command) -> u8 {
                 }
             }
         }
-        Command::Man { dir: Some(dir) } => match clap_mangen::generate_to(Cli::command(), &dir) {
-            Ok(()) => exit::OK,
-            Err(e) => {
-                logging::to_stderr(format_args!("error: cannot write man pages to {}: {e}", dir.display()));
-                exit::IO_ERROR
+        Command::Man { dir: Some(dir) } => {
+            match std::fs::create_dir_all(&dir).and_then(|()| clap_mangen::generate_to(Cli::command(), &dir)) {
+                Ok(()) => exit::OK,
+                Err(e) => {
+                    logging::to_stderr(format_args!("error: cannot write man pages to {}: {e}", dir.display()));
+                    exit::IO_ERROR
+                }
             }
-        },
+        }
         Command::Sleep { duration } => {
             tokio::time::sleep(duration).await;
             exit::OK
@@ -119,9 +122,39 @@ fn print_result(result: Result<(), client::ClientError>) -> u8 {
 
 fn load_config(path: Option<&std::path::Path>, secrets: SecretCheck) -> Result<Loaded, u8> {
     Config::load_checking(path, None, secrets).map_err(|e| {
-        logging::to_stderr(format_args!("error: {e}"));
+        logging::error_to_stderr(&e);
         exit::CONFIG
     })
+}
+
+/// `reload`: the file is checked with the same loader the broker's reload
+/// uses; only a valid one is signalled.
+fn reload(path: &std::path::Path, pid: i32) -> u8 {
+    use nix::sys::signal::{Signal, kill};
+    let loaded = match load_config(Some(path), SecretCheck::Read) {
+        Ok(loaded) => loaded,
+        Err(code) => {
+            logging::error_to_stderr(format_args!(
+                "reload rejected: the broker (PID {pid}) keeps its current configuration"
+            ));
+            return code;
+        }
+    };
+    for w in &loaded.warnings {
+        logging::to_stderr(format_args!("warning: {w}"));
+    }
+    match kill(nix::unistd::Pid::from_raw(pid), Signal::SIGHUP) {
+        Ok(()) => {
+            logging::to_stderr(format_args!(
+                "configuration is valid; the broker (PID {pid}) is reloading it"
+            ));
+            exit::OK
+        }
+        Err(e) => {
+            logging::error_to_stderr(format_args!("cannot signal the broker (PID {pid}): {e}"));
+            exit::FAILURE
+        }
+    }
 }
 
 fn check_config(path: PathBuf, skip_secrets: bool) -> u8 {
@@ -199,7 +232,7 @@ async fn serve(args: ServeArgs) -> u8 {
     let daemon = match daemon::Broker::build(config, args.config.clone()).await {
         Ok(d) => d,
         Err(e) => {
-            logging::to_stderr(format_args!("error: {e}"));
+            logging::error_to_stderr(&e);
             return e.exit_code();
         }
     };

@@ -24,6 +24,10 @@ pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
 pub enum ClientError {
     #[error("cannot reach the broker at {addr}: {message}")]
     Unreachable { addr: String, message: String },
+    /// The broker was reached, then ended the call or stream (shutting
+    /// down, restarted, killed).
+    #[error("the broker at {addr} ended the connection: {message}")]
+    Disconnected { addr: String, message: String },
     #[error("{0}")]
     NoToken(String),
     #[error("{0}")]
@@ -39,7 +43,7 @@ pub enum ClientError {
 impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            ClientError::Unreachable { .. } => exit::UNREACHABLE,
+            ClientError::Unreachable { .. } | ClientError::Disconnected { .. } => exit::UNREACHABLE,
             ClientError::NoToken(_) => exit::NO_TOKEN,
             ClientError::NotAllowed(_) => exit::NOT_ALLOWED,
             ClientError::Usage(_) => exit::USAGE,
@@ -54,6 +58,7 @@ impl ClientError {
         matches!(
             self,
             ClientError::Unreachable { .. }
+                | ClientError::Disconnected { .. }
                 | ClientError::Broker {
                     code: Code::Unknown | Code::Cancelled | Code::Internal,
                     ..
@@ -75,7 +80,11 @@ impl ClientError {
         match (broker_reason, status.code()) {
             (Some(reason::NO_VALID_TOKEN), _) => ClientError::NoToken(message),
             (Some(reason::CALLER_NOT_ALLOWED), _) => ClientError::NotAllowed(message),
-            (Some(reason::SHUTTING_DOWN), _) | (None, Code::Unavailable) => ClientError::Unreachable {
+            (Some(reason::SHUTTING_DOWN), _) => ClientError::Disconnected {
+                addr: addr.to_owned(),
+                message,
+            },
+            (None, Code::Unavailable) => ClientError::Unreachable {
                 addr: addr.to_owned(),
                 message,
             },
@@ -260,12 +269,13 @@ pub async fn watch(
     let mut stream = open_watch(target, env).await?;
     loop {
         let lost = match print_updates(&mut stream, env, target, out).await {
-            Ok(()) => "the broker ended the stream".to_owned(),
+            Ok(()) => "the stream ended".to_owned(),
+            Err(ClientError::Unreachable { message, .. } | ClientError::Disconnected { message, .. }) => message,
             Err(e) if e.is_connection_loss() => e.to_string(),
             Err(e) => return Err(e),
         };
         if !reconnect {
-            return Err(ClientError::Unreachable {
+            return Err(ClientError::Disconnected {
                 addr: target.addr.clone(),
                 message: lost,
             });
@@ -344,10 +354,19 @@ pub async fn status(target: &Target, json: bool, only: Option<Environment>) -> R
         let wanted = pb_env(env);
         status.environments.retain(|e| e.environment == wanted);
     }
+    let restricted = |e: &pb::EnvironmentStatus| e.state == pb::State::Restricted as i32;
+    if let (Some(env), Some(_)) = (only, status.environments.iter().find(|e| restricted(e))) {
+        return Err(ClientError::NotAllowed(format!(
+            "the broker does not show {env} to this caller: it is not allowed that environment's tokens"
+        )));
+    }
+    // A restricted environment's state is not this caller's to judge.
     let without_token = status
         .environments
         .iter()
-        .filter(|e| !matches!(pb::State::try_from(e.state), Ok(pb::State::Ready | pb::State::Degraded)))
+        .filter(|e| {
+            !restricted(e) && !matches!(pb::State::try_from(e.state), Ok(pb::State::Ready | pb::State::Degraded))
+        })
         .map(|e| {
             pb::Environment::try_from(e.environment)
                 .map(|e| e.as_str_name().trim_start_matches("ENVIRONMENT_").to_lowercase())

@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 
 mod reload;
 
-pub use reload::{ReloadReport, Reloader};
+pub use reload::{ReloadOutcome, ReloadReport, Reloader};
 
 use crate::config::Config;
 use crate::connections::{AdminConnection, GuardedTcpListener, ListenerGuard, StreamTrackingLayer, incoming};
@@ -30,7 +30,8 @@ use crate::grpc::listener::{self, Bound, ListenError};
 use crate::grpc::pb::token_broker_server::TokenBrokerServer;
 use crate::grpc::{TokenBrokerService, health, pb};
 use crate::metrics::Metrics;
-use crate::oauth::{OAuthClient, OAuthError};
+use crate::oauth::{ClientBuildError, OAuthClient};
+use crate::tls_roots::RootsError;
 use crate::token::{self, TokenSourceConfig, TokenSources};
 
 /// Longest shutdown waits for watch streams to deliver their final status
@@ -58,8 +59,10 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
-    #[error("token endpoint client: {0}")]
-    OAuth(#[from] OAuthError),
+    #[error(transparent)]
+    HttpClient(#[from] ClientBuildError),
+    #[error("oauth.tls_roots: {0}")]
+    TlsRoots(#[from] RootsError),
     #[error("TLS: {0}")]
     Tls(#[from] crate::grpc::tls::TlsError),
     #[error("server reflection: {0}")]
@@ -72,9 +75,10 @@ impl DaemonError {
     /// Exit code: 78 for configuration and credential problems, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            DaemonError::Credentials { .. } | DaemonError::NoCredentials { .. } | DaemonError::Tls(_) => {
-                crate::exit::CONFIG
-            }
+            DaemonError::Credentials { .. }
+            | DaemonError::NoCredentials { .. }
+            | DaemonError::Tls(_)
+            | DaemonError::TlsRoots(_) => crate::exit::CONFIG,
             _ => crate::exit::FAILURE,
         }
     }
@@ -159,11 +163,15 @@ impl Broker {
             None => None,
         };
 
+        let roots = config.token_endpoint_roots()?;
+        if !roots.certificates.is_empty() {
+            info!(roots = %roots.origin, certificates = roots.certificates.len(), "token endpoint TLS roots loaded");
+        }
         let mut handles = Vec::new();
         let mut source_tasks = Vec::new();
         for (env, key) in keys {
             let env_config = &config.environments[&env];
-            let client = OAuthClient::new(config.oauth.client_config(&env_config.token_url))?;
+            let client = OAuthClient::new(config.oauth.client_config(&env_config.token_url, roots.clone()))?;
             let mut source_config = TokenSourceConfig::new(env);
             source_config.policy = config.refresh.clone();
             source_config.use_refresh_token = config.oauth.use_refresh_token;
@@ -298,7 +306,7 @@ impl Broker {
 
 impl RunningBroker {
     /// Re-reads the configuration file (if any) and the API keys; see [`Reloader::reload`].
-    pub async fn reload(&self) -> Result<ReloadReport, crate::config::ConfigError> {
+    pub async fn reload(&self) -> ReloadOutcome {
         self.reloader.reload().await
     }
 
@@ -307,7 +315,7 @@ impl RunningBroker {
     /// reaches the client); then listeners stop accepting and in-flight
     /// calls drain, all within the grace period.
     pub async fn shutdown(self) {
-        info!(grace = ?self.grace, "shutting down");
+        info!(grace = %crate::duration::format(self.grace), "shutting down");
         let deadline = tokio::time::Instant::now() + self.grace;
         self.draining.cancel();
         health::set_not_serving(&self.health, &self.sources).await;
@@ -407,10 +415,7 @@ async fn wait_for_signals(daemon: &RunningBroker, signals: Signals) -> u8 {
             _ = hup.recv() => {
                 info!("SIGHUP received: reloading configuration and credentials");
                 crate::systemd::reloading();
-                match daemon.reload().await {
-                    Ok(report) => info!(replaced = ?report.replaced, unchanged = ?report.unchanged, failed = ?report.failed, "reload finished"),
-                    Err(_) => error!("reload rejected; the running configuration is unchanged"),
-                }
+                daemon.reload().await.log();
                 crate::systemd::ready(&daemon.sources.summary());
             }
         }

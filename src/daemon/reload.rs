@@ -26,6 +26,64 @@ pub struct ReloadReport {
     pub failed: Vec<(Environment, String)>,
 }
 
+/// What one reload did: the one answer for SIGHUP, `systemctl reload` (via
+/// `flute-token-broker reload`, which checks the file the same way first)
+/// and the tests.
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    /// The new configuration is invalid; nothing changed.
+    Rejected(ConfigError),
+    /// The configuration was adopted; what became of each environment's key.
+    Applied(ReloadReport),
+}
+
+impl ReloadOutcome {
+    /// The configuration was adopted and no key failed to load or verify.
+    pub fn is_ok(&self) -> bool {
+        matches!(self, ReloadOutcome::Applied(report) if report.failed.is_empty())
+    }
+
+    /// The report of an applied reload.
+    pub fn report(&self) -> Option<&ReloadReport> {
+        match self {
+            ReloadOutcome::Applied(report) => Some(report),
+            ReloadOutcome::Rejected(_) => None,
+        }
+    }
+
+    /// The problems of a rejected reload.
+    pub fn rejected(&self) -> Option<&ConfigError> {
+        match self {
+            ReloadOutcome::Rejected(e) => Some(e),
+            ReloadOutcome::Applied(_) => None,
+        }
+    }
+
+    /// Logs the outcome: ERROR when rejected or a key failed, INFO otherwise.
+    pub fn log(&self) {
+        let names = |envs: &[Environment]| envs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        match self {
+            ReloadOutcome::Rejected(e) => error!(
+                problems = %e.problems.join("; "),
+                "reload rejected: the new configuration is invalid; nothing changed"
+            ),
+            ReloadOutcome::Applied(report) if !report.failed.is_empty() => {
+                let failed: Vec<String> = report.failed.iter().map(|(env, why)| format!("{env}: {why}")).collect();
+                error!(
+                    replaced = %names(&report.replaced),
+                    failed = %failed.join("; "),
+                    "reload finished, but a new API key was not adopted; the current one stays in use"
+                )
+            }
+            ReloadOutcome::Applied(report) => info!(
+                replaced = %names(&report.replaced),
+                unchanged = %names(&report.unchanged),
+                "reload finished"
+            ),
+        }
+    }
+}
+
 /// Re-reads API keys (on SIGHUP and when a key file changes) and offers
 /// changed keys to the token sources, which try them before adopting them.
 pub struct Reloader {
@@ -79,7 +137,7 @@ impl Reloader {
 
     /// SIGHUP: a new configuration is loaded and validated first; if it is
     /// invalid nothing changes. Then every key is re-read and offered.
-    pub async fn reload(&self) -> Result<ReloadReport, ConfigError> {
+    pub async fn reload(&self) -> ReloadOutcome {
         let mut state = self.state.lock().await;
         if let Some(path) = &self.config_path {
             match Config::load(Some(path)) {
@@ -89,7 +147,7 @@ impl Reloader {
                     }
                     let diff = state.config.diff(&loaded.config);
                     if !diff.needs_restart.is_empty() {
-                        warn!(keys = ?diff.needs_restart, "these settings changed; they take effect after a restart");
+                        warn!(keys = %diff.needs_restart.join(", "), "these settings changed; they take effect after a restart");
                     }
                     state.config.credentials = loaded.config.credentials.clone();
                     for (env, e) in state.config.environments.iter_mut() {
@@ -97,19 +155,18 @@ impl Reloader {
                     }
                 }
                 Err(e) => {
-                    error!(problems = ?e.problems, "reload rejected: the new configuration is invalid; nothing changed");
                     self.metrics
                         .credential_reloads
                         .get_or_create(&ResultLabels {
                             result: "config_invalid",
                         })
                         .inc();
-                    return Err(e);
+                    return ReloadOutcome::Rejected(e);
                 }
             }
         }
         state.failed.clear();
-        Ok(self.offer_keys(&mut state, true).await)
+        ReloadOutcome::Applied(self.offer_keys(&mut state, true).await)
     }
 
     /// Checks key files every `interval`; offers a key when it changed.

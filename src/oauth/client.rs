@@ -13,6 +13,7 @@ use super::redaction::SecretFilter;
 use super::response::{LifetimeBounds, TokenResponse, clean, parse_error_response, parse_token_response};
 use super::{Grant, OAuthError, TokenEndpoint};
 use crate::credentials::ApiKey;
+use crate::tls_roots::{TlsRoots, TrustRoots};
 
 /// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +50,8 @@ pub struct OAuthSettings {
     pub default_lifetime: Duration,
     /// Allow `http://` token URLs on loopback hosts (development only).
     pub allow_insecure_http: bool,
+    /// The CAs trusted for `https://` token URLs.
+    pub tls_roots: TlsRoots,
 }
 
 impl Default for OAuthSettings {
@@ -61,15 +64,18 @@ impl Default for OAuthSettings {
             use_refresh_token: true,
             default_lifetime: super::DEFAULT_LIFETIME,
             allow_insecure_http: false,
+            tls_roots: TlsRoots::Auto,
         }
     }
 }
 
 impl OAuthSettings {
-    /// The client of one environment's endpoint.
-    pub fn client_config(&self, token_url: impl Into<String>) -> OAuthClientConfig {
+    /// The client of one environment's endpoint, trusting `roots` (loaded
+    /// once from [`OAuthSettings::tls_roots`] for every `https://` URL).
+    pub fn client_config(&self, token_url: impl Into<String>, roots: TrustRoots) -> OAuthClientConfig {
         OAuthClientConfig {
             token_url: token_url.into(),
+            roots,
             client_auth: self.client_auth,
             scope: (!self.scope.is_empty()).then(|| self.scope.clone()),
             connect_timeout: self.connect_timeout,
@@ -139,14 +145,22 @@ pub struct OAuthClientConfig {
     /// Largest response body read; larger answers are malformed.
     pub max_body_bytes: usize,
     pub lifetime: LifetimeBounds,
+    /// The only CAs trusted (none for an `http://` URL).
+    pub roots: TrustRoots,
 }
 
 impl OAuthClientConfig {
-    /// A client with the default [`OAuthSettings`].
+    /// A client with the default [`OAuthSettings`], trusting no CA (for
+    /// `http://` URLs; set `roots` for `https://`).
     pub fn new(token_url: impl Into<String>) -> Self {
-        OAuthSettings::default().client_config(token_url)
+        OAuthSettings::default().client_config(token_url, TrustRoots::default())
     }
 }
+
+/// The HTTP client could not be built (a local problem, not the endpoint's).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the token endpoint's HTTP client: {0}")]
+pub struct ClientBuildError(String);
 
 /// A client for one token endpoint.
 #[derive(Clone)]
@@ -164,15 +178,25 @@ impl std::fmt::Debug for OAuthClient {
 }
 
 impl OAuthClient {
-    pub fn new(config: OAuthClientConfig) -> Result<Self, OAuthError> {
+    pub fn new(config: OAuthClientConfig) -> Result<Self, ClientBuildError> {
         crate::install_crypto_provider();
+        let roots = config
+            .roots
+            .certificates
+            .iter()
+            .map(|der| reqwest::Certificate::from_der(der))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientBuildError(crate::error_chain(&e)))?;
         let http = reqwest::Client::builder()
+            // Exactly these roots: the platform verifier would read the
+            // host's store, which may not exist and is not what was configured.
+            .tls_certs_only(roots)
             .user_agent(concat!(env!("CARGO_PKG_NAME"), "/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| OAuthError::Transport(format!("cannot build HTTP client: {}", crate::error_chain(&e))))?;
+            .map_err(|e| ClientBuildError(crate::error_chain(&e)))?;
         Ok(Self { http, config })
     }
 
@@ -400,7 +424,8 @@ mod tests {
             default_lifetime: Duration::from_secs(120),
             ..OAuthSettings::default()
         };
-        let config = settings.client_config("https://example.invalid/token");
+        let roots = crate::tls_roots::TlsRoots::Bundled.load().unwrap();
+        let config = settings.client_config("https://example.invalid/token", roots);
         assert_eq!(config.token_url, "https://example.invalid/token");
         assert_eq!(config.client_auth, ClientAuth::ClientSecretPost);
         assert_eq!(config.scope, None, "an empty scope sends none");
@@ -414,7 +439,7 @@ mod tests {
             (config.lifetime.min, config.lifetime.max),
             (Duration::from_secs(1), Duration::from_secs(86_400))
         );
-        let scoped = OAuthSettings::default().client_config("https://example.invalid/token");
+        let scoped = OAuthSettings::default().client_config("https://example.invalid/token", TrustRoots::default());
         assert_eq!(scoped.scope.as_deref(), Some("offline_access"));
         let client = OAuthClient::new(config).unwrap();
         let shown = format!("{client:?}");

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
-pub use client::{ClientAuth, OAuthClient, OAuthClientConfig, OAuthSettings};
+pub use client::{ClientAuth, ClientBuildError, OAuthClient, OAuthClientConfig, OAuthSettings};
 pub use error::{ErrorClass, OAuthError, UNRECOGNISED, registered_code};
 pub use redaction::SecretFilter;
 pub use response::{ErrorAnswer, LifetimeBounds, TokenResponse, WITHHELD, parse_error_response, parse_token_response};
