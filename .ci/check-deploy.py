@@ -76,7 +76,7 @@ with tempfile.TemporaryDirectory() as tmp:
             failures.append(f"check-config --skip-secrets {config.name}")
 
     unit = pathlib.Path(tmp) / "flute-token-broker.service"
-    unit.write_text((ROOT / "deploy" / "systemd" / "flute-token-broker.service").read_text().replace("/usr/local/bin/flute-token-broker", str(BIN)))
+    unit.write_text((ROOT / "deploy" / "systemd" / "flute-token-broker.service").read_text().replace("/usr/bin/flute-token-broker", str(BIN)))
     run(["systemd-analyze", "verify", str(unit)], what="systemd-analyze verify")
     result = run(["systemd-analyze", "security", "--offline=true", "--threshold=20", str(unit)], what="systemd-analyze security (exposure <= 2.0)")
     print([line for line in result.stdout.splitlines() if "Overall exposure" in line][-1:])

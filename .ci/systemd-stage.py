@@ -1,0 +1,599 @@
+#!/usr/bin/env python3
+"""The shipped systemd unit under a real systemd as PID 1.
+
+Builds a minimal Debian 12 root once (debootstrap --variant=minbase: no
+ca-certificates, no sudo), then boots a fresh copy of it twice with
+systemd-nspawn -b (its own network namespace, the repository bound
+read-only at /src) and, inside, replays deploy/operations.md's install
+blocks exactly as written: "From the Debian package" with the .deb that
+deploy/debian/build-deb made, and "By hand". The only changes to what a
+user does: the client ID and secret placeholders get test values, `sudo`
+is a no-op (we are root), the by-hand block's `cargo build` is skipped (the
+release binary is already built), and a unit drop-in points the token URLs
+at an emulator running inside the guest.
+
+Then it asserts what a user of the unit relies on (see CASES below) and
+prints what each case saw. Needs: root, debootstrap, systemd-container,
+the release binary and target/debian/*.deb.
+"""
+
+import json
+import os
+import pathlib
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+WORK = pathlib.Path(os.environ.get("FLUTE_SYSTEMD_STAGE_DIR", "/var/tmp/flute-systemd-stage"))
+SUITE = "bookworm"
+UNIT = "flute-token-broker"
+SOCKET = "/run/flute-token-broker/broker.sock"
+EMULATOR_PORT = 9470
+CLIENT_ID = "stage-client"
+SECRET_1 = "stage-secret-" + secrets.token_hex(8)
+SECRET_2 = "stage-rotated-" + secrets.token_hex(8)
+# Every access token seen; none may be in the journal.
+SEEN_TOKENS = set()
+
+
+def say(text):
+    print(text, flush=True)
+
+
+class StageFailure(Exception):
+    pass
+
+
+def check(condition, what):
+    if not condition:
+        raise StageFailure(what)
+
+
+# ---------------------------------------------------------------- the root
+
+
+def debian_mirror():
+    """The Debian mirror this machine's apt uses (never a name of ours)."""
+    sources = []
+    for path in [pathlib.Path("/etc/apt/sources.list"), *pathlib.Path("/etc/apt/sources.list.d").glob("*")]:
+        if path.is_file():
+            sources.append(path.read_text())
+    text = "\n".join(sources)
+    for uri in re.findall(r"^URIs:\s*(\S+)", text, re.M) + re.findall(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+\S+", text, re.M):
+        if "security" not in uri:
+            return uri
+    raise StageFailure("no Debian mirror in /etc/apt/sources.list*")
+
+
+def build_root():
+    """A minimal Debian 12 with systemd, built once per run."""
+    root = WORK / "root"
+    command = ["debootstrap", "--variant=minbase", "--include=systemd,systemd-sysv,dbus", SUITE, str(root)]
+    marker = root / ".complete"
+    if marker.exists() and marker.read_text() == " ".join(command):
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    subprocess.run([*command, debian_mirror()], check=True, stdout=subprocess.DEVNULL)
+    check(not (root / "etc/ssl/certs/ca-certificates.crt").exists(), "the minbase root has no CA bundle")
+    marker.write_text(" ".join(command))
+    say(f"  root: debootstrap {SUITE} minbase + systemd in {time.monotonic() - started:.0f} s")
+    return root
+
+
+# ---------------------------------------------------------------- a guest
+
+
+class Guest:
+    """A copy of the root booted with systemd as PID 1, entered with nsenter."""
+
+    def __init__(self, name, root):
+        self.name = name
+        self.dir = WORK / name
+        shutil.rmtree(self.dir, ignore_errors=True)
+        subprocess.run(["cp", "-a", "--reflink=auto", str(root), str(self.dir)], check=True)
+        self.console = open(WORK / f"{name}.console", "w")
+        started = time.monotonic()
+        self.nspawn = subprocess.Popen(
+            [
+                "systemd-nspawn", "-D", str(self.dir), "-b", "-M", name,
+                # The host's PID 1 is not systemd: no machined, no scope.
+                "--register=no", "--keep-unit",
+                "--private-network", "--console=passive",
+                f"--bind-ro={REPO}:/src",
+            ],
+            stdout=self.console,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            self.leader = self._find_leader()
+            self.wait_for("systemd's control socket", lambda: self.sh("test -S /run/systemd/private", check=False).returncode == 0)
+            state = self.sh("systemctl is-system-running --wait", check=False).stdout.strip()
+            check(state in ("running", "degraded"), f"{name} booted: {state}")
+        except BaseException:
+            self.stop()
+            raise
+        say(f"  {name}: systemd {self.sh('systemctl --version | head -1').stdout.split()[1]} "
+            f"as PID 1, {state} in {time.monotonic() - started:.1f} s")
+
+    def _find_leader(self):
+        """The guest's PID 1: the descendant of systemd-nspawn named systemd."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            check(self.nspawn.poll() is None, f"systemd-nspawn exited: {(WORK / f'{self.name}.console').read_text()[-2000:]}")
+            children = {}
+            for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    fields = stat.read_text().rsplit(")", 1)[1].split()
+                    comm = stat.read_text().split("(", 1)[1].rsplit(")", 1)[0]
+                except (OSError, IndexError):
+                    continue
+                children.setdefault(int(fields[1]), []).append((int(stat.parent.name), comm))
+            todo = [self.nspawn.pid]
+            while todo:
+                for pid, comm in children.get(todo.pop(), []):
+                    if comm == "systemd":
+                        return pid
+                    todo.append(pid)
+            time.sleep(0.1)
+        raise StageFailure("the guest's systemd did not start")
+
+    def sh(self, script, check=True, user=None, input=None, cwd="/"):
+        """Runs a bash script in the guest, as root or as `user`."""
+        command = ["nsenter", "-t", str(self.leader), "-a", "--"]
+        if user:
+            command += ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--reset-env"]
+        command += ["/bin/bash", "-c", f"cd {shlex.quote(cwd)} && {script}"]
+        result = subprocess.run(command, input=input, capture_output=True, text=True, timeout=180)
+        if check and result.returncode != 0:
+            raise StageFailure(
+                f"in {self.name}: {script!r} exited {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+            )
+        return result
+
+    def prop(self, name, unit=UNIT):
+        return self.sh(f"systemctl show -p {name} --value {unit}").stdout.strip()
+
+    def wait_for(self, what, predicate, timeout=60):
+        """Waits for `predicate()` (a state systemd reports), up to `timeout`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.1)
+        raise StageFailure(f"in {self.name}: {what} within {timeout} s")
+
+    def journal(self, *args):
+        """Journal entries of the unit as dicts (journalctl -o json)."""
+        out = self.sh(f"journalctl --no-pager -o json -u {UNIT} " + " ".join(args), check=False).stdout
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    def stop(self):
+        if self.nspawn.poll() is None and getattr(self, "leader", None):
+            self.sh("systemctl poweroff", check=False)
+            try:
+                self.nspawn.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.nspawn.poll() is None:
+            os.killpg(self.nspawn.pid, signal.SIGKILL)
+            self.nspawn.wait()
+        self.console.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the documented steps
+
+
+def documented_block(heading):
+    """The first ```sh block after `heading` in deploy/operations.md."""
+    text = (REPO / "deploy/operations.md").read_text()
+    at = text.index(heading)
+    match = re.compile(r"```sh\n(.*?)```", re.S).search(text, at)
+    check(match is not None, f"operations.md has a sh block after {heading!r}")
+    return match.group(1)
+
+
+def replay(guest, block, cwd, after=None):
+    """Runs each command line of a documented block as written, in order."""
+    prelude = "sudo() { \"$@\"; }\nexport PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin\nset -e -o pipefail\n"
+    for line in block.splitlines():
+        command = re.sub(r"\s+#.*$", "", line).strip()
+        if not command:
+            continue
+        if command.startswith("cargo build"):
+            check((REPO / "target/release/flute-token-broker").exists(), "the release binary is built")
+            continue
+        command = command.replace("YOUR-CLIENT-ID", CLIENT_ID).replace("YOUR-CLIENT-SECRET", SECRET_1)
+        guest.sh(prelude + command, cwd=cwd)
+        if after:
+            after(command)
+
+
+def start_emulator(guest, secret):
+    """The emulator as a transient unit in the guest, accepting `secret`."""
+    guest.sh("systemctl stop flute-emulator 2>/dev/null; true")
+    guest.sh(f"install -m 0600 /dev/stdin /root/emulator-secret <<<{shlex.quote(secret)}")
+    guest.sh(
+        "systemd-run --unit flute-emulator /src/target/release/flute-token-broker emulator "
+        f"--listen 127.0.0.1:{EMULATOR_PORT} --client-id {CLIENT_ID} "
+        "--client-secret-file /root/emulator-secret --token-lifetime 900s"
+    )
+    guest.wait_for(
+        "the emulator listening",
+        lambda: guest.sh(f"exec 3<>/dev/tcp/127.0.0.1/{EMULATOR_PORT}", check=False).returncode == 0,
+    )
+
+
+def point_at_emulator(guest, extra=()):
+    """A drop-in: token URLs to the guest's emulator (plain http, loopback)."""
+    url = f"http://127.0.0.1:{EMULATOR_PORT}/oauth2/token"
+    lines = [
+        "[Service]",
+        "Environment=FLUTE_BROKER__OAUTH__ALLOW_INSECURE_HTTP=true",
+        f"Environment=FLUTE_BROKER__ENVIRONMENTS__SANDBOX__TOKEN_URL={url}",
+        f"Environment=FLUTE_BROKER__ENVIRONMENTS__PRODUCTION__TOKEN_URL={url}",
+        *extra,
+    ]
+    guest.sh(
+        f"mkdir -p /etc/systemd/system/{UNIT}.service.d && "
+        f"printf '%s\\n' {' '.join(shlex.quote(l) for l in lines)} > /etc/systemd/system/{UNIT}.service.d/emulator.conf"
+    )
+
+
+def drop_in(guest, name, lines):
+    path = f"/etc/systemd/system/{UNIT}.service.d/{name}.conf"
+    if lines:
+        body = " ".join(shlex.quote(l) for l in ["[Service]", *lines])
+        guest.sh(f"printf '%s\\n' {body} > {path}")
+    else:
+        guest.sh(f"rm -f {path}")
+    guest.sh("systemctl daemon-reload")
+
+
+def get_token(guest, env="sandbox", user=None):
+    result = guest.sh(f"flute-token-broker get --env {env} --addr unix:{SOCKET}", check=False, user=user)
+    if result.returncode == 0:
+        SEEN_TOKENS.add(result.stdout.strip())
+    return result
+
+
+def ms_between(guest, start_prop, end_prop):
+    return (int(guest.prop(end_prop)) - int(guest.prop(start_prop))) / 1000
+
+
+# ---------------------------------------------------------------- the cases
+
+
+def case_active_with_status(guest):
+    check(guest.prop("ActiveState") == "active", "active")
+    status = guest.prop("StatusText")
+    check(
+        re.fullmatch(r"sandbox: Ready, token [0-9a-f]{12} \(\d+s left\); production: Ready, token [0-9a-f]{12} \(\d+s left\)", status),
+        f"STATUS= text: {status!r}",
+    )
+    ready_ms = ms_between(guest, "ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic")
+    return f"active through READY=1 {ready_ms:.0f} ms after exec; STATUS={status!r}"
+
+
+def case_socket_group_and_allow_list(guest):
+    seen = []
+    sandbox = get_token(guest, user="member")
+    check(sandbox.returncode == 0 and sandbox.stdout.strip(), f"a member of flute-broker gets a token: {sandbox.stderr}")
+    outsider = get_token(guest, user="outsider")
+    check(
+        outsider.returncode == 69 and "is this user in the socket's group?" in outsider.stderr,
+        f"a non-member is refused with the group hint: {outsider.returncode} {outsider.stderr}",
+    )
+    seen.append(f"outsider: exit {outsider.returncode}, {outsider.stderr.strip()!r}")
+    production = get_token(guest, "production", user="member")
+    check(
+        production.returncode == 77 and "may not get production tokens" in production.stderr,
+        f"the allow-list refuses production to a member outside flute-production: {production.returncode} {production.stderr}",
+    )
+    seen.append(f"member: sandbox token, production exit {production.returncode}")
+    allowed = get_token(guest, "production", user="payments")
+    check(allowed.returncode == 0, f"a member of flute-production gets production: {allowed.stderr}")
+    status = guest.sh(f"flute-token-broker status --addr unix:{SOCKET}", check=False, user="member")
+    check(
+        status.returncode == 0 and "RESTRICTED" in status.stdout,
+        f"status as a restricted caller exits 0 and lists RESTRICTED: {status.returncode} {status.stdout} {status.stderr}",
+    )
+    seen.append("status as member: exit 0, production RESTRICTED")
+    unit_client = guest.sh(
+        "systemd-run --wait --pipe --quiet -p DynamicUser=yes -p SupplementaryGroups=flute-broker "
+        f"/usr/bin/env flute-token-broker get --env sandbox --addr unix:{SOCKET}",
+        check=False,
+    )
+    check(unit_client.returncode == 0 and unit_client.stdout.strip(), f"a SupplementaryGroups= client unit gets a token: {unit_client.stderr}")
+    SEEN_TOKENS.add(unit_client.stdout.strip())
+    seen.append("DynamicUser client unit with SupplementaryGroups=flute-broker: token")
+    return "; ".join(seen)
+
+
+def case_reload(guest):
+    config = "/etc/flute-token-broker/config.toml"
+    guest.sh(f"cp {config} /root/config.good")
+    pid = guest.prop("MainPID")
+    guest.sh(f"printf '[refresh]\\nratio = 0.7\\n' >> {config}")
+    ok = guest.sh(f"systemctl reload {UNIT}", check=False)
+    check(ok.returncode == 0, f"a valid reload succeeds: {ok.stderr}")
+    guest.wait_for("the restart warning", lambda: any("take effect after a restart" in e.get("MESSAGE", "") for e in guest.journal("-p", "warning")))
+    warn = [e for e in guest.journal() if "take effect after a restart" in e.get("MESSAGE", "")]
+    check(warn and warn[-1]["PRIORITY"] == "4", f"the WARN line is priority 4: {warn}")
+
+    guest.sh(f"printf '[refresh]\\nratio = 3.0\\n' > {config} && cat /root/config.good >> {config}")
+    rejected = guest.sh(f"systemctl reload {UNIT}", check=False)
+    check(rejected.returncode != 0, "a rejected configuration fails systemctl reload")
+    status = guest.sh(f"systemctl status --no-pager -n 20 {UNIT}", check=False).stdout
+    check("refresh.ratio must be between" in status, f"the problem is in systemctl status: {status}")
+    check(guest.prop("ActiveState") == "active" and guest.prop("MainPID") == pid, "the broker keeps running")
+    reload_errors = [e for e in guest.journal("-p", "err") if "refresh.ratio" in e.get("MESSAGE", "")]
+    check(reload_errors and all(e["PRIORITY"] == "3" for e in reload_errors), f"the reload command's problems are priority 3: {reload_errors}")
+
+    # A SIGHUP that bypasses the check: the broker itself rejects the file, at ERROR.
+    guest.sh(f"kill -HUP {pid}")
+    guest.wait_for(
+        "the broker's own rejection",
+        lambda: any("reload rejected: the new configuration is invalid" in e.get("MESSAGE", "") for e in guest.journal("-p", "err")),
+    )
+    error = [e for e in guest.journal() if "reload rejected: the new configuration is invalid" in e.get("MESSAGE", "")][-1]
+    check(error["PRIORITY"] == "3", f"the broker's ERROR is priority 3: {error}")
+    guest.sh(f"cp /root/config.good {config}")
+    check(get_token(guest, user="member").returncode == 0, "tokens are served after the rejected reloads")
+    return (
+        f"valid: systemctl reload exit 0, WARN at priority 4; invalid: systemctl reload exit {rejected.returncode}, "
+        f"problem in systemctl status, ERROR lines at priority 3 (reload command and broker), same PID {pid}"
+    )
+
+
+def case_journal_fields(guest):
+    production = [e for e in guest.journal("ENVIRONMENT=production") if "token request" in e.get("MESSAGE", "")]
+    check(production, "journalctl ENVIRONMENT=production selects the production token requests")
+    entry = production[-1]
+    check(entry.get("TOKEN_ID") and entry.get("OUTCOME") == "ok", f"fields are journal fields: {entry}")
+    info = entry["PRIORITY"]
+    return f"ENVIRONMENT=production: {len(production)} token request(s), e.g. MESSAGE={entry['MESSAGE']!r}, PRIORITY={info}"
+
+
+def case_watchdog(guest):
+    drop_in(guest, "watchdog", ["WatchdogSec=4s"])
+    guest.sh(f"systemctl restart {UNIT}")
+    pid, restarts = guest.prop("MainPID"), int(guest.prop("NRestarts"))
+    guest.sh(f"kill -STOP {pid}")
+    stopped_at = time.monotonic()
+    guest.wait_for(
+        "a restart by the watchdog",
+        lambda: guest.prop("MainPID") not in ("0", pid) and guest.prop("ActiveState") == "active",
+        timeout=60,
+    )
+    took = time.monotonic() - stopped_at
+    result = guest.prop("NRestarts")
+    check(int(result) == restarts + 1, f"one restart: {restarts} → {result}")
+    timeout = [e for e in guest.journal() if "Watchdog timeout" in e.get("MESSAGE", "")]
+    check(timeout, "systemd logged the watchdog timeout")
+    drop_in(guest, "watchdog", [])
+    guest.sh(f"systemctl restart {UNIT}")
+    return f"SIGSTOP under WatchdogSec=4s: restarted by systemd after {took:.1f} s (NRestarts {restarts} → {result})"
+
+
+def case_key_rotation(guest):
+    # systemd 252 copies LoadCredential= files at start only: a reload keeps the old copy.
+    start_emulator(guest, SECRET_2)
+    guest.sh(f"install -m 0600 /dev/stdin /etc/flute-token-broker/client-secret <<<{shlex.quote(SECRET_2)}")
+    guest.sh(f"systemctl reload {UNIT}")
+    copy = guest.sh(f"cat /run/credentials/{UNIT}.service/flute-client-secret").stdout.strip()
+    check(copy == SECRET_1, "systemctl reload does not refresh the credential copy")
+    guest.sh(f"systemctl restart {UNIT}")
+    check(guest.prop("ActiveState") == "active", "active after the restart")
+    check(get_token(guest, user="member").returncode == 0, "a token with the new key")
+    calls = guest.sh(f"flute-token-broker status --json --addr unix:{SOCKET}", user="payments").stdout
+    check(all(e["state"] == "READY" for e in json.loads(calls)), f"both environments ready with the new key: {calls}")
+    return "reload kept the old credential copy (as documented); restart adopted the new secret, both environments READY"
+
+
+def case_clean_stop(guest):
+    guest.sh(f"systemctl stop {UNIT}")
+    check(guest.prop("ActiveState") == "inactive", "inactive after stop")
+    check(guest.prop("ExecMainStatus") == "0", f"exit 0 (got {guest.prop('ExecMainStatus')})")
+    left = guest.sh(f"test -e {SOCKET}", check=False).returncode == 0
+    check(not left, "no socket left")
+    stop_ms = ms_between(guest, "ActiveExitTimestampMonotonic", "InactiveEnterTimestampMonotonic")
+    return f"stopped in {stop_ms:.0f} ms, exit 0, no socket left"
+
+
+def case_without_ca_certificates(guest):
+    check(guest.sh("test -e /etc/ssl/certs/ca-certificates.crt", check=False).returncode != 0, "the guest has no CA bundle")
+    # http:// token URLs: the broker ran all along (every case above).
+    https = [
+        "Environment=FLUTE_BROKER__ENVIRONMENTS__SANDBOX__TOKEN_URL=https://127.0.0.1:9/oauth2/token",
+        "Environment=FLUTE_BROKER__ENVIRONMENTS__PRODUCTION__ENABLED=false",
+        "Environment=FLUTE_BROKER__SYSTEMD__READY_TIMEOUT=1s",
+    ]
+    drop_in(guest, "https", [*https, "Environment=FLUTE_BROKER__OAUTH__TLS_ROOTS=system"])
+    start = guest.sh(f"systemctl start {UNIT}", check=False)
+    check(start.returncode != 0, "start fails with tls_roots=system and no store")
+    guest.wait_for("the failed state", lambda: guest.prop("ActiveState") == "failed")
+    status, restarts = guest.prop("ExecMainStatus"), guest.prop("NRestarts")
+    check(status == "78", f"exit 78 (got {status})")
+    problem = [e for e in guest.journal("-p", "err") if "oauth.tls_roots: this host has no CA certificates" in e.get("MESSAGE", "")]
+    check(problem, "the problem is named, at priority 3")
+    checked = guest.sh(
+        "mkdir -p /root/creds && cp /etc/flute-token-broker/client-secret /root/creds/flute-client-secret && "
+        "CREDENTIALS_DIRECTORY=/root/creds FLUTE_BROKER__OAUTH__TLS_ROOTS=system "
+        "FLUTE_BROKER__ENVIRONMENTS__SANDBOX__TOKEN_URL=https://127.0.0.1:9/t "
+        "flute-token-broker check-config --config /etc/flute-token-broker/config.toml",
+        check=False,
+    )
+    check(
+        checked.returncode == 78 and "oauth.tls_roots: this host has no CA certificates" in checked.stderr
+        and "credentials" not in checked.stderr,
+        f"check-config reports it, and only it: {checked.stderr}",
+    )
+    guest.sh(f"systemctl reset-failed {UNIT}")
+    drop_in(guest, "https", https)
+    guest.sh(f"systemctl start {UNIT}")
+    bundled = [e for e in guest.journal() if "TLS roots loaded" in e.get("MESSAGE", "")]
+    check(bundled and "bundled" in bundled[-1]["MESSAGE"], f"auto falls back to the bundled roots: {bundled}")
+    guest.sh(f"systemctl stop {UNIT}")
+    drop_in(guest, "https", [])
+    return (
+        f"http:// URLs: served without a CA bundle; https:// with tls_roots=system: exit {status}, "
+        f"NRestarts {restarts}, check-config 78; https:// with auto: started on the bundled roots"
+    )
+
+
+def case_no_secret_in_journal(guest):
+    journal = guest.sh("journalctl --no-pager -o export", check=False).stdout
+    for secret in [SECRET_1, SECRET_2, *SEEN_TOKENS]:
+        check(secret not in journal, "no secret or access token in the journal")
+    return f"{len(journal.splitlines())} journal lines, no client secret (2) and no access token ({len(SEEN_TOKENS)})"
+
+
+def case_package_files(guest):
+    files = [
+        "/usr/bin/flute-token-broker",
+        f"/usr/lib/systemd/system/{UNIT}.service",
+        "/usr/lib/sysusers.d/flute-token-broker.conf",
+        "/usr/share/man/man1/flute-token-broker.1.gz",
+        "/usr/share/man/man1/flute-token-broker-get.1.gz",
+        "/usr/share/bash-completion/completions/flute-token-broker",
+        "/usr/share/doc/flute-token-broker/operations.md",
+    ]
+    missing = [f for f in files if guest.sh(f"test -s {f}", check=False).returncode != 0]
+    check(not missing, f"package files: {missing}")
+    conffiles = guest.sh("dpkg-query -W -f='${Conffiles}' flute-token-broker").stdout
+    check("/etc/flute-token-broker/config.toml" in conffiles, "the configuration is a conffile")
+    return f"{len(files)} files in their standard directories, config.toml a conffile"
+
+
+def case_purge(guest):
+    guest.sh(f"systemctl start {UNIT}")
+    guest.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y -q flute-token-broker")
+    check(guest.prop("LoadState") == "not-found", "the unit is gone after purge")
+    check(guest.sh("pgrep -f 'flute-token-broker serve'", check=False).returncode != 0, "no broker runs after purge")
+    left = [p for p in ["/usr/bin/flute-token-broker", "/etc/flute-token-broker/client-secret", "/etc/flute-token-broker/config.toml"]
+            if guest.sh(f"test -e {p}", check=False).returncode == 0]
+    check(not left, f"purge leaves nothing behind: {left}")
+    return "purge stopped the broker and removed the binary, the configuration and the secret"
+
+
+def prepare_users(guest):
+    guest.sh(
+        "groupadd --system flute-production && useradd -M outsider && "
+        "useradd -M member && useradd -M payments"
+    )
+
+
+def after_install_member_groups(guest):
+    # The flute-broker group exists once sysusers ran.
+    guest.sh("usermod -aG flute-broker member && usermod -aG flute-broker,flute-production payments")
+
+
+ALLOW_LIST = "Environment=FLUTE_BROKER__ENVIRONMENTS__PRODUCTION__ALLOWED_UNIX_GROUPS=flute-production"
+
+
+def run(name, guest, case, report):
+    started = time.monotonic()
+    try:
+        seen = case(guest)
+    except Exception as e:
+        report.append((name, False, str(e), time.monotonic() - started))
+        raise StageFailure(f"{type(e).__name__}: {e}") from e
+    report.append((name, True, seen, time.monotonic() - started))
+    say(f"  ok   {name} ({time.monotonic() - started:.1f} s): {seen}")
+
+
+def from_the_package(root, report):
+    guest = Guest("flute-deb", root)
+    try:
+        prepare_users(guest)
+        start_emulator(guest, SECRET_1)
+        point_at_emulator(guest, [ALLOW_LIST])
+        guest.sh("mkdir -p /root/pkg && cp /src/target/debian/flute-token-broker_*.deb /root/pkg/")
+        seen = {}
+
+        def after(command):
+            if "apt-get install" in command:
+                seen["after install"] = (guest.prop("UnitFileState"), guest.prop("ActiveState"))
+                after_install_member_groups(guest)
+
+        def install(g):
+            replay(g, documented_block("### From the Debian package"), "/root/pkg", after)
+            check(seen["after install"] == ("disabled", "inactive"), f"the package leaves the service stopped: {seen}")
+            return f"documented steps replayed; after apt-get install the unit was {seen['after install']}"
+
+        run("deb: install as documented", guest, install, report)
+        run("deb: package files", guest, case_package_files, report)
+        run("deb: active with STATUS=", guest, case_active_with_status, report)
+        run("deb: socket group and allow-list", guest, case_socket_group_and_allow_list, report)
+        run("deb: reload and rejected reload", guest, case_reload, report)
+        run("deb: journal fields", guest, case_journal_fields, report)
+        run("deb: watchdog restart", guest, case_watchdog, report)
+        run("deb: key rotation under LoadCredential=", guest, case_key_rotation, report)
+        run("deb: clean stop", guest, case_clean_stop, report)
+        run("deb: without ca-certificates", guest, case_without_ca_certificates, report)
+        run("deb: no secret in the journal", guest, case_no_secret_in_journal, report)
+        run("deb: purge", guest, case_purge, report)
+    finally:
+        guest.stop()
+
+
+def by_hand(root, report):
+    guest = Guest("flute-manual", root)
+    try:
+        prepare_users(guest)
+        start_emulator(guest, SECRET_1)
+        point_at_emulator(guest, [ALLOW_LIST])
+
+        def after(command):
+            if command.startswith("sudo systemd-sysusers"):
+                after_install_member_groups(guest)
+
+        def install(g):
+            replay(g, documented_block("### By hand"), "/src", after)
+            page = g.sh("test -s /usr/local/share/man/man1/flute-token-broker.1", check=False).returncode == 0
+            check(page, "the man pages are where the steps put them")
+            return "documented steps replayed (man pages in /usr/local/share/man/man1)"
+
+        run("manual: install as documented", guest, install, report)
+        run("manual: active with STATUS=", guest, case_active_with_status, report)
+        run("manual: socket group and allow-list", guest, case_socket_group_and_allow_list, report)
+        run("manual: reload and rejected reload", guest, case_reload, report)
+        run("manual: clean stop", guest, case_clean_stop, report)
+        run("manual: no secret in the journal", guest, case_no_secret_in_journal, report)
+    finally:
+        guest.stop()
+
+
+def main():
+    if os.geteuid() != 0:
+        sys.exit("the systemd stage needs root (systemd-nspawn)")
+    for path in ["target/release/flute-token-broker"]:
+        check((REPO / path).exists(), f"{path} is built")
+    check(list((REPO / "target/debian").glob("flute-token-broker_*.deb")), "the .deb is built (deploy/debian/build-deb)")
+    started = time.monotonic()
+    root = build_root()
+    report = []
+    try:
+        from_the_package(root, report)
+        by_hand(root, report)
+    except StageFailure as e:
+        say(f"FAILED: {report[-1][0] if report else 'setup'}: {e}")
+        return 1
+    passed = sum(1 for _, ok, _, _ in report if ok)
+    say(f"systemd stage: {time.monotonic() - started:.0f} s")
+    say(f"systemd: {passed} passed, 0 failed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
