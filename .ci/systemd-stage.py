@@ -59,16 +59,20 @@ def check(condition, what):
 
 
 def debian_mirror():
-    """The Debian mirror this machine's apt uses (never a name of ours)."""
-    sources = []
-    for path in [pathlib.Path("/etc/apt/sources.list"), *pathlib.Path("/etc/apt/sources.list.d").glob("*")]:
-        if path.is_file():
-            sources.append(path.read_text())
-    text = "\n".join(sources)
-    for uri in re.findall(r"^URIs:\s*(\S+)", text, re.M) + re.findall(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+\S+", text, re.M):
-        if "security" not in uri:
-            return uri
-    raise StageFailure("no Debian mirror in /etc/apt/sources.list*")
+    """The Debian mirror this machine's apt uses for SUITE main (never a name of ours)."""
+    for path in [pathlib.Path("/etc/apt/sources.list"), *sorted(pathlib.Path("/etc/apt/sources.list.d").glob("*"))]:
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        for stanza in re.split(r"\n\s*\n", text):
+            fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", stanza, re.M))
+            if SUITE in fields.get("Suites", "").split() and "main" in fields.get("Components", "").split():
+                return fields["URIs"].split()[0]
+        for line in text.splitlines():
+            words = re.sub(r"\[[^\]]*\]", "", line).split()
+            if len(words) >= 4 and words[0] == "deb" and words[2] == SUITE and "main" in words[3:]:
+                return words[1]
+    raise StageFailure(f"no Debian mirror for {SUITE} main in /etc/apt/sources.list*")
 
 
 def build_root():
