@@ -453,3 +453,71 @@ async fn bodies_up_to_the_limit_are_read_and_larger_ones_refused() {
         format!("malformed token response (HTTP 200): response body exceeds {LIMIT} bytes")
     );
 }
+
+/// An HTTPS token endpoint on loopback with a certificate for `localhost`
+/// from its own CA: answers each connection with one token. Returns its
+/// port and the CA certificate (PEM).
+async fn https_endpoint() -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    flute_token_broker::install_crypto_provider();
+    let ca = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(ca.signing_key.serialize_der()).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![ca.cert.der().clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut request = vec![0; 4096];
+                let _ = tls.read(&mut request).await;
+                let body = r#"{"access_token":"tls-token","token_type":"Bearer","expires_in":900}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(answer.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (port, ca.cert.pem())
+}
+
+/// `oauth.tls_roots` is what the client trusts, exactly: a PEM file with
+/// the endpoint's CA reaches it; the bundled roots (which lack that CA) do
+/// not, and the failure names the certificate.
+#[tokio::test]
+async fn the_configured_tls_roots_are_the_ones_trusted() {
+    use flute_token_broker::tls_roots::TlsRoots;
+    let (port, ca_pem) = https_endpoint().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let url = format!("https://localhost:{port}/oauth2/token");
+
+    let trusting = client_with(url.clone(), |c| {
+        c.roots = TlsRoots::File(ca_file.clone()).load().unwrap()
+    });
+    let token = trusting
+        .request_token(&test_key(), &Grant::ClientCredentials)
+        .await
+        .unwrap();
+    assert_eq!(token.access_token.expose_secret(), "tls-token");
+
+    let bundled = client_with(url, |c| c.roots = TlsRoots::Bundled.load().unwrap());
+    let refused = bundled
+        .request_token(&test_key(), &Grant::ClientCredentials)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.class(), ErrorClass::Transient, "{refused}");
+    assert!(refused.to_string().contains("certificate"), "{refused}");
+}
