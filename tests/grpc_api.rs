@@ -564,34 +564,119 @@ async fn reflection_lists_the_service() {
     );
 }
 
+/// Device and inode of the socket file at `path`.
+fn socket_identity(path: &std::path::Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    (meta.dev(), meta.ino())
+}
+
+/// Two brokers on one socket path, as a DaemonSet rolling update runs them:
+/// a stale file is replaced at once; a live broker keeps the path until
+/// the new one holds its tokens, then one rename moves the path to the new
+/// one; the old broker still answers on its open connections, and its
+/// shutdown leaves the successor's socket in place.
 #[tokio::test]
-async fn stale_unix_socket_is_replaced_and_a_live_one_refused() {
+async fn a_second_broker_takes_over_a_served_socket_once_ready() {
+    use flute_token_broker::emulator::FaultRequest;
+    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broker.sock");
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap()); // a crashed run's leftover
-    assert!(path.exists());
-    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
+    let stale = socket_identity(&path);
+    let first = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
         config.server.listen = vec![flute_token_broker::grpc::listener::ListenAddr::Unix(path.clone())];
     })
     .await;
-    use std::os::unix::fs::PermissionsExt;
+    let addr = format!("unix:{}", path.display());
+    let first_socket = socket_identity(&path);
+    assert_ne!(first_socket, stale, "the stale file was replaced at once");
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o660);
-    let mut c = flute_token_broker::client::connect(&format!("unix:{}", path.display()), Duration::from_secs(5))
+    let mut on_first = flute_token_broker::client::connect(&addr, Duration::from_secs(5))
         .await
         .unwrap();
-    assert!(c.get_token(get(SANDBOX)).await.is_ok());
-
-    let config = support::broker_config(&broker.emulators, dir.path());
-    let mut second = config.clone();
-    second.server.listen = vec![flute_token_broker::grpc::listener::ListenAddr::Unix(path.clone())];
-    second.admin.listen = None;
-    let err = flute_token_broker::daemon::Broker::build(second, None)
+    let t1 = on_first
+        .get_token(get(SANDBOX))
         .await
-        .err()
-        .expect("a live socket is refused");
-    assert!(err.to_string().contains("another process is serving"), "{err}");
-    broker.daemon.shutdown().await;
-    assert!(!path.exists(), "the socket file is removed on shutdown");
+        .unwrap()
+        .into_inner()
+        .token
+        .unwrap();
+
+    // The successor cannot get a token yet: the path stays the first's.
+    first.emulator(Environment::Sandbox).set_faults(FaultRequest {
+        refuse_all: Some(true),
+        ..Default::default()
+    });
+    let mut config = support::broker_config(&first.emulators, dir.path());
+    config.server.listen = vec![flute_token_broker::grpc::listener::ListenAddr::Unix(path.clone())];
+    config.admin.listen = None;
+    let second = flute_token_broker::daemon::Broker::build(config, None)
+        .await
+        .expect("a successor starts");
+    assert!(!second.ready.is_cancelled());
+    assert_eq!(
+        socket_identity(&path),
+        first_socket,
+        "not ready: the path is still the first broker's"
+    );
+    let mut new_connection = flute_token_broker::client::connect(&addr, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let still = new_connection
+        .get_token(get(SANDBOX))
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+        .unwrap();
+    assert_eq!(still.token_id, t1.token_id, "a new caller reaches the first broker");
+
+    // Once it holds a token, one rename hands the path over.
+    first.emulator(Environment::Sandbox).set_faults(FaultRequest {
+        clear: true,
+        ..Default::default()
+    });
+    tokio::time::timeout(Duration::from_secs(30), second.ready.cancelled())
+        .await
+        .expect("the successor becomes ready");
+    assert_ne!(socket_identity(&path), first_socket, "the path is the successor's");
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o660);
+    let mut on_second = flute_token_broker::client::connect(&addr, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let t2 = on_second
+        .get_token(get(SANDBOX))
+        .await
+        .expect("the successor answers")
+        .into_inner()
+        .token
+        .unwrap();
+    assert_ne!(t2.token_id, t1.token_id, "a new caller reaches the successor");
+    let old = on_first
+        .get_token(get(SANDBOX))
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+        .unwrap();
+    assert_eq!(old.token_id, t1.token_id, "open connections stay with the first broker");
+
+    let successor_socket = socket_identity(&path);
+    first.daemon.shutdown().await;
+    assert_eq!(
+        socket_identity(&path),
+        successor_socket,
+        "the first broker's shutdown leaves the successor's socket"
+    );
+    assert!(on_second.get_token(get(SANDBOX)).await.is_ok());
+    second.shutdown().await;
+    assert!(!path.exists(), "the last broker removes its own socket");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(leftovers.is_empty(), "no temporary socket left: {leftovers:?}");
 }
 
 #[tokio::test]

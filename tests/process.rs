@@ -99,7 +99,15 @@ async fn sigterm_ends_watch_streams_with_unavailable_and_exits_zero() {
         .expect("the stream ends promptly");
     let status = ended.expect("an error item, not a silent end").unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert!(status.message().contains("shutting down"), "{status:?}");
+    assert!(status.message().contains("reconnect now"), "{status:?}");
+    use tonic_types::StatusExt;
+    let details = status.get_error_details();
+    assert_eq!(details.error_info().unwrap().reason, "SHUTTING_DOWN");
+    assert_eq!(
+        details.retry_info().unwrap().retry_delay,
+        Some(Duration::ZERO),
+        "clients reconnect at once"
+    );
     let exit = tokio::time::timeout(Duration::from_secs(12), broker.child.wait())
         .await
         .expect("exit within the 10 s grace period")
@@ -790,7 +798,7 @@ async fn watch_on_a_stopping_broker_says_it_ended_the_connection() {
     assert_eq!(
         err.trim_end(),
         format!(
-            "error: the broker at {} ended the connection: the broker is shutting down",
+            "error: the broker at {} ended the connection: the broker is stopping or restarting; reconnect now",
             broker.addr
         )
     );

@@ -144,3 +144,163 @@ async fn notify_reload_and_stop_under_systemd() {
         );
     }
 }
+
+/// systemd's side of socket activation, in a few lines of Python: binds the
+/// socket once (mode 0666, so a broker that changed it would show), and for
+/// every line on stdin starts a broker with it as fd 3 and `LISTEN_FDS`,
+/// `LISTEN_PID`, `LISTEN_FDNAMES` set as systemd sets them, after the
+/// previous broker exited; prints `started PID` and `exited CODE`.
+const SOCKET_HOLDER: &str = r#"
+import os, socket, sys
+path, binary, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(path)
+os.chmod(path, 0o666)
+listener.listen(128)
+child = None
+for line in sys.stdin:
+    if child:
+        _, status = os.waitpid(child, 0)
+        print("exited", os.waitstatus_to_exitcode(status), flush=True)
+    child = os.fork()
+    if child == 0:
+        if listener.fileno() != 3:
+            os.dup2(listener.fileno(), 3)
+        os.set_inheritable(3, True)
+        os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="broker")
+        os.execv(binary, [binary] + args)
+    print("started", child, flush=True)
+if child:
+    _, status = os.waitpid(child, 0)
+    print("exited", os.waitstatus_to_exitcode(status), flush=True)
+"#;
+
+/// The holder of an activation socket.
+struct SocketHolder {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl SocketHolder {
+    fn spawn(socket: &std::path::Path, config: &std::path::Path) -> Self {
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(SOCKET_HOLDER)
+            .arg(socket)
+            .arg(BIN)
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        use tokio::io::AsyncBufReadExt;
+        Self {
+            stdin: child.stdin.take().unwrap(),
+            lines: tokio::io::BufReader::new(child.stdout.take().unwrap()).lines(),
+            child,
+        }
+    }
+
+    /// Starts the next broker (after the previous one exited); returns
+    /// the previous one's exit code, if there was one, and the new pid.
+    async fn start_broker(&mut self, previous: bool) -> (Option<i32>, u32) {
+        use tokio::io::AsyncWriteExt;
+        self.stdin.write_all(b"start\n").await.unwrap();
+        let mut exited = None;
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
+                .await
+                .expect("the holder answers")
+                .unwrap()
+                .expect("the holder runs");
+            if let Some(code) = line.strip_prefix("exited ") {
+                exited = Some(code.parse().unwrap());
+            } else if let Some(pid) = line.strip_prefix("started ") {
+                assert_eq!(exited.is_some(), previous, "{line}");
+                return (exited, pid.parse().unwrap());
+            }
+        }
+    }
+}
+
+fn config_for(dir: &std::path::Path, token_url: &str, listen: &std::path::Path) -> std::path::PathBuf {
+    let secret = dir.join("secret");
+    std::fs::write(&secret, CLIENT_SECRET).unwrap();
+    let config = dir.join(format!("broker-{}.toml", listen.file_name().unwrap().to_string_lossy()));
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = [\"unix:{}\"]\n[admin]\nlisten = \"\"\n[oauth]\nallow_insecure_http = true\n\
+             [credentials]\nclient_id = \"{CLIENT_ID}\"\nclient_secret_file = \"{}\"\n\
+             [environments.sandbox]\ntoken_url = \"{token_url}\"\n[environments.production]\nenabled = false\n",
+            listen.display(),
+            secret.display(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// Socket activation: the broker serves the socket systemd passes and never
+/// changes or removes it; a call made while no broker runs waits in the
+/// socket's backlog and is answered by the next broker; a passed socket
+/// that the configuration does not name is a configuration error (78).
+#[tokio::test]
+async fn socket_activation_serves_the_passed_socket_and_leaves_it_in_place() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let emu = start_emulator(Duration::from_secs(900), true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("activated.sock");
+    let config = config_for(dir.path(), &emu.token_url(), &sock);
+    let mut holder = SocketHolder::spawn(&sock, &config);
+    let (_, first) = holder.start_broker(false).await;
+    let addr = format!("unix:{}", sock.display());
+    let token = |addr: String| async move {
+        let mut client = flute_token_broker::client::connect(&addr, Duration::from_secs(30)).await?;
+        let mut request = tonic::Request::new(pb::GetTokenRequest {
+            environment: SANDBOX,
+            min_remaining: None,
+        });
+        request.set_timeout(Duration::from_secs(30));
+        client
+            .get_token(request)
+            .await
+            .map(|r| r.into_inner().token.unwrap())
+            .map_err(|s| flute_token_broker::client::ClientError::Usage(s.to_string()))
+    };
+    let t1 = token(addr.clone()).await.unwrap();
+    let inode = std::fs::metadata(&sock).unwrap().ino();
+
+    // The broker stops; a caller connects meanwhile: it waits in the backlog.
+    support::signal(first, rustix::process::Signal::TERM);
+    let waiting = tokio::spawn(token(addr.clone()));
+    let (exited, _second) = holder.start_broker(true).await;
+    assert_eq!(exited, Some(0), "the first broker stopped cleanly");
+    let t2 = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the waiting call is answered")
+        .unwrap()
+        .expect("by the next broker");
+    assert!(!t2.access_token.is_empty() && !t1.access_token.is_empty());
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(meta.ino(), inode, "the socket was never replaced");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o666, "nor changed");
+    drop(holder.stdin);
+    let _ = holder.child.kill().await;
+
+    // A passed socket the configuration does not name.
+    let other = config_for(dir.path(), &emu.token_url(), &dir.path().join("configured.sock"));
+    let mut holder = SocketHolder::spawn(&dir.path().join("unnamed.sock"), &other);
+    holder.start_broker(false).await;
+    drop(holder.stdin);
+    let line = tokio::time::timeout(Duration::from_secs(30), holder.lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(line, "exited 78", "an unmatched socket is a configuration error");
+}

@@ -256,8 +256,9 @@ type UpdateStream = tonic::Streaming<pb::WatchTokenResponse>;
 
 /// Prints a line per update. When the connection to the broker is lost
 /// (killed, restarted, shut down) it says so on stderr and, with
-/// `reconnect`, tries again after 1 s, 2 s, 4 s … 30 s, says when it is
-/// back and goes on from the broker's current state; without `reconnect`
+/// `reconnect`, tries again (at once when the broker ended the stream
+/// because it stops or restarts, else after 1 s), then after 1 s, 2 s,
+/// 4 s … 30 s, says when it is back and goes on from the broker's current state; without `reconnect`
 /// it returns [`ClientError::Unreachable`]. The first connection is not
 /// retried: a wrong address fails at once.
 pub async fn watch(
@@ -268,10 +269,13 @@ pub async fn watch(
 ) -> Result<(), ClientError> {
     let mut stream = open_watch(target, env).await?;
     loop {
-        let lost = match print_updates(&mut stream, env, target, out).await {
-            Ok(()) => "the stream ended".to_owned(),
-            Err(ClientError::Unreachable { message, .. } | ClientError::Disconnected { message, .. }) => message,
-            Err(e) if e.is_connection_loss() => e.to_string(),
+        // A broker that stops or restarts says so: its successor (or
+        // another replica) is there already, so the first retry is at once.
+        let (lost, at_once) = match print_updates(&mut stream, env, target, out).await {
+            Ok(()) => ("the stream ended".to_owned(), false),
+            Err(ClientError::Disconnected { message, .. }) => (message, true),
+            Err(ClientError::Unreachable { message, .. }) => (message, false),
+            Err(e) if e.is_connection_loss() => (e.to_string(), false),
             Err(e) => return Err(e),
         };
         if !reconnect {
@@ -280,13 +284,16 @@ pub async fn watch(
                 message: lost,
             });
         }
-        crate::logging::to_stderr(format_args!("connection to the broker lost ({lost}); reconnecting"));
-        let mut delay = RECONNECT_INITIAL;
+        let when = if at_once { "at once" } else { "with backoff" };
+        crate::logging::to_stderr(format_args!(
+            "connection to the broker lost ({lost}); reconnecting {when}"
+        ));
+        let mut delay = if at_once { Duration::ZERO } else { RECONNECT_INITIAL };
         stream = loop {
             tokio::time::sleep(delay).await;
             match open_watch(target, env).await {
                 Ok(stream) => break stream,
-                Err(e) if e.is_connection_loss() => delay = (delay * 2).min(RECONNECT_MAX),
+                Err(e) if e.is_connection_loss() => delay = (delay * 2).clamp(RECONNECT_INITIAL, RECONNECT_MAX),
                 Err(e) => return Err(e),
             }
         };

@@ -79,6 +79,7 @@ impl DaemonError {
             | DaemonError::NoCredentials { .. }
             | DaemonError::Tls(_)
             | DaemonError::TlsRoots(_) => crate::exit::CONFIG,
+            DaemonError::Listen(e) if e.is_configuration() => crate::exit::CONFIG,
             _ => crate::exit::FAILURE,
         }
     }
@@ -92,11 +93,17 @@ pub struct RunningBroker {
     pub sources: Arc<TokenSources>,
     pub metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
-    /// Second stage of shutdown: listeners stop accepting and connections
-    /// drain. Its child `draining` is the first stage: the service refuses
-    /// new calls and ends watch streams. Stopping implies draining.
+    /// First stage of shutdown: listeners stop accepting and every
+    /// connection gets GOAWAY (clients open their next connection to the
+    /// successor); calls in flight and new calls on open connections are
+    /// still answered.
     stopping: CancellationToken,
+    /// Second stage: every WatchToken stream ends with "reconnect now" and
+    /// token file sinks remove their files.
     draining: CancellationToken,
+    /// Cancelled once every environment holds a token (or `ready_timeout`
+    /// passed) and the sockets waiting to take over their path have moved.
+    pub ready: CancellationToken,
     /// The open WatchToken streams (shutdown waits for them to end).
     streams: TaskTracker,
     health: HealthReporter,
@@ -106,8 +113,6 @@ pub struct RunningBroker {
     /// Token file sinks: each removes its file when draining starts.
     sinks: Vec<JoinHandle<()>>,
     grace: Duration,
-    /// systemd: READY=1 at the latest after this.
-    ready_timeout: Duration,
 }
 
 /// Builds a broker from a validated configuration.
@@ -137,10 +142,25 @@ impl Broker {
             .map(crate::grpc::tls::server_config)
             .transpose()?;
         let unix = config.server.unix_socket_options();
+        let mut inherited = listener::Inherited::from_env()?;
         let mut bound = Vec::new();
         for addr in &config.server.listen {
-            bound.push(listener::bind(addr, &unix).await?);
+            match inherited.take(addr)? {
+                Some(socket) => {
+                    info!(%addr, "using the socket passed by systemd");
+                    bound.push(socket);
+                }
+                None => bound.push(listener::bind(addr, &unix).await?),
+            }
         }
+        inherited.finish()?;
+        let pending_sockets: Vec<_> = bound
+            .iter()
+            .filter_map(|b| match b {
+                Bound::Unix(_, file) if file.is_pending() => Some(file.clone()),
+                _ => None,
+            })
+            .collect();
         let fd_limit = crate::connections::raise_fd_limit();
         let listener_count = bound.len() + usize::from(config.admin.listen.is_some());
         let mut limits = config.server.limits();
@@ -183,7 +203,7 @@ impl Broker {
         let sources = Arc::new(TokenSources::new(handles));
 
         let stopping = CancellationToken::new();
-        let draining = stopping.child_token();
+        let draining = CancellationToken::new();
         let sinks = crate::sinks::spawn(&config.sinks, &sources, &draining);
         let streams = TaskTracker::new();
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -249,11 +269,20 @@ impl Broker {
             }));
         }
 
-        let mut background = vec![tokio::spawn(health::report(
-            health_reporter.clone(),
-            sources.clone(),
-            draining.clone(),
-        ))];
+        let ready = CancellationToken::new();
+        let mut background = vec![
+            tokio::spawn(health::report(
+                health_reporter.clone(),
+                sources.clone(),
+                draining.clone(),
+            )),
+            tokio::spawn(become_ready(
+                sources.clone(),
+                config.systemd.ready_timeout,
+                pending_sockets,
+                ready.clone(),
+            )),
+        ];
         let mut admin_addr = None;
         if let Some(listener) = admin_listener {
             let addr = listener.local_addr().map_err(|source| DaemonError::AdminBind {
@@ -292,6 +321,7 @@ impl Broker {
             reloader,
             stopping,
             draining,
+            ready,
             streams,
             health: health_reporter,
             servers,
@@ -299,7 +329,6 @@ impl Broker {
             source_tasks,
             sinks,
             grace: config.server.shutdown_grace,
-            ready_timeout: config.systemd.ready_timeout,
         })
     }
 }
@@ -310,15 +339,20 @@ impl RunningBroker {
         self.reloader.reload().await
     }
 
-    /// Health NOT_SERVING; new calls and every watch stream end with
-    /// UNAVAILABLE while connections are still open (so the final status
-    /// reaches the client); then listeners stop accepting and in-flight
-    /// calls drain, all within the grace period.
+    /// Health NOT_SERVING; the listeners stop accepting and every
+    /// connection gets GOAWAY, so clients open their next connection to the
+    /// successor (systemd's socket backlog, or the socket a new broker moved
+    /// over the path); calls on open connections are still answered from
+    /// the tokens held. Then every watch stream ends with "reconnect now"
+    /// (its connection already has GOAWAY, so the client reconnects to the
+    /// successor), token files go, and the connections drain, all within
+    /// the grace period.
     pub async fn shutdown(self) {
         info!(grace = %crate::duration::format(self.grace), "shutting down");
         let deadline = tokio::time::Instant::now() + self.grace;
-        self.draining.cancel();
         health::set_not_serving(&self.health, &self.sources).await;
+        self.stopping.cancel();
+        self.draining.cancel();
         self.streams.close();
         let _ = tokio::time::timeout_at(
             deadline.min(tokio::time::Instant::now() + STREAM_END_WAIT),
@@ -327,7 +361,6 @@ impl RunningBroker {
         .await;
         // Token files go before the broker does: nobody would remove them at expiry.
         let _ = tokio::time::timeout_at(deadline, futures_util::future::join_all(self.sinks)).await;
-        self.stopping.cancel();
         let drain = futures_util::future::join_all(self.servers);
         if tokio::time::timeout_at(deadline, drain).await.is_err() {
             warn!("grace period over; closing the remaining connections");
@@ -345,7 +378,7 @@ impl RunningBroker {
     /// `ready_timeout` passed, STATUS, WATCHDOG, RELOADING, STOPPING); then
     /// shuts down. Returns the exit code.
     pub async fn run(self, signals: Signals) -> u8 {
-        let helpers = spawn_systemd_helpers(&self, self.ready_timeout);
+        let helpers = spawn_systemd_helpers(&self);
         let code = wait_for_signals(&self, signals).await;
         helpers.abort();
         crate::systemd::stopping();
@@ -354,18 +387,38 @@ impl RunningBroker {
     }
 }
 
-/// READY=1 once every environment holds a token (or `ready_timeout`
-/// passed), STATUS= updates, and WATCHDOG=1 while the token sources run.
-fn spawn_systemd_helpers(daemon: &RunningBroker, ready_timeout: Duration) -> JoinHandle<()> {
+/// Waits until every environment holds a token (or `ready_timeout`
+/// passed), moves the sockets that wait to take over their path (the
+/// handover from a running broker), then cancels `ready`.
+async fn become_ready(
+    sources: Arc<TokenSources>,
+    ready_timeout: Duration,
+    pending_sockets: Vec<Arc<listener::SocketFile>>,
+    ready: CancellationToken,
+) {
+    let holding = async {
+        for s in sources.iter() {
+            s.holding_token().await;
+        }
+    };
+    let _ = tokio::time::timeout(ready_timeout, holding).await;
+    for socket in pending_sockets {
+        match socket.publish() {
+            Ok(()) => info!(path = %socket.path().display(), "took over the socket path from the previous broker"),
+            Err(e) => error!(path = %socket.path().display(), error = %e,
+                "cannot take over the socket path; callers still reach the previous broker"),
+        }
+    }
+    ready.cancel();
+}
+
+/// READY=1 once the broker is ready (see [`become_ready`]), STATUS=
+/// updates, and WATCHDOG=1 while the token sources run.
+fn spawn_systemd_helpers(daemon: &RunningBroker) -> JoinHandle<()> {
     let sources = daemon.sources.clone();
+    let ready = daemon.ready.clone();
     tokio::spawn(async move {
-        let deadline = tokio::time::Instant::now() + ready_timeout;
-        let started = async {
-            for s in sources.iter() {
-                s.started().await;
-            }
-        };
-        let _ = tokio::time::timeout_at(deadline, started).await;
+        ready.cancelled().await;
         crate::systemd::ready(&sources.summary());
         info!(status = %sources.summary(), "ready");
         let watchdog = crate::systemd::watchdog_interval();

@@ -33,8 +33,10 @@ const MAX_TOKEN_ID_LEN: usize = 128;
 #[derive(Clone)]
 pub struct TokenBrokerService {
     sources: Arc<TokenSources>,
-    /// Cancelled when shutdown begins: new calls are refused and every
-    /// WatchToken stream ends with UNAVAILABLE.
+    /// Cancelled once the listeners stopped and every connection has GOAWAY:
+    /// every WatchToken stream ends with UNAVAILABLE / SHUTTING_DOWN and a
+    /// zero retry delay, so clients reconnect at once (to the successor).
+    /// Unary calls are still answered from the tokens held.
     draining: CancellationToken,
     /// Every open WatchToken stream holds a token of this tracker, so that
     /// shutdown can wait for them to end.
@@ -67,9 +69,6 @@ impl TokenBrokerService {
 
     /// The source a request names, if the caller may use it.
     fn source(&self, environment: i32, caller: Caller) -> Result<&TokenSourceHandle, BrokerError> {
-        if self.draining.is_cancelled() {
-            return Err(BrokerError::ShuttingDown);
-        }
         let env = environment_from_pb(environment).ok_or(BrokerError::UnspecifiedEnvironment)?;
         let source = self.sources.get(env).ok_or(BrokerError::EnvironmentNotEnabled(env))?;
         if !self.allows(env, caller) {

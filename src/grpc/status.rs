@@ -32,7 +32,9 @@ pub enum BrokerError {
     OutOfRange { environment: Environment, message: String },
     #[error("no {0} token within the call's deadline")]
     DeadlineExceeded(Environment),
-    #[error("the broker is shutting down")]
+    /// Only a WatchToken stream ends this way (unary calls are answered
+    /// until the connection closes): reconnect at once.
+    #[error("the broker is stopping or restarting; reconnect now")]
     ShuttingDown,
 }
 
@@ -129,6 +131,9 @@ impl From<BrokerError> for Status {
             }
             BrokerError::InvalidArgument { field, message } => {
                 details.add_bad_request_violation(*field, message.clone());
+            }
+            BrokerError::ShuttingDown => {
+                details.set_retry_info(Some(std::time::Duration::ZERO));
             }
             _ => {}
         }

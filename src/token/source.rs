@@ -261,6 +261,12 @@ impl TokenSourceHandle {
         result.unwrap_or_default()
     }
 
+    /// Waits until the source holds a servable token.
+    pub async fn holding_token(&self) {
+        let mut rx = self.state.clone();
+        let _ = rx.wait_for(|s| s.servable(Instant::now()).is_some()).await;
+    }
+
     /// A token with at least `remaining` left; refreshes early (coalesced,
     /// rate-limited) when the current one has less.
     pub async fn token_with_remaining(&self, remaining: Duration) -> Result<Arc<Token>, RefreshError> {
