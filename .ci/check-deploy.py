@@ -77,7 +77,9 @@ with tempfile.TemporaryDirectory() as tmp:
 
     unit = pathlib.Path(tmp) / "flute-token-broker.service"
     unit.write_text((ROOT / "deploy" / "systemd" / "flute-token-broker.service").read_text().replace("/usr/bin/flute-token-broker", str(BIN)))
-    run(["systemd-analyze", "verify", str(unit)], what="systemd-analyze verify")
+    socket_unit = pathlib.Path(tmp) / "flute-token-broker.socket"
+    socket_unit.write_text((ROOT / "deploy" / "systemd" / "flute-token-broker.socket").read_text())
+    run(["systemd-analyze", "verify", str(unit), str(socket_unit)], what="systemd-analyze verify")
     result = run(["systemd-analyze", "security", "--offline=true", "--threshold=20", str(unit)], what="systemd-analyze security (exposure <= 2.0)")
     print([line for line in result.stdout.splitlines() if "Overall exposure" in line][-1:])
 

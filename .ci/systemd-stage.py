@@ -181,6 +181,9 @@ class Guest:
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
     def stop(self):
+        if os.environ.get("FLUTE_SYSTEMD_STAGE_KEEP"):
+            say(f"  keeping {self.name}: nsenter -t {getattr(self, 'leader', '?')} -a")
+            return
         if self.nspawn.poll() is None and getattr(self, "leader", None):
             self.sh("systemctl poweroff", check=False)
             try:
@@ -224,10 +227,10 @@ def replay(guest, block, cwd, after=None):
 
 def start_emulator(guest, secret):
     """The emulator as a transient unit in the guest, accepting `secret`."""
-    guest.sh("systemctl stop flute-emulator 2>/dev/null; true")
+    guest.sh("systemctl stop 'flute-emulator-*' 2>/dev/null; true")
     guest.sh(f"install -m 0600 /dev/stdin /root/emulator-secret <<<{shlex.quote(secret)}")
     guest.sh(
-        "systemd-run --unit flute-emulator /src/target/release/flute-token-broker emulator "
+        f"systemd-run --collect --unit flute-emulator-{secrets.token_hex(4)} /src/target/release/flute-token-broker emulator "
         f"--listen 127.0.0.1:{EMULATOR_PORT} --client-id {CLIENT_ID} "
         "--client-secret-file /root/emulator-secret --token-lifetime 900s"
     )
@@ -404,14 +407,51 @@ def case_key_rotation(guest):
     return "reload kept the old credential copy (as documented); restart adopted the new secret, both environments READY"
 
 
+def case_restart_under_load(guest):
+    """`systemctl restart` while callers keep calling (socket activation)."""
+    import restart_load
+
+    passed = [e for e in guest.journal() if "using the socket passed by systemd" in e.get("MESSAGE", "")]
+    check(passed, "the broker serves the socket systemd passed (socket activation)")
+    old_pid = guest.prop("MainPID")
+    socket_path = f"/proc/{guest.leader}/root{SOCKET}"
+    binary = str(REPO / "target/release/flute-token-broker")
+    grpc_caller, process_caller, watcher, _, restart_at = restart_load.run(
+        socket_path, binary, lambda: guest.sh(f"systemctl restart {UNIT}")
+    )
+    new_pid = guest.prop("MainPID")
+    check(new_pid not in ("0", old_pid), f"a new process: {old_pid} → {new_pid}")
+    ready_at = int(guest.prop("ActiveEnterTimestampMonotonic")) / 1e6
+    to_ready = ready_at - int(guest.prop("ExecMainStartTimestampMonotonic")) / 1e6
+    for caller in (grpc_caller, process_caller):
+        check(caller.failed == 0, f"no failed call: {caller.summary()}")
+        check(
+            caller.longest_gap <= (ready_at - restart_at) + 0.1,
+            f"longest gap within the restart's time to ready + 100 ms ({(ready_at - restart_at) * 1000:.0f} ms): {caller.summary()}",
+        )
+    after = [(at, token) for at, token in watcher.token_ids() if at > restart_at]
+    check(after, f"the watcher holds the new broker's token: {watcher.lines}")
+    followed = after[0][0] - ready_at
+    check(followed <= 1.0, f"the watcher has the new token within 1 s of READY ({followed * 1000:.0f} ms)")
+    return (
+        f"systemctl restart at +4 s of 12 s: {grpc_caller.summary()}; {process_caller.summary()}; "
+        f"new process ready {to_ready * 1000:.0f} ms after exec, {(ready_at - restart_at) * 1000:.0f} ms after the restart began; "
+        f"watcher had the new token {followed * 1000:+.0f} ms from READY"
+    )
+
+
 def case_clean_stop(guest):
-    guest.sh(f"systemctl stop {UNIT}")
+    guest.sh(f"systemctl stop {UNIT}.service")
     check(guest.prop("ActiveState") == "inactive", "inactive after stop")
     check(guest.prop("ExecMainStatus") == "0", f"exit 0 (got {guest.prop('ExecMainStatus')})")
-    left = guest.sh(f"test -e {SOCKET}", check=False).returncode == 0
-    check(not left, "no socket left")
     stop_ms = ms_between(guest, "ActiveExitTimestampMonotonic", "InactiveEnterTimestampMonotonic")
-    return f"stopped in {stop_ms:.0f} ms, exit 0, no socket left"
+    socket_unit = guest.prop("ActiveState", unit=f"{UNIT}.socket")
+    check(socket_unit == "active" and guest.sh(f"test -S {SOCKET}", check=False).returncode == 0,
+          "the socket unit keeps the socket while the service is stopped")
+    guest.sh(f"systemctl stop {UNIT}.socket")
+    left = guest.sh(f"test -e {SOCKET}", check=False).returncode == 0
+    check(not left, "no socket left once the socket unit stops too")
+    return f"service stopped in {stop_ms:.0f} ms, exit 0; socket kept by the socket unit, removed when it stops"
 
 
 def case_without_ca_certificates(guest):
@@ -483,6 +523,7 @@ def case_purge(guest):
     guest.sh(f"systemctl start {UNIT}")
     guest.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y -q flute-token-broker")
     check(guest.prop("LoadState") == "not-found", "the unit is gone after purge")
+    check(guest.prop("ActiveState", unit=f"{UNIT}.socket") == "inactive", "the socket unit is stopped")
     check(guest.sh("pgrep -f 'flute-token-broker serve'", check=False).returncode != 0, "no broker runs after purge")
     left = [p for p in ["/usr/bin/flute-token-broker", "/etc/flute-token-broker/client-secret", "/etc/flute-token-broker/config.toml"]
             if guest.sh(f"test -e {p}", check=False).returncode == 0]
@@ -541,6 +582,7 @@ def from_the_package(root, report):
         run("deb: socket group and allow-list", guest, case_socket_group_and_allow_list, report)
         run("deb: reload and rejected reload", guest, case_reload, report)
         run("deb: journal fields", guest, case_journal_fields, report)
+        run("deb: restart under load", guest, case_restart_under_load, report)
         run("deb: watchdog restart", guest, case_watchdog, report)
         run("deb: key rotation under LoadCredential=", guest, case_key_rotation, report)
         run("deb: clean stop", guest, case_clean_stop, report)
@@ -572,6 +614,7 @@ def by_hand(root, report):
         run("manual: active with STATUS=", guest, case_active_with_status, report)
         run("manual: socket group and allow-list", guest, case_socket_group_and_allow_list, report)
         run("manual: reload and rejected reload", guest, case_reload, report)
+        run("manual: restart under load", guest, case_restart_under_load, report)
         run("manual: clean stop", guest, case_clean_stop, report)
         run("manual: no secret in the journal", guest, case_no_secret_in_journal, report)
     finally:
