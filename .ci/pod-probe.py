@@ -32,6 +32,14 @@ files):
   endpoint accepts.
 - Termination: the preStop hook runs while the pod is still ready, then
   SIGTERM; the broker must exit 0 within terminationGracePeriodSeconds.
+- A DaemonSet that serves a hostPath socket must roll with maxSurge 1 and
+  maxUnavailable 0, and is rolled as the DaemonSet controller does it: a
+  second pod of the template starts on the same hostPath directory while the
+  first runs, and once it is ready the first is terminated. Meanwhile
+  callers use the socket (.ci/restart_load.py: a grpcio channel with default
+  options and `flute-token-broker get` every 10 ms, and a watcher): no call
+  may fail, and the watcher must hold the new broker's token within 1 s of
+  the old broker's SIGTERM.
 """
 
 import ctypes
@@ -153,6 +161,8 @@ def is_broker(container):
 
 class Pod:
     def __init__(self, index, doc, objects, work, host_paths):
+        self.doc = doc
+        self.index = index
         self.name = f"{doc['kind']}/{doc['metadata']['name']}"
         self.namespace = doc["metadata"].get("namespace", "default")
         self.meta, self.spec = pod_spec(doc)
@@ -471,6 +481,68 @@ def terminate(pod, container, root, env, process, image, shutdown_grace):
     check(code == 0, f"{pod.name}/{container['name']}: exits 0 after SIGTERM within the grace period", f"exit {code}")
 
 
+def host_socket(pod):
+    """The hostPath directory a DaemonSet's broker serves its socket in, on
+    the host side, and the socket's name, if it does."""
+    for container in pod.all_containers():
+        if not is_broker(container):
+            continue
+        args = container.get("args", [])
+        listen = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--listen" and args[i + 1].startswith("unix:")]
+        for addr in listen:
+            path = addr[len("unix:"):]
+            for mount in container.get("volumeMounts", []):
+                prefix = mount["mountPath"].rstrip("/") + "/"
+                volume = next(v for v in pod.spec.get("volumes", []) if v["name"] == mount["name"])
+                if path.startswith(prefix) and "hostPath" in volume:
+                    return pod.volume(mount["name"]) / path[len(prefix):]
+    return None
+
+
+def roll_daemonset(pod, running, docs, image, config_env, emulator_args, next_index, shutdown_grace):
+    """A DaemonSet rolling update on one node: the replacement pod starts
+    beside the old one on the same hostPath directory; once it is ready the
+    old pod is terminated. Returns the replacement's pod and containers."""
+    import restart_load
+
+    strategy = pod.doc["spec"].get("updateStrategy", {})
+    rolling = strategy.get("rollingUpdate", {})
+    check(
+        strategy.get("type", "RollingUpdate") == "RollingUpdate" and rolling.get("maxSurge") == 1 and rolling.get("maxUnavailable") == 0,
+        f"{pod.name}: rolls with maxSurge 1 and maxUnavailable 0 (the replacement serves the node's socket before the old pod stops)",
+    )
+    socket_path = host_socket(pod)
+    replacement = Pod(next_index, pod.doc, pod.objects, pod.work.parent, pod.host_paths)
+    outcome = {}
+
+    def update():
+        new_running, _ = run_pod(replacement, docs, image, config_env, emulator_args)
+        outcome["new"] = new_running
+        outcome["sigterm"] = time.monotonic()
+        for container, root, env, process in running:
+            terminate(pod, container, root, env, process, image, shutdown_grace)
+        outcome["stopped"] = time.monotonic()
+
+    grpc_caller, process_caller, watcher, _, began = restart_load.run(str(socket_path), str(BIN), update, duration=12.0, action_at=3.0)
+    for caller in (grpc_caller, process_caller):
+        check(caller.failed == 0, f"{pod.name} rolling update: no failed call", caller.summary())
+    current = subprocess.run([BIN, "get", "--env", "sandbox", "--format", "json", "--addr", f"unix:{socket_path}"], capture_output=True, text=True)
+    new_token = json.loads(current.stdout)["token_id"] if current.returncode == 0 else None
+    after = [(at, token) for at, token in watcher.token_ids() if at > outcome.get("sigterm", float("inf"))]
+    held = after[0][0] - outcome["sigterm"] if after else None
+    check(
+        held is not None and held <= 1.0 and after[-1][1] == new_token,
+        f"{pod.name} rolling update: the watcher holds the new broker's token within 1 s of the old broker's SIGTERM",
+        f"watcher lines {watcher.lines}, new token {new_token}",
+    )
+    exercised.append(
+        f"{pod.name} rolling update (maxSurge 1): {grpc_caller.summary()}; {process_caller.summary()}; "
+        f"watcher on the new token {held * 1000 if held is not None else float('nan'):.0f} ms after the old broker's SIGTERM; "
+        f"old broker stopped {(outcome['stopped'] - outcome['sigterm']) * 1000:.0f} ms after SIGTERM"
+    )
+    return replacement, outcome["new"]
+
+
 def main():
     if os.geteuid() != 0:
         raise SystemExit("pod-probe.py needs root (network namespaces, mounts)")
@@ -504,6 +576,9 @@ def main():
             for container in clients:
                 run_client(pod, container, image)
             grace = int(str((config or {}).get("server", {}).get("shutdown_grace", "10s")).rstrip("s"))
+            if pod.doc["kind"] == "DaemonSet" and host_socket(pod) is not None:
+                next_index = len(pods) + 1 + len(started)
+                pod, running = roll_daemonset(pod, running, docs, image, config_env, emulator_args, next_index, grace)
             started.append((pod, running, grace))
         for pod, running, grace in started:
             for container, root, env, process in running:
