@@ -129,9 +129,14 @@ class BrokerClient {
     return `ENVIRONMENT_${name.toUpperCase()}`;
   }
 
+  // waitForReady: a broker started by hand or restarted without systemd's
+  // socket (or between a DaemonSet's pods) is briefly not listening; the call
+  // then waits for it within its deadline instead of failing at once. Under
+  // socket activation or the DaemonSet handover the default (fail-fast)
+  // never sees a gap; this costs nothing there.
   #unary(method, request, timeoutMs) {
     return new Promise((resolve, reject) => {
-      this.stub[method](request, { deadline: Date.now() + timeoutMs }, (error, reply) => {
+      this.stub[method](request, { deadline: Date.now() + timeoutMs, waitForReady: true }, (error, reply) => {
         if (error) reject(BrokerError.fromServiceError(error));
         else resolve(reply);
       });
@@ -174,12 +179,50 @@ class BrokerClient {
    * `call.cancel()` stops it. `onError` gets a BrokerError when the stream
    * ends with one (a restarting broker: reconnect). */
   watchTokens(environment, onUpdate, onError = () => {}) {
-    const call = this.stub.WatchToken({ environment: BrokerClient.environment(environment) });
+    const call = this.stub.WatchToken({ environment: BrokerClient.environment(environment) }, { waitForReady: true });
     call.on("data", (update) => onUpdate(update.update, update[update.update]));
     call.on("error", (error) => {
       if (error.code !== grpc.status.CANCELLED) onError(BrokerError.fromServiceError(error));
     });
     return call;
+  }
+
+  /** Like watchTokens, for ever: when the broker ends the stream because it
+   * stops or restarts (reason SHUTTING_DOWN) it reconnects at once, to the
+   * successor or another replica, and the current token comes first again;
+   * when the broker cannot be reached it retries after 1 s, 2 s, 4 s ... up
+   * to `maxBackoffMs`. Any other error goes to `onError` and ends it.
+   * Returns { stop() }. */
+  followTokens(environment, onUpdate, onError = () => {}, { maxBackoffMs = 30_000 } = {}) {
+    let call = null;
+    let stopped = false;
+    let backoffMs = 0;
+    let timer = null;
+    const connect = () => {
+      if (stopped) return;
+      call = this.watchTokens(
+        environment,
+        (kind, value) => {
+          backoffMs = 0;
+          onUpdate(kind, value);
+        },
+        (error) => {
+          if (stopped) return;
+          if (error.reason === "SHUTTING_DOWN") return connect();
+          if (error.reason !== null || error.code !== grpc.status.UNAVAILABLE) return onError(error);
+          backoffMs = Math.min(Math.max(backoffMs * 2, 1_000), maxBackoffMs);
+          timer = setTimeout(connect, backoffMs);
+        },
+      );
+    };
+    connect();
+    return {
+      stop() {
+        stopped = true;
+        clearTimeout(timer);
+        if (call) call.cancel();
+      },
+    };
   }
 
   /** GET `url` with a bearer token; on 401, ask the broker for a newer token

@@ -78,8 +78,13 @@ class BrokerError(Exception):
 
 
 def _call(method, request, **kwargs):
+    # wait_for_ready: a broker started by hand or restarted without systemd's
+    # socket (or between a DaemonSet's pods) is briefly not listening; the
+    # call then waits for it within its timeout instead of failing at once.
+    # Under socket activation or the DaemonSet handover the default
+    # (fail-fast) never sees a gap; this costs nothing there.
     try:
-        return method(request, **kwargs)
+        return method(request, wait_for_ready=True, **kwargs)
     except grpc.RpcError as error:
         raise BrokerError.from_rpc_error(error) from None
 
@@ -152,11 +157,34 @@ class BrokerClient:
         """Yields ("token", Token) or ("outage", Outage), the current state first."""
         request = self.pb2.WatchTokenRequest(environment=self.environment(environment))
         try:
-            for update in self.stub.WatchToken(request):
+            for update in self.stub.WatchToken(request, wait_for_ready=True):
                 kind = update.WhichOneof("update")
                 yield kind, getattr(update, kind)
         except grpc.RpcError as error:
             raise BrokerError.from_rpc_error(error) from None
+
+    def follow_tokens(self, environment, max_backoff_seconds=30.0):
+        """Like watch_tokens, for ever: when the broker ends the stream
+        because it stops or restarts (reason SHUTTING_DOWN) it reconnects at
+        once, to the successor or another replica, and the current token
+        comes first again; when the broker cannot be reached it retries after
+        1 s, 2 s, 4 s ... up to `max_backoff_seconds`. Any other error is
+        raised."""
+        backoff = 0.0
+        while True:
+            try:
+                for update in self.watch_tokens(environment):
+                    backoff = 0.0
+                    yield update
+                error = None
+            except BrokerError as e:
+                error = e
+            if error is not None and error.reason == "SHUTTING_DOWN":
+                continue
+            if error is not None and not (error.reason is None and error.code == grpc.StatusCode.UNAVAILABLE):
+                raise error
+            backoff = min(max(backoff * 2, 1.0), max_backoff_seconds)
+            time.sleep(backoff)
 
     def refresh_token(self, environment, rejected_token_id, timeout=10.0):
         """Report a token the API answered 401 to; returns a newer one."""

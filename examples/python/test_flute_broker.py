@@ -162,3 +162,59 @@ def test_health(broker):
             break
     else:
         raise AssertionError("the health stream ended before SERVING")
+
+
+def start_dev(sock):
+    """`serve --dev` on `sock`; returns the process once its banner is out."""
+    proc = subprocess.Popen(
+        [BIN, "serve", "--dev", "--admin-listen", "", "--listen", f"unix:{sock}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    for line in proc.stdout:
+        if line.startswith("Stop with"):
+            return proc
+    raise AssertionError("serve --dev exited before its banner")
+
+
+def wait_until(what, condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_a_follower_and_get_token_survive_a_handover():
+    """Two brokers on one socket, as a DaemonSet rolling update runs them:
+    the follower's stream on the old broker ends with SHUTTING_DOWN, it
+    reconnects at once and holds the new broker's current token; GetToken
+    with the library's defaults (plus wait_for_ready) keeps answering."""
+    import threading
+
+    tmp = tempfile.mkdtemp()
+    sock = os.path.join(tmp, "broker.sock")
+    old = start_dev(sock)
+    client = BrokerClient(f"unix:{sock}")
+    first = client.get_token("sandbox")
+    seen = []
+    follower = BrokerClient(f"unix:{sock}")
+
+    def follow():
+        for kind, value in follower.follow_tokens("sandbox"):
+            if kind == "token":
+                seen.append(value.token_id)
+
+    threading.Thread(target=follow, daemon=True).start()
+    wait_until("the follower has the first token", lambda: first.token_id in seen)
+    inode = os.stat(sock).st_ino
+    new = start_dev(sock)
+    wait_until("the new broker takes over the socket", lambda: os.stat(sock).st_ino != inode)
+    old.terminate()
+    assert old.wait(timeout=15) == 0
+    current = BrokerClient(f"unix:{sock}").get_token("sandbox")
+    assert current.token_id != first.token_id, "a new caller reaches the new broker"
+    wait_until("the follower holds the new broker's token", lambda: seen and seen[-1] == current.token_id)
+    assert client.get_token("sandbox").token_id == current.token_id, "the old channel reconnected"
+    new.terminate()
+    assert new.wait(timeout=15) == 0

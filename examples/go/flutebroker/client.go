@@ -110,12 +110,19 @@ func (c *Client) GetToken(ctx context.Context, environment string, minRemaining 
 	if minRemaining > 0 {
 		request.MinRemaining = durationpb.New(minRemaining)
 	}
-	reply, err := c.Stub.GetToken(ctx, request)
+	reply, err := c.Stub.GetToken(ctx, request, waitForReady)
 	if err != nil {
 		return nil, AsBrokerError(err)
 	}
 	return reply.GetToken(), nil
 }
+
+// waitForReady: a broker started by hand or restarted without systemd's
+// socket (or between a DaemonSet's pods) is briefly not listening; a call
+// then waits for it until its context ends instead of failing at once.
+// Under socket activation or the DaemonSet handover the default
+// (fail-fast) never sees a gap; this costs nothing there.
+var waitForReady = grpc.WaitForReady(true)
 
 // GetTokenWaiting is GetToken that waits out retryable failures until ctx
 // ends, sleeping as the broker's RetryInfo suggests (else one second).
@@ -146,7 +153,7 @@ func (c *Client) RefreshToken(ctx context.Context, environment, rejectedTokenID 
 	reply, err := c.Stub.RefreshToken(ctx, &pb.RefreshTokenRequest{
 		Environment:     Environment(environment),
 		RejectedTokenId: rejectedTokenID,
-	})
+	}, waitForReady)
 	if err != nil {
 		return nil, AsBrokerError(err)
 	}
@@ -157,7 +164,7 @@ func (c *Client) RefreshToken(ctx context.Context, environment, rejectedTokenID 
 // current state first, until ctx ends (nil) or the stream fails (a
 // *BrokerError; a restarting broker: call Watch again).
 func (c *Client) Watch(ctx context.Context, environment string, onToken func(*pb.Token), onOutage func(*pb.Outage)) error {
-	stream, err := c.Stub.WatchToken(ctx, &pb.WatchTokenRequest{Environment: Environment(environment)})
+	stream, err := c.Stub.WatchToken(ctx, &pb.WatchTokenRequest{Environment: Environment(environment)}, waitForReady)
 	if err != nil {
 		return AsBrokerError(err)
 	}
@@ -173,6 +180,46 @@ func (c *Client) Watch(ctx context.Context, environment string, onToken func(*pb
 			onToken(token)
 		} else if outage := update.GetOutage(); outage != nil {
 			onOutage(outage)
+		}
+	}
+}
+
+// Follow is Watch for ever, until ctx ends (nil): when the broker ends the
+// stream because it stops or restarts (reason SHUTTING_DOWN) it reconnects
+// at once, to the successor or another replica, and the current token
+// comes first again; when the broker cannot be reached it retries after
+// 1 s, 2 s, 4 s ... up to maxBackoff. Any other error is returned.
+func (c *Client) Follow(ctx context.Context, environment string, maxBackoff time.Duration, onToken func(*pb.Token), onOutage func(*pb.Outage)) error {
+	var backoff time.Duration
+	for {
+		err := c.Watch(ctx, environment, func(token *pb.Token) {
+			backoff = 0
+			onToken(token)
+		}, func(outage *pb.Outage) {
+			backoff = 0
+			onOutage(outage)
+		})
+		if ctx.Err() != nil {
+			return nil
+		}
+		brokerErr, _ := err.(*BrokerError)
+		switch {
+		case brokerErr != nil && brokerErr.Reason == "SHUTTING_DOWN":
+			continue
+		case err != nil && (brokerErr == nil || brokerErr.Reason != "" || brokerErr.Code != codes.Unavailable):
+			return err
+		}
+		backoff *= 2
+		if backoff < time.Second {
+			backoff = time.Second
+		}
+		if backoff > maxBackoff {
+			backoff = maxBackoff
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
 		}
 	}
 }

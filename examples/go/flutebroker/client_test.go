@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -159,5 +160,124 @@ func TestAgainstServeDev(t *testing.T) {
 				}
 			})
 		})
+	}
+}
+
+// startDevOn runs `serve --dev` on sock and returns once its banner is out.
+func startDevOn(t *testing.T, sock string) *exec.Cmd {
+	cmd := exec.Command(os.Getenv("FLUTE_BROKER_BIN"), "serve", "--dev", "--admin-listen", "", "--listen", "unix:"+sock)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := bufio.NewScanner(stdout)
+	for lines.Scan() {
+		if strings.HasPrefix(lines.Text(), "Stop with") {
+			go func() {
+				for lines.Scan() {
+				}
+			}()
+			return cmd
+		}
+	}
+	t.Fatal("serve --dev exited before its banner")
+	return nil
+}
+
+func waitUntil(t *testing.T, what string, condition func() bool) {
+	deadline := time.Now().Add(30 * time.Second)
+	for !condition() {
+		if time.Now().After(deadline) {
+			t.Fatal(what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func inode(t *testing.T, path string) uint64 {
+	info, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.Sys().(*syscall.Stat_t).Ino
+}
+
+// Two brokers on one socket, as a DaemonSet rolling update runs them: the
+// follower's stream on the old broker ends with SHUTTING_DOWN, it reconnects
+// at once and holds the new broker's current token; GetToken keeps answering.
+func TestFollowAndGetTokenSurviveAHandover(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "broker.sock")
+	old := startDevOn(t, sock)
+	client, err := Dial("unix:" + sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	first, err := client.GetToken(ctx, "sandbox", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var seen []string
+	last := func() string {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(seen) == 0 {
+			return ""
+		}
+		return seen[len(seen)-1]
+	}
+	follower, err := Dial("unix:" + sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer follower.Close()
+	followCtx, stopFollowing := context.WithCancel(ctx)
+	followed := make(chan error, 1)
+	go func() {
+		followed <- follower.Follow(followCtx, "sandbox", 30*time.Second, func(token *pb.Token) {
+			mu.Lock()
+			seen = append(seen, token.GetTokenId())
+			mu.Unlock()
+		}, func(*pb.Outage) {})
+	}()
+	waitUntil(t, "the follower has the first token", func() bool { return last() == first.GetTokenId() })
+	before := inode(t, sock)
+	fresh := startDevOn(t, sock)
+	waitUntil(t, "the new broker takes over the socket", func() bool { return inode(t, sock) != before })
+	if err := old.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := old.Wait(); err != nil {
+		t.Fatalf("old broker exit: %v", err)
+	}
+	probe, err := Dial("unix:" + sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	current, err := probe.GetToken(ctx, "sandbox", 0)
+	probe.Close()
+	if err != nil || current.GetTokenId() == first.GetTokenId() {
+		t.Fatalf("a new caller reaches the new broker: %v, %v", current.GetTokenId(), err)
+	}
+	waitUntil(t, "the follower holds the new broker's token", func() bool { return last() == current.GetTokenId() })
+	again, err := client.GetToken(ctx, "sandbox", 0)
+	if err != nil || again.GetTokenId() != current.GetTokenId() {
+		t.Fatalf("the old connection reconnected: %v, %v", again.GetTokenId(), err)
+	}
+	stopFollowing()
+	if err := <-followed; err != nil {
+		t.Fatalf("Follow: %v", err)
+	}
+	if err := fresh.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := fresh.Wait(); err != nil {
+		t.Fatalf("new broker exit: %v", err)
 	}
 }

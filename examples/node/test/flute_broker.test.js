@@ -140,3 +140,57 @@ for (const transport of ["unix", "tcp"]) {
     });
   });
 }
+
+/** `serve --dev` on `sock`; resolves once its banner is out. */
+async function startDevOn(sock) {
+  const proc = spawn(BIN, ["serve", "--dev", "--admin-listen", "", "--listen", `unix:${sock}`], {
+    stdio: ["ignore", "pipe", "ignore"],
+  });
+  for await (const line of readline.createInterface({ input: proc.stdout })) {
+    if (line.startsWith("Stop with")) return proc;
+  }
+  throw new Error("serve --dev exited before its banner");
+}
+
+async function waitUntil(what, condition, timeoutMs = 30_000) {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await condition())) {
+    assert.ok(Date.now() < deadline, what);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+// Two brokers on one socket, as a DaemonSet rolling update runs them: the
+// follower's stream on the old broker ends with SHUTTING_DOWN, it reconnects
+// at once and holds the new broker's current token; getToken keeps answering.
+test("a follower and getToken survive a broker handover", async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "flute-node-handover-"));
+  const sock = path.join(dir, "broker.sock");
+  const old = await startDevOn(sock);
+  const client = new BrokerClient(`unix:${sock}`);
+  const first = await client.getToken("sandbox");
+  const seen = [];
+  const follower = new BrokerClient(`unix:${sock}`);
+  const following = follower.followTokens(
+    "sandbox",
+    (kind, value) => kind === "token" && seen.push(value.tokenId),
+    (error) => assert.fail(`the follower failed: ${error.message}`),
+  );
+  await waitUntil("the follower has the first token", () => seen.includes(first.tokenId));
+  const inode = fs.statSync(sock).ino;
+  const fresh = await startDevOn(sock);
+  await waitUntil("the new broker takes over the socket", () => fs.statSync(sock).ino !== inode);
+  old.kill("SIGTERM");
+  assert.equal(await new Promise((resolve) => old.on("exit", resolve)), 0);
+  const probe = new BrokerClient(`unix:${sock}`);
+  const current = await probe.getToken("sandbox");
+  probe.close();
+  assert.notEqual(current.tokenId, first.tokenId, "a new caller reaches the new broker");
+  await waitUntil("the follower holds the new broker's token", () => seen.at(-1) === current.tokenId);
+  assert.equal((await client.getToken("sandbox")).tokenId, current.tokenId, "the old channel reconnected");
+  following.stop();
+  follower.close();
+  client.close();
+  fresh.kill("SIGTERM");
+  assert.equal(await new Promise((resolve) => fresh.on("exit", resolve)), 0);
+});
