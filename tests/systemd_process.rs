@@ -130,6 +130,14 @@ async fn notify_reload_and_stop_under_systemd() {
         "logs are JSON when not on a terminal: {logs}"
     );
     assert!(logs.contains("API key replaced"));
+    // Fields are values, not Rust Debug text (`"soft":"Some(20000)"` before).
+    assert!(!logs.contains("Some("), "{logs}");
+    let limits = logs
+        .lines()
+        .find(|l| l.contains("open-file limit"))
+        .expect("the open-file limit is logged");
+    let line: serde_json::Value = serde_json::from_str(limits).unwrap();
+    assert!(line["soft"].is_u64() && line["hard"].is_u64(), "{limits}");
     assert!(logs.contains("reload rejected"));
     for secret in [
         CLIENT_SECRET,

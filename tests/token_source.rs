@@ -690,3 +690,62 @@ async fn min_remaining_up_to_lifetime_less_the_serve_margin_is_attainable() {
     assert!(matches!(refused, Err(RefreshError::OutOfRange { .. })), "{refused:?}");
     assert_eq!(ep.call_count(), 2, "no call for what no token can meet");
 }
+
+/// A token carried over from the previous process (systemd's file
+/// descriptor store) is served at once with no endpoint call, refreshed on
+/// its own schedule, served through an outage until its serve window ends
+/// and then withdrawn, as any token.
+#[tokio::test(start_paused = true)]
+async fn a_restored_token_is_served_at_once_and_refreshed_on_its_schedule() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    ep.set_default(Some(server_error()));
+    let policy = RefreshPolicy::default();
+    // Issued 600 s ago by the previous process: 300 s left, refresh due at 675 s.
+    let issued_at = Instant::now() - secs(600);
+    let restored = Arc::new(token::Token::new(
+        "restored-access-token".to_owned().into(),
+        "Bearer".into(),
+        Environment::Sandbox,
+        issued_at,
+        std::time::SystemTime::now() - secs(600),
+        LIFETIME,
+        policy.serve_margin,
+    ));
+    let mut config = TokenSourceConfig::new(Environment::Sandbox);
+    config.jitter = Jitter::Fixed(0.5);
+    config.restored = Some(restored.clone());
+    let (h, _task) = token::spawn(config, ep.clone(), FakeEndpoint::key(), Arc::new(Metrics::new()));
+    let violations = watch_for_expired_publications(&h);
+
+    let first = started(&h).await;
+    assert_eq!(first.token.unwrap().token_id, restored.token_id, "served at once");
+    assert_eq!(h.current().unwrap().token_id, restored.token_id);
+    assert!(ep.calls().is_empty(), "no call before the refresh is due");
+
+    // The refresh is due at 675 s of the token's life; the endpoint is down.
+    let due = issued_at + policy.refresh_after(LIFETIME, 0.5);
+    within("the scheduled refresh", async {
+        while ep.calls().is_empty() {
+            sleep(secs(1)).await;
+        }
+    })
+    .await;
+    assert!(ep.calls()[0].at >= due, "not before its schedule");
+    // Served through the outage until its window ends, then withdrawn.
+    while Instant::now() + secs(1) < restored.serve_until {
+        assert_eq!(h.current().unwrap().token_id, restored.token_id);
+        sleep(secs(1)).await;
+    }
+    sleep(secs(2)).await;
+    assert!(h.current().is_none(), "withdrawn at the end of its serve window");
+    assert_eq!(violations.load(Ordering::SeqCst), 0);
+
+    // A restored token of another environment or already past its window is ignored.
+    let mut config = TokenSourceConfig::new(Environment::Production);
+    config.restored = Some(restored.clone());
+    let ep = FakeEndpoint::new(LIFETIME);
+    let (h, _task) = token::spawn(config, ep.clone(), FakeEndpoint::key(), Arc::new(Metrics::new()));
+    let fresh = started(&h).await.token.unwrap();
+    assert_ne!(fresh.token_id, restored.token_id);
+    assert_eq!(ep.calls().len(), 1);
+}

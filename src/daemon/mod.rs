@@ -17,6 +17,7 @@ use tonic_health::server::HealthReporter;
 use tracing::{error, info, warn};
 
 mod reload;
+pub mod token_store;
 
 pub use reload::{ReloadOutcome, ReloadReport, Reloader};
 
@@ -141,6 +142,8 @@ impl Broker {
             .as_ref()
             .map(crate::grpc::tls::server_config)
             .transpose()?;
+        // Before the listeners: listenfd consumes LISTEN_FDS.
+        let restored = token_store::restore(&config.refresh);
         let unix = config.server.unix_socket_options();
         let mut inherited = listener::Inherited::from_env()?;
         let mut bound = Vec::new();
@@ -195,6 +198,7 @@ impl Broker {
             let mut source_config = TokenSourceConfig::new(env);
             source_config.policy = config.refresh.clone();
             source_config.use_refresh_token = config.oauth.use_refresh_token;
+            source_config.restored = restored.iter().find(|(e, _)| *e == env).map(|(_, t)| t.clone());
             let (handle, task) = token::spawn(source_config, client, key, metrics.clone());
             info!(environment = %env, token_url = %env_config.token_url, "token source started");
             handles.push(handle);
@@ -382,6 +386,7 @@ impl RunningBroker {
         let code = wait_for_signals(&self, signals).await;
         helpers.abort();
         crate::systemd::stopping();
+        token_store::save(&self.sources);
         self.shutdown().await;
         code
     }

@@ -223,6 +223,9 @@ impl Inherited {
         let mut sockets = Vec::new();
         for index in 0..fds.len() {
             let name = names.get(index).cloned();
+            if name.as_deref() == Some(crate::daemon::token_store::FD_NAME) {
+                continue; // not a socket: the tokens kept across a restart
+            }
             let problem = |message: String| ListenError::Inherited {
                 index,
                 name: name.clone(),

@@ -41,8 +41,11 @@ pub struct Token {
 }
 
 impl Token {
+    /// A token issued at `issued_at` (monotonic; `issued_at_wall` for the
+    /// wire), valid for `lifetime`, handed out until `serve_margin` before
+    /// its expiry.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
+    pub fn new(
         access_token: SecretString,
         token_type: String,
         environment: Environment,

@@ -34,6 +34,9 @@ pub struct TokenSourceConfig {
     /// Use the refresh grant when the endpoint issued a refresh token.
     pub use_refresh_token: bool,
     pub jitter: Jitter,
+    /// A token carried over from the previous process (systemd's file
+    /// descriptor store): served at once, refreshed on its schedule.
+    pub restored: Option<Arc<Token>>,
 }
 
 impl TokenSourceConfig {
@@ -43,6 +46,7 @@ impl TokenSourceConfig {
             policy: RefreshPolicy::default(),
             use_refresh_token: true,
             jitter: Jitter::Random,
+            restored: None,
         }
     }
 }
@@ -316,15 +320,24 @@ pub fn spawn<E: TokenEndpoint>(
     let (state_tx, state_rx) = watch::channel(Snapshot::default());
     let (commands_tx, commands_rx) = mpsc::channel(1024);
     let stats = Arc::new(SourceStats::default());
+    let mut config = config;
+    let restored = config
+        .restored
+        .take()
+        .filter(|t| t.environment == config.environment && t.is_servable(Instant::now()));
+    let next_attempt = match &restored {
+        Some(token) => token.issued_at + config.policy.refresh_after(token.lifetime, config.jitter.sample()),
+        None => Instant::now(),
+    };
     let task = Task {
         config,
         endpoint: Arc::new(endpoint),
         key,
         refresh_token: None,
-        token: None,
+        token: restored,
         failures: 0,
         last_error: None,
-        next_attempt: Instant::now(),
+        next_attempt,
         last_early: None,
         waiters: Vec::new(),
         pending_keys: VecDeque::new(),
@@ -427,7 +440,14 @@ struct Task<E> {
 
 impl<E: TokenEndpoint> Task<E> {
     async fn run(mut self) {
-        let mut flight = Some(self.start_refresh());
+        // A restored token is served at once and refreshed on its schedule;
+        // without one the first call starts now.
+        let mut flight = if self.token.is_some() {
+            self.publish();
+            None
+        } else {
+            Some(self.start_refresh())
+        };
         loop {
             let now = Instant::now();
             self.expire_if_stale(now);
