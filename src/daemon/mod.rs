@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tracing::{error, info, warn};
@@ -22,7 +23,9 @@ pub mod token_store;
 pub use reload::{ReloadOutcome, ReloadReport, Reloader};
 
 use crate::config::Config;
+use crate::connections::ConnectionLimits;
 use crate::connections::{AdminConnection, GuardedTcpListener, ListenerGuard, StreamTrackingLayer, incoming};
+use crate::credentials::ApiKey;
 use crate::credentials::{CredentialTable, CredentialsError};
 use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator};
 use crate::environment::Environment;
@@ -33,6 +36,7 @@ use crate::grpc::{TokenBrokerService, health, pb};
 use crate::metrics::Metrics;
 use crate::oauth::{ClientBuildError, OAuthClient};
 use crate::tls_roots::RootsError;
+use crate::token::Token;
 use crate::token::{self, TokenSourceConfig, TokenSources};
 
 /// Longest shutdown waits for watch streams to deliver their final status
@@ -125,17 +129,7 @@ impl Broker {
     /// re-read on reload.
     pub async fn build(config: Config, config_path: Option<PathBuf>) -> Result<RunningBroker, DaemonError> {
         let metrics = Arc::new(Metrics::new());
-        let mut keys = Vec::new();
-        for (env, _) in config.enabled() {
-            let source = config
-                .key_source(env)
-                .ok_or(DaemonError::NoCredentials { environment: env })?;
-            let key = source.load().map_err(|source| DaemonError::Credentials {
-                environment: env,
-                source,
-            })?;
-            keys.push((env, key));
-        }
+        let keys = load_keys(&config)?;
         let tls = config
             .server
             .tls
@@ -144,8 +138,8 @@ impl Broker {
             .transpose()?;
         // Before the listeners: listenfd consumes LISTEN_FDS.
         let restored = token_store::restore(&config.refresh);
-        let unix = config.server.unix_socket_options();
         let mut inherited = listener::Inherited::from_env()?;
+        let unix = config.server.unix_socket_options();
         let mut bound = Vec::new();
         for addr in &config.server.listen {
             match inherited.take(addr)? {
@@ -157,55 +151,18 @@ impl Broker {
             }
         }
         inherited.finish()?;
-        let pending_sockets: Vec<_> = bound
-            .iter()
-            .filter_map(|b| match b {
-                Bound::Unix(_, file) if file.is_pending() => Some(file.clone()),
-                _ => None,
-            })
-            .collect();
-        let fd_limit = crate::connections::raise_fd_limit();
-        let listener_count = bound.len() + usize::from(config.admin.listen.is_some());
-        let mut limits = config.server.limits();
-        limits.max_connections =
-            crate::connections::per_listener_budget(limits.max_connections, fd_limit, listener_count);
-        if limits.max_connections < config.server.max_connections {
-            warn!(
-                configured = config.server.max_connections,
-                budget = limits.max_connections,
-                fd_limit,
-                "server.max_connections does not fit in the open-file limit; each listener gets an equal share"
-            );
-        }
+        let limits = connection_limits(&config, bound.len());
         let admin_listener = match config.admin.listen {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| DaemonError::AdminBind { addr, source })?,
-            ),
+            Some(addr) => {
+                let bind_error = |source| DaemonError::AdminBind { addr, source };
+                let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind_error)?;
+                let bound = listener.local_addr().map_err(bind_error)?;
+                Some((listener, bound))
+            }
             None => None,
         };
 
-        let roots = config.token_endpoint_roots()?;
-        if !roots.certificates.is_empty() {
-            info!(roots = %roots.origin, certificates = roots.certificates.len(), "token endpoint TLS roots loaded");
-        }
-        let mut handles = Vec::new();
-        let mut source_tasks = Vec::new();
-        for (env, key) in keys {
-            let env_config = &config.environments[&env];
-            let client = OAuthClient::new(config.oauth.client_config(&env_config.token_url, roots.clone()))?;
-            let mut source_config = TokenSourceConfig::new(env);
-            source_config.policy = config.refresh.clone();
-            source_config.use_refresh_token = config.oauth.use_refresh_token;
-            source_config.restored = restored.iter().find(|(e, _)| *e == env).map(|(_, t)| t.clone());
-            let (handle, task) = token::spawn(source_config, client, key, metrics.clone());
-            info!(environment = %env, token_url = %env_config.token_url, "token source started");
-            handles.push(handle);
-            source_tasks.push(task);
-        }
-        let sources = Arc::new(TokenSources::new(handles));
-
+        let (sources, source_tasks) = spawn_sources(&config, keys, restored, &metrics)?;
         let stopping = CancellationToken::new();
         let draining = CancellationToken::new();
         let sinks = crate::sinks::spawn(&config.sinks, &sources, &draining);
@@ -221,56 +178,27 @@ impl Broker {
             config.server.request_wait,
             access,
         );
+        let routes = grpc_routes(service, health_service)?;
 
-        // Reflection in both versions: v1, and v1alpha for the clients that
-        // speak only it (grpcio-reflection, grpcurl before 1.9).
-        let reflection_builder = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        };
-        let reflection = reflection_builder()
-            .build_v1()
-            .map_err(|e| DaemonError::Reflection(e.to_string()))?;
-        let reflection_v1alpha = reflection_builder()
-            .build_v1alpha()
-            .map_err(|e| DaemonError::Reflection(e.to_string()))?;
+        let pending_sockets: Vec<_> = bound
+            .iter()
+            .filter_map(|b| match b {
+                Bound::Unix(_, file) if file.is_pending() => Some(file.clone()),
+                _ => None,
+            })
+            .collect();
         let mut grpc_addrs = Vec::new();
         let mut servers = Vec::new();
         for listener in bound {
-            let addr = listener.addr();
-            grpc_addrs.push(addr.clone());
-            let mut builder = Server::builder()
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-                .max_concurrent_streams(limits.max_concurrent_streams)
-                .layer(StreamTrackingLayer)
-                .layer(crate::grpc::request_limit::RequestLimitLayer::new(MAX_REQUEST_BYTES));
-            if let (Bound::Tcp(_), Some(tls)) = (&listener, &tls) {
-                builder = builder
-                    .tls_config(tls.clone())
-                    .map_err(|e| DaemonError::Tls(crate::grpc::tls::TlsError::Invalid(e.to_string())))?;
-            }
-            let router = builder
-                .add_service(health_service.clone())
-                .add_service(reflection.clone())
-                .add_service(reflection_v1alpha.clone())
-                .add_service(TokenBrokerServer::new(service.clone()).max_decoding_message_size(2 * MAX_REQUEST_BYTES));
-            let signal = stopping.clone().cancelled_owned();
-            info!(%addr, tls = matches!(listener, Bound::Tcp(_)) && tls.is_some(), max_connections = limits.max_connections, "gRPC listening");
-            let guard = ListenerGuard::new(format!("grpc:{addr}"), limits, metrics.clone());
-            servers.push(tokio::spawn(async move {
-                let result = match listener {
-                    Bound::Tcp(l) => router.serve_with_incoming_shutdown(incoming(l, guard), signal).await,
-                    Bound::Unix(l, _file) => {
-                        let l = crate::grpc::unix_authority::UnixAuthorityListener(l);
-                        router.serve_with_incoming_shutdown(incoming(l, guard), signal).await
-                    }
-                };
-                if let Err(e) = result {
-                    error!(%addr, error = %e, "gRPC server stopped with an error");
-                }
-            }));
+            grpc_addrs.push(listener.addr());
+            servers.push(serve_grpc(
+                listener,
+                &routes,
+                tls.as_ref(),
+                limits,
+                &stopping,
+                &metrics,
+            )?);
         }
 
         let ready = CancellationToken::new();
@@ -288,26 +216,9 @@ impl Broker {
             )),
         ];
         let mut admin_addr = None;
-        if let Some(listener) = admin_listener {
-            let addr = listener.local_addr().map_err(|source| DaemonError::AdminBind {
-                addr: config.admin.listen.unwrap(),
-                source,
-            })?;
+        if let Some((listener, addr)) = admin_listener {
+            background.push(serve_admin(listener, addr, &sources, limits, &stopping, &metrics));
             admin_addr = Some(addr);
-            let app = crate::admin::router(sources.clone(), metrics.clone())
-                .layer(axum::middleware::from_fn(crate::connections::track_requests))
-                .into_make_service_with_connect_info::<AdminConnection>();
-            let listener = GuardedTcpListener {
-                listener,
-                guard: ListenerGuard::new(format!("admin:{addr}"), limits, metrics.clone()),
-            };
-            let signal = stopping.clone().cancelled_owned();
-            info!(%addr, "admin HTTP listening");
-            background.push(tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(signal).await {
-                    error!(error = %e, "admin listener stopped");
-                }
-            }));
         }
 
         let reloader = Arc::new(Reloader::new(&config, config_path, sources.clone(), metrics.clone()));
@@ -335,6 +246,162 @@ impl Broker {
             grace: config.server.shutdown_grace,
         })
     }
+}
+
+/// Every enabled environment's API key, read now (before anything is bound).
+fn load_keys(config: &Config) -> Result<Vec<(Environment, ApiKey)>, DaemonError> {
+    config
+        .enabled()
+        .map(|(env, _)| {
+            let source = config
+                .key_source(env)
+                .ok_or(DaemonError::NoCredentials { environment: env })?;
+            let key = source.load().map_err(|source| DaemonError::Credentials {
+                environment: env,
+                source,
+            })?;
+            Ok((env, key))
+        })
+        .collect()
+}
+
+/// The per-listener connection limits: `server.max_connections` each, or an
+/// equal share of the open-file limit when they do not all fit in it.
+fn connection_limits(config: &Config, grpc_listeners: usize) -> ConnectionLimits {
+    let fd_limit = crate::connections::raise_fd_limit();
+    let listener_count = grpc_listeners + usize::from(config.admin.listen.is_some());
+    let mut limits = config.server.limits();
+    limits.max_connections = crate::connections::per_listener_budget(limits.max_connections, fd_limit, listener_count);
+    if limits.max_connections < config.server.max_connections {
+        warn!(
+            configured = config.server.max_connections,
+            budget = limits.max_connections,
+            fd_limit,
+            "server.max_connections does not fit in the open-file limit; each listener gets an equal share"
+        );
+    }
+    limits
+}
+
+/// One TokenSource task per enabled environment, each starting from the
+/// token kept across a restart when there is one.
+fn spawn_sources(
+    config: &Config,
+    keys: Vec<(Environment, ApiKey)>,
+    restored: Vec<(Environment, Arc<Token>)>,
+    metrics: &Arc<Metrics>,
+) -> Result<(Arc<TokenSources>, Vec<JoinHandle<()>>), DaemonError> {
+    let roots = config.token_endpoint_roots()?;
+    if !roots.certificates.is_empty() {
+        info!(roots = %roots.origin, certificates = roots.certificates.len(), "token endpoint TLS roots loaded");
+    }
+    let mut handles = Vec::new();
+    let mut tasks = Vec::new();
+    for (env, key) in keys {
+        let env_config = &config.environments[&env];
+        let client = OAuthClient::new(config.oauth.client_config(&env_config.token_url, roots.clone()))?;
+        let mut source_config = TokenSourceConfig::new(env);
+        source_config.policy = config.refresh.clone();
+        source_config.use_refresh_token = config.oauth.use_refresh_token;
+        source_config.restored = restored.iter().find(|(e, _)| *e == env).map(|(_, t)| t.clone());
+        let (handle, task) = token::spawn(source_config, client, key, metrics.clone());
+        info!(environment = %env, token_url = %env_config.token_url, "token source started");
+        handles.push(handle);
+        tasks.push(task);
+    }
+    Ok((Arc::new(TokenSources::new(handles)), tasks))
+}
+
+/// Everything served on a gRPC listener: the TokenBroker service, health,
+/// and reflection in both versions (v1, and v1alpha for the clients that
+/// speak only it: grpcio-reflection, grpcurl before 1.9).
+fn grpc_routes(
+    service: TokenBrokerService,
+    health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) -> Result<Routes, DaemonError> {
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
+        .build_v1()
+        .map_err(|e| DaemonError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(|e| DaemonError::Reflection(e.to_string()))?;
+    Ok(Routes::new(health_service)
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
+        .add_service(TokenBrokerServer::new(service).max_decoding_message_size(2 * MAX_REQUEST_BYTES)))
+}
+
+/// Serves `routes` on one listener until `stopping` (then GOAWAY and drain):
+/// within the listener's connection budget, with TLS on TCP when configured,
+/// and the `:authority` adapter on Unix sockets.
+fn serve_grpc(
+    listener: Bound,
+    routes: &Routes,
+    tls: Option<&tonic::transport::ServerTlsConfig>,
+    limits: ConnectionLimits,
+    stopping: &CancellationToken,
+    metrics: &Arc<Metrics>,
+) -> Result<JoinHandle<()>, DaemonError> {
+    let addr = listener.addr();
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .layer(StreamTrackingLayer)
+        .layer(crate::grpc::request_limit::RequestLimitLayer::new(MAX_REQUEST_BYTES));
+    let tls = tls.filter(|_| matches!(listener, Bound::Tcp(_)));
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls.clone())
+            .map_err(|e| DaemonError::Tls(crate::grpc::tls::TlsError::Invalid(e.to_string())))?;
+    }
+    let router = builder.add_routes(routes.clone());
+    let signal = stopping.clone().cancelled_owned();
+    info!(%addr, tls = tls.is_some(), max_connections = limits.max_connections, "gRPC listening");
+    let guard = ListenerGuard::new(format!("grpc:{addr}"), limits, metrics.clone());
+    Ok(tokio::spawn(async move {
+        let result = match listener {
+            Bound::Tcp(l) => router.serve_with_incoming_shutdown(incoming(l, guard), signal).await,
+            // The socket file lives as long as its server.
+            Bound::Unix(l, _file) => {
+                let l = crate::grpc::unix_authority::UnixAuthorityListener(l);
+                router.serve_with_incoming_shutdown(incoming(l, guard), signal).await
+            }
+        };
+        if let Err(e) = result {
+            error!(%addr, error = %e, "gRPC server stopped with an error");
+        }
+    }))
+}
+
+/// The admin HTTP listener (`/metrics`, `/healthz`, `/readyz`) until `stopping`.
+fn serve_admin(
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    sources: &Arc<TokenSources>,
+    limits: ConnectionLimits,
+    stopping: &CancellationToken,
+    metrics: &Arc<Metrics>,
+) -> JoinHandle<()> {
+    let app = crate::admin::router(sources.clone(), metrics.clone())
+        .layer(axum::middleware::from_fn(crate::connections::track_requests))
+        .into_make_service_with_connect_info::<AdminConnection>();
+    let listener = GuardedTcpListener {
+        listener,
+        guard: ListenerGuard::new(format!("admin:{addr}"), limits, metrics.clone()),
+    };
+    let signal = stopping.clone().cancelled_owned();
+    info!(%addr, "admin HTTP listening");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(signal).await {
+            error!(error = %e, "admin listener stopped");
+        }
+    })
 }
 
 impl RunningBroker {
