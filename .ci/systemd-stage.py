@@ -597,6 +597,37 @@ def run(name, guest, case, report):
     say(f"  ok   {name} ({time.monotonic() - started:.1f} s): {seen}")
 
 
+def run_cases(prefix, guest, cases, report):
+    for name, case in cases:
+        run(f"{prefix}: {name}", guest, case, report)
+
+
+# What each guest checks after its documented install, in order.
+PACKAGE_CASES = [
+    ("package files", case_package_files),
+    ("active with STATUS=", case_active_with_status),
+    ("socket group and allow-list", case_socket_group_and_allow_list),
+    ("reload and rejected reload", case_reload),
+    ("journal fields", case_journal_fields),
+    ("restart under load", case_restart_under_load),
+    ("restart during a token-endpoint outage", case_restart_during_an_outage),
+    ("watchdog restart", case_watchdog),
+    ("key rotation under LoadCredential=", case_key_rotation),
+    ("clean stop", case_clean_stop),
+    ("without ca-certificates", case_without_ca_certificates),
+    ("no secret in the journal", case_no_secret_in_journal),
+    ("purge", case_purge),
+]
+BY_HAND_CASES = [
+    ("active with STATUS=", case_active_with_status),
+    ("socket group and allow-list", case_socket_group_and_allow_list),
+    ("reload and rejected reload", case_reload),
+    ("restart under load", case_restart_under_load),
+    ("clean stop", case_clean_stop),
+    ("no secret in the journal", case_no_secret_in_journal),
+]
+
+
 def from_the_package(root, report):
     guest = Guest("flute-deb", root)
     try:
@@ -616,20 +647,7 @@ def from_the_package(root, report):
             check(seen["after install"] == ("disabled", "inactive"), f"the package leaves the service stopped: {seen}")
             return f"documented steps replayed; after apt-get install the unit was {seen['after install']}"
 
-        run("deb: install as documented", guest, install, report)
-        run("deb: package files", guest, case_package_files, report)
-        run("deb: active with STATUS=", guest, case_active_with_status, report)
-        run("deb: socket group and allow-list", guest, case_socket_group_and_allow_list, report)
-        run("deb: reload and rejected reload", guest, case_reload, report)
-        run("deb: journal fields", guest, case_journal_fields, report)
-        run("deb: restart under load", guest, case_restart_under_load, report)
-        run("deb: restart during a token-endpoint outage", guest, case_restart_during_an_outage, report)
-        run("deb: watchdog restart", guest, case_watchdog, report)
-        run("deb: key rotation under LoadCredential=", guest, case_key_rotation, report)
-        run("deb: clean stop", guest, case_clean_stop, report)
-        run("deb: without ca-certificates", guest, case_without_ca_certificates, report)
-        run("deb: no secret in the journal", guest, case_no_secret_in_journal, report)
-        run("deb: purge", guest, case_purge, report)
+        run_cases("deb", guest, [("install as documented", install), *PACKAGE_CASES], report)
     finally:
         guest.stop()
 
@@ -651,13 +669,7 @@ def by_hand(root, report):
             check(page, "the man pages are where the steps put them")
             return "documented steps replayed (man pages in /usr/local/share/man/man1)"
 
-        run("manual: install as documented", guest, install, report)
-        run("manual: active with STATUS=", guest, case_active_with_status, report)
-        run("manual: socket group and allow-list", guest, case_socket_group_and_allow_list, report)
-        run("manual: reload and rejected reload", guest, case_reload, report)
-        run("manual: restart under load", guest, case_restart_under_load, report)
-        run("manual: clean stop", guest, case_clean_stop, report)
-        run("manual: no secret in the journal", guest, case_no_secret_in_journal, report)
+        run_cases("manual", guest, [("install as documented", install), *BY_HAND_CASES], report)
     finally:
         guest.stop()
 

@@ -571,6 +571,25 @@ fn socket_identity(path: &std::path::Path) -> (u64, u64) {
     (meta.dev(), meta.ino())
 }
 
+/// A sandbox token over `client`.
+async fn sandbox_token(client: &mut support::Client) -> pb::Token {
+    client
+        .get_token(get(SANDBOX))
+        .await
+        .expect("a token")
+        .into_inner()
+        .token
+        .unwrap()
+}
+
+/// A sandbox token over a new connection to `addr`.
+async fn sandbox_token_on_a_new_connection(addr: &str) -> pb::Token {
+    let mut client = flute_token_broker::client::connect(addr, Duration::from_secs(5))
+        .await
+        .unwrap();
+    sandbox_token(&mut client).await
+}
+
 /// Two brokers on one socket path, as a DaemonSet rolling update runs them:
 /// a stale file is replaced at once; a live broker keeps the path until
 /// the new one holds its tokens, then one rename moves the path to the new
@@ -595,13 +614,7 @@ async fn a_second_broker_takes_over_a_served_socket_once_ready() {
     let mut on_first = flute_token_broker::client::connect(&addr, Duration::from_secs(5))
         .await
         .unwrap();
-    let t1 = on_first
-        .get_token(get(SANDBOX))
-        .await
-        .unwrap()
-        .into_inner()
-        .token
-        .unwrap();
+    let t1 = sandbox_token(&mut on_first).await;
 
     // The successor cannot get a token yet: the path stays the first's.
     first.emulator(Environment::Sandbox).set_faults(FaultRequest {
@@ -620,16 +633,7 @@ async fn a_second_broker_takes_over_a_served_socket_once_ready() {
         first_socket,
         "not ready: the path is still the first broker's"
     );
-    let mut new_connection = flute_token_broker::client::connect(&addr, Duration::from_secs(5))
-        .await
-        .unwrap();
-    let still = new_connection
-        .get_token(get(SANDBOX))
-        .await
-        .unwrap()
-        .into_inner()
-        .token
-        .unwrap();
+    let still = sandbox_token_on_a_new_connection(&addr).await;
     assert_eq!(still.token_id, t1.token_id, "a new caller reaches the first broker");
 
     // Once it holds a token, one rename hands the path over.
@@ -645,21 +649,9 @@ async fn a_second_broker_takes_over_a_served_socket_once_ready() {
     let mut on_second = flute_token_broker::client::connect(&addr, Duration::from_secs(5))
         .await
         .unwrap();
-    let t2 = on_second
-        .get_token(get(SANDBOX))
-        .await
-        .expect("the successor answers")
-        .into_inner()
-        .token
-        .unwrap();
+    let t2 = sandbox_token(&mut on_second).await;
     assert_ne!(t2.token_id, t1.token_id, "a new caller reaches the successor");
-    let old = on_first
-        .get_token(get(SANDBOX))
-        .await
-        .unwrap()
-        .into_inner()
-        .token
-        .unwrap();
+    let old = sandbox_token(&mut on_first).await;
     assert_eq!(old.token_id, t1.token_id, "open connections stay with the first broker");
 
     let successor_socket = socket_identity(&path);

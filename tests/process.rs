@@ -757,13 +757,7 @@ async fn watch_reconnects_when_the_broker_comes_back_and_no_reconnect_exits_69()
     );
 
     // --no-reconnect: the end of the connection ends watch with 69.
-    let mut once = Command::new(BIN)
-        .args(["watch", "--env", "sandbox", "--no-reconnect", "--addr", &broker.addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut once = watch_once(&broker.addr);
     let mut once_out = BufReader::new(once.stdout.take().unwrap()).lines();
     next_line(&mut once_out, "--no-reconnect's first token").await;
     broker.child.kill().await.unwrap();
@@ -774,18 +768,23 @@ async fn watch_reconnects_when_the_broker_comes_back_and_no_reconnect_exits_69()
     assert_eq!(status.code(), Some(69));
 }
 
+/// `watch --no-reconnect` on the sandbox at `addr`, its output piped.
+fn watch_once(addr: &str) -> Child {
+    Command::new(BIN)
+        .args(["watch", "--env", "sandbox", "--no-reconnect", "--addr", addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
 /// A broker that shuts down was reached: `watch --no-reconnect` says the
 /// broker ended the connection, once, with the broker's reason.
 #[tokio::test]
 async fn watch_on_a_stopping_broker_says_it_ended_the_connection() {
     let broker = start_dev("900s").await;
-    let mut once = Command::new(BIN)
-        .args(["watch", "--env", "sandbox", "--no-reconnect", "--addr", &broker.addr])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut once = watch_once(&broker.addr);
     let mut out = BufReader::new(once.stdout.take().unwrap()).lines();
     next_line(&mut out, "the first token").await;
     support::signal(broker.child.id().unwrap(), rustix::process::Signal::TERM);
