@@ -624,14 +624,18 @@ async fn a_second_broker_takes_over_a_served_socket_once_ready() {
     let mut config = support::broker_config(&first.emulators, dir.path());
     config.server.listen = vec![flute_token_broker::grpc::listener::ListenAddr::Unix(path.clone())];
     config.admin.listen = None;
+    config.systemd.ready_timeout = Duration::from_millis(100);
     let second = flute_token_broker::daemon::Broker::build(config, None)
         .await
         .expect("a successor starts");
-    assert!(!second.ready.is_cancelled());
+    // Past its ready timeout without a token: still no takeover.
+    tokio::time::timeout(Duration::from_secs(30), second.ready.cancelled())
+        .await
+        .expect("the ready timeout passes");
     assert_eq!(
         socket_identity(&path),
         first_socket,
-        "not ready: the path is still the first broker's"
+        "without a token the path stays the first broker's"
     );
     let still = sandbox_token_on_a_new_connection(&addr).await;
     assert_eq!(still.token_id, t1.token_id, "a new caller reaches the first broker");
@@ -641,10 +645,18 @@ async fn a_second_broker_takes_over_a_served_socket_once_ready() {
         clear: true,
         ..Default::default()
     });
-    tokio::time::timeout(Duration::from_secs(30), second.ready.cancelled())
-        .await
-        .expect("the successor becomes ready");
-    assert_ne!(socket_identity(&path), first_socket, "the path is the successor's");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while socket_identity(&path) == first_socket {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the successor takes the path over"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        second.sources.iter().all(|s| s.current().is_some()),
+        "it holds its token"
+    );
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o660);
     let mut on_second = flute_token_broker::client::connect(&addr, Duration::from_secs(5))
         .await

@@ -459,9 +459,11 @@ impl RunningBroker {
     }
 }
 
-/// Waits until every environment holds a token (or `ready_timeout`
-/// passed), moves the sockets that wait to take over their path (the
-/// handover from a running broker), then cancels `ready`.
+/// Cancels `ready` once every environment holds a token, or when
+/// `ready_timeout` passed without (so an endpoint outage does not fail the
+/// boot). The sockets that wait to take over a path another broker serves
+/// move only once every environment holds a token, however long that takes:
+/// a broker without tokens never takes callers from one that has them.
 async fn become_ready(
     sources: Arc<TokenSources>,
     ready_timeout: Duration,
@@ -473,7 +475,14 @@ async fn become_ready(
             s.holding_token().await;
         }
     };
-    let _ = tokio::time::timeout(ready_timeout, holding).await;
+    tokio::pin!(holding);
+    if tokio::time::timeout(ready_timeout, &mut holding).await.is_err() {
+        ready.cancel();
+        if !pending_sockets.is_empty() {
+            warn!("no token yet: the previous broker keeps the socket path until this one holds its tokens");
+        }
+        holding.await;
+    }
     for socket in pending_sockets {
         match socket.publish() {
             Ok(()) => info!(path = %socket.path().display(), "took over the socket path from the previous broker"),
