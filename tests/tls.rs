@@ -204,3 +204,33 @@ fn tls_configuration_is_validated() {
         "{missing}"
     );
 }
+
+/// Without --ca-file the CLI trusts what `oauth.tls_roots = "auto"` trusts:
+/// the host's store (here `SSL_CERT_FILE`, which rustls-native-certs reads),
+/// not nothing.
+#[tokio::test]
+async fn the_cli_trusts_the_host_store_without_a_ca_file() {
+    let pki = Pki::new();
+    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
+        config.server.tls = Some(server_files(&pki, false));
+    })
+    .await;
+    let addr = https(&broker.daemon.grpc_addrs).replace("127.0.0.1", "localhost");
+    let get = |store: PathBuf| {
+        let addr = addr.clone();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_flute-token-broker"))
+                .args(["get", "--env", "sandbox", "--addr", &addr])
+                .env("SSL_CERT_FILE", store)
+                .env("SSL_CERT_DIR", "/nonexistent")
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let trusted = get(pki.path("ca.pem")).await;
+    assert!(trusted.status.success(), "{}", String::from_utf8_lossy(&trusted.stderr));
+    assert!(!trusted.stdout.is_empty());
+    let other = get(pki.path("rogue.pem")).await;
+    assert!(!other.status.success(), "a store without the broker's CA is refused");
+}

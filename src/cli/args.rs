@@ -179,7 +179,9 @@ pub struct ClientArgs {
     /// has none).
     #[arg(long, default_value = "10s", value_parser = duration::parse)]
     pub timeout: Duration,
-    /// With https://: the CA certificate (PEM) that signed the broker's certificate.
+    /// With https://: the CA certificate (PEM) that signed the broker's
+    /// certificate [default: the host's CA store, or the bundled Mozilla
+    /// roots where it has none].
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
     /// With https:// and a broker requiring mTLS: this client's certificate (PEM).

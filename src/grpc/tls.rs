@@ -84,11 +84,35 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<ServerTlsConfig, TlsError
     Ok(config)
 }
 
+/// TLS for a client of the broker: the CA of `--ca-file`, or else the
+/// roots `oauth.tls_roots = "auto"` would trust (the host's store, or the
+/// bundled Mozilla roots where it has none).
+/// A DER certificate as PEM (what tonic's `Certificate` takes).
+fn pem(der: &[u8]) -> String {
+    use base64::Engine;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = body
+        .as_bytes()
+        .chunks(64)
+        .map(|line| std::str::from_utf8(line).expect("base64 is ASCII"))
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
+}
+
 pub fn client_config(files: &ClientTlsFiles) -> Result<ClientTlsConfig, TlsError> {
     crate::install_crypto_provider();
     let mut config = ClientTlsConfig::new();
-    if let Some(ca) = &files.ca_file {
-        config = config.ca_certificate(Certificate::from_pem(read(ca)?));
+    match &files.ca_file {
+        Some(ca) => config = config.ca_certificate(Certificate::from_pem(read(ca)?)),
+        None => {
+            let roots = crate::tls_roots::TlsRoots::Auto
+                .load()
+                .map_err(|e| TlsError::Invalid(e.to_string()))?;
+            config = config.ca_certificates(roots.certificates.iter().map(|der| Certificate::from_pem(pem(der))));
+        }
     }
     match (&files.cert_file, &files.key_file) {
         (Some(cert), Some(key)) => config = config.identity(Identity::from_pem(read(cert)?, read(key)?)),
