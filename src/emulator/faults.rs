@@ -10,10 +10,12 @@
 //! | `malformed_next: N` | answer the next N with 200 and a body that is not JSON |
 //! | `same_token_next: N` | answer the next N with the access token last issued |
 //! | `refuse_all: true/false` | fail every token request with `status` until turned off |
+//! | `rate_limit_per_second: N` | admit N token requests per second (fixed one-second windows), answer the rest 429 with `Retry-After` until the window ends (0 removes) |
 //! | `echo_request: true/false` | failures quote the whole request (headers and body) in `error_description`, and in `WWW-Authenticate` for a 401, as misconfigured proxies and debug modes do |
 
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 
 use axum::Json;
 use axum::extract::State;
@@ -35,6 +37,10 @@ pub struct FaultRequest {
     pub same_token_next: Option<u32>,
     pub refuse_all: Option<bool>,
     pub echo_request: Option<bool>,
+    /// Admit this many token requests per second (a fixed one-second
+    /// window); answer the rest 429 with `Retry-After` until the window
+    /// ends. 0 turns the limit off.
+    pub rate_limit_per_second: Option<u32>,
 }
 
 /// The faults in force.
@@ -49,6 +55,10 @@ pub struct Faults {
     pub same_token_next: u32,
     pub refuse_all: bool,
     pub echo_request: bool,
+    pub rate_limit_per_second: Option<u32>,
+    /// The rate limit's current window: its start and the requests admitted.
+    #[serde(skip)]
+    window: Option<(Instant, u32)>,
 }
 
 impl Default for Faults {
@@ -63,6 +73,8 @@ impl Default for Faults {
             same_token_next: 0,
             refuse_all: false,
             echo_request: false,
+            rate_limit_per_second: None,
+            window: None,
         }
     }
 }
@@ -112,6 +124,27 @@ impl Faults {
         if let Some(on) = request.echo_request {
             self.echo_request = on;
         }
+        if let Some(limit) = request.rate_limit_per_second {
+            self.rate_limit_per_second = (limit > 0).then_some(limit);
+            self.window = None;
+        }
+    }
+
+    /// Whether the rate limit refuses a request arriving at `now`; if so,
+    /// the seconds until its window ends (at least 1, as `Retry-After`).
+    fn rate_limited(&mut self, now: Instant) -> Option<u64> {
+        let limit = self.rate_limit_per_second?;
+        let window = match self.window {
+            Some((start, admitted)) if now < start + Duration::from_secs(1) => (start, admitted),
+            _ => (now, 0),
+        };
+        if window.1 < limit {
+            self.window = Some((window.0, window.1 + 1));
+            return None;
+        }
+        self.window = Some(window);
+        let left = (window.0 + Duration::from_secs(1)).saturating_duration_since(now);
+        Some(left.as_secs_f64().ceil().max(1.0) as u64)
     }
 
     /// The delay and the fault (if any) for the next token request.
@@ -125,6 +158,13 @@ impl Faults {
         };
         let injected = if self.refuse_all {
             Some(fail)
+        } else if let Some(retry_after) = self.rate_limited(Instant::now()) {
+            Some(Injected::Fail {
+                status: 429,
+                retry_after: Some(retry_after),
+                error: None,
+                echo: false,
+            })
         } else if self.fail_next > 0 {
             self.fail_next -= 1;
             Some(fail)
@@ -192,5 +232,30 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(f, Faults::default());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_limit_admits_its_budget_per_second_then_answers_429() {
+        let mut f = Faults::default();
+        f.apply(FaultRequest {
+            rate_limit_per_second: Some(3),
+            ..Default::default()
+        });
+        let outcomes: Vec<_> = (0..5).map(|_| f.next().1).collect();
+        assert_eq!(&outcomes[..3], &[None, None, None]);
+        let limited = Some(Injected::Fail {
+            status: 429,
+            retry_after: Some(1),
+            error: None,
+            echo: false,
+        });
+        assert_eq!(&outcomes[3..], &[limited.clone(), limited]);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(f.next().1, None, "a new window admits again");
+        f.apply(FaultRequest {
+            rate_limit_per_second: Some(0),
+            ..Default::default()
+        });
+        assert!((0..10).all(|_| f.next().1.is_none()), "0 turns it off");
     }
 }
