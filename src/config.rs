@@ -83,6 +83,11 @@ pub struct EnvironmentConfig {
     pub allowed_unix_users: Vec<u32>,
     #[serde(with = "access::group_ids")]
     pub allowed_unix_groups: Vec<u32>,
+    /// Client certificates (mutual TLS on TCP) that may get this
+    /// environment's tokens, by URI SAN (`spiffe://…`) or DNS SAN; needs
+    /// `server.tls.client_ca_file`.
+    #[serde(deserialize_with = "crate::settings::strings")]
+    pub allowed_tls_clients: Vec<String>,
     /// Overrides the shared `[credentials]` for this environment.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credentials: Option<CredentialTable>,
@@ -95,6 +100,7 @@ impl Default for EnvironmentConfig {
             token_url: String::new(),
             allowed_unix_users: Vec::new(),
             allowed_unix_groups: Vec::new(),
+            allowed_tls_clients: Vec::new(),
             credentials: None,
         }
     }
@@ -113,6 +119,7 @@ impl EnvironmentConfig {
         AccessPolicy {
             uids: self.allowed_unix_users.clone(),
             gids: self.allowed_unix_groups.clone(),
+            tls_clients: self.allowed_tls_clients.clone(),
         }
     }
 }
@@ -310,6 +317,12 @@ impl Config {
             }
             if let Err(p) = self.oauth.check_token_url(&e.token_url) {
                 problems.push(format!("{path}.token_url: {p}"));
+            }
+            let mutual_tls = self.server.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
+            if !e.allowed_tls_clients.is_empty() && !mutual_tls {
+                problems.push(format!(
+                    "{path}.allowed_tls_clients: needs server.tls.client_ca_file (mutual TLS): without client certificates no caller can match"
+                ));
             }
             let (source, prefix) = match (own.as_ref(), shared.as_ref()) {
                 (Some(own), _) => (own, format!("{path}.credentials")),

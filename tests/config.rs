@@ -132,6 +132,10 @@ fn each_rule_reports_its_key_path() {
             "environments.production.allowed_unix_groups: unknown group",
         ),
         (
+            "[environments.production]\nallowed_tls_clients = [\"spiffe://fleet.example/agent\"]",
+            "environments.production.allowed_tls_clients: needs server.tls.client_ca_file",
+        ),
+        (
             "[environments.sandbox]\ntoken_url = \"http://oauth.example.com/token\"",
             "environments.sandbox.token_url: \"http://oauth.example.com/token\": https is required",
         ),

@@ -41,6 +41,14 @@ impl Pki {
             write(&format!("{name}.pem"), cert.pem());
             write(&format!("{name}.key"), key.serialize_pem());
         }
+        // A fleet agent's certificate: a SPIFFE ID as its URI SAN.
+        let mut agent = CertificateParams::new(Vec::<String>::new()).unwrap();
+        agent
+            .subject_alt_names
+            .push(rcgen::SanType::URI("spiffe://fleet.example/agent".try_into().unwrap()));
+        let key = KeyPair::generate().unwrap();
+        write("agent.pem", agent.signed_by(&key, &ca).unwrap().pem());
+        write("agent.key", key.serialize_pem());
         Self { dir }
     }
 
@@ -233,4 +241,54 @@ async fn the_cli_trusts_the_host_store_without_a_ca_file() {
     assert!(!trusted.stdout.is_empty());
     let other = get(pki.path("rogue.pem")).await;
     assert!(!other.status.success(), "a store without the broker's CA is refused");
+}
+
+/// `allowed_tls_clients`: over mutual TLS an environment serves only the
+/// client certificates it lists, by URI SAN (here a SPIFFE ID) or DNS SAN;
+/// others get PERMISSION_DENIED with the reason and see it RESTRICTED.
+#[tokio::test]
+async fn allowed_tls_clients_gate_environments_by_certificate_identity() {
+    let pki = Pki::new();
+    let broker = start_broker_with(&Environment::ALL, Duration::from_secs(900), |_, config| {
+        config.server.tls = Some(server_files(&pki, true));
+        config
+            .environments
+            .get_mut(&Environment::Production)
+            .unwrap()
+            .allowed_tls_clients = vec!["spiffe://fleet.example/agent".into()];
+    })
+    .await;
+    let addr = https(&broker.daemon.grpc_addrs);
+    let production = |target: Target| async move {
+        let mut client = client::connect_to(&target).await.unwrap();
+        client
+            .get_token(pb::GetTokenRequest {
+                environment: pb::Environment::Production as i32,
+                min_remaining: None,
+            })
+            .await
+    };
+    assert!(
+        production(pki.client(&addr, Some("agent"))).await.is_ok(),
+        "the listed SPIFFE ID"
+    );
+    let refused = production(pki.client(&addr, Some("client"))).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("production"), "{refused:?}");
+    assert!(
+        get_token(&pki.client(&addr, Some("client"))).await.is_ok(),
+        "sandbox has no allow-list"
+    );
+    let status = client::status(&pki.client(&addr, Some("client")), false, None)
+        .await
+        .unwrap();
+    assert!(
+        status.text.contains("RESTRICTED") && status.without_token.is_empty(),
+        "{}",
+        status.text
+    );
+    let status = client::status(&pki.client(&addr, Some("agent")), false, None)
+        .await
+        .unwrap();
+    assert!(!status.text.contains("RESTRICTED"), "{}", status.text);
 }

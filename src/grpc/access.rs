@@ -4,15 +4,19 @@
 //! whose user, primary group or supplementary group is listed: user and
 //! primary group as the kernel reports them for the connection (SO_PEERCRED),
 //! supplementary groups from `/proc/PID/status` when the caller is visible
-//! there, else from the account database (NSS `getgrouplist`). TCP callers
-//! carry no such identity and are refused for that environment.
+//! there, else from the account database (NSS `getgrouplist`). On TCP with
+//! mutual TLS, `allowed_tls_clients` lists the client certificates allowed,
+//! by URI SAN (a SPIFFE ID, for example) or DNS SAN. A caller with neither
+//! kind of identity is refused for an environment with allow-lists.
 
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use tonic::Request;
-use tonic::transport::server::UdsConnectInfo;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 
 use crate::connections::GuardedInfo;
 
@@ -21,14 +25,20 @@ use crate::connections::GuardedInfo;
 pub struct AccessPolicy {
     pub uids: Vec<u32>,
     pub gids: Vec<u32>,
+    /// URI or DNS subject alternative names of allowed client certificates.
+    pub tls_clients: Vec<String>,
 }
 
 /// What the broker knows about a caller.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
     /// A Unix-socket peer, with the kernel's view of its identity.
     Unix { uid: u32, gid: u32, pid: Option<i32> },
-    /// A TCP peer (or a Unix peer whose credentials could not be read).
+    /// A TCP peer that presented a client certificate (mutual TLS, verified
+    /// by the TLS layer against `client_ca_file`): its URI and DNS SANs.
+    Tls { names: Arc<[String]> },
+    /// A TCP peer without a certificate (or a Unix peer whose credentials
+    /// could not be read).
     Anonymous,
 }
 
@@ -39,32 +49,65 @@ impl Caller {
             .get::<GuardedInfo<UdsConnectInfo>>()
             .map(|info| &info.inner)
             .or_else(|| extensions.get::<UdsConnectInfo>());
-        match unix.and_then(|info| info.peer_cred) {
-            Some(cred) => Caller::Unix {
+        if let Some(cred) = unix.and_then(|info| info.peer_cred) {
+            return Caller::Unix {
                 uid: cred.uid(),
                 gid: cred.gid(),
                 pid: cred.pid(),
-            },
-            None => Caller::Anonymous,
+            };
+        }
+        let leaf = extensions
+            .get::<TlsConnectInfo<GuardedInfo<TcpConnectInfo>>>()
+            .and_then(|info| info.peer_certs())
+            .and_then(|certs| certs.first().map(|c| c.to_vec()));
+        match leaf.map(|der| certificate_names(&der)) {
+            Some(names) if !names.is_empty() => Caller::Tls { names: names.into() },
+            _ => Caller::Anonymous,
         }
     }
 }
 
+/// The URI and DNS subject alternative names of a DER certificate (none
+/// when it cannot be parsed: the TLS layer has verified it already).
+pub fn certificate_names(der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some((*uri).to_owned()),
+            GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
 impl AccessPolicy {
     pub fn is_open(&self) -> bool {
-        self.uids.is_empty() && self.gids.is_empty()
+        self.uids.is_empty() && self.gids.is_empty() && self.tls_clients.is_empty()
     }
 
-    pub fn allows(&self, caller: Caller) -> bool {
+    pub fn allows(&self, caller: &Caller) -> bool {
         if self.is_open() {
             return true;
         }
         match caller {
             Caller::Anonymous => false,
+            Caller::Tls { names } => names.iter().any(|name| {
+                self.tls_clients
+                    .iter()
+                    .any(|allowed| allowed == name || (!allowed.contains("://") && allowed.eq_ignore_ascii_case(name)))
+            }),
             Caller::Unix { uid, gid, pid } => {
-                self.uids.contains(&uid)
-                    || self.gids.contains(&gid)
-                    || (!self.gids.is_empty() && caller_groups(uid, gid, pid).iter().any(|g| self.gids.contains(g)))
+                self.uids.contains(uid)
+                    || self.gids.contains(gid)
+                    || (!self.gids.is_empty() && caller_groups(*uid, *gid, *pid).iter().any(|g| self.gids.contains(g)))
             }
         }
     }
@@ -193,53 +236,52 @@ mod tests {
             gid: 100,
             pid: None,
         };
+        let agent = Caller::Tls {
+            names: vec!["spiffe://fleet.example/agent".to_owned(), "agent.fleet.svc".to_owned()].into(),
+        };
+        let policy = |uids: &[u32], gids: &[u32], tls: &[&str]| AccessPolicy {
+            uids: uids.to_vec(),
+            gids: gids.to_vec(),
+            tls_clients: tls.iter().map(|s| s.to_string()).collect(),
+        };
         let cases = [
-            (AccessPolicy::default(), me, true),
-            (AccessPolicy::default(), Caller::Anonymous, true),
+            (policy(&[], &[], &[]), &me, true),
+            (policy(&[], &[], &[]), &Caller::Anonymous, true),
+            (policy(&[], &[], &[]), &agent, true),
+            (policy(&[1000], &[], &[]), &me, true),
+            (policy(&[1001], &[], &[]), &me, false),
+            (policy(&[], &[100], &[]), &me, true),
+            (policy(&[], &[7], &[]), &me, false),
+            (policy(&[1000], &[], &[]), &Caller::Anonymous, false),
+            (policy(&[1000], &[], &[]), &agent, false),
+            (policy(&[], &[], &["spiffe://fleet.example/agent"]), &agent, true),
+            (policy(&[], &[], &["AGENT.fleet.svc"]), &agent, true),
+            (policy(&[], &[], &["spiffe://fleet.example/other"]), &agent, false),
+            (policy(&[], &[], &["SPIFFE://fleet.example/agent"]), &agent, false),
+            (policy(&[], &[], &["spiffe://fleet.example/agent"]), &me, false),
             (
-                AccessPolicy {
-                    uids: vec![1000],
-                    gids: vec![],
-                },
-                me,
-                true,
-            ),
-            (
-                AccessPolicy {
-                    uids: vec![1001],
-                    gids: vec![],
-                },
-                me,
-                false,
-            ),
-            (
-                AccessPolicy {
-                    uids: vec![],
-                    gids: vec![100],
-                },
-                me,
-                true,
-            ),
-            (
-                AccessPolicy {
-                    uids: vec![],
-                    gids: vec![7],
-                },
-                me,
-                false,
-            ),
-            (
-                AccessPolicy {
-                    uids: vec![1000],
-                    gids: vec![],
-                },
-                Caller::Anonymous,
+                policy(&[], &[], &["spiffe://fleet.example/agent"]),
+                &Caller::Anonymous,
                 false,
             ),
         ];
         for (policy, caller, allowed) in cases {
             assert_eq!(policy.allows(caller), allowed, "{policy:?} {caller:?}");
         }
+    }
+
+    #[test]
+    fn a_certificate_shows_its_uri_and_dns_names() {
+        let mut params = rcgen::CertificateParams::new(vec!["Agent.Fleet.svc".to_owned()]).unwrap();
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI("spiffe://fleet.example/agent".try_into().unwrap()));
+        let cert = params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap();
+        assert_eq!(
+            certificate_names(cert.der()),
+            vec!["agent.fleet.svc".to_owned(), "spiffe://fleet.example/agent".to_owned()]
+        );
+        assert!(certificate_names(b"not a certificate").is_empty());
     }
 
     #[test]

@@ -68,7 +68,7 @@ impl TokenBrokerService {
     }
 
     /// The source a request names, if the caller may use it.
-    fn source(&self, environment: i32, caller: Caller) -> Result<&TokenSourceHandle, BrokerError> {
+    fn source(&self, environment: i32, caller: &Caller) -> Result<&TokenSourceHandle, BrokerError> {
         let env = environment_from_pb(environment).ok_or(BrokerError::UnspecifiedEnvironment)?;
         let source = self.sources.get(env).ok_or(BrokerError::EnvironmentNotEnabled(env))?;
         if !self.allows(env, caller) {
@@ -114,7 +114,7 @@ impl TokenBrokerService {
         caller: Caller,
         wait: Duration,
     ) -> Result<pb::GetTokenResponse, BrokerError> {
-        let source = self.source(request.environment, caller)?;
+        let source = self.source(request.environment, &caller)?;
         let min_remaining = match &request.min_remaining {
             None => Duration::ZERO,
             Some(d) => duration_from_pb(d).map_err(|message| BrokerError::InvalidArgument {
@@ -153,7 +153,7 @@ impl TokenBrokerService {
         caller: Caller,
         wait: Duration,
     ) -> Result<pb::RefreshTokenResponse, BrokerError> {
-        let source = self.source(request.environment, caller)?;
+        let source = self.source(request.environment, &caller)?;
         let id = request.rejected_token_id.trim();
         if id.is_empty() || id.len() > MAX_TOKEN_ID_LEN {
             let message = format!("must be the token_id of the rejected token (1 to {MAX_TOKEN_ID_LEN} characters)");
@@ -171,7 +171,7 @@ impl TokenBrokerService {
 
     /// Every enabled environment; those the caller may not get tokens of
     /// are listed as restricted, without details.
-    fn status(&self, caller: Caller) -> pb::GetStatusResponse {
+    fn status(&self, caller: &Caller) -> pb::GetStatusResponse {
         let environments = self
             .sources
             .iter()
@@ -187,11 +187,11 @@ impl TokenBrokerService {
         pb::GetStatusResponse { environments }
     }
 
-    fn allows(&self, env: Environment, caller: Caller) -> bool {
+    fn allows(&self, env: Environment, caller: &Caller) -> bool {
         self.access.get(&env).is_none_or(|policy| policy.allows(caller))
     }
 
-    fn watch(&self, request: pb::WatchTokenRequest, caller: Caller) -> Result<WatchStream, BrokerError> {
+    fn watch(&self, request: pb::WatchTokenRequest, caller: &Caller) -> Result<WatchStream, BrokerError> {
         let source = self.source(request.environment, caller)?;
         let state = WatchState {
             environment: source.environment(),
@@ -390,7 +390,7 @@ impl TokenBroker for TokenBrokerService {
         request: Request<pb::WatchTokenRequest>,
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
         let caller = Caller::of(&request);
-        let result = self.watch(request.into_inner(), caller);
+        let result = self.watch(request.into_inner(), &caller);
         self.finish("WatchToken", result)
     }
 
@@ -407,7 +407,7 @@ impl TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
-        self.finish("GetStatus", Ok(self.status(Caller::of(&request))))
+        self.finish("GetStatus", Ok(self.status(&Caller::of(&request))))
     }
 }
 
