@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
+use rustls::pki_types::CertificateDer;
 use tonic::Request;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 
@@ -34,9 +35,12 @@ pub struct AccessPolicy {
 pub enum Caller {
     /// A Unix-socket peer, with the kernel's view of its identity.
     Unix { uid: u32, gid: u32, pid: Option<i32> },
-    /// A TCP peer that presented a client certificate (mutual TLS, verified
-    /// by the TLS layer against `client_ca_file`): its URI and DNS SANs.
-    Tls { names: Arc<[String]> },
+    /// A TCP peer that presented a client certificate chain (mutual TLS,
+    /// verified by the TLS layer against `client_ca_file`). Its names are
+    /// read only when an allow-list asks (not on every call).
+    Tls {
+        certificates: Arc<Vec<CertificateDer<'static>>>,
+    },
     /// A TCP peer without a certificate (or a Unix peer whose credentials
     /// could not be read).
     Anonymous,
@@ -56,12 +60,11 @@ impl Caller {
                 pid: cred.pid(),
             };
         }
-        let leaf = extensions
+        match extensions
             .get::<TlsConnectInfo<GuardedInfo<TcpConnectInfo>>>()
             .and_then(|info| info.peer_certs())
-            .and_then(|certs| certs.first().map(|c| c.to_vec()));
-        match leaf.map(|der| certificate_names(&der)) {
-            Some(names) if !names.is_empty() => Caller::Tls { names: names.into() },
+        {
+            Some(certificates) if !certificates.is_empty() => Caller::Tls { certificates },
             _ => Caller::Anonymous,
         }
     }
@@ -99,11 +102,14 @@ impl AccessPolicy {
         }
         match caller {
             Caller::Anonymous => false,
-            Caller::Tls { names } => names.iter().any(|name| {
-                self.tls_clients
-                    .iter()
-                    .any(|allowed| allowed == name || (!allowed.contains("://") && allowed.eq_ignore_ascii_case(name)))
-            }),
+            Caller::Tls { certificates } => {
+                let leaf = certificates.first().map(|c| certificate_names(c)).unwrap_or_default();
+                leaf.iter().any(|name| {
+                    self.tls_clients.iter().any(|allowed| {
+                        allowed == name || (!allowed.contains("://") && allowed.eq_ignore_ascii_case(name))
+                    })
+                })
+            }
             Caller::Unix { uid, gid, pid } => {
                 self.uids.contains(uid)
                     || self.gids.contains(gid)
@@ -236,8 +242,13 @@ mod tests {
             gid: 100,
             pid: None,
         };
+        let mut params = rcgen::CertificateParams::new(vec!["agent.fleet.svc".to_owned()]).unwrap();
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI("spiffe://fleet.example/agent".try_into().unwrap()));
+        let cert = params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap();
         let agent = Caller::Tls {
-            names: vec!["spiffe://fleet.example/agent".to_owned(), "agent.fleet.svc".to_owned()].into(),
+            certificates: Arc::new(vec![cert.der().clone()]),
         };
         let policy = |uids: &[u32], gids: &[u32], tls: &[&str]| AccessPolicy {
             uids: uids.to_vec(),
