@@ -51,6 +51,9 @@ async fn every_rpc_over_tcp_and_unix() {
             assert_eq!(token.token_id.len(), 12);
             assert!(!token.access_token.is_empty());
             assert!(expires_at(&token) > SystemTime::now() + Duration::from_secs(800));
+            // serve_for: the serve window left (900 s less the 5 s margin), no clock needed.
+            let serve_for = token.serve_for.expect("serve_for is set");
+            assert!((800..=895).contains(&serve_for.seconds), "{serve_for:?}");
 
             let mut watch = client
                 .watch_token(pb::WatchTokenRequest { environment: env })

@@ -219,10 +219,7 @@ pub async fn fetch(
     let mut client = connect_to(target).await?;
     let mut request = tonic::Request::new(pb::GetTokenRequest {
         environment: pb_env(env),
-        min_remaining: min_remaining.map(|d| prost_types::Duration {
-            seconds: d.as_secs() as i64,
-            nanos: d.subsec_nanos() as i32,
-        }),
+        min_remaining: min_remaining.map(crate::grpc::pb_duration),
     });
     request.set_timeout(timeout);
     Ok(client

@@ -73,6 +73,7 @@ impl std::fmt::Debug for pb::Token {
             .field("expires_at", &self.expires_at)
             .field("environment", &self.environment)
             .field("token_id", &self.token_id)
+            .field("serve_for", &self.serve_for)
             .finish()
     }
 }
@@ -86,7 +87,18 @@ impl From<&Token> for pb::Token {
             expires_at: Some(timestamp(t.expires_at_wall)),
             environment: pb::Environment::from(t.environment) as i32,
             token_id: t.token_id.clone(),
+            serve_for: Some(pb_duration(
+                t.serve_until.saturating_duration_since(tokio::time::Instant::now()),
+            )),
         }
+    }
+}
+
+/// A std Duration as a protobuf Duration.
+pub(crate) fn pb_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
     }
 }
 
