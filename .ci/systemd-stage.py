@@ -407,8 +407,9 @@ def case_key_rotation(guest):
     return "reload kept the old credential copy (as documented); restart adopted the new secret, both environments READY"
 
 
-def case_restart_under_load(guest):
-    """`systemctl restart` while callers keep calling (socket activation)."""
+def case_restart_under_load(guest, command=f"systemctl restart {UNIT}", what="systemctl restart"):
+    """A restart (or whatever `command` does) while callers keep calling
+    (socket activation)."""
     import restart_load
 
     passed = [e for e in guest.journal() if "using the socket passed by systemd" in e.get("MESSAGE", "")]
@@ -417,7 +418,7 @@ def case_restart_under_load(guest):
     socket_path = f"/proc/{guest.leader}/root{SOCKET}"
     binary = str(REPO / "target/release/flute-token-broker")
     grpc_caller, process_caller, watcher, _, restart_at = restart_load.run(
-        socket_path, binary, lambda: guest.sh(f"systemctl restart {UNIT}")
+        socket_path, binary, lambda: guest.sh(command)
     )
     new_pid = guest.prop("MainPID")
     check(new_pid not in ("0", old_pid), f"a new process: {old_pid} → {new_pid}")
@@ -434,7 +435,7 @@ def case_restart_under_load(guest):
     followed = after[0][0] - ready_at
     check(followed <= 1.0, f"the watcher has the new token within 1 s of READY ({followed * 1000:.0f} ms)")
     return (
-        f"systemctl restart at +4 s of 12 s: {grpc_caller.summary()}; {process_caller.summary()}; "
+        f"{what} at +4 s of 12 s: {grpc_caller.summary()}; {process_caller.summary()}; "
         f"new process ready {to_ready * 1000:.0f} ms after exec, {(ready_at - restart_at) * 1000:.0f} ms after the restart began; "
         f"watcher had the new token {followed * 1000:+.0f} ms from READY"
     )
@@ -611,6 +612,14 @@ PACKAGE_CASES = [
     ("journal fields", case_journal_fields),
     ("restart under load", case_restart_under_load),
     ("restart during a token-endpoint outage", case_restart_during_an_outage),
+    (
+        "upgrade under load",
+        lambda guest: case_restart_under_load(
+            guest,
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall /root/pkg/flute-token-broker_*.deb",
+            "a package upgrade (apt-get install --reinstall: prerm upgrade, postinst try-restart)",
+        ),
+    ),
     ("watchdog restart", case_watchdog),
     ("key rotation under LoadCredential=", case_key_rotation),
     ("clean stop", case_clean_stop),
