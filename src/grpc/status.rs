@@ -32,8 +32,9 @@ pub enum BrokerError {
     OutOfRange { environment: Environment, message: String },
     #[error("no {0} token within the call's deadline")]
     DeadlineExceeded(Environment),
-    /// Only a WatchToken stream ends this way (unary calls are answered
-    /// until the connection closes): reconnect at once.
+    /// WatchToken streams end this way when the broker stops or restarts
+    /// (unary calls are answered until the connection closes), and so does
+    /// a call whose token source has stopped: reconnect at once.
     #[error("the broker is stopping or restarting; reconnect now")]
     ShuttingDown,
 }
