@@ -154,10 +154,11 @@ async fn notify_reload_and_stop_under_systemd() {
 }
 
 /// systemd's side of socket activation, in a few lines of Python: binds the
-/// socket once (mode 0666, so a broker that changed it would show), and for
-/// every line on stdin starts a broker with it as fd 3 and `LISTEN_FDS`,
-/// `LISTEN_PID`, `LISTEN_FDNAMES` set as systemd sets them, after the
-/// previous broker exited; prints `started PID` and `exited CODE`.
+/// socket once (mode 0666, so a broker that changed it would show) and
+/// keeps it open across brokers. On `start` it starts a broker with the
+/// socket as fd 3 and `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` set as
+/// systemd sets them (prints `started PID`); on `wait` it waits for that
+/// broker to exit (prints `exited CODE`).
 const SOCKET_HOLDER: &str = r#"
 import os, socket, sys
 path, binary, args = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -167,25 +168,24 @@ os.chmod(path, 0o666)
 listener.listen(128)
 child = None
 for line in sys.stdin:
-    if child:
+    if line.strip() == "wait" and child:
         _, status = os.waitpid(child, 0)
+        child = None
         print("exited", os.waitstatus_to_exitcode(status), flush=True)
-    child = os.fork()
-    if child == 0:
-        if listener.fileno() != 3:
-            os.dup2(listener.fileno(), 3)
-        os.set_inheritable(3, True)
-        os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="broker")
-        os.execv(binary, [binary] + args)
-    print("started", child, flush=True)
-if child:
-    _, status = os.waitpid(child, 0)
-    print("exited", os.waitstatus_to_exitcode(status), flush=True)
+    elif line.strip() == "start" and not child:
+        child = os.fork()
+        if child == 0:
+            if listener.fileno() != 3:
+                os.dup2(listener.fileno(), 3)
+            os.set_inheritable(3, True)
+            os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="broker")
+            os.execv(binary, [binary] + args)
+        print("started", child, flush=True)
 "#;
 
 /// The holder of an activation socket.
 struct SocketHolder {
-    child: tokio::process::Child,
+    _child: tokio::process::Child,
     stdin: tokio::process::ChildStdin,
     lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
 }
@@ -209,29 +209,32 @@ impl SocketHolder {
         Self {
             stdin: child.stdin.take().unwrap(),
             lines: tokio::io::BufReader::new(child.stdout.take().unwrap()).lines(),
-            child,
+            _child: child,
         }
     }
 
-    /// Starts the next broker (after the previous one exited); returns
-    /// the previous one's exit code, if there was one, and the new pid.
-    async fn start_broker(&mut self, previous: bool) -> (Option<i32>, u32) {
+    /// Sends `command` and returns the number the holder answers with.
+    async fn ask(&mut self, command: &str, answer: &str) -> i64 {
         use tokio::io::AsyncWriteExt;
-        self.stdin.write_all(b"start\n").await.unwrap();
-        let mut exited = None;
-        loop {
-            let line = tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
-                .await
-                .expect("the holder answers")
-                .unwrap()
-                .expect("the holder runs");
-            if let Some(code) = line.strip_prefix("exited ") {
-                exited = Some(code.parse().unwrap());
-            } else if let Some(pid) = line.strip_prefix("started ") {
-                assert_eq!(exited.is_some(), previous, "{line}");
-                return (exited, pid.parse().unwrap());
-            }
-        }
+        self.stdin.write_all(format!("{command}\n").as_bytes()).await.unwrap();
+        let line = tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
+            .await
+            .expect("the holder answers")
+            .unwrap()
+            .expect("the holder runs");
+        line.strip_prefix(answer)
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("expected {answer:?}, got {line:?}"))
+    }
+
+    /// Starts a broker on the socket; its pid.
+    async fn start(&mut self) -> u32 {
+        self.ask("start", "started").await as u32
+    }
+
+    /// Waits for the broker to exit; its exit code (negative: the signal).
+    async fn wait(&mut self) -> i64 {
+        self.ask("wait", "exited").await
     }
 }
 
@@ -265,7 +268,7 @@ async fn socket_activation_serves_the_passed_socket_and_leaves_it_in_place() {
     let sock = dir.path().join("activated.sock");
     let config = config_for(dir.path(), &emu.token_url(), &sock);
     let mut holder = SocketHolder::spawn(&sock, &config);
-    let (_, first) = holder.start_broker(false).await;
+    let first = holder.start().await;
     let addr = format!("unix:{}", sock.display());
     let token = |addr: String| async move {
         let mut client = flute_token_broker::client::connect(&addr, Duration::from_secs(30)).await?;
@@ -283,32 +286,27 @@ async fn socket_activation_serves_the_passed_socket_and_leaves_it_in_place() {
     let t1 = token(addr.clone()).await.unwrap();
     let inode = std::fs::metadata(&sock).unwrap().ino();
 
-    // The broker stops; a caller connects meanwhile: it waits in the backlog.
+    // The broker stops; a caller connects while none runs: it waits in the
+    // backlog and the next broker answers it.
     support::signal(first, rustix::process::Signal::TERM);
+    assert_eq!(holder.wait().await, 0, "the first broker stopped cleanly");
     let waiting = tokio::spawn(token(addr.clone()));
-    let (exited, _second) = holder.start_broker(true).await;
-    assert_eq!(exited, Some(0), "the first broker stopped cleanly");
+    let second = holder.start().await;
     let t2 = tokio::time::timeout(Duration::from_secs(30), waiting)
         .await
         .expect("the waiting call is answered")
         .unwrap()
         .expect("by the next broker");
-    assert!(!t2.access_token.is_empty() && !t1.access_token.is_empty());
+    assert_ne!(t2.token_id, t1.token_id, "the next broker's own token");
     let meta = std::fs::metadata(&sock).unwrap();
     assert_eq!(meta.ino(), inode, "the socket was never replaced");
     assert_eq!(meta.permissions().mode() & 0o777, 0o666, "nor changed");
-    drop(holder.stdin);
-    let _ = holder.child.kill().await;
+    support::signal(second, rustix::process::Signal::TERM);
+    assert_eq!(holder.wait().await, 0, "the second broker stopped cleanly");
 
     // A passed socket the configuration does not name.
     let other = config_for(dir.path(), &emu.token_url(), &dir.path().join("configured.sock"));
     let mut holder = SocketHolder::spawn(&dir.path().join("unnamed.sock"), &other);
-    holder.start_broker(false).await;
-    drop(holder.stdin);
-    let line = tokio::time::timeout(Duration::from_secs(30), holder.lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(line, "exited 78", "an unmatched socket is a configuration error");
+    holder.start().await;
+    assert_eq!(holder.wait().await, 78, "an unmatched socket is a configuration error");
 }
