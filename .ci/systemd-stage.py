@@ -637,12 +637,23 @@ BY_HAND_CASES = [
 ]
 
 
-def from_the_package(root, report):
-    guest = Guest("flute-deb", root)
+def prepared_guest(name, root):
+    """A booted guest with the test users, the emulator and the drop-in that
+    points the token URLs at it: what both install paths start from."""
+    guest = Guest(name, root)
     try:
         prepare_users(guest)
         start_emulator(guest, SECRET_1)
         point_at_emulator(guest, [ALLOW_LIST])
+    except BaseException:
+        guest.stop()
+        raise
+    return guest
+
+
+def from_the_package(root, report):
+    guest = prepared_guest("flute-deb", root)
+    try:
         guest.sh("mkdir -p /root/pkg && cp /src/target/debian/flute-token-broker_*.deb /root/pkg/")
         seen = {}
 
@@ -662,11 +673,8 @@ def from_the_package(root, report):
 
 
 def by_hand(root, report):
-    guest = Guest("flute-manual", root)
+    guest = prepared_guest("flute-manual", root)
     try:
-        prepare_users(guest)
-        start_emulator(guest, SECRET_1)
-        point_at_emulator(guest, [ALLOW_LIST])
 
         def after(command):
             if command.startswith("sudo systemd-sysusers"):

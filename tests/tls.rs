@@ -95,14 +95,21 @@ fn https(addrs: &[ListenAddr]) -> String {
         .unwrap()
 }
 
-#[tokio::test]
-async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
-    let pki = Pki::new();
+/// A broker serving the sandbox with TLS on its TCP listener (mutual TLS
+/// when `mtls`), and its `https://` address.
+async fn sandbox_over_tls(pki: &Pki, mtls: bool) -> (support::Broker, String) {
     let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
-        config.server.tls = Some(server_files(&pki, true));
+        config.server.tls = Some(server_files(pki, mtls));
     })
     .await;
     let addr = https(&broker.daemon.grpc_addrs);
+    (broker, addr)
+}
+
+#[tokio::test]
+async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
+    let pki = Pki::new();
+    let (broker, addr) = sandbox_over_tls(&pki, true).await;
 
     let token = get_token(&pki.client(&addr, Some("client")))
         .await
@@ -140,11 +147,7 @@ async fn mutual_tls_admits_only_clients_with_a_certificate_from_the_ca() {
 #[tokio::test]
 async fn server_only_tls() {
     let pki = Pki::new();
-    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
-        config.server.tls = Some(server_files(&pki, false));
-    })
-    .await;
-    let addr = https(&broker.daemon.grpc_addrs);
+    let (_broker, addr) = sandbox_over_tls(&pki, false).await;
     assert!(get_token(&pki.client(&addr, None)).await.is_ok());
 }
 
@@ -219,11 +222,8 @@ fn tls_configuration_is_validated() {
 #[tokio::test]
 async fn the_cli_trusts_the_host_store_without_a_ca_file() {
     let pki = Pki::new();
-    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
-        config.server.tls = Some(server_files(&pki, false));
-    })
-    .await;
-    let addr = https(&broker.daemon.grpc_addrs).replace("127.0.0.1", "localhost");
+    let (_broker, addr) = sandbox_over_tls(&pki, false).await;
+    let addr = addr.replace("127.0.0.1", "localhost");
     let get = |store: PathBuf| {
         let addr = addr.clone();
         async move {
