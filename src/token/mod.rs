@@ -2,6 +2,8 @@
 //! [`policy`] that decides when to refresh and how to back off, and the
 //! [`source`] task that owns the token endpoint for one environment.
 
+pub mod endpoint;
+pub mod follow;
 pub mod policy;
 pub mod source;
 
@@ -15,9 +17,10 @@ use tokio::time::Instant;
 use crate::environment::Environment;
 
 pub use policy::{Jitter, RefreshPolicy};
+pub use follow::{Following, Received, Update, Upstream};
 pub use source::{
-    KeyChange, KeyError, RefreshError, RefreshFailure, Snapshot, SourceState, SourceStats, TokenSourceConfig,
-    TokenSourceHandle, spawn,
+    Failure, KeyChange, KeyError, RefreshError, RefreshFailure, Snapshot, SourceState, SourceStats, TokenSourceConfig,
+    TokenSourceHandle, follow, spawn,
 };
 
 /// An access token as issued by the token endpoint. Debug never shows the
@@ -68,6 +71,41 @@ impl Token {
             expires_at_wall: issued_at_wall + lifetime,
             lifetime,
         }
+    }
+
+    /// A token received from an upstream broker: served until `anchor +
+    /// serve_for` (the upstream's serve window, on this process's monotonic
+    /// clock), expiring `serve_margin` later, issued `lifetime` before that.
+    pub fn received(
+        access_token: SecretString,
+        token_type: String,
+        environment: Environment,
+        anchor: Instant,
+        serve_for: Duration,
+        lifetime: Duration,
+        serve_margin: Duration,
+    ) -> Self {
+        let serve_for = serve_for.min(lifetime);
+        let margin = serve_margin.min(lifetime - serve_for);
+        let age = lifetime - serve_for - margin;
+        let (issued_at, lifetime) = match anchor.checked_sub(age) {
+            Some(issued_at) => (issued_at, lifetime),
+            // Too close to this clock's origin to go back: the same window.
+            None => (anchor, serve_for + margin),
+        };
+        let now = Instant::now();
+        let issued_at_wall = SystemTime::now() - now.saturating_duration_since(issued_at);
+        let token = Self::new(
+            access_token,
+            token_type,
+            environment,
+            issued_at,
+            issued_at_wall,
+            lifetime,
+            margin,
+        );
+        debug_assert_eq!(token.serve_until, anchor + serve_for);
+        token
     }
 
     /// The bearer token. Only the gRPC reply and the CLI output call this.

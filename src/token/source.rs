@@ -13,18 +13,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, error, info_span, warn};
 
 use super::Token;
 use super::policy::{Jitter, RefreshPolicy};
 use crate::credentials::ApiKey;
 use crate::environment::Environment;
 use crate::metrics::{EnvLabels, Metrics};
-use crate::oauth::{ErrorClass, Grant, OAuthError, TokenEndpoint, TokenResponse};
+use super::endpoint::EndpointSupply;
+use super::follow::{FollowSupply, Upstream};
+use crate::oauth::{ErrorClass, OAuthError, TokenEndpoint};
 
 /// Settings of one TokenSource.
 #[derive(Clone, Debug)]
@@ -146,54 +147,60 @@ pub enum KeyChange {
 /// Why an offered API key was not adopted.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum KeyError {
-    /// The token endpoint refused it; the current key stays.
-    #[error(transparent)]
-    Rejected(#[from] OAuthError),
+    /// The token endpoint refused it (the reason); the current key stays.
+    #[error("{0}")]
+    Rejected(String),
     /// The TokenSource task has ended (shutdown).
     #[error("token source stopped")]
     Stopped,
 }
 
-/// Why a refresh attempt produced no usable token.
-enum AttemptFailure<'a> {
-    Endpoint(&'a OAuthError),
-    /// The endpoint answered, but the token's lifetime was over before it
-    /// could be handed out.
-    ExpiredOnArrival {
-        lifetime: Duration,
-    },
+/// Why a call produced no usable token. Secret-free by construction: the
+/// message comes from the error's Display, which never shows a secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub message: String,
+    pub class: ErrorClass,
+    /// How long the other side asked us to wait (`Retry-After`, RetryInfo).
+    pub retry_after: Option<Duration>,
 }
 
-impl AttemptFailure<'_> {
-    fn class(&self) -> ErrorClass {
-        match self {
-            // invalid_grant on client credentials has no fallback left.
-            AttemptFailure::Endpoint(e) if e.class() == ErrorClass::InvalidGrant => ErrorClass::Permanent,
-            AttemptFailure::Endpoint(e) => e.class(),
-            AttemptFailure::ExpiredOnArrival { .. } => ErrorClass::Transient,
+impl Failure {
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            class,
+            retry_after: None,
         }
     }
 
-    fn message(&self) -> String {
-        match self {
-            AttemptFailure::Endpoint(e) => e.to_string(),
-            AttemptFailure::ExpiredOnArrival { lifetime } => {
-                format!("the issued token (lifetime {lifetime:?}) expired before it could be used")
-            }
+    /// A token-endpoint error. invalid_grant here is final: the refresh
+    /// grant's fallback has been tried by then.
+    pub fn from_oauth(error: &OAuthError) -> Self {
+        let class = match error.class() {
+            ErrorClass::InvalidGrant => ErrorClass::Permanent,
+            class => class,
+        };
+        Self {
+            message: error.to_string(),
+            class,
+            retry_after: error.retry_after(),
         }
     }
 
-    fn retry_after(&self) -> Option<Duration> {
-        match self {
-            AttemptFailure::Endpoint(e) => e.retry_after(),
-            AttemptFailure::ExpiredOnArrival { .. } => None,
-        }
+    /// The answer came, but the token's window was over before it could be
+    /// handed out.
+    fn expired_on_arrival(lifetime: Duration) -> Self {
+        Self::new(
+            ErrorClass::Transient,
+            format!("the issued token (lifetime {lifetime:?}) expired before it could be used"),
+        )
     }
 }
 
 /// What an early refresh must achieve.
-#[derive(Clone, Debug)]
-enum Need {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Need {
     /// A token with at least this much left before expiry.
     Remaining(Duration),
     /// A token other than this one (the API rejected it).
@@ -201,7 +208,7 @@ enum Need {
 }
 
 impl Need {
-    fn met_by(&self, token: &Token, now: Instant) -> bool {
+    pub fn met_by(&self, token: &Token, now: Instant) -> bool {
         match self {
             Need::Remaining(d) => token.is_servable(now) && token.remaining(now) >= *d,
             Need::Replaces(id) => token.is_servable(now) && token.token_id != *id,
@@ -310,13 +317,30 @@ impl TokenSourceHandle {
     }
 }
 
-/// Starts the TokenSource task. The task ends when every handle is dropped.
+/// Starts a TokenSource that calls the token endpoint with `key`. The task
+/// ends when every handle is dropped.
 pub fn spawn<E: TokenEndpoint>(
     config: TokenSourceConfig,
     endpoint: E,
     key: ApiKey,
     metrics: Arc<Metrics>,
 ) -> (TokenSourceHandle, JoinHandle<()>) {
+    let supply = EndpointSupply::new(endpoint, key, &config, metrics.clone());
+    start(config, supply, metrics)
+}
+
+/// Starts a TokenSource that follows the same environment on an upstream
+/// broker: no key, no refresh token, tokens pushed by the upstream.
+pub fn follow<U: Upstream>(
+    config: TokenSourceConfig,
+    upstream: U,
+    metrics: Arc<Metrics>,
+) -> (TokenSourceHandle, JoinHandle<()>) {
+    let supply = FollowSupply::new(upstream, &config);
+    start(config, supply, metrics)
+}
+
+fn start<S: Supply>(config: TokenSourceConfig, supply: S, metrics: Arc<Metrics>) -> (TokenSourceHandle, JoinHandle<()>) {
     let (state_tx, state_rx) = watch::channel(Snapshot::default());
     let (commands_tx, commands_rx) = mpsc::channel(1024);
     let stats = Arc::new(SourceStats::default());
@@ -326,18 +350,18 @@ pub fn spawn<E: TokenEndpoint>(
         .take()
         .filter(|t| t.environment == config.environment && t.is_servable(Instant::now()));
     let next_attempt = match &restored {
-        Some(token) => token.issued_at + config.policy.refresh_after(token.lifetime, config.jitter.sample()),
-        None => Instant::now(),
+        Some(token) if S::SCHEDULED => {
+            token.issued_at + config.policy.refresh_after(token.lifetime, config.jitter.sample())
+        }
+        _ => Instant::now(),
     };
     let task = Task {
         config,
-        endpoint: Arc::new(endpoint),
-        key,
-        refresh_token: None,
+        supply,
         token: restored,
         failures: 0,
         last_error: None,
-        next_attempt,
+        next_attempt: Some(next_attempt),
         last_early: None,
         waiters: Vec::new(),
         pending_keys: VecDeque::new(),
@@ -398,36 +422,85 @@ struct Waiter {
 
 type KeyReply = oneshot::Sender<Result<KeyChange, KeyError>>;
 
-/// Why a token-endpoint call was made.
-enum Purpose {
-    /// A scheduled, retried or caller-requested refresh.
+/// A call the engine asks its supply to make.
+#[derive(Clone, Debug)]
+pub enum Call {
+    /// The scheduled refresh or a retry (for a follower: opening the
+    /// upstream stream).
     Refresh,
-    /// Trying a new API key before adopting it.
-    VerifyKey { key: ApiKey, reply: KeyReply },
+    /// Waiting callers need what the current token does not give: the
+    /// strongest of their needs.
+    Early(Need),
+    /// Try this API key before adopting it.
+    VerifyKey(ApiKey),
 }
 
-/// One token-endpoint call in progress. The task polls it alongside its
-/// timers and commands, so a slow endpoint never holds back what readers
-/// see (a token leaving its serve window is withdrawn on time) nor the
-/// queueing of callers.
-struct Flight {
-    purpose: Purpose,
-    grant: Grant,
-    sent: Instant,
-    sent_wall: SystemTime,
-    response: Pin<Box<dyn Future<Output = Result<TokenResponse, OAuthError>> + Send>>,
+/// When a call was sent, on both clocks.
+#[derive(Clone, Copy, Debug)]
+pub struct Sent {
+    pub at: Instant,
+    pub wall: SystemTime,
 }
 
-struct Task<E> {
+/// What a finished call, or an update the supply pushed, means.
+pub enum Landing {
+    /// A token to install.
+    Issued(Token),
+    /// No token; the engine retries after its backoff.
+    Failed(Failure),
+    /// No token, and the supply itself delivers the recovery (an upstream's
+    /// outage reported on an open stream): no retry is scheduled.
+    Awaiting(Failure),
+    /// Make this call at once (the refresh grant was rejected).
+    Again(Call),
+}
+
+/// A call in progress, as the supply started it.
+pub type Pending<D> = Pin<Box<dyn Future<Output = D> + Send>>;
+
+/// Where a TokenSource's tokens come from: the token endpoint
+/// ([`EndpointSupply`]) or an upstream broker ([`FollowSupply`]). The
+/// engine ([`Task`]) owns everything else: waiters, coalescing, the early
+/// refresh rate limit, backoff, the serve window and publishing.
+pub trait Supply: Send + 'static {
+    /// What a call resolves to, interpreted by [`Supply::land`].
+    type Done: Send + 'static;
+    /// Whether the engine refreshes ahead of each token's expiry (the
+    /// endpoint), rather than waiting for tokens to be pushed (a follower).
+    const SCHEDULED: bool;
+    /// Starts one call.
+    fn start(&mut self, call: &Call) -> Pending<Self::Done>;
+    /// Interprets a finished call: logs it and keeps what the supply needs
+    /// (a refresh token, an adopted key, an open stream).
+    fn land(&mut self, call: &Call, sent: Sent, done: Self::Done) -> Landing;
+    /// The next update the supply pushes on its own; never, for the endpoint.
+    fn pushed(&mut self) -> impl Future<Output = Landing> + Send;
+    /// Whether `key` is the key in use (so it is not verified again).
+    fn holds_key(&self, key: &ApiKey) -> bool;
+}
+
+/// One call in progress. The task polls it alongside its timers, commands
+/// and pushed updates, so a slow call never holds back what readers see (a
+/// token leaving its serve window is withdrawn on time) nor the queueing of
+/// callers.
+struct Flight<D> {
+    call: Call,
+    /// The caller offering the key, for `Call::VerifyKey`.
+    key_reply: Option<KeyReply>,
+    sent: Sent,
+    done: Pending<D>,
+}
+
+/// The engine of one TokenSource.
+struct Task<S> {
     config: TokenSourceConfig,
-    endpoint: Arc<E>,
-    key: ApiKey,
-    refresh_token: Option<SecretString>,
+    supply: S,
     token: Option<Arc<Token>>,
     failures: u32,
     last_error: Option<Arc<RefreshFailure>>,
-    /// The scheduled refresh or retry.
-    next_attempt: Instant,
+    /// The scheduled refresh or retry; `None` while a follower waits for
+    /// its upstream to push.
+    next_attempt: Option<Instant>,
     last_early: Option<Instant>,
     waiters: Vec<Waiter>,
     /// New keys offered while a call was in flight, tried in order after it.
@@ -438,15 +511,15 @@ struct Task<E> {
     metrics: Arc<Metrics>,
 }
 
-impl<E: TokenEndpoint> Task<E> {
+impl<S: Supply> Task<S> {
     async fn run(mut self) {
-        // A restored token is served at once and refreshed on its schedule;
-        // without one the first call starts now.
+        // A restored token is served at once (and refreshed on its
+        // schedule); without one the first call starts now.
         let mut flight = if self.token.is_some() {
             self.publish();
             None
         } else {
-            Some(self.start_refresh())
+            Some(self.start_call(Call::Refresh, None))
         };
         loop {
             let now = Instant::now();
@@ -465,11 +538,22 @@ impl<E: TokenEndpoint> Task<E> {
                     Some(Command::ReplaceKey { key, reply }) => self.pending_keys.push_back((key, reply)),
                     None => return,
                 },
-                result = poll_flight(&mut flight), if flight.is_some() => {
-                    let done = flight.take().expect("polled only while a call is in flight");
-                    flight = self.land(done, result);
+                done = poll_flight(&mut flight), if flight.is_some() => {
+                    let landed = flight.take().expect("polled only while a call is in flight");
+                    flight = self.finish(landed, done);
                 }
-                _ = sleep_until(wake) => {}
+                landing = self.supply.pushed() => {
+                    if let Landing::Again(call) = landing {
+                        if flight.is_none() {
+                            flight = Some(self.start_call(call, None));
+                        }
+                    } else {
+                        self.apply(landing);
+                        self.publish();
+                        self.answer_waiters();
+                    }
+                }
+                _ = sleep_until_some(wake) => {}
             }
         }
     }
@@ -477,105 +561,103 @@ impl<E: TokenEndpoint> Task<E> {
     /// The call to start now that none is in flight, if any is due: a new
     /// key to verify, the scheduled refresh, or an early refresh for
     /// waiting callers (rate-limited).
-    fn next_flight(&mut self, now: Instant) -> Option<Flight> {
+    fn next_flight(&mut self, now: Instant) -> Option<Flight<S::Done>> {
         if let Some((key, reply)) = self.pending_keys.pop_front() {
-            if key.digest() == self.key.digest() {
+            if self.supply.holds_key(&key) {
                 let _ = reply.send(Ok(KeyChange::Unchanged));
                 return None;
             }
-            return Some(self.start_call(key.clone(), Grant::ClientCredentials, Purpose::VerifyKey { key, reply }));
+            return Some(self.start_call(Call::VerifyKey(key), Some(reply)));
         }
-        if now >= self.next_attempt {
-            return Some(self.start_refresh());
+        if self.next_attempt.is_some_and(|at| now >= at) {
+            return Some(self.start_call(Call::Refresh, None));
         }
         if !self.waiters.is_empty() && now >= self.earliest_early_attempt(now) {
             self.last_early = Some(now);
             self.stats.early_refreshes.fetch_add(1, Ordering::Relaxed);
-            return Some(self.start_refresh());
+            return Some(self.start_call(Call::Early(self.strongest_need()), None));
         }
         None
     }
 
-    /// A refresh: the refresh grant when we hold a refresh token, else
-    /// client credentials.
-    fn start_refresh(&self) -> Flight {
-        let grant = match (&self.refresh_token, self.config.use_refresh_token) {
-            (Some(refresh), true) => Grant::RefreshToken(refresh.clone()),
-            _ => Grant::ClientCredentials,
-        };
-        self.start_call(self.key.clone(), grant, Purpose::Refresh)
+    /// The one need that, met, meets every waiter's: a replacement when
+    /// anyone reports a rejected token (a fresh token has the full
+    /// lifetime), else the longest remaining lifetime asked for.
+    fn strongest_need(&self) -> Need {
+        let needs = self.waiters.iter().map(|w| &w.need);
+        if let Some(replaces) = needs.clone().find(|n| matches!(n, Need::Replaces(_))) {
+            return replaces.clone();
+        }
+        Need::Remaining(
+            needs
+                .filter_map(|n| match n {
+                    Need::Remaining(d) => Some(*d),
+                    Need::Replaces(_) => None,
+                })
+                .max()
+                .unwrap_or_default(),
+        )
     }
 
-    fn start_call(&self, key: ApiKey, grant: Grant, purpose: Purpose) -> Flight {
+    fn start_call(&mut self, call: Call, key_reply: Option<KeyReply>) -> Flight<S::Done> {
         self.stats.endpoint_calls.fetch_add(1, Ordering::Relaxed);
-        let endpoint = self.endpoint.clone();
-        let request_grant = grant.clone();
+        let sent = Sent {
+            at: Instant::now(),
+            wall: SystemTime::now(),
+        };
+        let done = self.supply.start(&call);
         Flight {
-            purpose,
-            grant,
-            sent: Instant::now(),
-            sent_wall: SystemTime::now(),
-            response: Box::pin(async move { endpoint.request_token(&key, &request_grant).await }),
+            call,
+            key_reply,
+            sent,
+            done,
         }
     }
 
-    /// Applies the result of a finished call; returns the call to make at
-    /// once, if any (client credentials after a rejected refresh token).
-    fn land(&mut self, flight: Flight, result: Result<TokenResponse, OAuthError>) -> Option<Flight> {
-        self.log_call(&flight, &result);
-        match flight.purpose {
-            Purpose::Refresh => {
-                if let (Grant::RefreshToken(_), Err(e)) = (&flight.grant, &result)
-                    && e.class() == ErrorClass::InvalidGrant
-                {
-                    warn!("refresh token rejected (invalid_grant); falling back to client credentials");
-                    self.refresh_token = None;
-                    return Some(self.start_call(self.key.clone(), Grant::ClientCredentials, Purpose::Refresh));
-                }
-                match result {
-                    Ok(response) => self.install(response, flight.sent, flight.sent_wall),
-                    Err(error) => self.record_failure(AttemptFailure::Endpoint(&error)),
-                }
+    /// Applies a finished call; returns the call to make at once, if any
+    /// (client credentials after a rejected refresh token).
+    fn finish(&mut self, flight: Flight<S::Done>, done: S::Done) -> Option<Flight<S::Done>> {
+        let landing = self.supply.land(&flight.call, flight.sent, done);
+        match (flight.key_reply, landing) {
+            (key_reply, Landing::Again(call)) => return Some(self.start_call(call, key_reply)),
+            (Some(reply), Landing::Issued(token)) => {
+                self.install(token);
+                let _ = reply.send(Ok(KeyChange::Adopted));
             }
-            Purpose::VerifyKey { key, reply } => match result {
-                Ok(response) => {
-                    info!(
-                        client_id = key.client_id(),
-                        "new API key accepted by the token endpoint; now in use"
-                    );
-                    self.key = key;
-                    self.refresh_token = None;
-                    self.install(response, flight.sent, flight.sent_wall);
-                    let _ = reply.send(Ok(KeyChange::Adopted));
-                }
-                Err(error) => {
-                    error!(client_id = key.client_id(), error = %error, "new API key failed verification; keeping the current key");
-                    let _ = reply.send(Err(KeyError::Rejected(error)));
-                    return None;
-                }
-            },
+            (Some(reply), Landing::Failed(failure) | Landing::Awaiting(failure)) => {
+                // The offered key was refused: the current key and token stay.
+                let _ = reply.send(Err(KeyError::Rejected(failure.message)));
+                return None;
+            }
+            (None, landing) => self.apply(landing),
         }
         self.publish();
         self.answer_waiters();
         None
     }
 
+    fn apply(&mut self, landing: Landing) {
+        match landing {
+            Landing::Issued(token) => self.install(token),
+            Landing::Failed(failure) => self.record_failure(failure, true),
+            Landing::Awaiting(failure) => self.record_failure(failure, false),
+            Landing::Again(_) => unreachable!("a call to make is handled where calls are started"),
+        }
+    }
+
     /// The next instant something is due: a refresh, an early refresh for
     /// waiting callers, or the current token leaving its serve window.
     /// While a call is in flight only the serve window matters.
-    fn next_wake(&self, now: Instant, in_flight: bool) -> Instant {
-        let mut wake = if in_flight {
-            now + Duration::from_secs(86_400)
-        } else {
-            self.next_attempt
-        };
-        if !in_flight && !self.waiters.is_empty() {
-            wake = wake.min(self.earliest_early_attempt(now));
+    fn next_wake(&self, now: Instant, in_flight: bool) -> Option<Instant> {
+        let mut due = Vec::with_capacity(3);
+        if !in_flight {
+            due.extend(self.next_attempt);
+            if !self.waiters.is_empty() {
+                due.push(self.earliest_early_attempt(now));
+            }
         }
-        if let Some(token) = self.published_token() {
-            wake = wake.min(token.serve_until);
-        }
-        wake
+        due.extend(self.published_token().map(|t| t.serve_until));
+        due.into_iter().min()
     }
 
     /// When waiting callers may next trigger a refresh: `now`, or later if
@@ -602,7 +684,7 @@ impl<E: TokenEndpoint> Task<E> {
             return;
         }
         if self.failures > 0 {
-            // The endpoint is failing: callers do not get to bypass the backoff.
+            // The supply is failing: callers do not get to bypass the backoff.
             let _ = reply.send(Err(self.unavailable()));
             return;
         }
@@ -635,83 +717,46 @@ impl<E: TokenEndpoint> Task<E> {
         };
         RefreshError::Unavailable {
             reason,
-            next_attempt: Some(self.next_attempt),
+            next_attempt: self.next_attempt,
         }
     }
 
-    /// Logs and counts one finished token-endpoint call.
-    fn log_call(&self, flight: &Flight, result: &Result<TokenResponse, OAuthError>) {
-        let took = flight.sent.elapsed();
-        let (env, grant) = (self.config.environment, flight.grant.name());
-        let duration_ms = took.as_millis() as u64;
-        match result {
-            Ok(response) => {
-                self.metrics.record_refresh(env.as_str(), grant, "ok", took);
-                info!(grant, outcome = "ok", duration_ms, token_id = %super::token_id(response.access_token.expose_secret()),
-                      expires_in = response.lifetime.as_secs(), "token request");
-            }
-            Err(e) => {
-                self.metrics.record_refresh(env.as_str(), grant, e.label(), took);
-                if e.class() == ErrorClass::Permanent {
-                    error!(grant, outcome = e.label(), duration_ms, error = %e, "token request failed");
-                } else {
-                    warn!(grant, outcome = e.label(), duration_ms, error = %e, "token request failed");
-                }
-            }
+    fn install(&mut self, token: Token) {
+        if !token.is_servable(Instant::now()) {
+            self.record_failure(Failure::expired_on_arrival(token.lifetime), true);
+            return;
         }
-    }
-
-    fn install(&mut self, response: TokenResponse, issued_at: Instant, issued_wall: SystemTime) {
-        let policy = &self.config.policy;
-        let serve_margin = policy.serve_margin_for(response.lifetime);
         let same_token = self
             .token
             .as_ref()
-            .is_some_and(|t| t.access_token() == response.access_token.expose_secret());
-        // A re-issued token is built afresh too: same token, same token_id,
-        // new expiry. It just does not count as a rotation.
-        let token = Token::new(
-            response.access_token,
-            response.token_type,
-            self.config.environment,
-            issued_at,
-            issued_wall,
-            response.lifetime,
-            serve_margin,
-        );
-        if let Some(refresh) = response.refresh_token {
-            self.refresh_token = Some(refresh);
-        }
-        if !token.is_servable(Instant::now()) {
-            self.record_failure(AttemptFailure::ExpiredOnArrival {
-                lifetime: token.lifetime,
-            });
-            return;
-        }
+            .is_some_and(|t| t.access_token() == token.access_token());
         self.stats.refreshes_ok.fetch_add(1, Ordering::Relaxed);
         if !same_token {
             self.stats.rotations.fetch_add(1, Ordering::Relaxed);
         }
-        self.next_attempt = issued_at + policy.refresh_after(token.lifetime, self.config.jitter.sample());
+        let policy = &self.config.policy;
+        self.next_attempt = S::SCHEDULED
+            .then(|| token.issued_at + policy.refresh_after(token.lifetime, self.config.jitter.sample()));
         self.failures = 0;
         self.last_error = None;
         self.token = Some(Arc::new(token));
     }
 
-    fn record_failure(&mut self, failure: AttemptFailure<'_>) {
+    /// Counts a failure; with `retry`, schedules the next call after the
+    /// backoff (else the supply pushes the recovery itself).
+    fn record_failure(&mut self, failure: Failure, retry: bool) {
         self.stats.refreshes_failed.fetch_add(1, Ordering::Relaxed);
         self.failures += 1;
-        let class = failure.class();
         let delay = self.config.policy.retry_after_failure(
-            class,
+            failure.class,
             self.failures,
             self.config.jitter.sample(),
-            failure.retry_after(),
+            failure.retry_after,
         );
-        self.next_attempt = Instant::now() + delay;
+        self.next_attempt = retry.then(|| Instant::now() + delay);
         self.last_error = Some(Arc::new(RefreshFailure {
-            message: failure.message(),
-            class,
+            message: failure.message,
+            class: failure.class,
             at: SystemTime::now(),
             consecutive: self.failures,
         }));
@@ -750,7 +795,7 @@ impl<E: TokenEndpoint> Task<E> {
         self.state.send_replace(Snapshot {
             token,
             last_error: self.last_error.clone(),
-            next_attempt: Some(self.next_attempt),
+            next_attempt: self.next_attempt,
         });
     }
 
@@ -760,10 +805,10 @@ impl<E: TokenEndpoint> Task<E> {
             let answer = match (&self.token, self.failures) {
                 (Some(token), 0) if waiter.need.met_by(token, now) => Ok(token.clone()),
                 (Some(token), 0) if token.is_servable(now) => match self.attainable(&waiter.need) {
-                    // The endpoint answered, but with a token that does not
-                    // do: it re-issued the one the API rejected.
+                    // The call succeeded, but with a token that does not
+                    // do: the rejected one again.
                     Ok(()) => Err(RefreshError::RejectedTokenReissued {
-                        next_attempt: Some(self.next_attempt),
+                        next_attempt: self.next_attempt,
                     }),
                     Err(outcome) => Err(outcome),
                 },
@@ -775,9 +820,16 @@ impl<E: TokenEndpoint> Task<E> {
 }
 
 /// Waits for the call in flight (the select guard ensures there is one).
-async fn poll_flight(flight: &mut Option<Flight>) -> Result<TokenResponse, OAuthError> {
+async fn poll_flight<D>(flight: &mut Option<Flight<D>>) -> D {
     match flight {
-        Some(flight) => flight.response.as_mut().await,
+        Some(flight) => flight.done.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
         None => std::future::pending().await,
     }
 }

@@ -1,0 +1,220 @@
+//! An upstream broker as a TokenSource's supply: the agent side of a hub
+//! and its agents. The source follows the same environment on the upstream
+//! over WatchToken and forwards what its own callers need that the current
+//! token does not give (a replacement for a rejected token, more remaining
+//! lifetime); it holds no API key and no refresh token.
+//!
+//! Serve window: a received token is served for the `serve_for` the
+//! upstream measured when it built the message, counted from the agent's
+//! own monotonic clock at the moment the request was sent (a unary answer)
+//! or at receipt less the stream's observed round trip (a pushed update).
+//! No wall clock is read, so neither clock skew nor transit time extends a
+//! token's life here.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use secrecy::SecretString;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::Token;
+use super::policy::RefreshPolicy;
+use super::source::{Call, Failure, Landing, Need, Pending, Sent, Supply, TokenSourceConfig};
+use crate::credentials::ApiKey;
+use crate::environment::Environment;
+use crate::oauth::ErrorClass;
+
+/// A token as an upstream broker sent it.
+pub struct Received {
+    pub access_token: SecretString,
+    pub token_type: String,
+    /// The token's whole lifetime (its expiry less its issue time, both on
+    /// the upstream's clock, so skew cancels out).
+    pub lifetime: Duration,
+    /// How long the upstream would still hand it out when it built the message.
+    pub serve_for: Duration,
+}
+
+/// One update of a followed environment.
+pub enum Update {
+    Token(Received),
+    /// The upstream has no valid token either; the reason is its own.
+    Outage { reason: String },
+}
+
+/// An open follow stream.
+pub struct Following {
+    /// The update the stream opened with (the upstream's current state).
+    pub first: Update,
+    /// From sending the request to receiving `first`: an upper bound for
+    /// the transit time of any later update on the same stream.
+    pub round_trip: Duration,
+    /// The later updates; an `Err` or the end means the stream is lost.
+    pub updates: BoxStream<'static, Result<Update, Failure>>,
+    /// Which upstream answered (for logs).
+    pub upstream: String,
+}
+
+/// What a follower needs from an upstream broker: the gRPC client
+/// ([`crate::upstream::GrpcUpstream`]), or a broker in the same process in
+/// tests that run under paused time.
+pub trait Upstream: Send + Sync + 'static {
+    /// Opens WatchToken for `environment` (failing over between replicas).
+    fn follow(&self, environment: Environment) -> impl Future<Output = Result<Following, Failure>> + Send;
+    /// GetToken with `min_remaining`.
+    fn get(
+        &self,
+        environment: Environment,
+        min_remaining: Duration,
+    ) -> impl Future<Output = Result<Received, Failure>> + Send;
+    /// RefreshToken for a token the API rejected.
+    fn replace(
+        &self,
+        environment: Environment,
+        rejected_token_id: String,
+    ) -> impl Future<Output = Result<Received, Failure>> + Send;
+}
+
+/// What a follower's call brought back.
+pub enum FollowDone {
+    Opened(Result<Following, Failure>),
+    Answered(Result<Received, Failure>),
+}
+
+/// Follows one environment on an upstream broker.
+pub struct FollowSupply<U> {
+    upstream: std::sync::Arc<U>,
+    environment: Environment,
+    policy: RefreshPolicy,
+    /// The open stream and its round trip; `None` until opened or once lost.
+    stream: Option<(BoxStream<'static, Result<Update, Failure>>, Duration)>,
+}
+
+/// Slack added to a forwarded `min_remaining`, for the transit back and
+/// the serve margin the agent keeps: the answer must still meet the
+/// caller's need when it arrives here.
+const FORWARD_SLACK: Duration = Duration::from_secs(1);
+
+impl<U: Upstream> FollowSupply<U> {
+    pub fn new(upstream: U, config: &TokenSourceConfig) -> Self {
+        Self {
+            upstream: std::sync::Arc::new(upstream),
+            environment: config.environment,
+            policy: config.policy.clone(),
+            stream: None,
+        }
+    }
+
+    /// The token for `received`, served until `anchor + serve_for`.
+    fn token(&self, received: Received, anchor: Instant) -> Token {
+        Token::received(
+            received.access_token,
+            received.token_type,
+            self.environment,
+            anchor,
+            received.serve_for,
+            received.lifetime,
+            self.policy.serve_margin_for(received.lifetime),
+        )
+    }
+
+    fn landing(&self, update: Update, anchor: Instant) -> Landing {
+        match update {
+            Update::Token(received) => Landing::Issued(self.token(received, anchor)),
+            Update::Outage { reason } => Landing::Awaiting(Failure::new(
+                ErrorClass::Transient,
+                format!("the upstream broker has no valid token: {reason}"),
+            )),
+        }
+    }
+}
+
+impl<U: Upstream> Supply for FollowSupply<U> {
+    type Done = FollowDone;
+    const SCHEDULED: bool = false;
+
+    fn start(&mut self, call: &Call) -> Pending<Self::Done> {
+        let upstream = self.upstream.clone();
+        let env = self.environment;
+        match call.clone() {
+            Call::Refresh => {
+                // (Re)opening replaces whatever stream there was.
+                self.stream = None;
+                Box::pin(async move { FollowDone::Opened(upstream.follow(env).await) })
+            }
+            Call::Early(Need::Replaces(id)) => {
+                Box::pin(async move { FollowDone::Answered(upstream.replace(env, id).await) })
+            }
+            Call::Early(Need::Remaining(d)) => {
+                let ask = d + FORWARD_SLACK;
+                Box::pin(async move { FollowDone::Answered(upstream.get(env, ask).await) })
+            }
+            Call::VerifyKey(_) => Box::pin(std::future::ready(FollowDone::Answered(Err(Failure::new(
+                ErrorClass::Permanent,
+                "this environment follows an upstream broker and uses no API key",
+            ))))),
+        }
+    }
+
+    fn land(&mut self, _call: &Call, sent: Sent, done: Self::Done) -> Landing {
+        match done {
+            FollowDone::Opened(Ok(following)) => {
+                info!(upstream = %following.upstream, round_trip_ms = following.round_trip.as_millis() as u64, "following the upstream broker");
+                let anchor = before(following.round_trip);
+                self.stream = Some((following.updates, following.round_trip));
+                self.landing(following.first, anchor)
+            }
+            FollowDone::Opened(Err(failure)) => {
+                warn!(error = %failure.message, "cannot follow the upstream broker");
+                Landing::Failed(failure)
+            }
+            // The answer is anchored where the request left: whatever the
+            // transit took is already off the token's window.
+            FollowDone::Answered(Ok(received)) => Landing::Issued(self.token(received, sent.at)),
+            FollowDone::Answered(Err(failure)) => {
+                warn!(error = %failure.message, "upstream broker call failed");
+                match self.stream {
+                    // The stream still delivers the upstream's next token.
+                    Some(_) => Landing::Awaiting(failure),
+                    None => Landing::Failed(failure),
+                }
+            }
+        }
+    }
+
+    async fn pushed(&mut self) -> Landing {
+        let Some((stream, round_trip)) = self.stream.as_mut() else {
+            return std::future::pending().await;
+        };
+        let round_trip = *round_trip;
+        match stream.next().await {
+            Some(Ok(update)) => {
+                let anchor = before(round_trip);
+                self.landing(update, anchor)
+            }
+            Some(Err(failure)) => {
+                self.stream = None;
+                warn!(error = %failure.message, "lost the upstream broker; reconnecting");
+                Landing::Failed(failure)
+            }
+            None => {
+                self.stream = None;
+                warn!("the upstream broker ended the stream; reconnecting");
+                Landing::Failed(Failure::new(ErrorClass::Transient, "the upstream broker ended the stream"))
+            }
+        }
+    }
+
+    fn holds_key(&self, _key: &ApiKey) -> bool {
+        false
+    }
+}
+
+/// `now − round_trip`: the latest instant an update received now can have
+/// been built at.
+fn before(round_trip: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_sub(round_trip).unwrap_or(now)
+}
