@@ -25,6 +25,7 @@ use crate::sinks::SinkConfig;
 use crate::systemd::SystemdConfig;
 use crate::tls_roots::{RootsError, TrustRoots};
 use crate::token::RefreshPolicy;
+use crate::upstream::UpstreamSettings;
 
 /// Prefix of environment overrides: `FLUTE_BROKER__SERVER__LISTEN`.
 pub const ENV_PREFIX: &str = "FLUTE_BROKER";
@@ -43,6 +44,8 @@ pub struct Config {
     pub oauth: OAuthSettings,
     pub refresh: RefreshPolicy,
     pub systemd: SystemdConfig,
+    /// How environments with `upstream` reach their hub brokers.
+    pub upstream: UpstreamSettings,
     /// Both environments, always (missing tables take the defaults).
     #[serde(deserialize_with = "read_environments")]
     pub environments: BTreeMap<Environment, EnvironmentConfig>,
@@ -61,6 +64,7 @@ impl Default for Config {
             oauth: OAuthSettings::default(),
             refresh: RefreshPolicy::default(),
             systemd: SystemdConfig::default(),
+            upstream: UpstreamSettings::default(),
             environments: Environment::ALL
                 .into_iter()
                 .map(|env| (env, EnvironmentConfig::for_environment(env)))
@@ -75,8 +79,16 @@ impl Default for Config {
 #[serde(deny_unknown_fields, default)]
 pub struct EnvironmentConfig {
     pub enabled: bool,
-    /// Flute's endpoint for the environment when not written (or `""`).
+    /// Flute's endpoint for the environment when not written (or `""`);
+    /// empty when the environment follows an upstream broker.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub token_url: String,
+    /// Follow this environment on upstream brokers (hubs) instead of
+    /// calling the token endpoint: `unix:/path`, `http(s)://host:port`,
+    /// tried in turn; a DNS name stands for every address it resolves to.
+    /// Such an environment needs no API key.
+    #[serde(deserialize_with = "crate::settings::strings", skip_serializing_if = "Vec::is_empty")]
+    pub upstream: Vec<String>,
     /// Unix users (names or uids) that may get this environment's tokens;
     /// with `allowed_unix_groups` empty too, anyone who reaches a listener may.
     #[serde(with = "access::user_ids")]
@@ -98,6 +110,7 @@ impl Default for EnvironmentConfig {
         Self {
             enabled: true,
             token_url: String::new(),
+            upstream: Vec::new(),
             allowed_unix_users: Vec::new(),
             allowed_unix_groups: Vec::new(),
             allowed_tls_clients: Vec::new(),
@@ -112,6 +125,11 @@ impl EnvironmentConfig {
             token_url: env.default_token_url().into(),
             ..Self::default()
         }
+    }
+
+    /// Whether this environment takes its tokens from upstream brokers.
+    pub fn follows_upstream(&self) -> bool {
+        !self.upstream.is_empty()
     }
 
     /// Who may get this environment's tokens.
@@ -142,12 +160,34 @@ fn read_environments<'de, D: Deserializer<'de>>(
         .into_iter()
         .map(|(env, table)| {
             let mut table = table.unwrap_or_else(|| EnvironmentConfig::for_environment(env));
-            if table.token_url.is_empty() {
+            if table.token_url.is_empty() && table.upstream.is_empty() {
                 table.token_url = env.default_token_url().into();
             }
             (env, table)
         })
         .collect())
+}
+
+/// What is wrong with a following environment's table: a bad address, or
+/// a setting that belongs to the direct mode only.
+fn follower_problems(path: &str, e: &EnvironmentConfig) -> Vec<String> {
+    let mut problems: Vec<String> = e
+        .upstream
+        .iter()
+        .filter_map(|a| crate::upstream::address_problem(a))
+        .map(|p| format!("{path}.upstream: {p}"))
+        .collect();
+    if !e.token_url.is_empty() {
+        problems.push(format!(
+            "{path}: token_url and upstream are both set: an environment either calls the token endpoint (token_url, with an API key) or follows hub brokers (upstream, without one); remove one"
+        ));
+    }
+    if e.credentials.is_some() {
+        problems.push(format!(
+            "{path}.credentials: this environment follows hub brokers (upstream) and reads no API key; remove the table so this host holds no secret"
+        ));
+    }
+    problems
 }
 
 /// Every problem found, each with its key path.
@@ -285,6 +325,7 @@ impl Config {
         section("oauth", self.oauth.problems());
         section("refresh", self.refresh.problems());
         section("systemd", self.systemd.problems());
+        section("upstream", self.upstream.problems());
         if let Some(p) = crate::duration::out_of_range(self.poll_interval(), Duration::ZERO, Duration::from_secs(3600))
         {
             section("credentials", vec![format!("poll_interval: {p}")]);
@@ -297,6 +338,9 @@ impl Config {
             }
         };
         let mut warnings = Vec::new();
+        if shared.is_some() && self.enabled().all(|(_, e)| e.follows_upstream()) {
+            warnings.push("credentials: not used: every enabled environment follows an upstream broker, so no API key is read; remove [credentials] so this host holds no secret".into());
+        }
         let (mut shared_checked, mut missing_reported) = (false, false);
         for (env, e) in &self.environments {
             let path = format!("environments.{env}");
@@ -313,6 +357,16 @@ impl Config {
                 None => None,
             };
             if !e.enabled {
+                continue;
+            }
+            if e.follows_upstream() {
+                problems.extend(follower_problems(&path, e));
+                warnings.extend(
+                    e.upstream
+                        .iter()
+                        .filter(|a| crate::upstream::is_cleartext_network(a))
+                        .map(|a| format!("{path}.upstream: {a} carries tokens across the network unencrypted; use https:// (with [upstream] certificates) or a Unix socket")),
+                );
                 continue;
             }
             if let Err(p) = self.oauth.check_token_url(&e.token_url) {
@@ -335,7 +389,7 @@ impl Config {
                     if shared_readable && !missing_reported {
                         missing_reported = true;
                         problems.push(
-                            "credentials: no API key: set [credentials] (client_id and client_secret_file, client_secret_env or client_secret_credential), or [environments.NAME.credentials] for each enabled environment"
+                            "credentials: no API key: set [credentials] (client_id and client_secret_file, client_secret_env or client_secret_credential), or [environments.NAME.credentials] for each enabled environment that calls the token endpoint, or make it follow a hub broker with environments.NAME.upstream"
                                 .into(),
                         );
                     }
@@ -390,9 +444,14 @@ impl Config {
         }
     }
 
-    /// The key source that applies to `env`: its own, or the shared one.
+    /// The key source that applies to `env`: its own, or the shared one;
+    /// none for an environment that follows an upstream broker.
     pub fn key_source(&self, env: Environment) -> Option<KeySource> {
-        let own = self.environments.get(&env).and_then(|e| e.credentials.as_ref());
+        let env_config = self.environments.get(&env)?;
+        if env_config.follows_upstream() {
+            return None;
+        }
+        let own = env_config.credentials.as_ref();
         own.and_then(|table| table.key_source().ok().flatten())
             .or_else(|| self.credentials.key_source().ok().flatten())
     }

@@ -39,6 +39,7 @@ pub mod systemd;
 pub mod tls_roots;
 pub mod token;
 pub mod token_text;
+pub mod upstream;
 
 pub use environment::Environment;
 

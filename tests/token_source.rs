@@ -1,4 +1,8 @@
 //! TokenSource invariants under paused time, with an in-process endpoint.
+//! The engine's invariants run against both kinds of source: one that calls
+//! the endpoint (`Kind::Direct`), and an agent that follows such a source
+//! as its upstream broker (`Kind::Agent`): the same assertions, the same
+//! endpoint, the hub in between.
 
 mod support;
 
@@ -12,7 +16,8 @@ use flute_token_broker::credentials::ApiKey;
 use flute_token_broker::metrics::Metrics;
 use flute_token_broker::oauth::{ErrorClass, OAuthError};
 use flute_token_broker::token::{
-    self, Jitter, KeyChange, RefreshError, RefreshPolicy, Snapshot, SourceState, TokenSourceConfig, TokenSourceHandle,
+    self, Failure, Following, Jitter, KeyChange, Received, RefreshError, RefreshPolicy, Snapshot, SourceState,
+    TokenSourceConfig, TokenSourceHandle, Update, Upstream,
 };
 use support::{FakeEndpoint, Reply};
 use tokio::time::{Instant, sleep};
@@ -24,11 +29,126 @@ fn secs(s: u64) -> Duration {
 }
 
 fn start(endpoint: &FakeEndpoint) -> TokenSourceHandle {
+    start_kind(Kind::Direct, endpoint)
+}
+
+/// Which kind of source a test runs against.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    /// Calls the endpoint itself.
+    Direct,
+    /// Follows a direct source (the hub) that calls the endpoint.
+    Agent,
+}
+
+fn start_kind(kind: Kind, endpoint: &FakeEndpoint) -> TokenSourceHandle {
     let mut config = TokenSourceConfig::new(Environment::Sandbox);
     config.jitter = Jitter::Fixed(0.5);
-    let (handle, _task) = token::spawn(config, endpoint.clone(), FakeEndpoint::key(), Arc::new(Metrics::new()));
-    handle
+    let (hub, _task) = token::spawn(
+        config.clone(),
+        endpoint.clone(),
+        FakeEndpoint::key(),
+        Arc::new(Metrics::new()),
+    );
+    match kind {
+        Kind::Direct => hub,
+        Kind::Agent => token::follow(config, InProcessHub(hub), Arc::new(Metrics::new())).0,
+    }
 }
+
+/// An upstream broker in the same process: WatchToken, GetToken and
+/// RefreshToken answered from a source's handle as the gRPC service
+/// answers them (a Starting state is not sent; no token is an Outage).
+struct InProcessHub(TokenSourceHandle);
+
+fn received(t: &token::Token) -> Received {
+    Received {
+        access_token: t.access_token().to_owned().into(),
+        token_type: t.token_type.clone(),
+        lifetime: t.lifetime,
+        serve_for: t.serve_until.saturating_duration_since(Instant::now()),
+    }
+}
+
+fn update(snapshot: &Snapshot) -> Update {
+    match snapshot.servable(Instant::now()) {
+        Some(t) => Update::Token(received(t)),
+        None => Update::Outage {
+            reason: snapshot
+                .last_error
+                .as_ref()
+                .map(|e| e.message.clone())
+                .unwrap_or_default(),
+        },
+    }
+}
+
+fn refused(e: RefreshError) -> Failure {
+    Failure::new(ErrorClass::Transient, e.to_string())
+}
+
+impl Upstream for InProcessHub {
+    async fn follow(&self, _: Environment) -> Result<Following, Failure> {
+        use futures_util::StreamExt;
+        let first = update(&self.0.started().await);
+        let updates = tokio_stream::wrappers::WatchStream::from_changes(self.0.subscribe())
+            .map(|snapshot| Ok(update(&snapshot)))
+            .boxed();
+        Ok(Following {
+            first,
+            round_trip: Duration::ZERO,
+            updates,
+            upstream: "in-process hub".into(),
+        })
+    }
+
+    async fn get(&self, _: Environment, min_remaining: Duration) -> Result<Received, Failure> {
+        self.0
+            .token_with_remaining(min_remaining)
+            .await
+            .map(|t| received(&t))
+            .map_err(refused)
+    }
+
+    async fn replace(&self, _: Environment, rejected_token_id: String) -> Result<Received, Failure> {
+        self.0
+            .replace_rejected(&rejected_token_id)
+            .await
+            .map(|t| received(&t))
+            .map_err(refused)
+    }
+}
+
+/// Runs the invariant test `$name(kind)` once per kind of source.
+macro_rules! for_both_kinds {
+    ($($name:ident),* $(,)?) => {
+        mod both_kinds {
+            $(
+                mod $name {
+                    #[tokio::test(start_paused = true)]
+                    async fn direct() {
+                        super::super::$name(super::super::Kind::Direct).await
+                    }
+                    #[tokio::test(start_paused = true)]
+                    async fn agent() {
+                        super::super::$name(super::super::Kind::Agent).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
+for_both_kinds!(
+    refreshes_at_three_quarters_of_the_lifetime,
+    outage_shorter_than_the_remaining_lifetime_is_invisible,
+    outage_longer_than_the_lifetime_withdraws_the_token_then_recovers,
+    a_thousand_concurrent_early_refreshes_cause_one_call,
+    rejected_tokens_are_replaced_once_and_rate_limited,
+    a_rejected_token_re_issued_by_the_endpoint_is_not_its_replacement,
+    early_refresh_does_not_bypass_backoff_or_exceed_the_lifetime,
+    short_lived_tokens_are_never_served_expired,
+);
 
 /// Awaits `f` for at most an hour of virtual time. Time is paused, so an
 /// engine that stops answering fails the test at once, naming `what`,
@@ -78,10 +198,9 @@ fn watch_for_expired_publications(handle: &TokenSourceHandle) -> Arc<AtomicUsize
     violations
 }
 
-#[tokio::test(start_paused = true)]
-async fn refreshes_at_three_quarters_of_the_lifetime() {
+async fn refreshes_at_three_quarters_of_the_lifetime(kind: Kind) {
     let ep = FakeEndpoint::new(LIFETIME);
-    let h = start(&ep);
+    let h = start_kind(kind, &ep);
     let first = started(&h).await;
     assert_eq!(first.state(), SourceState::Ready);
     let t1 = first.token.unwrap();
@@ -99,10 +218,9 @@ async fn refreshes_at_three_quarters_of_the_lifetime() {
     assert_eq!(h.stats().rotations.load(Ordering::Relaxed), 2);
 }
 
-#[tokio::test(start_paused = true)]
-async fn outage_shorter_than_the_remaining_lifetime_is_invisible() {
+async fn outage_shorter_than_the_remaining_lifetime_is_invisible(kind: Kind) {
     let ep = FakeEndpoint::new(LIFETIME);
-    let h = start(&ep);
+    let h = start_kind(kind, &ep);
     let violations = watch_for_expired_publications(&h);
     let t1 = started(&h).await.token.unwrap();
     let t0 = ep.calls()[0].at;
@@ -117,7 +235,13 @@ async fn outage_shorter_than_the_remaining_lifetime_is_invisible() {
             Instant::now() - t0
         );
     }
-    assert_eq!(h.snapshot().state(), SourceState::Degraded);
+    // The direct source reports its failing retries; an agent's token is
+    // as good as the hub's, and the hub's retries are the hub's business.
+    let expected = match kind {
+        Kind::Direct => SourceState::Degraded,
+        Kind::Agent => SourceState::Ready,
+    };
+    assert_eq!(h.snapshot().state(), expected);
     assert_eq!(h.current().unwrap().token_id, t1.token_id);
 
     // Calls during the outage follow the backoff schedule, never faster.
@@ -147,10 +271,9 @@ async fn outage_shorter_than_the_remaining_lifetime_is_invisible() {
     assert_eq!(violations.load(Ordering::SeqCst), 0);
 }
 
-#[tokio::test(start_paused = true)]
-async fn outage_longer_than_the_lifetime_withdraws_the_token_then_recovers() {
+async fn outage_longer_than_the_lifetime_withdraws_the_token_then_recovers(kind: Kind) {
     let ep = FakeEndpoint::new(LIFETIME);
-    let h = start(&ep);
+    let h = start_kind(kind, &ep);
     let violations = watch_for_expired_publications(&h);
     started(&h).await;
     let t0 = ep.calls()[0].at;
@@ -166,7 +289,11 @@ async fn outage_longer_than_the_lifetime_withdraws_the_token_then_recovers() {
     let snapshot = h.snapshot();
     assert_eq!(snapshot.state(), SourceState::Unavailable);
     assert!(snapshot.last_error.as_ref().unwrap().message.contains("503"));
-    assert!(snapshot.next_attempt.unwrap() > Instant::now());
+    match kind {
+        Kind::Direct => assert!(snapshot.next_attempt.unwrap() > Instant::now()),
+        // The agent calls nobody: the hub's stream brings the recovery.
+        Kind::Agent => assert_eq!(snapshot.next_attempt, None),
+    }
 
     sleep(secs(300)).await;
     assert!(h.current().is_none());
@@ -180,10 +307,9 @@ async fn outage_longer_than_the_lifetime_withdraws_the_token_then_recovers() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_thousand_concurrent_early_refreshes_cause_one_call() {
+async fn a_thousand_concurrent_early_refreshes_cause_one_call(kind: Kind) {
     let ep = FakeEndpoint::new(LIFETIME);
-    let h = start(&ep);
+    let h = start_kind(kind, &ep);
     let t1 = started(&h).await.token.unwrap();
     sleep(secs(300)).await; // 600 s left; callers want 700 s
     ep.set_delay(Duration::from_millis(200));
@@ -204,10 +330,9 @@ async fn a_thousand_concurrent_early_refreshes_cause_one_call() {
     assert!(!ids.contains(&t1.token_id));
 }
 
-#[tokio::test(start_paused = true)]
-async fn rejected_tokens_are_replaced_once_and_rate_limited() {
+async fn rejected_tokens_are_replaced_once_and_rate_limited(kind: Kind) {
     let ep = FakeEndpoint::new(LIFETIME);
-    let h = start(&ep);
+    let h = start_kind(kind, &ep);
     let t1 = started(&h).await.token.unwrap();
     sleep(secs(10)).await;
 
@@ -243,15 +368,19 @@ async fn rejected_tokens_are_replaced_once_and_rate_limited() {
 /// Found by the long-run simulation: an endpoint that answers a forced
 /// refresh with the very token the API rejected must not have that token
 /// handed back as its replacement.
-#[tokio::test(start_paused = true)]
-async fn a_rejected_token_re_issued_by_the_endpoint_is_not_its_replacement() {
+async fn a_rejected_token_re_issued_by_the_endpoint_is_not_its_replacement(kind: Kind) {
     let ep = FakeEndpoint::new(LIFETIME);
-    let h = start(&ep);
+    let h = start_kind(kind, &ep);
     let t1 = started(&h).await.token.unwrap();
     ep.push(Reply::Same);
     let outcome = replacement(&h, &t1.token_id).await;
+    // An agent passes on the hub's answer (over gRPC both are NO_VALID_TOKEN).
     assert!(
-        matches!(&outcome, Err(RefreshError::RejectedTokenReissued { .. })),
+        match (kind, &outcome) {
+            (_, Err(RefreshError::RejectedTokenReissued { .. })) => true,
+            (Kind::Agent, Err(RefreshError::Unavailable { reason, .. })) => reason.contains("rejected token again"),
+            _ => false,
+        },
         "{outcome:?}"
     );
     assert_eq!(ep.call_count(), 2, "one forced refresh was made");
@@ -262,10 +391,9 @@ async fn a_rejected_token_re_issued_by_the_endpoint_is_not_its_replacement() {
     assert_ne!(t2.token_id, t1.token_id);
 }
 
-#[tokio::test(start_paused = true)]
-async fn early_refresh_does_not_bypass_backoff_or_exceed_the_lifetime() {
+async fn early_refresh_does_not_bypass_backoff_or_exceed_the_lifetime(kind: Kind) {
     let ep = FakeEndpoint::new(LIFETIME);
-    let h = start(&ep);
+    let h = start_kind(kind, &ep);
     let t1 = started(&h).await.token.unwrap();
 
     // More remaining lifetime than a fresh token has: refused without a call.
@@ -399,10 +527,9 @@ async fn permanent_failure_retries_slowly_and_a_new_key_is_tried_at_once() {
     assert_eq!(ep.calls().last().unwrap().client_secret, "rotated-secret");
 }
 
-#[tokio::test(start_paused = true)]
-async fn short_lived_tokens_are_never_served_expired() {
+async fn short_lived_tokens_are_never_served_expired(kind: Kind) {
     let ep = FakeEndpoint::new(secs(2));
-    let h = start(&ep);
+    let h = start_kind(kind, &ep);
     let violations = watch_for_expired_publications(&h);
     started(&h).await;
     for _ in 0..200 {

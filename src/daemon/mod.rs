@@ -38,6 +38,7 @@ use crate::oauth::{ClientBuildError, OAuthClient};
 use crate::tls_roots::RootsError;
 use crate::token::Token;
 use crate::token::{self, TokenSourceConfig, TokenSources};
+use crate::upstream::GrpcUpstream;
 
 /// Longest shutdown waits for watch streams to deliver their final status
 /// before connections are closed.
@@ -252,6 +253,7 @@ impl Broker {
 fn load_keys(config: &Config) -> Result<Vec<(Environment, ApiKey)>, DaemonError> {
     config
         .enabled()
+        .filter(|(_, e)| !e.follows_upstream())
         .map(|(env, _)| {
             let source = config
                 .key_source(env)
@@ -297,15 +299,24 @@ fn spawn_sources(
     }
     let mut handles = Vec::new();
     let mut tasks = Vec::new();
-    for (env, key) in keys {
-        let env_config = &config.environments[&env];
-        let client = OAuthClient::new(config.oauth.client_config(&env_config.token_url, roots.clone()))?;
+    let mut keys = keys.into_iter().collect::<std::collections::BTreeMap<_, _>>();
+    for (env, env_config) in config.enabled() {
         let mut source_config = TokenSourceConfig::new(env);
         source_config.policy = config.refresh.clone();
         source_config.use_refresh_token = config.oauth.use_refresh_token;
         source_config.restored = restored.iter().find(|(e, _)| *e == env).map(|(_, t)| t.clone());
-        let (handle, task) = token::spawn(source_config, client, key, metrics.clone());
-        info!(environment = %env, token_url = %env_config.token_url, "token source started");
+        let (handle, task) = match keys.remove(&env) {
+            Some(key) => {
+                let client = OAuthClient::new(config.oauth.client_config(&env_config.token_url, roots.clone()))?;
+                info!(environment = %env, token_url = %env_config.token_url, "token source started");
+                token::spawn(source_config, client, key, metrics.clone())
+            }
+            None => {
+                let upstream = GrpcUpstream::new(env_config.upstream.clone(), config.upstream.clone());
+                info!(environment = %env, upstream = %env_config.upstream.join(", "), "token source started, following upstream brokers");
+                token::follow(source_config, upstream, metrics.clone())
+            }
+        };
         handles.push(handle);
         tasks.push(task);
     }

@@ -41,7 +41,9 @@ pub struct Received {
 pub enum Update {
     Token(Received),
     /// The upstream has no valid token either; the reason is its own.
-    Outage { reason: String },
+    Outage {
+        reason: String,
+    },
 }
 
 /// An open follow stream.
@@ -90,6 +92,9 @@ pub struct FollowSupply<U> {
     policy: RefreshPolicy,
     /// The open stream and its round trip; `None` until opened or once lost.
     stream: Option<(BoxStream<'static, Result<Update, Failure>>, Duration)>,
+    /// The lifetime of the tokens received so far, to keep a forwarded
+    /// `min_remaining` within what the upstream can provide.
+    lifetime: Option<Duration>,
 }
 
 /// Slack added to a forwarded `min_remaining`, for the transit back and
@@ -104,11 +109,13 @@ impl<U: Upstream> FollowSupply<U> {
             environment: config.environment,
             policy: config.policy.clone(),
             stream: None,
+            lifetime: None,
         }
     }
 
     /// The token for `received`, served until `anchor + serve_for`.
-    fn token(&self, received: Received, anchor: Instant) -> Token {
+    fn token(&mut self, received: Received, anchor: Instant) -> Token {
+        self.lifetime = Some(received.lifetime);
         Token::received(
             received.access_token,
             received.token_type,
@@ -120,7 +127,7 @@ impl<U: Upstream> FollowSupply<U> {
         )
     }
 
-    fn landing(&self, update: Update, anchor: Instant) -> Landing {
+    fn landing(&mut self, update: Update, anchor: Instant) -> Landing {
         match update {
             Update::Token(received) => Landing::Issued(self.token(received, anchor)),
             Update::Outage { reason } => Landing::Awaiting(Failure::new(
@@ -148,7 +155,11 @@ impl<U: Upstream> Supply for FollowSupply<U> {
                 Box::pin(async move { FollowDone::Answered(upstream.replace(env, id).await) })
             }
             Call::Early(Need::Remaining(d)) => {
-                let ask = d + FORWARD_SLACK;
+                let most = self
+                    .lifetime
+                    .map(|l| l.saturating_sub(self.policy.serve_margin_for(l)))
+                    .unwrap_or(Duration::MAX);
+                let ask = (d + FORWARD_SLACK).min(most).max(d);
                 Box::pin(async move { FollowDone::Answered(upstream.get(env, ask).await) })
             }
             Call::VerifyKey(_) => Box::pin(std::future::ready(FollowDone::Answered(Err(Failure::new(
@@ -176,8 +187,9 @@ impl<U: Upstream> Supply for FollowSupply<U> {
             FollowDone::Answered(Err(failure)) => {
                 warn!(error = %failure.message, "upstream broker call failed");
                 match self.stream {
-                    // The stream still delivers the upstream's next token.
-                    Some(_) => Landing::Awaiting(failure),
+                    // The stream stands: the token it delivered is still
+                    // good for everyone else, and it brings the next one.
+                    Some(_) => Landing::Refused(failure),
                     None => Landing::Failed(failure),
                 }
             }
@@ -202,7 +214,10 @@ impl<U: Upstream> Supply for FollowSupply<U> {
             None => {
                 self.stream = None;
                 warn!("the upstream broker ended the stream; reconnecting");
-                Landing::Failed(Failure::new(ErrorClass::Transient, "the upstream broker ended the stream"))
+                Landing::Failed(Failure::new(
+                    ErrorClass::Transient,
+                    "the upstream broker ended the stream",
+                ))
             }
         }
     }

@@ -16,8 +16,8 @@ use tokio::time::Instant;
 
 use crate::environment::Environment;
 
-pub use policy::{Jitter, RefreshPolicy};
 pub use follow::{Following, Received, Update, Upstream};
+pub use policy::{Jitter, RefreshPolicy};
 pub use source::{
     Failure, KeyChange, KeyError, RefreshError, RefreshFailure, Snapshot, SourceState, SourceStats, TokenSourceConfig,
     TokenSourceHandle, follow, spawn,

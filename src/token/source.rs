@@ -19,12 +19,12 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, error, info_span, warn};
 
 use super::Token;
+use super::endpoint::EndpointSupply;
+use super::follow::{FollowSupply, Upstream};
 use super::policy::{Jitter, RefreshPolicy};
 use crate::credentials::ApiKey;
 use crate::environment::Environment;
 use crate::metrics::{EnvLabels, Metrics};
-use super::endpoint::EndpointSupply;
-use super::follow::{FollowSupply, Upstream};
 use crate::oauth::{ErrorClass, OAuthError, TokenEndpoint};
 
 /// Settings of one TokenSource.
@@ -340,7 +340,11 @@ pub fn follow<U: Upstream>(
     start(config, supply, metrics)
 }
 
-fn start<S: Supply>(config: TokenSourceConfig, supply: S, metrics: Arc<Metrics>) -> (TokenSourceHandle, JoinHandle<()>) {
+fn start<S: Supply>(
+    config: TokenSourceConfig,
+    supply: S,
+    metrics: Arc<Metrics>,
+) -> (TokenSourceHandle, JoinHandle<()>) {
     let (state_tx, state_rx) = watch::channel(Snapshot::default());
     let (commands_tx, commands_rx) = mpsc::channel(1024);
     let stats = Arc::new(SourceStats::default());
@@ -451,6 +455,9 @@ pub enum Landing {
     /// No token, and the supply itself delivers the recovery (an upstream's
     /// outage reported on an open stream): no retry is scheduled.
     Awaiting(Failure),
+    /// A forwarded call was refused, but the source's token and stream
+    /// stand: the waiting callers get the reason, the state is unchanged.
+    Refused(Failure),
     /// Make this call at once (the refresh grant was rejected).
     Again(Call),
 }
@@ -624,9 +631,13 @@ impl<S: Supply> Task<S> {
                 self.install(token);
                 let _ = reply.send(Ok(KeyChange::Adopted));
             }
-            (Some(reply), Landing::Failed(failure) | Landing::Awaiting(failure)) => {
+            (Some(reply), Landing::Failed(failure) | Landing::Awaiting(failure) | Landing::Refused(failure)) => {
                 // The offered key was refused: the current key and token stay.
                 let _ = reply.send(Err(KeyError::Rejected(failure.message)));
+                return None;
+            }
+            (None, Landing::Refused(failure)) => {
+                self.answer_waiters_refused(&failure);
                 return None;
             }
             (None, landing) => self.apply(landing),
@@ -641,7 +652,24 @@ impl<S: Supply> Task<S> {
             Landing::Issued(token) => self.install(token),
             Landing::Failed(failure) => self.record_failure(failure, true),
             Landing::Awaiting(failure) => self.record_failure(failure, false),
+            Landing::Refused(failure) => self.answer_waiters_refused(&failure),
             Landing::Again(_) => unreachable!("a call to make is handled where calls are started"),
+        }
+    }
+
+    /// Answers every waiter whose need the current token does not meet
+    /// with the reason a forwarded call was refused.
+    fn answer_waiters_refused(&mut self, failure: &Failure) {
+        let now = Instant::now();
+        for waiter in std::mem::take(&mut self.waiters) {
+            let answer = match &self.token {
+                Some(token) if waiter.need.met_by(token, now) => Ok(token.clone()),
+                _ => Err(RefreshError::Unavailable {
+                    reason: failure.message.clone(),
+                    next_attempt: self.next_attempt,
+                }),
+            };
+            let _ = waiter.reply.send(answer);
         }
     }
 
@@ -735,8 +763,8 @@ impl<S: Supply> Task<S> {
             self.stats.rotations.fetch_add(1, Ordering::Relaxed);
         }
         let policy = &self.config.policy;
-        self.next_attempt = S::SCHEDULED
-            .then(|| token.issued_at + policy.refresh_after(token.lifetime, self.config.jitter.sample()));
+        self.next_attempt =
+            S::SCHEDULED.then(|| token.issued_at + policy.refresh_after(token.lifetime, self.config.jitter.sample()));
         self.failures = 0;
         self.last_error = None;
         self.token = Some(Arc::new(token));

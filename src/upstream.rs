@@ -1,0 +1,395 @@
+//! The agent's view of its hub: the `[upstream]` settings, the addresses an
+//! environment follows (`environments.NAME.upstream`), and
+//! [`GrpcUpstream`], the gRPC client a following TokenSource uses. It
+//! fails over between the listed addresses and every address a DNS name
+//! resolves to (a headless Kubernetes Service lists each hub replica), and
+//! checks every token it receives before the source may serve it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+use tokio::time::{Instant, timeout};
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::client::{ClientError, Target, channel_to};
+use crate::environment::Environment;
+use crate::grpc::pb::token_broker_client::TokenBrokerClient;
+use crate::grpc::pb::{self, watch_token_response};
+use crate::grpc::tls::ClientTlsFiles;
+use crate::grpc::{duration_from_pb, pb_duration};
+use crate::oauth::ErrorClass;
+use crate::token::{Failure, Following, Received, Update, Upstream};
+
+/// `[upstream]`: how an agent reaches its hub brokers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSettings {
+    /// The CA that signed the hubs' certificates (`https://` upstreams);
+    /// without it, the `oauth.tls_roots` set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// This agent's client certificate and key, for hubs that admit agents
+    /// by certificate (`allowed_tls_clients`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Connect timeout, and the deadline of each call and of a stream's
+    /// first update (5 s).
+    #[serde(with = "crate::duration::serde")]
+    pub timeout: Duration,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        Self {
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl UpstreamSettings {
+    /// Problems with the values, each starting with its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            out.push("cert_file and key_file: set both (a client certificate and its key) or neither".into());
+        }
+        if let Some(p) =
+            crate::duration::out_of_range(self.timeout, Duration::from_millis(100), Duration::from_secs(300))
+        {
+            out.push(format!("timeout: {p}"));
+        }
+        out
+    }
+
+    fn tls_files(&self) -> ClientTlsFiles {
+        ClientTlsFiles {
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+        }
+    }
+}
+
+/// Why an upstream address is not usable, if it is not: `unix:/absolute`,
+/// `http://host:port` or `https://host:port`.
+pub fn address_problem(addr: &str) -> Option<String> {
+    if let Some(path) = addr.strip_prefix("unix:") {
+        return (!path.starts_with('/'))
+            .then(|| format!("{addr:?}: a Unix socket needs an absolute path (unix:/run/…)"));
+    }
+    let Ok(url) = url::Url::parse(addr) else {
+        return Some(format!(
+            "{addr:?}: expected unix:/path, http://host:port or https://host:port"
+        ));
+    };
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Some(format!(
+            "{addr:?}: expected unix:/path, http://host:port or https://host:port"
+        ));
+    }
+    if url.port().is_none() {
+        return Some(format!("{addr:?}: name the port (the hub's gRPC port, e.g. :50051)"));
+    }
+    if !matches!(url.path(), "" | "/") || url.query().is_some() {
+        return Some(format!("{addr:?}: an upstream address has no path"));
+    }
+    None
+}
+
+/// Whether tokens from `addr` would cross a network in clear text.
+pub fn is_cleartext_network(addr: &str) -> bool {
+    let Ok(url) = url::Url::parse(addr) else {
+        return false;
+    };
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name == "localhost",
+        None => true,
+    };
+    url.scheme() == "http" && !loopback
+}
+
+/// Follows an environment on the first hub of `addresses` that answers.
+pub struct GrpcUpstream {
+    addresses: Vec<String>,
+    settings: UpstreamSettings,
+    /// Where the next attempt starts: each (re)connection starts one
+    /// further, so a lost replica's agents try another one first.
+    rotation: AtomicUsize,
+    /// The connection the stream was opened on, for forwarded calls.
+    current: Mutex<Option<(Channel, String)>>,
+}
+
+impl GrpcUpstream {
+    pub fn new(addresses: Vec<String>, settings: UpstreamSettings) -> Self {
+        Self {
+            addresses,
+            settings,
+            rotation: AtomicUsize::new(rand::random::<u32>() as usize),
+            current: Mutex::new(None),
+        }
+    }
+
+    /// Every address to try, DNS names expanded to each address they
+    /// resolve to; plus why each unresolvable one was left out.
+    async fn candidates(&self) -> (Vec<(Target, String)>, Vec<String>) {
+        let (mut found, mut problems) = (Vec::new(), Vec::new());
+        for addr in &self.addresses {
+            let mut target = Target::new(addr.clone(), self.settings.timeout);
+            if addr.starts_with("unix:") {
+                found.push((target, addr.clone()));
+                continue;
+            }
+            target.tls = match addr.starts_with("https://") {
+                true => self.settings.tls_files(),
+                false => ClientTlsFiles::default(),
+            };
+            match resolve(addr, self.settings.timeout).await {
+                Ok(resolved) => found.extend(resolved.into_iter().map(|socket_addr| {
+                    let mut target = target.clone();
+                    target.connect_to = Some(socket_addr);
+                    (target, format!("{addr} ({socket_addr})"))
+                })),
+                Err(why) => problems.push(format!("{addr}: {why}")),
+            }
+        }
+        (found, problems)
+    }
+
+    fn channel(&self) -> Result<(Channel, String), Failure> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| Failure::new(ErrorClass::Transient, "not connected to an upstream broker"))
+    }
+
+    /// Opens WatchToken on one hub and waits for its first update.
+    async fn open(&self, target: &Target, label: &str, env: Environment) -> Result<(Following, Channel), Failure> {
+        let channel = channel_to(target).await.map_err(|e| client_failure(label, e))?;
+        let mut client = TokenBrokerClient::new(channel.clone());
+        let sent = Instant::now();
+        let request = pb::WatchTokenRequest {
+            environment: pb::Environment::from(env) as i32,
+        };
+        let wait = self.settings.timeout;
+        let mut stream = timeout(wait, client.watch_token(request))
+            .await
+            .map_err(|_| timed_out(label, wait))?
+            .map_err(|s| status_failure(label, s))?
+            .into_inner();
+        let first = timeout(wait, stream.message())
+            .await
+            .map_err(|_| timed_out(label, wait))?
+            .map_err(|s| status_failure(label, s))?
+            .ok_or_else(|| Failure::new(ErrorClass::Transient, format!("{label}: ended the stream at once")))?;
+        let round_trip = sent.elapsed();
+        let first = update_from_pb(first, env).map_err(|why| invalid(label, why))?;
+        let stream_label = label.to_owned();
+        let updates = stream
+            .map(move |item| match item {
+                Ok(message) => update_from_pb(message, env).map_err(|why| invalid(&stream_label, why)),
+                Err(status) => Err(status_failure(&stream_label, status)),
+            })
+            .boxed();
+        let following = Following {
+            first,
+            round_trip,
+            updates,
+            upstream: label.to_owned(),
+        };
+        Ok((following, channel))
+    }
+
+    async fn unary<F, Fut>(&self, env: Environment, call: F) -> Result<Received, Failure>
+    where
+        F: FnOnce(TokenBrokerClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Option<pb::Token>>, tonic::Status>>,
+    {
+        let (channel, label) = self.channel()?;
+        let wait = self.settings.timeout;
+        let answer = timeout(wait, call(TokenBrokerClient::new(channel)))
+            .await
+            .map_err(|_| timed_out(&label, wait))?
+            .map_err(|s| status_failure(&label, s))?;
+        received_from_pb(answer.into_inner(), env).map_err(|why| invalid(&label, why))
+    }
+}
+
+impl Upstream for GrpcUpstream {
+    async fn follow(&self, env: Environment) -> Result<Following, Failure> {
+        let (candidates, mut problems) = self.candidates().await;
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed);
+        let mut all_permanent = !candidates.is_empty();
+        let mut retry_after = None;
+        for i in 0..candidates.len() {
+            let (target, label) = &candidates[(start + i) % candidates.len()];
+            match self.open(target, label, env).await {
+                Ok((following, channel)) => {
+                    *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((channel, label.clone()));
+                    return Ok(following);
+                }
+                Err(failure) => {
+                    all_permanent &= failure.class == ErrorClass::Permanent;
+                    retry_after = retry_after.max(failure.retry_after);
+                    problems.push(failure.message);
+                }
+            }
+        }
+        Err(Failure {
+            message: format!("no upstream broker answered: {}", problems.join("; ")),
+            class: if all_permanent {
+                ErrorClass::Permanent
+            } else {
+                ErrorClass::Transient
+            },
+            retry_after,
+        })
+    }
+
+    async fn get(&self, env: Environment, min_remaining: Duration) -> Result<Received, Failure> {
+        let request = pb::GetTokenRequest {
+            environment: pb::Environment::from(env) as i32,
+            min_remaining: Some(pb_duration(min_remaining)),
+        };
+        self.unary(env, |mut client| async move {
+            client.get_token(request).await.map(|r| r.map(|m| m.token))
+        })
+        .await
+    }
+
+    async fn replace(&self, env: Environment, rejected_token_id: String) -> Result<Received, Failure> {
+        let request = pb::RefreshTokenRequest {
+            environment: pb::Environment::from(env) as i32,
+            rejected_token_id,
+        };
+        self.unary(env, |mut client| async move {
+            client.refresh_token(request).await.map(|r| r.map(|m| m.token))
+        })
+        .await
+    }
+}
+
+/// Every address `addr`'s host resolves to.
+async fn resolve(addr: &str, wait: Duration) -> Result<Vec<SocketAddr>, String> {
+    let url = url::Url::parse(addr).map_err(|e| e.to_string())?;
+    let host = url
+        .host_str()
+        .ok_or("no host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = url.port_or_known_default().ok_or("no port")?;
+    let found = timeout(wait, tokio::net::lookup_host((host.as_str(), port)))
+        .await
+        .map_err(|_| format!("resolving {host} took longer than {wait:?}"))?
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+    let mut found: Vec<SocketAddr> = found.collect();
+    found.dedup();
+    if found.is_empty() {
+        return Err(format!("{host} resolves to no address"));
+    }
+    Ok(found)
+}
+
+fn timed_out(label: &str, wait: Duration) -> Failure {
+    Failure::new(ErrorClass::Transient, format!("{label}: no answer within {wait:?}"))
+}
+
+fn invalid(label: &str, why: String) -> Failure {
+    Failure::new(ErrorClass::Transient, format!("{label}: sent an invalid token: {why}"))
+}
+
+fn client_failure(label: &str, error: ClientError) -> Failure {
+    let class = match error {
+        ClientError::Usage(_) => ErrorClass::Permanent,
+        _ => ErrorClass::Transient,
+    };
+    // The CLI's hints ("is it running? set --addr …") are not for an agent.
+    let text = error.to_string();
+    let text = text.split("; is ").next().unwrap_or_default();
+    Failure::new(class, format!("{label}: {text}"))
+}
+
+/// A hub's refusal: permanent when asking again cannot help (not allowed,
+/// environment not enabled there), else transient; RetryInfo is honoured.
+fn status_failure(label: &str, status: tonic::Status) -> Failure {
+    use tonic_types::StatusExt;
+    let retry_after = status.get_error_details().retry_info().and_then(|r| r.retry_delay);
+    let class = match status.code() {
+        Code::PermissionDenied | Code::FailedPrecondition | Code::InvalidArgument | Code::Unimplemented => {
+            ErrorClass::Permanent
+        }
+        _ => ErrorClass::Transient,
+    };
+    let message = format!("{label}: {:?}: {}", status.code(), status.message());
+    Failure {
+        message,
+        class,
+        retry_after,
+    }
+}
+
+fn update_from_pb(message: pb::WatchTokenResponse, env: Environment) -> Result<Update, String> {
+    match message.update {
+        Some(watch_token_response::Update::Token(token)) => received_from_pb(Some(token), env).map(Update::Token),
+        Some(watch_token_response::Update::Outage(outage)) => Ok(Update::Outage { reason: outage.reason }),
+        None => Err("an update with neither a token nor an outage".into()),
+    }
+}
+
+/// Checks a token from the hub: the environment asked for, a fingerprint
+/// that matches, a positive lifetime, and a serve window within it. The
+/// error never quotes the token.
+fn received_from_pb(token: Option<pb::Token>, env: Environment) -> Result<Received, String> {
+    let token = token.ok_or("an answer without a token")?;
+    if crate::grpc::environment_from_pb(token.environment) != Some(env) {
+        return Err(format!(
+            "a token for environment {} (asked for {env})",
+            token.environment
+        ));
+    }
+    if token.access_token.is_empty() {
+        return Err("an empty access token".into());
+    }
+    if crate::token::token_id(&token.access_token) != token.token_id {
+        return Err(format!("token_id {:?} does not match the access token", token.token_id));
+    }
+    let (Some(issued), Some(expires)) = (token.issued_at, token.expires_at) else {
+        return Err("no issued_at or expires_at".into());
+    };
+    let nanos = |t: &prost_types::Timestamp| i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
+    let lifetime_nanos = nanos(&expires) - nanos(&issued);
+    if lifetime_nanos <= 0 || lifetime_nanos > 86_400 * 1_000_000_000 {
+        return Err("a lifetime (expires_at − issued_at) outside 0 to 24 h".into());
+    }
+    let lifetime = Duration::from_nanos(lifetime_nanos as u64);
+    let serve_for = token
+        .serve_for
+        .ok_or("no serve_for (the upstream broker is older than this agent; upgrade the hubs first)")?;
+    let serve_for = duration_from_pb(&serve_for).map_err(|e| format!("serve_for {e}"))?;
+    if serve_for > lifetime {
+        return Err(format!(
+            "serve_for {serve_for:?} is longer than the lifetime {lifetime:?}"
+        ));
+    }
+    Ok(Received {
+        access_token: SecretString::from(token.access_token),
+        token_type: token.token_type,
+        lifetime,
+        serve_for,
+    })
+}
