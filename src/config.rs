@@ -456,6 +456,25 @@ impl Config {
             .or_else(|| self.credentials.key_source().ok().flatten())
     }
 
+    /// One line per environment saying where its tokens come from (for
+    /// `check-config`): a mixed hub/agent configuration reads at a glance.
+    pub fn token_sources_summary(&self) -> Vec<String> {
+        self.environments
+            .iter()
+            .map(
+                |(env, e)| match (e.enabled, e.follows_upstream(), self.key_source(*env)) {
+                    (false, _, _) => format!("{env}: disabled"),
+                    (true, true, _) => format!(
+                        "{env}: follows upstream brokers {} (no API key on this host)",
+                        e.upstream.join(", ")
+                    ),
+                    (true, false, Some(_)) => format!("{env}: calls {} with the API key", e.token_url),
+                    (true, false, None) => format!("{env}: calls {} (no API key configured)", e.token_url),
+                },
+            )
+            .collect()
+    }
+
     /// How often key files are checked for changes (zero: never).
     pub fn poll_interval(&self) -> Duration {
         self.credentials.poll_interval.unwrap_or(DEFAULT_POLL_INTERVAL)

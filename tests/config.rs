@@ -400,3 +400,84 @@ fn reload_diff_applies_key_sources_live_and_names_every_other_change() {
         vec!["credentials.poll_interval", "refresh.ratio", "server.listen"]
     );
 }
+
+/// Hub and agent configurations: an environment either calls the endpoint
+/// (token_url, an API key) or follows hubs (upstream, no key); mixed
+/// configurations are fine per environment, contradictions are named.
+#[test]
+fn upstream_environments_need_no_key_and_contradictions_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |text: &str| {
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load_with_env(Some(&path), Some(HashMap::new()))
+    };
+    // An agent: no [credentials] at all, nothing read.
+    let agent = load(
+        "[environments.sandbox]\nupstream = [\"unix:/run/hub/broker.sock\", \"https://hub.flute-token-broker.svc:50051\"]\n\
+         [environments.production]\nupstream = [\"https://hub.flute-token-broker.svc:50051\"]\n",
+    )
+    .expect("an agent needs no API key");
+    assert!(agent.warnings.is_empty(), "{:?}", agent.warnings);
+    assert!(agent.config.key_source(Environment::Sandbox).is_none());
+    assert!(agent.config.environments[&Environment::Sandbox].token_url.is_empty());
+    assert!(!agent.config.to_toml().contains("token_url"));
+
+    // Mixed: production direct with a key, sandbox following a hub.
+    let fixture = Fixture::new();
+    let mixed = fixture
+        .load("[environments.sandbox]\nupstream = [\"unix:/run/hub/broker.sock\"]\n")
+        .expect("mixed");
+    assert!(mixed.config.key_source(Environment::Sandbox).is_none());
+    assert!(mixed.config.key_source(Environment::Production).is_some());
+
+    // Every enabled environment follows, yet a key is configured: unused.
+    let idle = fixture
+        .load("[environments.sandbox]\nupstream = [\"unix:/run/a.sock\"]\n[environments.production]\nupstream = [\"unix:/run/a.sock\"]\n")
+        .unwrap();
+    assert!(
+        idle.warnings.iter().any(|w| w.starts_with("credentials: not used")),
+        "{:?}",
+        idle.warnings
+    );
+
+    let problems = load(
+        "[environments.sandbox]\nupstream = [\"hub:50051\", \"https://hub\", \"unix:relative.sock\"]\ntoken_url = \"https://x.example/token\"\n\
+         [environments.sandbox.credentials]\nclient_id = \"a\"\nclient_secret_env = \"X\"\n\
+         [environments.production]\nenabled = false\n\
+         [upstream]\ncert_file = \"/a.pem\"\n",
+    )
+    .unwrap_err()
+    .problems;
+    for needle in [
+        "environments.sandbox.upstream: \"hub:50051\": expected unix:/path, http://host:port or https://host:port",
+        "environments.sandbox.upstream: \"https://hub\": name the port",
+        "environments.sandbox.upstream: \"unix:relative.sock\": a Unix socket needs an absolute path",
+        "environments.sandbox: token_url and upstream are both set",
+        "environments.sandbox.credentials: this environment follows hub brokers",
+        "upstream.cert_file and key_file: set both",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.starts_with(needle)),
+            "{needle}: {problems:#?}"
+        );
+    }
+
+    // Nothing at all: the problem says both ways out.
+    let none = load("").unwrap_err().problems;
+    assert!(
+        none.iter().any(|p| p.contains("environments.NAME.upstream")),
+        "{none:?}"
+    );
+
+    // A hub over plain http across the network carries tokens in clear.
+    let clear = load(
+        "[environments.sandbox]\nupstream = [\"http://10.0.0.7:50051\"]\n[environments.production]\nenabled = false\n",
+    )
+    .unwrap();
+    assert!(
+        clear.warnings.iter().any(|w| w.contains("unencrypted")),
+        "{:?}",
+        clear.warnings
+    );
+}

@@ -292,3 +292,71 @@ async fn allowed_tls_clients_gate_environments_by_certificate_identity() {
         .unwrap();
     assert!(!status.text.contains("RESTRICTED"), "{}", status.text);
 }
+
+/// Who may follow a hub over TCP: the agent whose certificate carries the
+/// listed SPIFFE ID follows production (through a DNS name, `localhost`,
+/// that the server certificate names); an agent with another certificate
+/// from the same CA is refused with the reason.
+#[tokio::test]
+async fn agents_follow_a_hub_over_mutual_tls_only_with_a_listed_identity() {
+    use flute_token_broker::config::Config;
+    use flute_token_broker::daemon;
+    let pki = Pki::new();
+    let hub = start_broker_with(&[Environment::Production], Duration::from_secs(900), |_, config| {
+        config.server.tls = Some(server_files(&pki, true));
+        config
+            .environments
+            .get_mut(&Environment::Production)
+            .unwrap()
+            .allowed_tls_clients = vec!["spiffe://fleet.example/agent".into()];
+    })
+    .await;
+    let port = hub
+        .daemon
+        .grpc_addrs
+        .iter()
+        .find_map(|a| match a {
+            ListenAddr::Tcp(socket) => Some(socket.port()),
+            _ => None,
+        })
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = |identity: &str| {
+        let mut config = Config::default();
+        let socket = dir.path().join(format!("{identity}.sock"));
+        config.server.listen = vec![ListenAddr::Unix(socket.clone())];
+        config.admin.listen = None;
+        config.upstream.ca_file = Some(pki.path("ca.pem"));
+        config.upstream.cert_file = Some(pki.path(&format!("{identity}.pem")));
+        config.upstream.key_file = Some(pki.path(&format!("{identity}.key")));
+        config.environments.get_mut(&Environment::Sandbox).unwrap().enabled = false;
+        let production = config.environments.get_mut(&Environment::Production).unwrap();
+        production.token_url = String::new();
+        production.upstream = vec![format!("https://localhost:{port}")];
+        config.validate().expect("valid agent configuration");
+        (config, format!("unix:{}", socket.display()))
+    };
+    let production = pb::Environment::Production as i32;
+
+    let (config, addr) = agent("agent");
+    let _listed = daemon::Broker::build(config, None).await.unwrap();
+    let mut client = support::connect_when_up(&addr).await;
+    let token = support::current_token(&mut client, production).await;
+    let hub_addr = https(&hub.daemon.grpc_addrs);
+    let mut at_hub = client::connect_to(&pki.client(&hub_addr, Some("agent"))).await.unwrap();
+    assert_eq!(
+        token.token_id,
+        support::current_token(&mut at_hub, production).await.token_id
+    );
+
+    let (config, addr) = agent("client");
+    let _unlisted = daemon::Broker::build(config, None).await.unwrap();
+    let mut client = support::connect_when_up(&addr).await;
+    let mut watch = support::open_watch(&mut client, production).await;
+    let outage = support::next_outage(&mut watch).await;
+    assert!(
+        outage.reason.contains("PermissionDenied") && outage.reason.contains("production"),
+        "{}",
+        outage.reason
+    );
+}

@@ -171,6 +171,9 @@ fn check_config(path: PathBuf, skip_secrets: bool) -> u8 {
             for w in &loaded.warnings {
                 logging::to_stderr(format_args!("warning: {w}"));
             }
+            for line in loaded.config.token_sources_summary() {
+                logging::to_stderr(line);
+            }
             if let Err(e) = logging::to_stdout(loaded.config.to_toml()) {
                 logging::to_stderr(format_args!("error: cannot write the output: {e}"));
                 return exit::IO_ERROR;

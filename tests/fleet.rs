@@ -1,0 +1,435 @@
+//! Hub and agents over real gRPC: an agent broker (no API key) follows an
+//! environment on hub brokers and serves it through the same API. Hubs are
+//! whole brokers in this process on their own emulators; the skew tests use
+//! a hand-written upstream whose clock is five minutes off.
+
+mod support;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use flute_token_broker::Environment;
+use flute_token_broker::config::Config;
+use flute_token_broker::daemon::{self, RunningBroker};
+use flute_token_broker::grpc::listener::ListenAddr;
+use flute_token_broker::grpc::pb;
+use flute_token_broker::grpc::pb::token_broker_server::{TokenBroker, TokenBrokerServer};
+use support::{CLIENT_SECRET, Client, current_token, next_outage, next_token, open_watch, start_broker_with};
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+const SANDBOX: i32 = pb::Environment::Sandbox as i32;
+
+/// An agent broker following the sandbox on `upstream`, with no
+/// `[credentials]` at all.
+async fn start_agent(upstream: Vec<String>, dir: &std::path::Path) -> (RunningBroker, Client, String) {
+    let mut config = Config::default();
+    let socket = dir.join("agent.sock");
+    config.server.listen = vec![ListenAddr::Unix(socket.clone())];
+    config.server.shutdown_grace = Duration::from_secs(5);
+    config.admin.listen = None;
+    config.refresh.backoff_initial = Duration::from_millis(200);
+    config.refresh.backoff_max = Duration::from_secs(1);
+    let sandbox = config.environments.get_mut(&Environment::Sandbox).unwrap();
+    sandbox.token_url = String::new();
+    sandbox.upstream = upstream;
+    config.environments.get_mut(&Environment::Production).unwrap().enabled = false;
+    config
+        .validate()
+        .expect("an agent configuration without credentials is valid");
+    let agent = daemon::Broker::build(config, None).await.expect("agent starts");
+    let addr = format!("unix:{}", socket.display());
+    let client = support::connect_when_up(&addr).await;
+    (agent, client, addr)
+}
+
+async fn hub(lifetime: Duration) -> support::Broker {
+    start_broker_with(&[Environment::Sandbox], lifetime, |_, _| {}).await
+}
+
+async fn status(client: &mut Client) -> pb::EnvironmentStatus {
+    let reply = client.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
+    reply.environments.into_iter().next().unwrap()
+}
+
+fn serve_for(token: &pb::Token) -> Duration {
+    let d = token.serve_for.unwrap();
+    Duration::new(d.seconds as u64, d.nanos as u32)
+}
+
+#[tokio::test]
+async fn an_agent_serves_the_hubs_tokens_and_their_rotations_without_a_secret() {
+    let hub = hub(Duration::from_secs(4)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, mut client, _) = start_agent(vec![hub.unix.clone()], dir.path()).await;
+    let mut at_hub = hub.unix_client().await;
+
+    let mut watch = open_watch(&mut client, SANDBOX).await;
+    let first = next_token(&mut watch).await;
+    assert_eq!(first.token_id, current_token(&mut at_hub, SANDBOX).await.token_id);
+    assert!(serve_for(&first) <= Duration::from_secs(4));
+    // The hub rotates (4 s tokens, refreshed at half-life): the agent's
+    // watcher gets each new token, the one the hub serves.
+    let mut seen = vec![first.token_id.clone()];
+    for _ in 0..2 {
+        let next = next_token(&mut watch).await;
+        assert!(!seen.contains(&next.token_id));
+        seen.push(next.token_id);
+    }
+    assert_eq!(
+        hub.emulator(Environment::Sandbox).stats().token_requests as usize,
+        seen.len(),
+        "one endpoint call per rotation, all by the hub"
+    );
+    let state = status(&mut client).await;
+    assert_eq!(state.state, pb::State::Ready as i32);
+    // Nothing the agent says carries the key: it never had it.
+    let shown = format!("{state:?}{:?}", agent.sources.summary());
+    assert!(!shown.contains(CLIENT_SECRET));
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_refreshes_at_agents_reach_the_endpoint_once() {
+    let hub = hub(Duration::from_secs(900)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_agent, mut client, addr) = start_agent(vec![hub.unix.clone()], dir.path()).await;
+    let rejected = current_token(&mut client, SANDBOX).await;
+    let before = hub.emulator(Environment::Sandbox).stats().token_requests;
+
+    let calls: Vec<_> = (0..50)
+        .map(|_| {
+            let (addr, id) = (addr.clone(), rejected.token_id.clone());
+            tokio::spawn(async move {
+                let mut client = flute_token_broker::client::connect(&addr, Duration::from_secs(5))
+                    .await
+                    .unwrap();
+                let request = pb::RefreshTokenRequest {
+                    environment: SANDBOX,
+                    rejected_token_id: id,
+                };
+                client.refresh_token(request).await.unwrap().into_inner().token.unwrap()
+            })
+        })
+        .collect();
+    let mut ids = std::collections::BTreeSet::new();
+    for call in calls {
+        ids.insert(call.await.unwrap().token_id);
+    }
+    assert_eq!(ids.len(), 1, "every caller got the same replacement");
+    assert!(!ids.contains(&rejected.token_id));
+    assert_eq!(
+        hub.emulator(Environment::Sandbox).stats().token_requests,
+        before + 1,
+        "50 reports at the agent → one forwarded call → one token request"
+    );
+    // A min_remaining the current token meets costs nothing upstream.
+    let request = pb::GetTokenRequest {
+        environment: SANDBOX,
+        min_remaining: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
+    };
+    client.get_token(request).await.unwrap();
+    assert_eq!(hub.emulator(Environment::Sandbox).stats().token_requests, before + 1);
+}
+
+#[tokio::test]
+async fn losing_the_only_hub_keeps_the_token_until_its_window_ends_then_says_why() {
+    let hub = hub(Duration::from_secs(6)).await;
+    let hub_addr = hub.unix.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let (_agent, mut client, _) = start_agent(vec![hub_addr.clone()], dir.path()).await;
+    let mut watch = open_watch(&mut client, SANDBOX).await;
+    let held = next_token(&mut watch).await;
+
+    hub.daemon.shutdown().await;
+    // The token stays served while its window lasts...
+    let still = current_token(&mut client, SANDBOX).await;
+    assert!(still.token_id == held.token_id || serve_for(&still) > Duration::ZERO);
+    // ...then the outage, naming the hub that cannot be reached.
+    let outage = next_outage(&mut watch).await;
+    assert!(outage.reason.contains(&hub_addr), "{}", outage.reason);
+    let err = client
+        .get_token(pb::GetTokenRequest {
+            environment: SANDBOX,
+            min_remaining: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(err.message().contains(&hub_addr), "{}", err.message());
+}
+
+#[tokio::test]
+async fn a_hub_replicas_loss_costs_the_agents_callers_nothing() {
+    let (a, b) = (hub(Duration::from_secs(900)).await, hub(Duration::from_secs(900)).await);
+    let dir = tempfile::tempdir().unwrap();
+    let (_agent, mut client, addr) = start_agent(vec![a.tcp.clone(), b.tcp.clone()], dir.path()).await;
+    let mut watch = open_watch(&mut client, SANDBOX).await;
+    let first = next_token(&mut watch).await;
+    let token_of = |hub: &support::Broker| {
+        hub.daemon
+            .sources
+            .iter()
+            .next()
+            .unwrap()
+            .current()
+            .unwrap()
+            .token_id
+            .clone()
+    };
+    let (followed, other) = if first.token_id == token_of(&a) { (a, b) } else { (b, a) };
+    assert_eq!(first.token_id, token_of(&followed));
+
+    // Callers at the agent, without pause, while the followed hub goes away.
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let caller = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            let mut client = flute_token_broker::client::connect(&addr, Duration::from_secs(5))
+                .await
+                .unwrap();
+            loop {
+                let request = pb::GetTokenRequest {
+                    environment: SANDBOX,
+                    min_remaining: None,
+                };
+                tokio::select! {
+                    _ = stop.notified() => return,
+                    r = client.get_token(request) => match r {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                    },
+                };
+            }
+        })
+    };
+    followed.daemon.shutdown().await;
+    // The agent moves to the other replica: its watcher gets that token.
+    let next = next_token(&mut watch).await;
+    assert_eq!(next.token_id, token_of(&other));
+    stop.notify_one();
+    caller.await.unwrap();
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "{} calls succeeded",
+        ok.load(Ordering::Relaxed)
+    );
+    assert!(ok.load(Ordering::Relaxed) > 0);
+    assert_eq!(status(&mut client).await.state, pb::State::Ready as i32);
+}
+
+#[tokio::test]
+async fn a_hub_refuses_an_agent_its_allow_list_does_not_name() {
+    let hub = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
+        let me = rustix::process::getuid().as_raw();
+        config
+            .environments
+            .get_mut(&Environment::Sandbox)
+            .unwrap()
+            .allowed_unix_users = vec![me + 1];
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_agent, mut client, _) = start_agent(vec![hub.unix.clone()], dir.path()).await;
+    let mut watch = open_watch(&mut client, SANDBOX).await;
+    let outage = next_outage(&mut watch).await;
+    assert!(
+        outage.reason.contains("PermissionDenied") && outage.reason.contains("may not get sandbox tokens"),
+        "{}",
+        outage.reason
+    );
+    // Not allowed is not worth hammering: the next attempt is backoff_max away.
+    let state = status(&mut client).await;
+    assert_eq!(state.state, pb::State::Unavailable as i32);
+    assert_eq!(hub.emulator(Environment::Sandbox).stats().token_requests, 1);
+}
+
+/// An upstream whose wall clock is `offset` off: its timestamps say so,
+/// its `serve_for` does not.
+struct SkewedHub {
+    offset_secs: i64,
+    serve_for: Duration,
+    access_token: String,
+}
+
+impl SkewedHub {
+    fn token(&self) -> pb::Token {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let issued = now + self.offset_secs - 5;
+        pb::Token {
+            access_token: self.access_token.clone(),
+            token_type: "Bearer".into(),
+            issued_at: Some(prost_types::Timestamp {
+                seconds: issued,
+                nanos: 0,
+            }),
+            expires_at: Some(prost_types::Timestamp {
+                seconds: issued + 900,
+                nanos: 0,
+            }),
+            environment: SANDBOX,
+            token_id: flute_token_broker::token::token_id(&self.access_token),
+            serve_for: Some(prost_types::Duration {
+                seconds: self.serve_for.as_secs() as i64,
+                nanos: self.serve_for.subsec_nanos() as i32,
+            }),
+        }
+    }
+}
+
+type Updates = Pin<Box<dyn futures_util::Stream<Item = Result<pb::WatchTokenResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TokenBroker for SkewedHub {
+    async fn get_token(&self, _: Request<pb::GetTokenRequest>) -> Result<Response<pb::GetTokenResponse>, Status> {
+        Ok(Response::new(pb::GetTokenResponse {
+            token: Some(self.token()),
+        }))
+    }
+    type WatchTokenStream = Updates;
+    async fn watch_token(&self, _: Request<pb::WatchTokenRequest>) -> Result<Response<Updates>, Status> {
+        use futures_util::StreamExt;
+        let first = pb::WatchTokenResponse {
+            update: Some(pb::watch_token_response::Update::Token(self.token())),
+        };
+        Ok(Response::new(
+            futures_util::stream::iter([Ok(first)])
+                .chain(futures_util::stream::pending())
+                .boxed(),
+        ))
+    }
+    async fn refresh_token(
+        &self,
+        _: Request<pb::RefreshTokenRequest>,
+    ) -> Result<Response<pb::RefreshTokenResponse>, Status> {
+        Err(Status::unavailable("not in this test"))
+    }
+    async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+}
+
+async fn serve_skewed(hub: SkewedHub) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TokenBrokerServer::new(hub))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    format!("http://{addr}")
+}
+
+/// The invariant under skew: the agent serves a token for the `serve_for`
+/// its hub sent, from its own clock, whichever way the clocks differ. An
+/// agent that trusted `expires_at` would serve five minutes too long (hub
+/// ahead), or refuse a good token (hub behind).
+#[tokio::test]
+async fn a_five_minute_clock_skew_neither_extends_nor_cuts_a_tokens_window() {
+    for offset_secs in [300, -300] {
+        let short = Duration::from_secs(3);
+        let sent = Instant::now();
+        let upstream = serve_skewed(SkewedHub {
+            offset_secs,
+            serve_for: short,
+            access_token: format!("skewed-{offset_secs}"),
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, mut client, _) = start_agent(vec![upstream], dir.path()).await;
+        let mut watch = open_watch(&mut client, SANDBOX).await;
+        let token = next_token(&mut watch).await;
+        assert_eq!(
+            token.token_id,
+            flute_token_broker::token::token_id(&format!("skewed-{offset_secs}"))
+        );
+        assert!(
+            serve_for(&token) <= short,
+            "offset {offset_secs}: {:?}",
+            serve_for(&token)
+        );
+        // The expiry the agent reports is on its own clock: the serve
+        // window plus the margin from now, not the hub's clock ± 5 min.
+        let expires = token.expires_at.unwrap().seconds;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!(
+            (expires - now).abs() <= 10,
+            "offset {offset_secs}: expires_at {} s from now",
+            expires - now
+        );
+        // The window ends when the hub said, not five minutes later.
+        next_outage(&mut watch).await;
+        assert!(
+            sent.elapsed() < short + Duration::from_secs(2),
+            "offset {offset_secs}: served too long"
+        );
+        agent.shutdown().await;
+    }
+}
+
+/// A hub that lies (a token_id that is not the token's, a serve window
+/// longer than the lifetime) is not believed.
+#[tokio::test]
+async fn tokens_from_a_lying_upstream_are_refused_with_the_reason() {
+    struct Liar;
+    #[tonic::async_trait]
+    impl TokenBroker for Liar {
+        async fn get_token(&self, _: Request<pb::GetTokenRequest>) -> Result<Response<pb::GetTokenResponse>, Status> {
+            Err(Status::unavailable("no"))
+        }
+        type WatchTokenStream = Updates;
+        async fn watch_token(&self, _: Request<pb::WatchTokenRequest>) -> Result<Response<Updates>, Status> {
+            use futures_util::StreamExt;
+            let mut token = SkewedHub {
+                offset_secs: 0,
+                serve_for: Duration::from_secs(3600),
+                access_token: "lie".into(),
+            }
+            .token();
+            token.token_id = "000000000000".into();
+            let first = pb::WatchTokenResponse {
+                update: Some(pb::watch_token_response::Update::Token(token)),
+            };
+            Ok(Response::new(futures_util::stream::iter([Ok(first)]).boxed()))
+        }
+        async fn refresh_token(
+            &self,
+            _: Request<pb::RefreshTokenRequest>,
+        ) -> Result<Response<pb::RefreshTokenResponse>, Status> {
+            Err(Status::unavailable("no"))
+        }
+        async fn get_status(
+            &self,
+            _: Request<pb::GetStatusRequest>,
+        ) -> Result<Response<pb::GetStatusResponse>, Status> {
+            Err(Status::unimplemented("no"))
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TokenBrokerServer::new(Liar))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (_agent, mut client, _) = start_agent(vec![format!("http://{addr}")], dir.path()).await;
+    let mut watch = open_watch(&mut client, SANDBOX).await;
+    let outage = next_outage(&mut watch).await;
+    assert!(
+        outage.reason.contains("sent an invalid token: token_id"),
+        "{}",
+        outage.reason
+    );
+    assert!(!outage.reason.contains("lie\""));
+}
