@@ -30,6 +30,18 @@ files):
   container with FLUTE_TOKEN_FILE must find the token file (a `[[sinks]]`)
   on its volume, readable by its uid and groups, holding a token the
   endpoint accepts.
+- Hub and agents (deploy/kubernetes/fleet): a Deployment behind a headless
+  Service runs as many pods as its replicas; the Service's name resolves,
+  in every pod started later, to the ready pods' IPs (the pod's /etc/hosts
+  stands in for cluster DNS), and pods route to each other through the
+  host. TLS Secrets that a cert-manager Certificate in the manifests
+  describes are issued from a CA made here, with the Certificate's DNS and
+  URI SANs. Brokers whose environments all call the token endpoint start
+  first, then those that follow upstream brokers (agents). An agent must
+  become ready through the Service name over mutual TLS; then, while the
+  callers below use the agent's socket, the hub replica it follows is
+  killed (SIGKILL): no call at the agent may fail, and the agent must
+  follow the other replica.
 - Termination: the preStop hook runs while the pod is still ready, then
   SIGTERM; the broker must exit 0 within terminationGracePeriodSeconds.
 - A DaemonSet that serves a hostPath socket must roll with maxSurge 1 and
@@ -190,6 +202,8 @@ class Pod:
         sh("ip", "-n", self.netns, "addr", "add", f"{self.ip}/30", "dev", pod_if)
         sh("ip", "-n", self.netns, "link", "set", pod_if, "up")
         sh("ip", "-n", self.netns, "link", "set", "lo", "up")
+        # Pods reach each other through the host, as on a node's bridge.
+        sh("ip", "-n", self.netns, "route", "add", "default", "via", f"{self.ip[:-2]}.1")
 
     # -- volumes, made as the kubelet makes them
     def volume(self, name):
@@ -203,7 +217,9 @@ class Pod:
             kind = "ConfigMap" if "configMap" in spec else "Secret"
             wanted = source.get("name") or source["secretName"]
             obj = self.objects.get((kind, wanted))
-            check(obj is not None, f"{self.name}: volume {name} names {kind} {wanted}, which the manifests define")
+            if obj is None and kind == "Secret":
+                obj = issued_secret(self.objects, wanted, self.work.parent)
+            check(obj is not None, f"{self.name}: volume {name} names {kind} {wanted}, which the manifests define (or a Certificate issues)")
             data = dict((obj or {}).get("data") or {}) | dict((obj or {}).get("stringData") or {})
             path.mkdir()
             mode = source.get("defaultMode", 0o644)
@@ -253,6 +269,10 @@ class Pod:
             sh("mount", "--bind", f"/dev/{dev}", str(root / "dev" / dev))
         (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n")
         (root / "etc" / "group").write_text("root:x:0:\nnonroot:x:65532:\n")
+        (root / "etc" / "hosts").write_text(cluster_dns())
+        # A name on several lines resolves to all of them (as DNS answers
+        # with every A record), not to the first.
+        (root / "etc" / "host.conf").write_text("multi on\n")
         shutil.copy2(BIN, root / binary_at.lstrip("/"))
         for mount in container.get("volumeMounts", []):
             target = root / mount["mountPath"].lstrip("/")
@@ -290,6 +310,76 @@ class Pod:
 
     def all_containers(self):
         return self.spec.get("initContainers", []) + self.spec.get("containers", [])
+
+
+# Ready pods, for the headless Services' names: (namespace, labels, ip).
+ready_pods = []
+headless = []
+
+
+def cluster_dns():
+    """/etc/hosts standing in for cluster DNS: each headless Service's names
+    resolve to the ready pods it selects."""
+    lines = ["127.0.0.1 localhost"]
+    for service in headless:
+        ns, name = service["metadata"].get("namespace", "default"), service["metadata"]["name"]
+        names = f"{name} {name}.{ns} {name}.{ns}.svc {name}.{ns}.svc.cluster.local"
+        lines += [f"{ip} {names}" for pod_ns, labels, ip in ready_pods if pod_ns == ns and selects(service["spec"].get("selector"), labels)]
+    return "\n".join(lines) + "\n"
+
+
+pki = {}
+
+
+def issued_secret(objects, secret_name, work):
+    """The Secret a cert-manager Certificate would write (tls.crt, tls.key,
+    ca.crt), issued here from one CA with the Certificate's SANs."""
+    cert = next((d for (kind, _), d in objects.items() if kind == "Certificate" and d["spec"].get("secretName") == secret_name), None)
+    if cert is None:
+        return None
+    if secret_name in pki:
+        return pki[secret_name]
+    d = work / "pki"
+    if not pki:
+        d.mkdir()
+        sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", "/CN=pod-probe CA", "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))
+        pki["ca"] = (d / "ca.crt").read_text()
+    spec = cert["spec"]
+    sans = [f"DNS:{n}" for n in spec.get("dnsNames", [])] + [f"URI:{u}" for u in spec.get("uris", [])]
+    usage = {"server auth": "serverAuth", "client auth": "clientAuth"}
+    extensions = d / f"{secret_name}.ext"
+    extensions.write_text(f"subjectAltName={','.join(sans)}\nextendedKeyUsage={','.join(usage[u] for u in spec.get('usages', ['server auth']))}\n")
+    key, csr, crt = (d / f"{secret_name}.{x}" for x in ("key", "csr", "crt"))
+    sh("openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", f"/CN={cert['metadata']['name']}", "-keyout", str(key), "-out", str(csr))
+    sh("openssl", "x509", "-req", "-in", str(csr), "-CA", str(d / "ca.crt"), "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2", "-extfile", str(extensions), "-out", str(crt))
+    exercised.append(f"Secret/{secret_name} issued as Certificate/{cert['metadata']['name']} describes it ({', '.join(sans)})")
+    pki[secret_name] = {"stringData": {"tls.crt": crt.read_text(), "tls.key": key.read_text(), "ca.crt": pki["ca"]}}
+    return pki[secret_name]
+
+
+def broker_config(pod, objects):
+    """The broker container's config.toml (from its ConfigMap), if any."""
+    for c in pod.all_containers():
+        for mount in c.get("volumeMounts", []) if is_broker(c) else []:
+            vol = next(v for v in pod.spec.get("volumes", []) if v["name"] == mount["name"])
+            if "configMap" in vol:
+                return tomllib.loads(objects[("ConfigMap", vol["configMap"]["name"])]["data"]["config.toml"])
+    return None
+
+
+def follows_upstream(config):
+    return any(e.get("upstream") for e in (config or {}).get("environments", {}).values())
+
+
+def replicas(doc, docs):
+    """Pods to run for a workload: a Deployment behind a headless Service
+    runs all its replicas (agents fail over between them), others one."""
+    if doc["kind"] == "Deployment" and any(
+        d["kind"] == "Service" and d["spec"].get("clusterIP") == "None" and selects(d["spec"].get("selector"), pod_spec(doc)[0].get("labels", {}))
+        for d in docs
+    ):
+        return doc["spec"].get("replicas", 1)
+    return 1
 
 
 def tcp_open(ip, port, timeout=1.0):
@@ -389,6 +479,8 @@ def run_pod(pod, docs, image, config_env, emulator_args):
         ok = ok and probe_until(pod, container, root, "livenessProbe", image, env, process)
         if not ok:
             print((pod.work / f"{container['name']}.log").read_text()[-3000:])
+        elif container.get("readinessProbe"):
+            ready_pods.append((pod.namespace, pod.meta.get("labels", {}), pod.ip))
         for port in container.get("ports", []):
             check(tcp_open(pod.ip, port["containerPort"]), f"{pod.name}/{container['name']}: containerPort {port.get('name', '')} {port['containerPort']} has a listener at the pod IP")
     return running, clients
@@ -543,6 +635,53 @@ def roll_daemonset(pod, running, docs, image, config_env, emulator_args, next_in
     return replacement, outcome["new"]
 
 
+def hub_names(config, docs):
+    """The Deployments behind the headless Services an agent's upstream names."""
+    names = set()
+    for env in config.get("environments", {}).values():
+        for addr in env.get("upstream", []):
+            host = addr.split("://")[-1].split(":")[0].split(".")[0]
+            for d in docs:
+                if d["kind"] == "Service" and d["metadata"]["name"] == host:
+                    names |= {w["metadata"]["name"] for w in docs if w["kind"] == "Deployment" and selects(d["spec"].get("selector"), pod_spec(w)[0].get("labels", {}))}
+    return names
+
+
+def hub_failover(agent, hubs, image, shutdown_grace):
+    """Kills the hub replica an agent follows while callers use the agent's
+    socket: no call may fail, and the agent must follow another replica.
+    Returns the killed hub."""
+    import restart_load
+
+    log = agent.work / "broker.log"
+
+    def following():
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        return [line.get("upstream", "") for line in lines if line.get("message") == "following the upstream broker"]
+
+    before = following()
+    followed = next((hub for hub in hubs if before and f"({hub.ip}:" in before[-1]), None)
+    if not check(followed is not None, f"{agent.name}: follows a hub replica through the headless Service", f"log says {before}"):
+        return None
+    outcome = {}
+
+    def kill():
+        for _, _, _, process in followed.running:
+            process.kill()
+            process.wait()
+        outcome["killed"] = time.monotonic()
+
+    grpc_caller, process_caller, watcher, _, _ = restart_load.run(str(host_socket(agent)), str(BIN), kill, duration=10.0, action_at=3.0)
+    for caller in (grpc_caller, process_caller):
+        check(caller.failed == 0, f"{agent.name}: no failed call at the agent while the hub replica it follows is killed", caller.summary())
+    after = following()[len(before):]
+    others = [hub.ip for hub in hubs if hub is not followed]
+    if not check(any(f"({ip}:" in a for a in after for ip in others), f"{agent.name}: follows another hub replica after the loss", f"log says {after}"):
+        print(log.read_text()[-4000:])
+    exercised.append(f"{agent.name}: hub replica {followed.ip} killed: {grpc_caller.summary()}; {process_caller.summary()}; agent now follows {after[-1] if after else '?'}")
+    return followed
+
+
 def main():
     if os.geteuid() != 0:
         raise SystemExit("pod-probe.py needs root (network namespaces, mounts)")
@@ -552,26 +691,35 @@ def main():
             subprocess.run(["ip", "netns", "delete", stale], capture_output=True)
     docs = render()
     objects = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    headless.extend(d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None")
+    with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+        f.write("1")
     image = image_defaults()
     work = pathlib.Path(tempfile.mkdtemp(prefix="ftb-pods-"))
     host_paths = {}
     try:
-        pods = [Pod(i + 1, d, objects, work, host_paths) for i, d in enumerate(d for d in docs if d["kind"] in WORKLOAD_KINDS)]
-        # Brokers first: a client pod (such as the per-node broker's) needs one running.
-        pods.sort(key=lambda p: not any(is_broker(c) for c in p.all_containers()))
+        workloads = [d for d in docs if d["kind"] in WORKLOAD_KINDS for _ in range(replicas(d, docs))]
+        pods = [Pod(i + 1, d, objects, work, host_paths) for i, d in enumerate(workloads)]
+        # Brokers first (a client pod, such as the per-node broker's, needs
+        # one running), hubs before the agents that follow them.
+        pods.sort(key=lambda p: (not any(is_broker(c) for c in p.all_containers()), follows_upstream(broker_config(p, objects))))
         started = []
+        hubs = []
         for pod in pods:
-            config = None
-            for c in pod.all_containers():
-                for mount in c.get("volumeMounts", []) if is_broker(c) else []:
-                    vol = next(v for v in pod.spec.get("volumes", []) if v["name"] == mount["name"])
-                    if "configMap" in vol:
-                        config = tomllib.loads(objects[("ConfigMap", vol["configMap"]["name"])]["data"]["config.toml"])
+            config = broker_config(pod, objects)
             secret = objects.get(("Secret", "flute-api-key"), {}).get("stringData", {}).get("client-secret", "")
             emulator_args = ["--client-id", (config or {}).get("credentials", {}).get("client_id", ""), "--client-secret", secret]
             url = f"http://127.0.0.1:{EMULATOR_PORT}/oauth2/token"
-            config_env = {"FLUTE_BROKER__OAUTH__ALLOW_INSECURE_HTTP": "true", "FLUTE_BROKER__ENVIRONMENTS__SANDBOX__TOKEN_URL": url, "FLUTE_BROKER__ENVIRONMENTS__PRODUCTION__TOKEN_URL": url}
+            # The endpoint override goes only to environments that call it:
+            # one that follows an upstream has no token_url.
+            environments = (config or {}).get("environments", {})
+            config_env = {"FLUTE_BROKER__OAUTH__ALLOW_INSECURE_HTTP": "true"} | {
+                f"FLUTE_BROKER__ENVIRONMENTS__{env.upper()}__TOKEN_URL": url for env in ("sandbox", "production") if not environments.get(env, {}).get("upstream")
+            }
             running, clients = run_pod(pod, docs, image, config_env, emulator_args)
+            pod.running = running
+            if replicas(pod.doc, docs) > 1:
+                hubs.append(pod)
             check_services(pod, docs)
             for container in clients:
                 run_client(pod, container, image)
@@ -579,6 +727,10 @@ def main():
             if pod.doc["kind"] == "DaemonSet" and host_socket(pod) is not None:
                 next_index = len(pods) + 1 + len(started)
                 pod, running = roll_daemonset(pod, running, docs, image, config_env, emulator_args, next_index, grace)
+                pod.running = running
+            if follows_upstream(config) and host_socket(pod) is not None:
+                killed = hub_failover(pod, [h for h in hubs if h.doc["metadata"]["name"] in hub_names(config, docs)], image, grace)
+                started = [(p, r, g) for p, r, g in started if p is not killed]
             started.append((pod, running, grace))
         for pod, running, grace in started:
             for container, root, env, process in running:
