@@ -419,6 +419,15 @@ impl Config {
         {
             problems.push(format!("oauth.tls_roots: {e}"));
         }
+        let https_upstream = self
+            .enabled()
+            .any(|(_, e)| e.upstream.iter().any(|a| a.starts_with("https://")));
+        if secrets == SecretCheck::Read
+            && https_upstream
+            && let Err(e) = crate::grpc::tls::client_config(&self.upstream.tls_files())
+        {
+            problems.push(format!("upstream: {e}"));
+        }
         let enabled: Vec<Environment> = self.enabled().map(|(env, _)| env).collect();
         let (sink_problems, sink_warnings) =
             crate::sinks::problems(&self.sinks, &enabled, secrets == SecretCheck::Read);

@@ -32,7 +32,7 @@ use crate::token::{Failure, Following, Received, Update, Upstream};
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamSettings {
     /// The CA that signed the hubs' certificates (`https://` upstreams);
-    /// without it, the `oauth.tls_roots` set.
+    /// without it, the system roots (the bundled set where there are none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     /// This agent's client certificate and key, for hubs that admit agents
@@ -73,7 +73,7 @@ impl UpstreamSettings {
         out
     }
 
-    fn tls_files(&self) -> ClientTlsFiles {
+    pub fn tls_files(&self) -> ClientTlsFiles {
         ClientTlsFiles {
             ca_file: self.ca_file.clone(),
             cert_file: self.cert_file.clone(),

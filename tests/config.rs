@@ -470,6 +470,19 @@ fn upstream_environments_need_no_key_and_contradictions_are_named() {
         "{none:?}"
     );
 
+    // Certificates that cannot be read are a problem before start.
+    let unreadable = load(
+        "[upstream]\nca_file = \"/nonexistent/hub-ca.pem\"\n[environments.sandbox]\nupstream = [\"https://hub.example:50051\"]\n[environments.production]\nenabled = false\n",
+    )
+    .unwrap_err()
+    .problems;
+    assert!(
+        unreadable
+            .iter()
+            .any(|p| p.starts_with("upstream: cannot read /nonexistent/hub-ca.pem")),
+        "{unreadable:?}"
+    );
+
     // A hub over plain http across the network carries tokens in clear.
     let clear = load(
         "[environments.sandbox]\nupstream = [\"http://10.0.0.7:50051\"]\n[environments.production]\nenabled = false\n",

@@ -1,5 +1,7 @@
-//! The TokenSource: one task per environment that alone talks to the token
-//! endpoint. It owns the API key, the refresh token and the schedule, and
+//! The TokenSource: one task per environment that alone obtains its tokens,
+//! from a [`Supply`]: the token endpoint ([`EndpointSupply`], which owns the
+//! API key and the refresh token) or an upstream broker ([`FollowSupply`]).
+//! The engine owns the schedule, backoff, serve window and waiters, and
 //! publishes a [`Snapshot`] on a watch channel that every reader borrows.
 //! Readers that need more than the current token (more remaining lifetime,
 //! or a replacement for a token the API rejected) send a message; messages
