@@ -67,7 +67,7 @@ with tempfile.TemporaryDirectory() as tmp:
                 variant.write_text(doc["data"]["config.toml"])
                 variants.append(variant)
     # A pipeline without the secret: everything but the key source is checked.
-    for config in (ROOT / "deploy" / "systemd" / "config.toml", ROOT / "deploy" / "config.example.toml", k8s_config, *variants):
+    for config in (ROOT / "deploy" / "systemd" / "config.toml", ROOT / "deploy" / "systemd" / "agent.toml", ROOT / "deploy" / "config.example.toml", k8s_config, *variants):
         clean = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY" and not k.startswith("FLUTE_BROKER__")}
         result = subprocess.run([BIN, "check-config", "--skip-secrets", "--config", config], env=clean, capture_output=True, text=True)
         print(f"check-config --skip-secrets {config.name}: {'ok' if result.returncode == 0 else 'FAILED'}")

@@ -419,6 +419,11 @@ impl Config {
         {
             problems.push(format!("oauth.tls_roots: {e}"));
         }
+        if secrets == SecretCheck::Read
+            && let Some(tls) = &self.server.tls
+        {
+            problems.extend(tls.file_problems().into_iter().map(|p| format!("server.tls.{p}")));
+        }
         let https_upstream = self
             .enabled()
             .any(|(_, e)| e.upstream.iter().any(|a| a.starts_with("https://")));

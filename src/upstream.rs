@@ -366,7 +366,8 @@ fn received_from_pb(token: Option<pb::Token>, env: Environment) -> Result<Receiv
         return Err("an empty access token".into());
     }
     if crate::token::token_id(&token.access_token) != token.token_id {
-        return Err(format!("token_id {:?} does not match the access token", token.token_id));
+        // Not quoted: from a confused upstream it could be anything.
+        return Err("its token_id does not match the access token".into());
     }
     let (Some(issued), Some(expires)) = (token.issued_at, token.expires_at) else {
         return Err("no issued_at or expires_at".into());

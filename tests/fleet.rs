@@ -427,7 +427,9 @@ async fn tokens_from_a_lying_upstream_are_refused_with_the_reason() {
     let mut watch = open_watch(&mut client, SANDBOX).await;
     let outage = next_outage(&mut watch).await;
     assert!(
-        outage.reason.contains("sent an invalid token: token_id"),
+        outage
+            .reason
+            .contains("sent an invalid token: its token_id does not match"),
         "{}",
         outage.reason
     );

@@ -45,9 +45,10 @@ pub enum Command {
         /// The TOML configuration file.
         #[arg(long, short)]
         config: PathBuf,
-        /// Check the file alone: do not read the API key's sources nor probe
-        /// the sinks' directories (for a pipeline that has the file but not
-        /// the secret or the target's directories).
+        /// Check the file alone: do not read the API key's sources or the
+        /// TLS certificate files, nor probe the sinks' directories (for a
+        /// pipeline that has the file but not the secrets or the target's
+        /// directories).
         #[arg(long)]
         skip_secrets: bool,
     },
