@@ -316,7 +316,8 @@ impl TokenBroker for SkewedHub {
     }
 }
 
-async fn serve_skewed(hub: SkewedHub) -> String {
+/// Serves a hand-written upstream on loopback; its `http://` address.
+async fn serve_upstream(hub: impl TokenBroker) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(
@@ -336,7 +337,7 @@ async fn a_five_minute_clock_skew_neither_extends_nor_cuts_a_tokens_window() {
     for offset_secs in [300, -300] {
         let short = Duration::from_secs(3);
         let sent = Instant::now();
-        let upstream = serve_skewed(SkewedHub {
+        let upstream = serve_upstream(SkewedHub {
             offset_secs,
             serve_for: short,
             access_token: format!("skewed-{offset_secs}"),
@@ -415,15 +416,9 @@ async fn tokens_from_a_lying_upstream_are_refused_with_the_reason() {
             Err(Status::unimplemented("no"))
         }
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TokenBrokerServer::new(Liar))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let upstream = serve_upstream(Liar).await;
     let dir = tempfile::tempdir().unwrap();
-    let (_agent, mut client, _) = start_agent(vec![format!("http://{addr}")], dir.path()).await;
+    let (_agent, mut client, _) = start_agent(vec![upstream], dir.path()).await;
     let mut watch = open_watch(&mut client, SANDBOX).await;
     let outage = next_outage(&mut watch).await;
     assert!(

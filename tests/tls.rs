@@ -243,21 +243,27 @@ async fn the_cli_trusts_the_host_store_without_a_ca_file() {
     assert!(!other.status.success(), "a store without the broker's CA is refused");
 }
 
-/// `allowed_tls_clients`: over mutual TLS an environment serves only the
-/// client certificates it lists, by URI SAN (here a SPIFFE ID) or DNS SAN;
-/// others get PERMISSION_DENIED with the reason and see it RESTRICTED.
-#[tokio::test]
-async fn allowed_tls_clients_gate_environments_by_certificate_identity() {
-    let pki = Pki::new();
-    let broker = start_broker_with(&Environment::ALL, Duration::from_secs(900), |_, config| {
-        config.server.tls = Some(server_files(&pki, true));
+/// A broker over mutual TLS serving `envs`, production only to the
+/// certificate with the fleet agent's SPIFFE ID.
+async fn production_for_the_agent_only(pki: &Pki, envs: &[Environment]) -> support::Broker {
+    start_broker_with(envs, Duration::from_secs(900), |_, config| {
+        config.server.tls = Some(server_files(pki, true));
         config
             .environments
             .get_mut(&Environment::Production)
             .unwrap()
             .allowed_tls_clients = vec!["spiffe://fleet.example/agent".into()];
     })
-    .await;
+    .await
+}
+
+/// `allowed_tls_clients`: over mutual TLS an environment serves only the
+/// client certificates it lists, by URI SAN (here a SPIFFE ID) or DNS SAN;
+/// others get PERMISSION_DENIED with the reason and see it RESTRICTED.
+#[tokio::test]
+async fn allowed_tls_clients_gate_environments_by_certificate_identity() {
+    let pki = Pki::new();
+    let broker = production_for_the_agent_only(&pki, &Environment::ALL).await;
     let addr = https(&broker.daemon.grpc_addrs);
     let production = |target: Target| async move {
         let mut client = client::connect_to(&target).await.unwrap();
@@ -302,15 +308,7 @@ async fn agents_follow_a_hub_over_mutual_tls_only_with_a_listed_identity() {
     use flute_token_broker::config::Config;
     use flute_token_broker::daemon;
     let pki = Pki::new();
-    let hub = start_broker_with(&[Environment::Production], Duration::from_secs(900), |_, config| {
-        config.server.tls = Some(server_files(&pki, true));
-        config
-            .environments
-            .get_mut(&Environment::Production)
-            .unwrap()
-            .allowed_tls_clients = vec!["spiffe://fleet.example/agent".into()];
-    })
-    .await;
+    let hub = production_for_the_agent_only(&pki, &[Environment::Production]).await;
     let port = hub
         .daemon
         .grpc_addrs
