@@ -3,13 +3,19 @@
 
 use std::path::PathBuf;
 
-use prost::Message;
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let files = protox::compile(["flute/tokenbroker/v1/token_broker.proto"], ["proto"])?;
+    let mut compiler = protox::Compiler::new(["proto"])?;
+    compiler.include_imports(true);
+    compiler.open_file("flute/tokenbroker/v1/token_broker.proto")?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out_dir.join("token_broker_descriptor.bin"), files.encode_to_vec())?;
+    // Encoded from protox's own descriptors, which keep the options'
+    // extensions (google.api.http): prost's types would drop them.
+    std::fs::write(
+        out_dir.join("token_broker_descriptor.bin"),
+        compiler.encode_file_descriptor_set(),
+    )?;
+    let files = compiler.file_descriptor_set();
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -120,7 +120,7 @@ impl Metrics {
         let grpc_requests = Family::<GrpcLabels, Counter>::default();
         registry.register(
             "grpc_requests",
-            "gRPC requests by method and status code",
+            "gRPC requests by method, and HTTP/JSON requests by route (HTTP GET /v1/...), by gRPC status code",
             grpc_requests.clone(),
         );
         let watch_streams = Gauge::default();

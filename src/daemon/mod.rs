@@ -32,7 +32,7 @@ use crate::environment::Environment;
 use crate::grpc::listener::ListenAddr;
 use crate::grpc::listener::{self, Bound, ListenError};
 use crate::grpc::pb::token_broker_server::TokenBrokerServer;
-use crate::grpc::{TokenBrokerService, health, pb};
+use crate::grpc::{MAX_REQUEST_BYTES, TokenBrokerService, health, pb};
 use crate::metrics::Metrics;
 use crate::oauth::{ClientBuildError, OAuthClient};
 use crate::tls_roots::RootsError;
@@ -45,7 +45,6 @@ use crate::upstream::GrpcUpstream;
 const STREAM_END_WAIT: Duration = Duration::from_secs(2);
 
 /// Largest gRPC request accepted (requests are a few bytes).
-const MAX_REQUEST_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -341,10 +340,17 @@ fn grpc_routes(
     let reflection_v1alpha = reflection_builder()
         .build_v1alpha()
         .map_err(|e| DaemonError::Reflection(e.to_string()))?;
-    Ok(Routes::new(health_service)
+    let grpc = Routes::new(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
-        .add_service(TokenBrokerServer::new(service).max_decoding_message_size(2 * MAX_REQUEST_BYTES)))
+        .add_service(TokenBrokerServer::new(service.clone()).max_decoding_message_size(2 * MAX_REQUEST_BYTES));
+    // The HTTP/JSON face on the same listeners: routed by path, anything
+    // unknown answered by protocol (gRPC UNIMPLEMENTED, or HTTP 404).
+    let router = grpc
+        .into_axum_router()
+        .merge(crate::grpc::http::router(service))
+        .fallback(crate::grpc::http::fallback);
+    Ok(Routes::from(router))
 }
 
 /// Serves `routes` on one listener until `stopping` (then GOAWAY and drain):
@@ -360,6 +366,8 @@ fn serve_grpc(
 ) -> Result<JoinHandle<()>, DaemonError> {
     let addr = listener.addr();
     let mut builder = Server::builder()
+        // HTTP/1.1 too, for the HTTP/JSON face (gRPC stays HTTP/2).
+        .accept_http1(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(limits.max_concurrent_streams)

@@ -46,13 +46,35 @@ pub enum Caller {
     Anonymous,
 }
 
-impl Caller {
-    pub fn of<T>(request: &Request<T>) -> Self {
-        let extensions = request.extensions();
+/// Reads a connection's information from a request's extensions, where the
+/// server put it: tonic's (a gRPC call) or http's (an HTTP request on the
+/// same listener) hold the same values.
+macro_rules! caller_from {
+    ($extensions:expr) => {{
+        let extensions = $extensions;
         let unix = extensions
             .get::<GuardedInfo<UdsConnectInfo>>()
             .map(|info| &info.inner)
             .or_else(|| extensions.get::<UdsConnectInfo>());
+        let tls = extensions.get::<TlsConnectInfo<GuardedInfo<TcpConnectInfo>>>();
+        Caller::from_connection(unix, tls)
+    }};
+}
+
+impl Caller {
+    pub fn of<T>(request: &Request<T>) -> Self {
+        caller_from!(request.extensions())
+    }
+
+    /// The caller of an HTTP request served on a gRPC listener.
+    pub fn from_extensions(extensions: &http::Extensions) -> Self {
+        caller_from!(extensions)
+    }
+
+    fn from_connection(
+        unix: Option<&UdsConnectInfo>,
+        tls: Option<&TlsConnectInfo<GuardedInfo<TcpConnectInfo>>>,
+    ) -> Self {
         if let Some(cred) = unix.and_then(|info| info.peer_cred) {
             return Caller::Unix {
                 uid: cred.uid(),
@@ -60,10 +82,7 @@ impl Caller {
                 pid: cred.pid(),
             };
         }
-        match extensions
-            .get::<TlsConnectInfo<GuardedInfo<TcpConnectInfo>>>()
-            .and_then(|info| info.peer_certs())
-        {
+        match tls.and_then(|info| info.peer_certs()) {
             Some(certificates) if !certificates.is_empty() => Caller::Tls { certificates },
             _ => Caller::Anonymous,
         }

@@ -6,6 +6,7 @@
 pub mod access;
 pub mod codec;
 pub mod health;
+pub mod http;
 pub mod listener;
 pub mod request_limit;
 mod service;
@@ -17,6 +18,9 @@ pub mod unix_authority;
 use std::time::{Duration, SystemTime};
 
 pub use service::{TokenBrokerService, parse_grpc_timeout};
+
+/// Largest request accepted (message or body), in bytes.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
 pub use settings::ServerConfig;
 pub use status::{BrokerError, ERROR_DOMAIN, reason};
 

@@ -1,7 +1,9 @@
-//! The request size limit, enforced on the HTTP/2 body before tonic buffers
-//! a message, with the code gRPC specifies for an oversized message
+//! The request size limit, enforced on the body before anything buffers
+//! it, with the code gRPC specifies for an oversized message
 //! (RESOURCE_EXHAUSTED; tonic's own limit answers OUT_OF_RANGE, which our
-//! API reserves for `min_remaining`).
+//! API reserves for `min_remaining`). A gRPC body is one length-prefixed
+//! message; any other body (the HTTP/JSON face) is limited to the same
+//! number of bytes.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -13,7 +15,8 @@ use tonic::Status;
 /// gRPC prefixes each message with 5 bytes (compressed flag, length).
 const MESSAGE_PREFIX: usize = 5;
 
-/// Limits every request body to one message of at most `max_message` bytes.
+/// Limits every request body to one message of at most `max_message` bytes
+/// (gRPC), or to `max_message` bytes (anything else).
 #[derive(Clone, Copy, Debug)]
 pub struct RequestLimitLayer {
     max_message: usize,
@@ -55,10 +58,16 @@ where
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let (parts, body) = request.into_parts();
+        let grpc = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let limit = self.max_body - MESSAGE_PREFIX;
         let limited = LimitedBody {
             inner: body,
-            remaining: self.max_body,
-            limit: self.max_body - MESSAGE_PREFIX,
+            remaining: if grpc { self.max_body } else { limit },
+            limit,
+            framed: grpc,
             prefix: Vec::with_capacity(MESSAGE_PREFIX),
         };
         self.inner
@@ -72,6 +81,8 @@ struct LimitedBody {
     inner: tonic::body::Body,
     remaining: usize,
     limit: usize,
+    /// A gRPC body: its first 5 bytes declare the message's length.
+    framed: bool,
     /// The first message's prefix, while fewer than 5 bytes have arrived.
     prefix: Vec<u8>,
 }
@@ -83,7 +94,7 @@ impl LimitedBody {
             return false;
         }
         self.remaining -= data.len();
-        if self.prefix.len() < MESSAGE_PREFIX {
+        if self.framed && self.prefix.len() < MESSAGE_PREFIX {
             let take = (MESSAGE_PREFIX - self.prefix.len()).min(data.len());
             self.prefix.extend_from_slice(&data[..take]);
             if self.prefix.len() == MESSAGE_PREFIX {

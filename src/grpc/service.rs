@@ -68,7 +68,7 @@ impl TokenBrokerService {
     }
 
     /// The source a request names, if the caller may use it.
-    fn source(&self, environment: i32, caller: &Caller) -> Result<&TokenSourceHandle, BrokerError> {
+    pub(crate) fn source(&self, environment: i32, caller: &Caller) -> Result<&TokenSourceHandle, BrokerError> {
         let env = environment_from_pb(environment).ok_or(BrokerError::UnspecifiedEnvironment)?;
         let source = self.sources.get(env).ok_or(BrokerError::EnvironmentNotEnabled(env))?;
         if !self.allows(env, caller) {
@@ -94,6 +94,13 @@ impl TokenBrokerService {
     }
 
     fn finish<T>(&self, method: &'static str, result: Result<T, BrokerError>) -> Result<Response<T>, Status> {
+        self.count(method, &result);
+        result.map(Response::new).map_err(Status::from)
+    }
+
+    /// Counts one answered call (`method`: the RPC's name, or the HTTP
+    /// route for the HTTP face) by its code.
+    pub(crate) fn count<T>(&self, method: &'static str, result: &Result<T, BrokerError>) {
         let code = result
             .as_ref()
             .map(|_| tonic::Code::Ok)
@@ -105,10 +112,19 @@ impl TokenBrokerService {
                 code: code_label(code),
             })
             .inc();
-        result.map(Response::new).map_err(Status::from)
     }
 
-    async fn get_token(
+    /// Longest wait for a token when the caller sets no deadline.
+    pub(crate) fn request_wait(&self) -> Duration {
+        self.request_wait
+    }
+
+    /// Cancelled when the broker starts draining (long polls answer then).
+    pub(crate) fn draining(&self) -> &CancellationToken {
+        &self.draining
+    }
+
+    pub(crate) async fn get_token(
         &self,
         request: pb::GetTokenRequest,
         caller: Caller,
@@ -147,7 +163,7 @@ impl TokenBrokerService {
         })
     }
 
-    async fn refresh_token(
+    pub(crate) async fn refresh_token(
         &self,
         request: pb::RefreshTokenRequest,
         caller: Caller,
@@ -171,7 +187,7 @@ impl TokenBrokerService {
 
     /// Every enabled environment; those the caller may not get tokens of
     /// are listed as restricted, without details.
-    fn status(&self, caller: &Caller) -> pb::GetStatusResponse {
+    pub(crate) fn status(&self, caller: &Caller) -> pb::GetStatusResponse {
         let environments = self
             .sources
             .iter()

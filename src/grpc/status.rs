@@ -1,4 +1,6 @@
-//! Internal failures of a call and the one place they become `tonic::Status`.
+//! Internal failures of a call and the one place they become `tonic::Status`
+//! (gRPC) or an HTTP answer (the HTTP/JSON face: the same Status, as a
+//! `google.rpc.Status` JSON body with the HTTP status of its code).
 //! Every non-OK Status carries a `google.rpc.ErrorInfo` with a stable
 //! [`reason`](BrokerError::reason) in the [`ERROR_DOMAIN`] domain (clients
 //! branch on it, never on message text) and, when waiting helps, a
@@ -6,6 +8,7 @@
 
 use std::time::Duration;
 
+use axum::response::IntoResponse;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -37,6 +40,16 @@ pub enum BrokerError {
     /// a call whose token source has stopped: reconnect at once.
     #[error("the broker is stopping or restarting; reconnect now")]
     ShuttingDown,
+    /// HTTP only: a request the metadata-server safeguards refuse (no
+    /// `Flute-Broker: true`, through a proxy, a CORS preflight).
+    #[error("{0}")]
+    RequestRefused(&'static str),
+    /// HTTP only: no route for this path.
+    #[error("no such route: {0}")]
+    UnknownRoute(String),
+    /// HTTP only: a route that exists, with another method.
+    #[error("method {0} is not allowed here")]
+    MethodNotAllowed(String),
 }
 
 impl BrokerError {
@@ -70,6 +83,9 @@ impl BrokerError {
             BrokerError::OutOfRange { .. } => Code::OutOfRange,
             BrokerError::PermissionDenied(_) => Code::PermissionDenied,
             BrokerError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            BrokerError::RequestRefused(_) => Code::PermissionDenied,
+            BrokerError::UnknownRoute(_) => Code::NotFound,
+            BrokerError::MethodNotAllowed(_) => Code::Unimplemented,
         }
     }
 }
@@ -87,6 +103,9 @@ pub mod reason {
     pub const MIN_REMAINING_TOO_LONG: &str = "MIN_REMAINING_TOO_LONG";
     pub const TOKEN_WAIT_EXCEEDED: &str = "TOKEN_WAIT_EXCEEDED";
     pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
+    pub const REQUEST_REFUSED: &str = "REQUEST_REFUSED";
+    pub const UNKNOWN_ROUTE: &str = "UNKNOWN_ROUTE";
+    pub const METHOD_NOT_ALLOWED: &str = "METHOD_NOT_ALLOWED";
 }
 
 impl BrokerError {
@@ -101,6 +120,9 @@ impl BrokerError {
             BrokerError::OutOfRange { .. } => reason::MIN_REMAINING_TOO_LONG,
             BrokerError::DeadlineExceeded(_) => reason::TOKEN_WAIT_EXCEEDED,
             BrokerError::ShuttingDown => reason::SHUTTING_DOWN,
+            BrokerError::RequestRefused(_) => reason::REQUEST_REFUSED,
+            BrokerError::UnknownRoute(_) => reason::UNKNOWN_ROUTE,
+            BrokerError::MethodNotAllowed(_) => reason::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -139,6 +161,93 @@ impl From<BrokerError> for Status {
             _ => {}
         }
         Status::with_error_details(error.code(), error.to_string(), details)
+    }
+}
+
+impl axum::response::IntoResponse for BrokerError {
+    /// The Status gRPC would send, as HTTP: the status of its code (405 for
+    /// a method the route does not take), `google.rpc.Status` JSON with the
+    /// same details, `Retry-After` from its RetryInfo.
+    fn into_response(self) -> axum::response::Response {
+        let http = match &self {
+            BrokerError::MethodNotAllowed(_) => axum::http::StatusCode::METHOD_NOT_ALLOWED,
+            other => http_status(other.code()),
+        };
+        status_response(http, &Status::from(self))
+    }
+}
+
+/// The HTTP status for a gRPC code (google.rpc.Code's documented mapping).
+pub fn http_status(code: Code) -> axum::http::StatusCode {
+    use axum::http::StatusCode as H;
+    match code {
+        Code::Ok => H::OK,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => H::BAD_REQUEST,
+        Code::Unauthenticated => H::UNAUTHORIZED,
+        Code::PermissionDenied => H::FORBIDDEN,
+        Code::NotFound => H::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => H::CONFLICT,
+        Code::ResourceExhausted => H::TOO_MANY_REQUESTS,
+        Code::Cancelled => H::from_u16(499).unwrap_or(H::BAD_REQUEST),
+        Code::Unimplemented => H::NOT_IMPLEMENTED,
+        Code::Unavailable => H::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => H::GATEWAY_TIMEOUT,
+        Code::Unknown | Code::Internal | Code::DataLoss => H::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// `status` as an HTTP answer: a google.rpc.Status JSON body (the proto3
+/// JSON mapping: `code`, `message`, `details` with `@type`).
+fn status_response(http: axum::http::StatusCode, status: &Status) -> axum::response::Response {
+    use axum::http::header;
+    use serde_json::json;
+    let details = status.get_error_details();
+    let mut out = Vec::new();
+    if let Some(info) = details.error_info() {
+        out.push(json!({
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": info.reason,
+            "domain": info.domain,
+            "metadata": info.metadata,
+        }));
+    }
+    let retry = details.retry_info().and_then(|r| r.retry_delay);
+    if let Some(delay) = retry {
+        out.push(json!({
+            "@type": "type.googleapis.com/google.rpc.RetryInfo",
+            "retryDelay": json_duration(delay),
+        }));
+    }
+    if let Some(bad) = details.bad_request() {
+        let violations: Vec<_> = bad
+            .field_violations
+            .iter()
+            .map(|v| json!({"field": v.field, "description": v.description}))
+            .collect();
+        out.push(json!({
+            "@type": "type.googleapis.com/google.rpc.BadRequest",
+            "fieldViolations": violations,
+        }));
+    }
+    let body = json!({"code": status.code() as i32, "message": status.message(), "details": out});
+    let mut response = (http, axum::Json(body)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    if let Some(delay) = retry {
+        let seconds = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+        headers.insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+    }
+    response
+}
+
+/// A Duration in the proto3 JSON form: seconds with 0, 3, 6 or 9 decimals, then `s`.
+pub fn json_duration(d: Duration) -> String {
+    let nanos = d.subsec_nanos();
+    match nanos {
+        0 => format!("{}s", d.as_secs()),
+        n if n % 1_000_000 == 0 => format!("{}.{:03}s", d.as_secs(), n / 1_000_000),
+        n if n % 1_000 == 0 => format!("{}.{:06}s", d.as_secs(), n / 1_000),
+        n => format!("{}.{:09}s", d.as_secs(), n),
     }
 }
 

@@ -1,0 +1,273 @@
+//! The HTTP/JSON face of the TokenBroker service, for callers without a
+//! gRPC stack (`curl`, PHP, shell): GetToken, RefreshToken and GetStatus at
+//! the paths their `google.api.http` options declare, served on the gRPC
+//! listeners (HTTP/1.1 and HTTP/2; a request that is not gRPC is routed
+//! here by its path). Each handler calls the same service logic as gRPC
+//! with the same caller; errors are the same [`BrokerError`], answered as
+//! HTTP by its one mapping.
+//!
+//! The safeguards of the cloud metadata servers apply to every request:
+//! the header `Flute-Broker: true` is required (an SSRF through an
+//! application cannot add it), a request that came through a proxy
+//! (`X-Forwarded-For`, `Forwarded`) or a CORS preflight is refused, and no
+//! answer carries CORS headers or may be cached.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+
+use super::access::Caller;
+use super::service::TokenBrokerService;
+use super::status::BrokerError;
+use super::{MAX_REQUEST_BYTES, pb};
+use crate::environment::Environment;
+use crate::token::Snapshot;
+
+/// The routes, as the proto's `google.api.http` options declare them.
+pub const GET_TOKEN: &str = "/v1/environments/{environment}/token";
+pub const REFRESH_TOKEN: &str = "/v1/environments/{environment}/token:refresh";
+pub const GET_STATUS: &str = "/v1/status";
+
+/// The header every request must carry, and its value.
+pub const REQUIRED_HEADER: &str = "flute-broker";
+
+/// Longest `timeout_sec` of a long poll; longer values are shortened.
+pub const MAX_LONG_POLL: Duration = Duration::from_secs(300);
+/// A long poll's timeout when the request names none.
+pub const DEFAULT_LONG_POLL: Duration = Duration::from_secs(60);
+
+/// The HTTP routes, guarded; merged with the gRPC routes by the daemon.
+pub fn router(service: TokenBrokerService) -> Router {
+    Router::new()
+        .route(GET_TOKEN, axum::routing::get(get_token))
+        .route(REFRESH_TOKEN, axum::routing::post(refresh_token))
+        .route(GET_STATUS, axum::routing::get(get_status))
+        .method_not_allowed_fallback(method_not_allowed)
+        .route_layer(middleware::from_fn(guard))
+        .with_state(service)
+}
+
+/// For requests no route takes: gRPC ones get gRPC's UNIMPLEMENTED (as
+/// tonic would answer), anything else a 404 JSON Status.
+pub async fn fallback(request: Request) -> Response {
+    let grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        return tonic::Status::unimplemented("")
+            .into_http::<axum::body::Body>()
+            .into_response();
+    }
+    BrokerError::UnknownRoute(format!("{} {}", request.method(), request.uri().path())).into_response()
+}
+
+async fn method_not_allowed(request: Request) -> Response {
+    BrokerError::MethodNotAllowed(request.method().to_string()).into_response()
+}
+
+/// The metadata-server safeguards, before any route runs.
+async fn guard(request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let refused = if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
+        Some("requests that came through a proxy (X-Forwarded-For or Forwarded) are refused: call the broker directly")
+    } else if request.method() == Method::OPTIONS {
+        Some("cross-origin requests are not served: this API sends no CORS headers")
+    } else if !headers
+        .get(REQUIRED_HEADER)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
+    {
+        Some("the header `Flute-Broker: true` is required")
+    } else {
+        None
+    };
+    match refused {
+        Some(why) => BrokerError::RequestRefused(why).into_response(),
+        None => next.run(request).await,
+    }
+}
+
+/// The environment in a path: `sandbox`, `production` (or the enum's names).
+fn environment(name: &str) -> Result<i32, BrokerError> {
+    let env = match name {
+        "ENVIRONMENT_SANDBOX" => Environment::Sandbox,
+        "ENVIRONMENT_PRODUCTION" => Environment::Production,
+        other => other
+            .parse::<Environment>()
+            .map_err(|_| BrokerError::UnspecifiedEnvironment)?,
+    };
+    Ok(pb::Environment::from(env) as i32)
+}
+
+/// A Duration in a query: the proto3 JSON form (`60s`, `1.5s`) or the
+/// configuration's (`5m`, `90`).
+fn duration(field: &'static str, text: &str) -> Result<Duration, BrokerError> {
+    let invalid = || BrokerError::InvalidArgument {
+        field,
+        message: format!("{text:?} is not a duration (60s, 1.5s, 5m)"),
+    };
+    if let Some(seconds) = text.strip_suffix('s').and_then(|s| s.parse::<f64>().ok()) {
+        return Duration::try_from_secs_f64(seconds).map_err(|_| invalid());
+    }
+    crate::duration::parse(text).map_err(|_| invalid())
+}
+
+async fn get_token(
+    State(service): State<TokenBrokerService>,
+    Path(env): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    request: Request,
+) -> Response {
+    let caller = Caller::from_extensions(request.extensions());
+    let result = async {
+        let environment = environment(&env)?;
+        let min_remaining = query
+            .get("min_remaining")
+            .map(|d| duration("min_remaining", d))
+            .transpose()?;
+        if query.get("wait_for_change").is_some_and(|v| v == "true") {
+            wait_for_change(&service, environment, &caller, &query).await?;
+        }
+        let request = pb::GetTokenRequest {
+            environment,
+            min_remaining: min_remaining.map(super::pb_duration),
+        };
+        service.get_token(request, caller, service.request_wait()).await
+    }
+    .await;
+    service.count("HTTP GET /v1/environments/{environment}/token", &result);
+    match result {
+        Ok(reply) => token_answer(reply.token.as_ref(), json("GetTokenResponse", &reply)),
+        Err(error) => error.into_response(),
+    }
+}
+
+/// The long poll: returns once the state differs from `last_etag` (a
+/// rotation, or an outage), at `timeout_sec`, or when the broker drains.
+async fn wait_for_change(
+    service: &TokenBrokerService,
+    environment: i32,
+    caller: &Caller,
+    query: &HashMap<String, String>,
+) -> Result<(), BrokerError> {
+    let timeout = match query.get("timeout_sec") {
+        Some(t) => Duration::from_secs(t.parse::<u64>().map_err(|_| BrokerError::InvalidArgument {
+            field: "timeout_sec",
+            message: format!("{t:?} is not a whole number of seconds"),
+        })?),
+        None => DEFAULT_LONG_POLL,
+    }
+    .min(MAX_LONG_POLL);
+    let last = query.get("last_etag").map(|e| e.trim_matches('"').to_owned());
+    let source = service.source(environment, caller)?;
+    let current = |s: &Snapshot| s.servable(tokio::time::Instant::now()).map(|t| t.token_id.clone());
+    let mut snapshots = source.subscribe();
+    let changed = snapshots.wait_for(|s| current(s) != last);
+    tokio::select! {
+        _ = changed => {}
+        _ = tokio::time::sleep(timeout) => {}
+        _ = service.draining().cancelled() => {}
+    }
+    Ok(())
+}
+
+async fn refresh_token(
+    State(service): State<TokenBrokerService>,
+    Path(env): Path<String>,
+    request: Request,
+) -> Response {
+    let caller = Caller::from_extensions(request.extensions());
+    let result = async {
+        let environment = environment(&env)?;
+        let body = axum::body::to_bytes(request.into_body(), MAX_REQUEST_BYTES)
+            .await
+            .map_err(|e| BrokerError::InvalidArgument {
+                field: "body",
+                message: format!("cannot read the body: {e}"),
+            })?;
+        let mut request: pb::RefreshTokenRequest = from_json("RefreshTokenRequest", &body)?;
+        request.environment = environment;
+        service.refresh_token(request, caller, service.request_wait()).await
+    }
+    .await;
+    service.count("HTTP POST /v1/environments/{environment}/token:refresh", &result);
+    match result {
+        Ok(reply) => token_answer(reply.token.as_ref(), json("RefreshTokenResponse", &reply)),
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn get_status(State(service): State<TokenBrokerService>, request: Request) -> Response {
+    let caller = Caller::from_extensions(request.extensions());
+    let reply = service.status(&caller);
+    service.count::<()>("HTTP GET /v1/status", &Ok(()));
+    let mut response = json("GetStatusResponse", &reply).into_response();
+    no_store(response.headers_mut());
+    response
+}
+
+/// A token answer: the JSON, `ETag` (the token_id), never cached.
+fn token_answer(token: Option<&pb::Token>, body: JsonBody) -> Response {
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    no_store(headers);
+    if let Some(etag) = token.and_then(|t| HeaderValue::from_str(&format!("\"{}\"", t.token_id)).ok()) {
+        headers.insert(header::ETAG, etag);
+    }
+    response
+}
+
+fn no_store(headers: &mut HeaderMap) {
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
+/// The descriptors of flute.tokenbroker.v1, for the proto3 JSON mapping.
+static POOL: LazyLock<DescriptorPool> =
+    LazyLock::new(|| DescriptorPool::decode(pb::FILE_DESCRIPTOR_SET).expect("the build's own descriptor set decodes"));
+
+/// A message as proto3 JSON (camelCase names, enums by name, Timestamp and
+/// Duration as strings, 64-bit integers as strings, defaults omitted).
+struct JsonBody(Vec<u8>);
+
+impl IntoResponse for JsonBody {
+    fn into_response(self) -> Response {
+        ([(header::CONTENT_TYPE, "application/json")], self.0).into_response()
+    }
+}
+
+fn descriptor(name: &str) -> prost_reflect::MessageDescriptor {
+    POOL.get_message_by_name(&format!("flute.tokenbroker.v1.{name}"))
+        .expect("every message of the API is in the descriptor set")
+}
+
+fn json(name: &str, message: &impl prost::Message) -> JsonBody {
+    let dynamic = DynamicMessage::decode(descriptor(name), message.encode_to_vec().as_slice())
+        .expect("a message the broker built decodes as itself");
+    let mut out = Vec::with_capacity(256);
+    let mut serializer = serde_json::Serializer::new(&mut out);
+    dynamic
+        .serialize_with_options(&mut serializer, &SerializeOptions::new())
+        .expect("a message serializes to JSON");
+    JsonBody(out)
+}
+
+fn from_json<M: prost::Message + Default>(name: &str, body: &[u8]) -> Result<M, BrokerError> {
+    let invalid = |message: String| BrokerError::InvalidArgument { field: "body", message };
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        body
+    };
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let dynamic = DynamicMessage::deserialize(descriptor(name), &mut deserializer)
+        .map_err(|e| invalid(format!("not a {name} in JSON: {e}")))?;
+    dynamic.transcode_to::<M>().map_err(|e| invalid(e.to_string()))
+}
