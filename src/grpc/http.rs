@@ -145,7 +145,7 @@ async fn get_token(
     .await;
     service.count("HTTP GET /v1/environments/{environment}/token", &result);
     match result {
-        Ok(reply) => token_answer(reply.token.as_ref(), json("GetTokenResponse", &reply)),
+        Ok(reply) => token_answer(reply.token.as_ref()),
         Err(error) => error.into_response(),
     }
 }
@@ -200,7 +200,7 @@ async fn refresh_token(
     .await;
     service.count("HTTP POST /v1/environments/{environment}/token:refresh", &result);
     match result {
-        Ok(reply) => token_answer(reply.token.as_ref(), json("RefreshTokenResponse", &reply)),
+        Ok(reply) => token_answer(reply.token.as_ref()),
         Err(error) => error.into_response(),
     }
 }
@@ -214,9 +214,10 @@ async fn get_status(State(service): State<TokenBrokerService>, request: Request)
     response
 }
 
-/// A token answer: the JSON, `ETag` (the token_id), never cached.
-fn token_answer(token: Option<&pb::Token>, body: JsonBody) -> Response {
-    let mut response = body.into_response();
+/// A token answer (GetTokenResponse and RefreshTokenResponse have the same
+/// shape): the JSON, `ETag` (the token_id), never cached.
+fn token_answer(token: Option<&pb::Token>) -> Response {
+    let mut response = JsonBody(token_response_json(token).into_bytes()).into_response();
     let headers = response.headers_mut();
     no_store(headers);
     if let Some(etag) = token.and_then(|t| HeaderValue::from_str(&format!("\"{}\"", t.token_id)).ok()) {
@@ -227,6 +228,57 @@ fn token_answer(token: Option<&pb::Token>, body: JsonBody) -> Response {
 
 fn no_store(headers: &mut HeaderMap) {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
+/// `{"token": …}` in the proto3 JSON mapping, written directly: the hot
+/// path of the HTTP read. It is the same text prost-reflect writes from the
+/// descriptors (a test compares them); the other messages go through
+/// [`json`].
+pub fn token_response_json(token: Option<&pb::Token>) -> String {
+    let Some(t) = token else {
+        return "{}".into();
+    };
+    let mut fields: Vec<String> = Vec::with_capacity(7);
+    let mut string = |name: &str, value: &str| {
+        if !value.is_empty() {
+            fields.push(format!("\"{name}\":{}", serde_json::Value::from(value)));
+        }
+    };
+    string("accessToken", &t.access_token);
+    string("tokenType", &t.token_type);
+    if let Some(at) = &t.issued_at {
+        string("issuedAt", &json_timestamp(at));
+    }
+    if let Some(at) = &t.expires_at {
+        string("expiresAt", &json_timestamp(at));
+    }
+    if t.environment != 0 {
+        let name = pb::Environment::try_from(t.environment).map(|e| e.as_str_name());
+        string("environment", name.unwrap_or_default());
+    }
+    string("tokenId", &t.token_id);
+    if let Some(d) = &t.serve_for {
+        let d = super::duration_from_pb(d).unwrap_or_default();
+        string("serveFor", &super::status::json_duration(d));
+    }
+    format!("{{\"token\":{{{}}}}}", fields.join(","))
+}
+
+/// A Timestamp in the proto3 JSON form: RFC 3339 in UTC with 0, 3, 6 or 9
+/// fractional digits.
+fn json_timestamp(t: &prost_types::Timestamp) -> String {
+    let at = std::time::UNIX_EPOCH
+        + Duration::from_secs(t.seconds.max(0) as u64)
+        + Duration::from_nanos(t.nanos.max(0) as u64);
+    let full = humantime::format_rfc3339_nanos(at).to_string();
+    let (seconds, _) = full.split_at(19);
+    let nanos = t.nanos.max(0) as u32;
+    match nanos {
+        0 => format!("{seconds}Z"),
+        n if n % 1_000_000 == 0 => format!("{seconds}.{:03}Z", n / 1_000_000),
+        n if n % 1_000 == 0 => format!("{seconds}.{:06}Z", n / 1_000),
+        n => format!("{seconds}.{n:09}Z"),
+    }
 }
 
 /// The descriptors of flute.tokenbroker.v1, for the proto3 JSON mapping.
@@ -270,4 +322,55 @@ fn from_json<M: prost::Message + Default>(name: &str, body: &[u8]) -> Result<M, 
     let dynamic = DynamicMessage::deserialize(descriptor(name), &mut deserializer)
         .map_err(|e| invalid(format!("not a {name} in JSON: {e}")))?;
     dynamic.transcode_to::<M>().map_err(|e| invalid(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-written token JSON is exactly the descriptor-driven proto3
+    /// JSON, across fractional-second shapes and absent fields.
+    #[test]
+    fn token_json_is_the_proto3_mapping() {
+        let shapes = [0, 5_000_000, 120_000, 123_456_789, 999_999_999];
+        for (i, nanos) in shapes.into_iter().enumerate() {
+            let token = pb::Token {
+                access_token: format!("tok-{i}-\"quoted\"/+="),
+                token_type: "Bearer".into(),
+                issued_at: Some(prost_types::Timestamp {
+                    seconds: 1_764_556_800 + i as i64,
+                    nanos,
+                }),
+                expires_at: Some(prost_types::Timestamp {
+                    seconds: 1_764_557_700,
+                    nanos: shapes[(i + 1) % shapes.len()],
+                }),
+                environment: if i % 2 == 0 { 1 } else { 2 },
+                token_id: "0123456789ab".into(),
+                serve_for: Some(prost_types::Duration {
+                    seconds: 894 - i as i64,
+                    nanos: shapes[(i + 2) % shapes.len()],
+                }),
+            };
+            let reply = pb::GetTokenResponse {
+                token: Some(token.clone()),
+            };
+            let expected = String::from_utf8(json("GetTokenResponse", &reply).0).unwrap();
+            assert_eq!(token_response_json(Some(&token)), expected);
+            let sparse = pb::Token {
+                issued_at: None,
+                serve_for: None,
+                token_type: String::new(),
+                environment: 0,
+                ..token
+            };
+            let reply = pb::RefreshTokenResponse {
+                token: Some(sparse.clone()),
+            };
+            let expected = String::from_utf8(json("RefreshTokenResponse", &reply).0).unwrap();
+            assert_eq!(token_response_json(Some(&sparse)), expected);
+        }
+        let empty = String::from_utf8(json("GetTokenResponse", &pb::GetTokenResponse::default()).0).unwrap();
+        assert_eq!(token_response_json(None), empty);
+    }
 }

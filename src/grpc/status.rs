@@ -241,7 +241,7 @@ fn status_response(http: axum::http::StatusCode, status: &Status) -> axum::respo
 }
 
 /// A Duration in the proto3 JSON form: seconds with 0, 3, 6 or 9 decimals, then `s`.
-pub fn json_duration(d: Duration) -> String {
+pub(crate) fn json_duration(d: Duration) -> String {
     let nanos = d.subsec_nanos();
     match nanos {
         0 => format!("{}s", d.as_secs()),
