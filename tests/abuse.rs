@@ -151,6 +151,17 @@ async fn an_idle_connection_flood_starves_neither_the_unix_socket_nor_the_admin_
         }
     };
     assert!(recovered, "TCP answers again after the idle connections timed out");
+
+    // The same deadline guards the HTTP/JSON face of the gRPC listener: an
+    // HTTP/1.1 request head that never ends is cut off too.
+    let mut slow = TcpStream::connect(&tcp).await.unwrap();
+    slow.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nFlute-Broker: true\r\n")
+        .await
+        .unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut buf))
+        .await
+        .expect("the gRPC listener closes a slow HTTP/1.1 request");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     let closed =
         format!("flute_broker_connections_closed_total{{listener=\"grpc:{tcp}\",reason=\"handshake_timeout\"}}");
     assert!(support::metric(&admin, &closed).await >= 1.0);
