@@ -59,6 +59,61 @@ def wrk(base, path):
     return rate, to_ms(lat["50"]), to_ms(lat["99"]), 0 if non_2xx is None else int(non_2xx.group(1))
 
 
+def raw_get(sock_path, path):
+    """One HTTP/1.1 GET on the Unix socket; (status, headers, body)."""
+    import json
+    import socket as sk
+    with sk.socket(sk.AF_UNIX, sk.SOCK_STREAM) as s:
+        s.connect(str(sock_path))
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nFlute-Broker: true\r\nConnection: close\r\n\r\n".encode())
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return json.loads(body)
+
+
+def long_poll_delays(rotations=10):
+    """A broker with 2 s tokens (a rotation every second); a gRPC watcher
+    (`flute-token-broker watch`) and an HTTP long poll side by side: how
+    much later than the watcher the long poll answers each rotation."""
+    import threading
+    work = pathlib.Path(tempfile.mkdtemp(prefix="long-poll-"))
+    sock = work / "broker.sock"
+    broker = subprocess.Popen([BIN, "serve", "--dev", "--dev-token-lifetime", "2s", "--admin-listen", "", "--listen", f"unix:{sock}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = {}
+    try:
+        while not sock.exists():
+            time.sleep(0.05)
+        watch = subprocess.Popen([BIN, "watch", "--env", "sandbox", "--addr", f"unix:{sock}"], stdout=subprocess.PIPE, text=True)
+
+        def read_watch():
+            for line in watch.stdout:
+                parts = line.split()
+                if len(parts) >= 3 and parts[1] == "token":
+                    seen.setdefault(parts[2], time.monotonic())
+
+        threading.Thread(target=read_watch, daemon=True).start()
+        etag = raw_get(sock, HTTP_PATH)["token"]["tokenId"]
+        delays = []
+        while len(delays) < rotations:
+            token = raw_get(sock, f"{HTTP_PATH}?wait_for_change=true&last_etag={etag}&timeout_sec=10")["token"]
+            answered = time.monotonic()
+            etag = token["tokenId"]
+            for _ in range(100):
+                if etag in seen:
+                    break
+                time.sleep(0.01)
+            delays.append((answered - seen[etag]) * 1000.0)
+        watch.terminate()
+        return delays
+    finally:
+        broker.terminate()
+        broker.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     for tool in ("h2load", "wrk"):
         if shutil.which(tool) is None:
@@ -99,6 +154,9 @@ def main():
     for name, rate, p50, p99, ok, n in rows:
         answered = f"{ok:,} of {n:,}" if ok is not None else f"{n} non-2xx"
         print(f"| {name} | {rate:,.0f} | {p50:.3f} ms | {p99:.3f} ms | {answered} |")
+    delays = long_poll_delays()
+    print(f"\nlong poll vs gRPC watcher, 10 rotations: the long poll answered {min(delays):+.1f} … {max(delays):+.1f} ms "
+          f"from the watcher's line (median {statistics.median(delays):+.1f} ms; negative: the long poll was first)")
 
 
 main()
