@@ -5,6 +5,10 @@ socket and on TCP loopback. Run:
 
     cargo build --release && python3 benches/http_read.py
 
+With FLUTE_BROKER_BASELINE=<an older release binary> it also runs gRPC
+GetToken against both binaries, alternating, three rounds each: whether the
+HTTP face changed the gRPC path.
+
 Each row: requests/s and latency p50/p99 (from h2load's per-request log, or
 wrk's --latency). gRPC GetToken is an HTTP/2 POST of the framed
 GetTokenRequest, exactly what a gRPC client sends.
@@ -114,13 +118,10 @@ def long_poll_delays(rotations=10):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def main():
-    for tool in ("h2load", "wrk"):
-        if shutil.which(tool) is None:
-            sys.exit(f"{tool} is missing: apt-get install nghttp2-client wrk")
-    work = pathlib.Path(tempfile.mkdtemp(prefix="http-read-"))
+def start(binary, work):
+    """`serve --dev` of `binary` on a Unix socket in `work` and a TCP port."""
     sock = work / "broker.sock"
-    broker = subprocess.Popen([BIN, "serve", "--dev", "--admin-listen", "",
+    broker = subprocess.Popen([binary, "serve", "--dev", "--admin-listen", "",
                                "--listen", f"unix:{sock}", "--listen", "127.0.0.1:0"],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     tcp = None
@@ -130,15 +131,49 @@ def main():
             tcp = f"http://{m.group(1)}"
         if line.startswith("Stop with"):
             break
+    time.sleep(0.5)
+    return broker, sock, tcp
+
+
+def grpc_headers(work):
     (work / "grpc.bin").write_bytes(GRPC_BODY)
-    grpc_headers = ["-d", str(work / "grpc.bin"), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+    return ["-d", str(work / "grpc.bin"), "-H", "content-type: application/grpc", "-H", "te: trailers"]
+
+
+def baseline_rounds(baseline, rounds=3):
+    """gRPC GetToken, h2load, old and new binaries alternating."""
+    results = {"baseline": [], "this build": []}
+    for _ in range(rounds):
+        for name, binary in (("baseline", baseline), ("this build", BIN)):
+            work = pathlib.Path(tempfile.mkdtemp(prefix="ab-"))
+            broker, sock, tcp = start(binary, work)
+            try:
+                unix = h2load(work, "u", f"unix:{sock}", GRPC_PATH, grpc_headers(work), 4, 16)[0]
+                tcp_rate = h2load(work, "t", tcp, GRPC_PATH, grpc_headers(work), 4, 16)[0]
+                results[name].append((unix, tcp_rate))
+            finally:
+                broker.terminate()
+                broker.wait()
+                shutil.rmtree(work, ignore_errors=True)
+    print(f"\ngRPC GetToken (h2load, 4 x 16), {rounds} alternating rounds, mean requests/s:")
+    for name, runs in results.items():
+        print(f"  {name}: Unix socket {statistics.mean(u for u, _ in runs):,.0f}, TCP {statistics.mean(t for _, t in runs):,.0f}"
+              f" (runs: {', '.join(f'{u:,.0f}/{t:,.0f}' for u, t in runs)})")
+
+
+def main():
+    for tool in ("h2load", "wrk"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is missing: apt-get install nghttp2-client wrk")
+    work = pathlib.Path(tempfile.mkdtemp(prefix="http-read-"))
+    broker, sock, tcp = start(BIN, work)
+    grpc = grpc_headers(work)
     http_headers = ["-H", "flute-broker: true"]
     rows = []
     try:
-        time.sleep(0.5)
         for transport, base in (("Unix socket", f"unix:{sock}"), ("TCP loopback", tcp)):
             rows.append((f"gRPC GetToken, HTTP/2, 4 connections x 16 streams, {transport}",
-                         *h2load(work, f"grpc-{transport}", base, GRPC_PATH, grpc_headers, 4, 16)))
+                         *h2load(work, f"grpc-{transport}", base, GRPC_PATH, grpc, 4, 16)))
             rows.append((f"HTTP/JSON GET, HTTP/2, 4 connections x 16 streams, {transport}",
                          *h2load(work, f"h2-{transport}", base, HTTP_PATH, http_headers, 4, 16)))
             rows.append((f"HTTP/JSON GET, HTTP/1.1 keep-alive, 64 connections, {transport}",
@@ -154,6 +189,8 @@ def main():
     for name, rate, p50, p99, ok, n in rows:
         answered = f"{ok:,} of {n:,}" if ok is not None else f"{n} non-2xx"
         print(f"| {name} | {rate:,.0f} | {p50:.3f} ms | {p99:.3f} ms | {answered} |")
+    if os.environ.get("FLUTE_BROKER_BASELINE"):
+        baseline_rounds(os.environ["FLUTE_BROKER_BASELINE"])
     delays = long_poll_delays()
     print(f"\nlong poll vs gRPC watcher, 10 rotations: the long poll answered {min(delays):+.1f} … {max(delays):+.1f} ms "
           f"from the watcher's line (median {statistics.median(delays):+.1f} ms; negative: the long poll was first)")
