@@ -68,6 +68,8 @@ err="$(flute_token moon 2>&1 >/dev/null || true)"
 check "an unknown environment: ENVIRONMENT_UNSPECIFIED (400)" grep -q "ENVIRONMENT_UNSPECIFIED (400)" <<<"$err"
 check "without the Flute-Broker header: 403" \
   test "$(curl -s -o /dev/null -w '%{http_code}' --unix-socket "$FLUTE_BROKER_SOCKET" http://localhost/v1/environments/sandbox/token)" = 403
+check "HTTP/2 (prior knowledge) on the same socket: 200" \
+  test "$(curl -s -o /dev/null -w '%{http_code} %{http_version}' --http2-prior-knowledge --unix-socket "$FLUTE_BROKER_SOCKET" -H 'Flute-Broker: true' http://localhost/v1/environments/sandbox/token)" = "200 2"
 check "through a proxy (X-Forwarded-For): 403" \
   test "$(curl -s -o /dev/null -w '%{http_code}' --unix-socket "$FLUTE_BROKER_SOCKET" -H 'Flute-Broker: true' -H 'X-Forwarded-For: 10.1.2.3' http://localhost/v1/environments/sandbox/token)" = 403
 curl -s -X POST "$emulator/__emulator/faults" -H 'Content-Type: application/json' \
