@@ -326,6 +326,44 @@ def case_socket_group_and_allow_list(guest):
     return "; ".join(seen)
 
 
+def case_agent_example(guest):
+    """deploy/systemd/agent.toml, pointed at this guest's broker as its hub:
+    a broker with no key, run as a unit of its own, serves the hub's token."""
+    text = (REPO / "deploy" / "systemd" / "agent.toml").read_text()
+    text = re.sub(r"\[upstream\]\n(?:(?:#.*|\w+ = .*)\n)*", "", text)
+    text = re.sub(r"^upstream = .*$", f'upstream = ["unix:{SOCKET}"]', text, flags=re.M)
+    text = text.replace('listen = ["unix:/run/flute-token-broker/broker.sock"]', 'listen = ["unix:/run/flute-agent/agent.sock"]')
+    guest.sh("mkdir -p /etc/flute-agent && cat > /etc/flute-agent/config.toml", input=text)
+    checked = guest.sh("flute-token-broker check-config --config /etc/flute-agent/config.toml", check=False)
+    check(checked.returncode == 0 and "no API key on this host" in checked.stderr, f"check-config on the agent: {checked.stderr}")
+    # Its own unit: no credential, no key; the hub admits it by its groups.
+    started = guest.sh(
+        "systemd-run --unit flute-agent -p Type=notify -p DynamicUser=yes "
+        "-p 'SupplementaryGroups=flute-broker flute-production' -p RuntimeDirectory=flute-agent "
+        # The hub holds 9464 on this host; an agent host has it free.
+        "-p Environment=FLUTE_BROKER__ADMIN__LISTEN=127.0.0.1:9465 "
+        "/usr/bin/flute-token-broker serve --config /etc/flute-agent/config.toml",
+        check=False,
+    )
+    try:
+        log = guest.sh("journalctl -u flute-agent -o cat --no-pager | tail -n 20", check=False).stdout
+        check(started.returncode == 0, f"the agent unit starts: {started.stderr} {log}")
+        check(guest.prop("ActiveState", unit="flute-agent") == "active", "the agent unit is active (READY=1 once it follows the hub)")
+        agent = guest.sh("flute-token-broker get --env sandbox --format json --addr unix:/run/flute-agent/agent.sock", check=False)
+        check(agent.returncode == 0, f"a token from the agent: {agent.stderr}")
+        at_agent = json.loads(agent.stdout)["token_id"]
+        at_hub = token_id(guest)
+        check(at_agent == at_hub, f"the agent serves the hub's token ({at_agent} vs {at_hub})")
+        production = guest.sh("flute-token-broker get --env production --addr unix:/run/flute-agent/agent.sock", check=False)
+        check(production.returncode == 0, f"production through the hub's allow-list (flute-production): {production.stderr}")
+        SEEN_TOKENS.update([json.loads(agent.stdout)["access_token"], production.stdout.strip()])
+        log = guest.sh("journalctl -u flute-agent -o cat --no-pager", check=False).stdout
+        check(log.count("following upstream brokers") == 2, f"both environments follow the hub: {log}")
+    finally:
+        guest.sh("systemctl stop flute-agent", check=False)
+    return f"deploy/systemd/agent.toml following this broker's socket, as a DynamicUser unit with no credential: sandbox token {at_agent} = the hub's; production through the hub's allow-list"
+
+
 def case_reload(guest):
     config = "/etc/flute-token-broker/config.toml"
     guest.sh(f"cp {config} /root/config.good")
@@ -608,6 +646,7 @@ PACKAGE_CASES = [
     ("package files", case_package_files),
     ("active with STATUS=", case_active_with_status),
     ("socket group and allow-list", case_socket_group_and_allow_list),
+    ("agent example following this broker", case_agent_example),
     ("reload and rejected reload", case_reload),
     ("journal fields", case_journal_fields),
     ("restart under load", case_restart_under_load),

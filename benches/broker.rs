@@ -106,10 +106,12 @@ async fn unix_server(
     tokio::spawn(async move {
         let served = if adapter {
             router
-                .serve_with_incoming(incoming(UnixAuthorityListener(listener), guard))
+                .serve_with_incoming(incoming(UnixAuthorityListener(listener), guard, Default::default()))
                 .await
         } else {
-            router.serve_with_incoming(incoming(listener, guard)).await
+            router
+                .serve_with_incoming(incoming(listener, guard, Default::default()))
+                .await
         };
         served.unwrap();
     })

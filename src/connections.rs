@@ -102,6 +102,8 @@ pub fn per_listener_budget(configured: usize, fd_limit: u64, listeners: usize) -
 pub struct Activity {
     open_requests: AtomicUsize,
     seen_request: AtomicBool,
+    /// The listener's count of connections that have not begun a request.
+    awaiting_first: Arc<AtomicUsize>,
     /// When the connection was accepted; `idle_since` counts from here.
     accepted: Instant,
     /// Nanoseconds after `accepted` at which the last request ended.
@@ -109,10 +111,12 @@ pub struct Activity {
 }
 
 impl Activity {
-    fn new(accepted: Instant) -> Self {
+    fn new(accepted: Instant, awaiting_first: Arc<AtomicUsize>) -> Self {
+        awaiting_first.fetch_add(1, Ordering::AcqRel);
         Self {
             open_requests: AtomicUsize::new(0),
             seen_request: AtomicBool::new(false),
+            awaiting_first,
             accepted,
             idle_since: AtomicU64::new(0),
         }
@@ -121,7 +125,9 @@ impl Activity {
     /// Marks a request open until the returned guard is dropped; the
     /// count of requests open on the connection, this one included.
     pub fn begin(self: &Arc<Self>) -> (RequestGuard, usize) {
-        self.seen_request.store(true, Ordering::Release);
+        if !self.seen_request.swap(true, Ordering::AcqRel) {
+            self.awaiting_first.fetch_sub(1, Ordering::AcqRel);
+        }
         let open = self.open_requests.fetch_add(1, Ordering::AcqRel) + 1;
         (RequestGuard(self.clone()), open)
     }
@@ -155,6 +161,8 @@ impl Drop for RequestGuard {
 pub struct ListenerGuard {
     labels: ListenerLabels,
     limits: ConnectionLimits,
+    /// Open connections that have not begun a request yet.
+    awaiting_first: Arc<AtomicUsize>,
     budget: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     last_warning: Mutex<[Option<Instant>; 3]>,
@@ -172,6 +180,7 @@ impl ListenerGuard {
         Arc::new(Self {
             labels: ListenerLabels { listener: name },
             budget: Arc::new(Semaphore::new(limits.max_connections)),
+            awaiting_first: Arc::new(AtomicUsize::new(0)),
             limits,
             metrics,
             last_warning: Mutex::new([None; 3]),
@@ -240,7 +249,7 @@ impl ListenerGuard {
         let accepted = Instant::now();
         Guarded {
             io,
-            activity: Arc::new(Activity::new(accepted)),
+            activity: Arc::new(Activity::new(accepted, self.awaiting_first.clone())),
             listener: self.clone(),
             // No deadline can come sooner than this one (see `check_deadline`).
             timer: Box::pin(tokio::time::sleep_until(
@@ -287,15 +296,46 @@ pub async fn accept<L: Accept>(listener: &L, guard: &Arc<ListenerGuard>) -> Guar
     }
 }
 
-/// The connections of `listener`, as a stream for tonic's `serve_with_incoming`.
+/// The connections of `listener`, as a stream for tonic's
+/// `serve_with_incoming`. Once `stopping` is cancelled no connection is
+/// accepted any more (the stream stays pending: the server ends by its
+/// shutdown signal, [`ListenerGuard::settled`]); those still queued are
+/// left to the successor that inherits the socket.
 pub fn incoming<L: Accept>(
     listener: L,
     guard: Arc<ListenerGuard>,
+    stopping: tokio_util::sync::CancellationToken,
 ) -> impl futures_util::Stream<Item = io::Result<Guarded<L::Io>>> + Send + 'static {
-    futures_util::stream::unfold((listener, guard), |(listener, guard)| async move {
-        let conn = accept(&listener, &guard).await;
-        Some((Ok(conn), (listener, guard)))
+    futures_util::stream::unfold((listener, guard), move |(listener, guard)| {
+        let stopping = stopping.clone();
+        async move {
+            tokio::select! {
+                biased;
+                _ = stopping.cancelled() => std::future::pending().await,
+                conn = accept(&listener, &guard) => Some((Ok(conn), (listener, guard))),
+            }
+        }
     })
+}
+
+/// Longest a stopping listener waits for its accepted connections to
+/// begin their first request.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
+impl ListenerGuard {
+    /// Resolves once `stopping` is cancelled and every connection accepted
+    /// before it has begun its first request (or closed), at most
+    /// [`FIRST_REQUEST_GRACE`] later: the server's shutdown signal. A
+    /// connection still reading its first bytes (HTTP version detection, the
+    /// HTTP/2 handshake) would otherwise be closed by the graceful shutdown
+    /// without an answer; with a request open it gets GOAWAY or its answer.
+    pub async fn settled(self: Arc<Self>, stopping: tokio_util::sync::CancellationToken) {
+        stopping.cancelled().await;
+        let deadline = Instant::now() + FIRST_REQUEST_GRACE.min(self.limits.handshake_timeout);
+        while self.awaiting_first.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
 }
 
 /// An accepted socket under its listener's deadlines. Reading fails with
@@ -344,6 +384,9 @@ impl<IO> Guarded<IO> {
 
 impl<IO> Drop for Guarded<IO> {
     fn drop(&mut self) {
+        if !self.activity.seen_request.swap(true, Ordering::AcqRel) {
+            self.activity.awaiting_first.fetch_sub(1, Ordering::AcqRel);
+        }
         self.listener
             .metrics
             .connections

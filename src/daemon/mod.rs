@@ -380,16 +380,25 @@ fn serve_grpc(
             .map_err(|e| DaemonError::Tls(crate::grpc::tls::TlsError::Invalid(e.to_string())))?;
     }
     let router = builder.add_routes(routes.clone());
-    let signal = stopping.clone().cancelled_owned();
     info!(%addr, tls = tls.is_some(), max_connections = limits.max_connections, "gRPC listening");
     let guard = ListenerGuard::new(format!("grpc:{addr}"), limits, metrics.clone());
+    // Stop accepting at `stopping`; begin the graceful shutdown (GOAWAY)
+    // once every accepted connection has begun its first request.
+    let signal = guard.clone().settled(stopping.clone());
+    let stopping = stopping.clone();
     Ok(tokio::spawn(async move {
         let result = match listener {
-            Bound::Tcp(l) => router.serve_with_incoming_shutdown(incoming(l, guard), signal).await,
+            Bound::Tcp(l) => {
+                router
+                    .serve_with_incoming_shutdown(incoming(l, guard, stopping), signal)
+                    .await
+            }
             // The socket file lives as long as its server.
             Bound::Unix(l, _file) => {
                 let l = crate::grpc::unix_authority::UnixAuthorityListener(l);
-                router.serve_with_incoming_shutdown(incoming(l, guard), signal).await
+                router
+                    .serve_with_incoming_shutdown(incoming(l, guard, stopping), signal)
+                    .await
             }
         };
         if let Err(e) = result {
