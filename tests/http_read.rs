@@ -419,3 +419,34 @@ async fn unknown_grpc_methods_stay_grpc_unimplemented() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
 }
+
+/// A connection accepted before the broker began to stop, whose first
+/// request arrives after: it is answered, not closed unanswered (the HTTP
+/// version detection and the HTTP/2 handshake would close it).
+#[tokio::test]
+async fn a_request_on_a_connection_accepted_before_shutdown_is_answered() {
+    let broker = start_broker(Duration::from_secs(900)).await;
+    let admin = broker.daemon.admin_addr.unwrap();
+    let tcp = broker.tcp.trim_start_matches("http://").to_owned();
+    let mut grpc = broker.client().await;
+    let mut watch = open_watch(&mut grpc, pb::Environment::Sandbox as i32).await;
+    next_token(&mut watch).await;
+    // Accepted: the listener counts it (the gRPC client's is the first).
+    let mut early = tokio::net::TcpStream::connect(&tcp).await.unwrap();
+    let open = format!("flute_broker_connections{{listener=\"grpc:{tcp}\"}}");
+    support::await_metric(admin, &open, 2.0).await;
+
+    let stopping = tokio::spawn(broker.daemon.shutdown());
+    // The watch stream ends once stopping began.
+    use tokio_stream::StreamExt;
+    while let Some(Ok(_)) = watch.next().await {}
+    early
+        .write_all(b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\nFlute-Broker: true\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    early.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw:?}");
+    stopping.await.unwrap();
+}
