@@ -60,32 +60,19 @@ impl Default for ConnectionLimits {
 /// Raises the soft RLIMIT_NOFILE to the hard limit and returns the soft
 /// limit now in force (logged with the hard one).
 pub fn raise_fd_limit() -> u64 {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    let (soft, hard) = (limit.current, limit.maximum);
-    if soft != hard {
-        let raised = rustix::process::Rlimit {
-            current: hard,
-            maximum: hard,
-        };
-        if let Err(e) = setrlimit(Resource::Nofile, raised) {
-            warn!(soft = rlimit_value(soft), hard = rlimit_value(hard), error = %e, "cannot raise the open-file limit");
-        }
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if soft != hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        warn!(soft, hard, error = %e, "cannot raise the open-file limit");
     }
-    let now = getrlimit(Resource::Nofile).current;
-    tracing::info!(
-        soft_before = rlimit_value(soft),
-        soft = rlimit_value(now),
-        hard = rlimit_value(hard),
-        "open-file limit"
-    );
-    rlimit_value(now)
-}
-
-/// A resource limit as a number; unlimited is `RLIM_INFINITY` (`u64::MAX`),
-/// as the kernel writes it.
-fn rlimit_value(limit: Option<u64>) -> u64 {
-    limit.unwrap_or(u64::MAX)
+    let now = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(now, _)| now);
+    tracing::info!(soft_before = soft, soft = now, hard, "open-file limit");
+    // Unlimited is RLIM_INFINITY (u64::MAX), as the kernel writes it.
+    now
 }
 
 /// Splits the open-file limit between `listeners`, keeping [`RESERVED_FDS`]
@@ -221,11 +208,11 @@ impl ListenerGuard {
     /// full descriptor table does not turn the accept loop into a spin.
     async fn accept_failed(&self, error: io::Error, backoff: &mut Duration) {
         self.metrics.accept_errors.get_or_create(&self.labels).inc();
-        use rustix::io::Errno;
+        use nix::errno::Errno;
         let resource = error
             .raw_os_error()
-            .map(Errno::from_raw_os_error)
-            .is_some_and(|e| [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM].contains(&e));
+            .map(Errno::from_raw)
+            .is_some_and(|e| [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM].contains(&e));
         if self.warn_due(Warning::AcceptError) {
             warn!(listener = %self.labels.listener, error = %error, "cannot accept a connection");
         }

@@ -196,12 +196,12 @@ impl KeySource {
 
 /// The groups of this process: its primary and supplementary groups.
 fn process_groups() -> Vec<u32> {
-    let mut groups: Vec<u32> = rustix::process::getgroups()
+    let mut groups: Vec<u32> = nix::unistd::getgroups()
         .unwrap_or_default()
         .into_iter()
         .map(|g| g.as_raw())
         .collect();
-    groups.push(rustix::process::getegid().as_raw());
+    groups.push(nix::unistd::getegid().as_raw());
     groups
 }
 

@@ -167,7 +167,7 @@ async fn an_idle_connection_flood_starves_neither_the_unix_socket_nor_the_admin_
     assert!(support::metric(&admin, &closed).await >= 1.0);
     drop(flood);
 
-    support::signal(child.id().unwrap(), rustix::process::Signal::TERM);
+    support::signal(child.id().unwrap(), nix::sys::signal::Signal::SIGTERM);
     let exit = tokio::time::timeout(Duration::from_secs(15), child.wait())
         .await
         .unwrap()

@@ -143,7 +143,7 @@ async fn stop(mut broker: Child) {
 }
 
 fn runs_as_root() -> bool {
-    let root = rustix::process::geteuid().is_root();
+    let root = nix::unistd::geteuid().is_root();
     if !root {
         eprintln!("skipped: creating namespaces and switching uids needs root (CI runs as root)");
     }

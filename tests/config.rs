@@ -308,7 +308,7 @@ fn readable_secret_file_warns() {
 fn a_secret_readable_by_the_brokers_own_group_is_accepted() {
     use std::os::unix::fs::MetadataExt;
     let f = Fixture::new();
-    let own_gid = rustix::process::getegid().as_raw();
+    let own_gid = nix::unistd::getegid().as_raw();
     // How Kubernetes (Secret volume, defaultMode 0400, fsGroup) and systemd
     // (LoadCredential) deliver it: 0440, owned by a group the process is in.
     std::fs::set_permissions(f.secret(), std::fs::Permissions::from_mode(0o440)).unwrap();
@@ -317,14 +317,9 @@ fn a_secret_readable_by_the_brokers_own_group_is_accepted() {
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
 
     // A group the broker is not in still warns (needs root to chown).
-    if rustix::process::geteuid().is_root() {
+    if nix::unistd::geteuid().is_root() {
         let stranger = 4242;
-        assert!(
-            !rustix::process::getgroups()
-                .unwrap()
-                .iter()
-                .any(|g| g.as_raw() == stranger)
-        );
+        assert!(!nix::unistd::getgroups().unwrap().iter().any(|g| g.as_raw() == stranger));
         std::os::unix::fs::chown(f.secret(), None, Some(stranger)).unwrap();
         let loaded = f.load("").unwrap();
         assert!(

@@ -225,7 +225,7 @@ async fn a_hub_replicas_loss_costs_the_agents_callers_nothing() {
 #[tokio::test]
 async fn a_hub_refuses_an_agent_its_allow_list_does_not_name() {
     let hub = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
-        let me = rustix::process::getuid().as_raw();
+        let me = nix::unistd::getuid().as_raw();
         config
             .environments
             .get_mut(&Environment::Sandbox)

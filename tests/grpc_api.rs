@@ -688,7 +688,7 @@ async fn a_second_broker_takes_over_a_served_socket_once_ready() {
 
 #[tokio::test]
 async fn allow_lists_gate_environments_by_unix_peer_credentials() {
-    let (uid, gid) = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
+    let (uid, gid) = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
     let broker = start_broker_with(&Environment::ALL, Duration::from_secs(900), |_, config| {
         config
             .environments

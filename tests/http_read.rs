@@ -201,7 +201,7 @@ async fn the_metadata_server_safeguards() {
 #[tokio::test]
 async fn a_restricted_caller_gets_403_with_the_reason() {
     let broker = start_broker_with(&Environment::ALL, Duration::from_secs(900), |_, config| {
-        let me = rustix::process::getuid().as_raw();
+        let me = nix::unistd::getuid().as_raw();
         config
             .environments
             .get_mut(&Environment::Production)

@@ -93,7 +93,7 @@ async fn sigterm_ends_watch_streams_with_unavailable_and_exits_zero() {
         Some(Update::Token(_))
     ));
 
-    support::signal(broker.child.id().unwrap(), rustix::process::Signal::TERM);
+    support::signal(broker.child.id().unwrap(), nix::sys::signal::Signal::SIGTERM);
     let ended = tokio::time::timeout(Duration::from_secs(5), watch.next())
         .await
         .expect("the stream ends promptly");
@@ -422,7 +422,7 @@ async fn standalone_emulator_command_issues_tokens() {
         .await
         .unwrap();
     assert_eq!(stats.status(), 200);
-    support::signal(child.id().unwrap(), rustix::process::Signal::TERM);
+    support::signal(child.id().unwrap(), nix::sys::signal::Signal::SIGTERM);
     assert!(
         tokio::time::timeout(Duration::from_secs(5), child.wait())
             .await
@@ -471,7 +471,7 @@ async fn unwritable_stderr_or_stdout_is_not_fatal() {
         let dropped = support::metric(admin, "flute_broker_log_lines_dropped_total").await;
         assert!(dropped > 0.0, "log lines were written to a broken stderr");
         assert!(child.try_wait().unwrap().is_none(), "still running");
-        support::signal(child.id().unwrap(), rustix::process::Signal::TERM);
+        support::signal(child.id().unwrap(), nix::sys::signal::Signal::SIGTERM);
         let exit = tokio::time::timeout(Duration::from_secs(12), child.wait())
             .await
             .expect("exit within the grace period")
@@ -791,7 +791,7 @@ async fn watch_on_a_stopping_broker_says_it_ended_the_connection() {
     let mut once = watch_once(&broker.addr);
     let mut out = BufReader::new(once.stdout.take().unwrap()).lines();
     next_line(&mut out, "the first token").await;
-    support::signal(broker.child.id().unwrap(), rustix::process::Signal::TERM);
+    support::signal(broker.child.id().unwrap(), nix::sys::signal::Signal::SIGTERM);
     let output = tokio::time::timeout(Duration::from_secs(30), once.wait_with_output())
         .await
         .unwrap()

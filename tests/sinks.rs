@@ -107,10 +107,10 @@ async fn sinks_hold_the_current_token_replace_it_atomically_and_vanish_in_an_out
     // A file left by an earlier run is not trusted.
     std::fs::write(&token_path, "stale-token-from-a-crash").unwrap();
     // As root any group works; otherwise our own.
-    let gid = if rustix::process::geteuid().is_root() {
+    let gid = if nix::unistd::geteuid().is_root() {
         4242
     } else {
-        rustix::process::getegid().as_raw()
+        nix::unistd::getegid().as_raw()
     };
     let config = write_config(
         dir.path(),
@@ -205,7 +205,7 @@ async fn sinks_hold_the_current_token_replace_it_atomically_and_vanish_in_an_out
     assert_ne!(recovered, second);
 
     // Stopping removes the files: nobody would remove them at expiry.
-    support::signal(broker.id().unwrap(), rustix::process::Signal::TERM);
+    support::signal(broker.id().unwrap(), nix::sys::signal::Signal::SIGTERM);
     let status = tokio::time::timeout(Duration::from_secs(30), broker.wait())
         .await
         .unwrap()

@@ -99,7 +99,7 @@ async fn notify_reload_and_stop_under_systemd() {
     // Rotate the key: Flute accepts only the new secret; the file is updated; SIGHUP.
     emu.emulator.set_client(CLIENT_ID, "after-rotation-secret");
     std::fs::write(&secret, "after-rotation-secret\n").unwrap();
-    support::signal(pid, rustix::process::Signal::HUP);
+    support::signal(pid, nix::sys::signal::Signal::SIGHUP);
     expect_notify(&notify, "RELOADING=1").await;
     let Ok(Some(Update::Token(t2))) = next_update(&mut watch).await else {
         panic!("the rotation arrives on the open stream")
@@ -109,12 +109,12 @@ async fn notify_reload_and_stop_under_systemd() {
 
     // An invalid configuration on SIGHUP changes nothing.
     std::fs::write(&config, "[server]\nlisten = 7\n").unwrap();
-    support::signal(pid, rustix::process::Signal::HUP);
+    support::signal(pid, nix::sys::signal::Signal::SIGHUP);
     expect_notify(&notify, "READY=1").await;
     let now = support::current_token(&mut client, SANDBOX).await;
     assert_eq!(now.token_id, t2.token_id);
 
-    support::signal(pid, rustix::process::Signal::TERM);
+    support::signal(pid, nix::sys::signal::Signal::SIGTERM);
     expect_notify(&notify, "STOPPING=1").await;
     let end = next_update(&mut watch).await.unwrap_err();
     assert_eq!(end.code(), tonic::Code::Unavailable);
@@ -288,7 +288,7 @@ async fn socket_activation_serves_the_passed_socket_and_leaves_it_in_place() {
 
     // The broker stops; a caller connects while none runs: it waits in the
     // backlog and the next broker answers it.
-    support::signal(first, rustix::process::Signal::TERM);
+    support::signal(first, nix::sys::signal::Signal::SIGTERM);
     assert_eq!(holder.wait().await, 0, "the first broker stopped cleanly");
     let waiting = tokio::spawn(token(addr.clone()));
     let second = holder.start().await;
@@ -301,7 +301,7 @@ async fn socket_activation_serves_the_passed_socket_and_leaves_it_in_place() {
     let meta = std::fs::metadata(&sock).unwrap();
     assert_eq!(meta.ino(), inode, "the socket was never replaced");
     assert_eq!(meta.permissions().mode() & 0o777, 0o666, "nor changed");
-    support::signal(second, rustix::process::Signal::TERM);
+    support::signal(second, nix::sys::signal::Signal::SIGTERM);
     assert_eq!(holder.wait().await, 0, "the second broker stopped cleanly");
 
     // A passed socket the configuration does not name.

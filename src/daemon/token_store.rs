@@ -44,8 +44,11 @@ struct Stored {
 }
 
 fn boottime() -> Duration {
-    let now = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
-    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
+        Ok(now) => Duration::new(now.tv_sec() as u64, now.tv_nsec() as u32),
+        // Linux always has CLOCK_BOOTTIME; without it no stored age is trusted.
+        Err(_) => Duration::ZERO,
+    }
 }
 
 /// Hands the servable tokens to systemd for the next process, when systemd
@@ -84,17 +87,20 @@ pub fn save(sources: &TokenSources) {
 }
 
 fn store(stored: &[Stored]) -> std::io::Result<()> {
-    use rustix::fs::{MemfdFlags, SealFlags};
+    use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+    use nix::sys::memfd::{MFdFlags, memfd_create};
     let body = serde_json::to_vec(stored).map_err(std::io::Error::other)?;
-    let memfd = rustix::fs::memfd_create(
-        "flute-token-broker-tokens",
-        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    let memfd = memfd_create(
+        c"flute-token-broker-tokens",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
     )?;
     let mut file = std::fs::File::from(memfd);
     std::io::Write::write_all(&mut file, &body)?;
-    rustix::fs::fcntl_add_seals(
+    fcntl(
         &file,
-        SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE | SealFlags::SEAL,
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SEAL,
+        ),
     )?;
     use sd_notify::NotifyState;
     // An older store (from a start that found none to restore) goes first.
@@ -183,5 +189,14 @@ mod tests {
             lifetime_ms: 900_000,
         };
         assert!(!format!("{stored:?}").contains("secret-access-token"));
+    }
+
+    /// The sealed memfd is built the same way under systemd or not (outside
+    /// it, `NOTIFY_SOCKET` is unset and the hand-over is a no-op).
+    #[test]
+    fn the_store_is_a_sealed_memfd_outside_systemd_too() {
+        assert!(std::env::var_os("NOTIFY_SOCKET").is_none());
+        store(&[]).expect("memfd_create, write and seals");
+        assert!(boottime() > Duration::ZERO);
     }
 }

@@ -317,7 +317,7 @@ mod tests {
     #[test]
     fn supplementary_groups_of_this_process() {
         // What the kernel says this process's supplementary groups are.
-        let mut expected: Vec<u32> = rustix::process::getgroups()
+        let mut expected: Vec<u32> = nix::unistd::getgroups()
             .unwrap()
             .into_iter()
             .map(|g| g.as_raw())

@@ -44,7 +44,7 @@ pub fn stderr_is_journal() -> bool {
     let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
         return false;
     };
-    let Ok(stat) = rustix::fs::fstat(std::io::stderr()) else {
+    let Ok(stat) = nix::sys::stat::fstat(std::io::stderr()) else {
         return false;
     };
     is_journal_stream(&value.to_string_lossy(), stat.st_dev, stat.st_ino)

@@ -397,9 +397,8 @@ pub async fn next_outage(stream: &mut WatchStream) -> pb::Outage {
 }
 
 /// Sends `signal` to a child process.
-pub fn signal(pid: u32, signal: rustix::process::Signal) {
-    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a valid pid");
-    rustix::process::kill_process(pid, signal).expect("kill");
+pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).expect("kill");
 }
 
 /// One sample of the admin listener's `/metrics` (0 when absent).
