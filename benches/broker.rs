@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use flute_token_broker::client;
 use flute_token_broker::config::Config;
 use flute_token_broker::daemon;
-use flute_token_broker::grpc::listener::ListenAddr;
 use flute_token_broker::grpc::pb::{self, watch_token_response::Update};
+use flute_token_broker::serve::listen::ListenAddr;
 use tokio_stream::StreamExt;
 
 const SANDBOX: i32 = pb::Environment::Sandbox as i32;
@@ -84,10 +84,10 @@ async fn unix_server(
     broker: &daemon::RunningBroker,
     adapter: bool,
 ) -> tokio::task::JoinHandle<()> {
-    use flute_token_broker::connections::{ConnectionLimits, ListenerGuard, incoming};
     use flute_token_broker::grpc::TokenBrokerService;
     use flute_token_broker::grpc::pb::token_broker_server::TokenBrokerServer;
-    use flute_token_broker::grpc::unix_authority::UnixAuthorityListener;
+    use flute_token_broker::serve::guard::{ConnectionLimits, ListenerGuard, incoming};
+    use flute_token_broker::serve::unix_authority::UnixAuthorityListener;
     let service = TokenBrokerService::new(
         broker.sources.clone(),
         tokio_util::sync::CancellationToken::new(),

@@ -108,7 +108,7 @@ async fn main() {
     let agents = env_number("FLEET_AGENTS", 200) as usize;
     let lifetime = Duration::from_secs(env_number("FLEET_LIFETIME_SECS", 8));
     let rotations_wanted = env_number("FLEET_ROTATIONS", 3) as usize;
-    flute_token_broker::connections::raise_fd_limit();
+    flute_token_broker::serve::guard::raise_fd_limit();
     let dir = tempfile::tempdir().unwrap();
     let emulator = Emulator::new(EmulatorConfig {
         client_id: "fleet".into(),

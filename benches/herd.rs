@@ -62,7 +62,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn main() {
     let sources = env_number("HERD_SOURCES", 1000);
     let rate = env_number("HERD_RATE", 20);
-    flute_token_broker::connections::raise_fd_limit();
+    flute_token_broker::serve::guard::raise_fd_limit();
     let emulator = Emulator::new(EmulatorConfig {
         client_id: "herd".into(),
         client_secret: "herd-secret".to_owned().into(),

@@ -15,6 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::time::Instant;
 
 use crate::metrics::{EnvLabels, Metrics};
+use crate::serve::Face;
 use crate::token::TokenSources;
 
 /// `[admin]`: where the admin HTTP listener binds.
@@ -59,6 +60,16 @@ fn write_listen<S: Serializer>(listen: &Option<SocketAddr>, serializer: S) -> Re
 struct AdminState {
     sources: Arc<TokenSources>,
     metrics: Arc<Metrics>,
+}
+
+/// The admin face: served by [`crate::serve::serve`] like the API, under
+/// the same budgets and deadlines, without TLS.
+pub fn face(sources: Arc<TokenSources>, metrics: Arc<Metrics>) -> Face {
+    Face {
+        name: "admin",
+        routes: tonic::service::Routes::from(router(sources, metrics)),
+        max_request_bytes: 16 * 1024,
+    }
 }
 
 pub fn router(sources: Arc<TokenSources>, metrics: Arc<Metrics>) -> Router {

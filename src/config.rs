@@ -17,10 +17,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::admin::AdminConfig;
 use crate::credentials::{CredentialTable, DEFAULT_POLL_INTERVAL, KeySource};
 use crate::environment::Environment;
-use crate::grpc::ServerConfig;
 use crate::grpc::access::{self, AccessPolicy};
 use crate::logging::LogConfig;
 use crate::oauth::OAuthSettings;
+use crate::serve::ServerConfig;
 use crate::sinks::SinkConfig;
 use crate::systemd::SystemdConfig;
 use crate::tls_roots::{RootsError, TrustRoots};
@@ -429,7 +429,7 @@ impl Config {
             .any(|(_, e)| e.upstream.iter().any(|a| a.starts_with("https://")));
         if secrets == SecretCheck::Read
             && https_upstream
-            && let Err(e) = crate::grpc::tls::client_config(&self.upstream.tls_files())
+            && let Err(e) = crate::dial::client_config(&self.upstream.tls_files())
         {
             problems.push(format!("upstream: {e}"));
         }

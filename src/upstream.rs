@@ -19,10 +19,10 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::client::{ClientError, Target, channel_to};
+use crate::dial::ClientTlsFiles;
 use crate::environment::Environment;
 use crate::grpc::pb::token_broker_client::TokenBrokerClient;
 use crate::grpc::pb::{self, watch_token_response};
-use crate::grpc::tls::ClientTlsFiles;
 use crate::grpc::{duration_from_pb, pb_duration};
 use crate::oauth::ErrorClass;
 use crate::token::{Failure, Following, Received, Update, Upstream};

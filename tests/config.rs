@@ -9,7 +9,7 @@ use std::time::Duration;
 use flute_token_broker::Environment;
 use flute_token_broker::config::Config;
 use flute_token_broker::credentials::ValueSource;
-use flute_token_broker::grpc::listener::ListenAddr;
+use flute_token_broker::serve::listen::ListenAddr;
 
 struct Fixture {
     dir: tempfile::TempDir,

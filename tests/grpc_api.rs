@@ -607,7 +607,7 @@ async fn a_second_broker_takes_over_a_served_socket_once_ready() {
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap()); // a crashed run's leftover
     let stale = socket_identity(&path);
     let first = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
-        config.server.listen = vec![flute_token_broker::grpc::listener::ListenAddr::Unix(path.clone())];
+        config.server.listen = vec![flute_token_broker::serve::listen::ListenAddr::Unix(path.clone())];
     })
     .await;
     let addr = format!("unix:{}", path.display());
@@ -625,7 +625,7 @@ async fn a_second_broker_takes_over_a_served_socket_once_ready() {
         ..Default::default()
     });
     let mut config = support::broker_config(&first.emulators, dir.path());
-    config.server.listen = vec![flute_token_broker::grpc::listener::ListenAddr::Unix(path.clone())];
+    config.server.listen = vec![flute_token_broker::serve::listen::ListenAddr::Unix(path.clone())];
     config.admin.listen = None;
     config.systemd.ready_timeout = Duration::from_millis(100);
     let second = flute_token_broker::daemon::Broker::build(config, None)

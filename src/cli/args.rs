@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::client;
-use crate::grpc::listener::ListenAddr;
-use crate::grpc::tls::ClientTlsFiles;
+use crate::dial::ClientTlsFiles;
+use crate::serve::listen::ListenAddr;
 use crate::token_text::TokenFormat;
 use crate::{Environment, duration};
 

@@ -17,7 +17,7 @@ use crate::config::{Config, Loaded, SecretCheck};
 use crate::daemon::{self, RunningBroker, Signals};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::exit;
-use crate::grpc::listener::ListenAddr;
+use crate::serve::listen::ListenAddr;
 use crate::{duration, logging};
 
 /// `serve --dev` tokens live as long as Flute's (about 15 minutes).

@@ -10,11 +10,11 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::dial::{ClientTlsFiles, client_config};
 use crate::environment::Environment;
 use crate::exit;
 use crate::grpc::pb::token_broker_client::TokenBrokerClient;
 use crate::grpc::pb::{self, watch_token_response::Update};
-use crate::grpc::tls::{ClientTlsFiles, client_config};
 use crate::token_text::{self, TokenFormat, ts};
 
 /// The address `serve --dev` listens on.

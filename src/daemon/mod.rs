@@ -12,8 +12,6 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::service::Routes;
-use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tracing::{error, info, warn};
 
@@ -23,18 +21,15 @@ pub mod token_store;
 pub use reload::{ReloadOutcome, ReloadReport, Reloader};
 
 use crate::config::Config;
-use crate::connections::ConnectionLimits;
-use crate::connections::{AdminConnection, GuardedTcpListener, ListenerGuard, StreamTrackingLayer, incoming};
 use crate::credentials::ApiKey;
 use crate::credentials::{CredentialTable, CredentialsError};
 use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator};
 use crate::environment::Environment;
-use crate::grpc::listener::ListenAddr;
-use crate::grpc::listener::{self, Bound, ListenError};
-use crate::grpc::pb::token_broker_server::TokenBrokerServer;
-use crate::grpc::{MAX_REQUEST_BYTES, TokenBrokerService, health, pb};
+use crate::grpc::{TokenBrokerService, health};
 use crate::metrics::Metrics;
 use crate::oauth::{ClientBuildError, OAuthClient};
+use crate::serve::listen::{self, Bound, ListenAddr, ListenError};
+use crate::serve::passed_fds::PassedFds;
 use crate::tls_roots::RootsError;
 use crate::token::Token;
 use crate::token::{self, TokenSourceConfig, TokenSources};
@@ -43,8 +38,6 @@ use crate::upstream::GrpcUpstream;
 /// Longest shutdown waits for watch streams to deliver their final status
 /// before connections are closed.
 const STREAM_END_WAIT: Duration = Duration::from_secs(2);
-
-/// Largest gRPC request accepted (requests are a few bytes).
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -69,7 +62,7 @@ pub enum DaemonError {
     #[error("oauth.tls_roots: {0}")]
     TlsRoots(#[from] RootsError),
     #[error("TLS: {0}")]
-    Tls(#[from] crate::grpc::tls::TlsError),
+    Tls(#[from] crate::serve::tls::TlsError),
     #[error("server reflection: {0}")]
     Reflection(String),
     #[error("emulator: {0}")]
@@ -134,11 +127,11 @@ impl Broker {
             .server
             .tls
             .as_ref()
-            .map(crate::grpc::tls::server_config)
+            .map(crate::serve::tls::server_config)
             .transpose()?;
-        // Before the listeners: listenfd consumes LISTEN_FDS.
-        let restored = token_store::restore(&config.refresh);
-        let mut inherited = listener::Inherited::from_env()?;
+        let passed = PassedFds::from_env()?;
+        let restored = token_store::restore(passed.token_store, &config.refresh);
+        let mut inherited = passed.sockets;
         let unix = config.server.unix_socket_options();
         let mut bound = Vec::new();
         for addr in &config.server.listen {
@@ -147,11 +140,12 @@ impl Broker {
                     info!(%addr, "using the socket passed by systemd");
                     bound.push(socket);
                 }
-                None => bound.push(listener::bind(addr, &unix).await?),
+                None => bound.push(listen::bind(addr, &unix).await?),
             }
         }
         inherited.finish()?;
-        let limits = connection_limits(&config, bound.len());
+        let listeners = bound.len() + usize::from(config.admin.listen.is_some());
+        let limits = crate::serve::connection_limits(&config.server, listeners);
         let admin_listener = match config.admin.listen {
             Some(addr) => {
                 let bind_error = |source| DaemonError::AdminBind { addr, source };
@@ -178,7 +172,7 @@ impl Broker {
             config.server.request_wait,
             access,
         );
-        let routes = grpc_routes(service, health_service)?;
+        let api = crate::grpc::face(service, health_service).map_err(|e| DaemonError::Reflection(e.to_string()))?;
 
         let pending_sockets: Vec<_> = bound
             .iter()
@@ -191,9 +185,9 @@ impl Broker {
         let mut servers = Vec::new();
         for listener in bound {
             grpc_addrs.push(listener.addr());
-            servers.push(serve_grpc(
+            servers.push(crate::serve::serve(
                 listener,
-                &routes,
+                &api,
                 tls.as_ref(),
                 limits,
                 &stopping,
@@ -217,7 +211,15 @@ impl Broker {
         ];
         let mut admin_addr = None;
         if let Some((listener, addr)) = admin_listener {
-            background.push(serve_admin(listener, addr, &sources, limits, &stopping, &metrics));
+            let admin = crate::admin::face(sources.clone(), metrics.clone());
+            background.push(crate::serve::serve(
+                Bound::Tcp(listener),
+                &admin,
+                None,
+                limits,
+                &stopping,
+                &metrics,
+            )?);
             admin_addr = Some(addr);
         }
 
@@ -266,24 +268,6 @@ fn load_keys(config: &Config) -> Result<Vec<(Environment, ApiKey)>, DaemonError>
         .collect()
 }
 
-/// The per-listener connection limits: `server.max_connections` each, or an
-/// equal share of the open-file limit when they do not all fit in it.
-fn connection_limits(config: &Config, grpc_listeners: usize) -> ConnectionLimits {
-    let fd_limit = crate::connections::raise_fd_limit();
-    let listener_count = grpc_listeners + usize::from(config.admin.listen.is_some());
-    let mut limits = config.server.limits();
-    limits.max_connections = crate::connections::per_listener_budget(limits.max_connections, fd_limit, listener_count);
-    if limits.max_connections < config.server.max_connections {
-        warn!(
-            configured = config.server.max_connections,
-            budget = limits.max_connections,
-            fd_limit,
-            "server.max_connections does not fit in the open-file limit; each listener gets an equal share"
-        );
-    }
-    limits
-}
-
 /// One TokenSource task per enabled environment, each starting from the
 /// token kept across a restart when there is one.
 fn spawn_sources(
@@ -320,116 +304,6 @@ fn spawn_sources(
         tasks.push(task);
     }
     Ok((Arc::new(TokenSources::new(handles)), tasks))
-}
-
-/// Everything served on a gRPC listener: the TokenBroker service, health,
-/// and reflection in both versions (v1, and v1alpha for the clients that
-/// speak only it: grpcio-reflection, grpcurl before 1.9).
-fn grpc_routes(
-    service: TokenBrokerService,
-    health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
-) -> Result<Routes, DaemonError> {
-    let reflection_builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection = reflection_builder()
-        .build_v1()
-        .map_err(|e| DaemonError::Reflection(e.to_string()))?;
-    let reflection_v1alpha = reflection_builder()
-        .build_v1alpha()
-        .map_err(|e| DaemonError::Reflection(e.to_string()))?;
-    let grpc = Routes::new(health_service)
-        .add_service(reflection)
-        .add_service(reflection_v1alpha)
-        .add_service(TokenBrokerServer::new(service.clone()).max_decoding_message_size(2 * MAX_REQUEST_BYTES));
-    // The HTTP/JSON face on the same listeners: routed by path, anything
-    // unknown answered by protocol (gRPC UNIMPLEMENTED, or HTTP 404).
-    let router = grpc
-        .into_axum_router()
-        .merge(crate::grpc::http::router(service))
-        .fallback(crate::grpc::http::fallback);
-    Ok(Routes::from(router))
-}
-
-/// Serves `routes` on one listener until `stopping` (then GOAWAY and drain):
-/// within the listener's connection budget, with TLS on TCP when configured,
-/// and the `:authority` adapter on Unix sockets.
-fn serve_grpc(
-    listener: Bound,
-    routes: &Routes,
-    tls: Option<&tonic::transport::ServerTlsConfig>,
-    limits: ConnectionLimits,
-    stopping: &CancellationToken,
-    metrics: &Arc<Metrics>,
-) -> Result<JoinHandle<()>, DaemonError> {
-    let addr = listener.addr();
-    let mut builder = Server::builder()
-        // HTTP/1.1 too, for the HTTP/JSON face (gRPC stays HTTP/2).
-        .accept_http1(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .layer(StreamTrackingLayer)
-        .layer(crate::grpc::request_limit::RequestLimitLayer::new(MAX_REQUEST_BYTES));
-    let tls = tls.filter(|_| matches!(listener, Bound::Tcp(_)));
-    if let Some(tls) = tls {
-        builder = builder
-            .tls_config(tls.clone())
-            .map_err(|e| DaemonError::Tls(crate::grpc::tls::TlsError::Invalid(e.to_string())))?;
-    }
-    let router = builder.add_routes(routes.clone());
-    info!(%addr, tls = tls.is_some(), max_connections = limits.max_connections, "gRPC listening");
-    let guard = ListenerGuard::new(format!("grpc:{addr}"), limits, metrics.clone());
-    // Stop accepting at `stopping`; begin the graceful shutdown (GOAWAY)
-    // once every accepted connection has begun its first request.
-    let signal = guard.clone().settled(stopping.clone());
-    let stopping = stopping.clone();
-    Ok(tokio::spawn(async move {
-        let result = match listener {
-            Bound::Tcp(l) => {
-                router
-                    .serve_with_incoming_shutdown(incoming(l, guard, stopping), signal)
-                    .await
-            }
-            // The socket file lives as long as its server.
-            Bound::Unix(l, _file) => {
-                let l = crate::grpc::unix_authority::UnixAuthorityListener(l);
-                router
-                    .serve_with_incoming_shutdown(incoming(l, guard, stopping), signal)
-                    .await
-            }
-        };
-        if let Err(e) = result {
-            error!(%addr, error = %e, "gRPC server stopped with an error");
-        }
-    }))
-}
-
-/// The admin HTTP listener (`/metrics`, `/healthz`, `/readyz`) until `stopping`.
-fn serve_admin(
-    listener: tokio::net::TcpListener,
-    addr: SocketAddr,
-    sources: &Arc<TokenSources>,
-    limits: ConnectionLimits,
-    stopping: &CancellationToken,
-    metrics: &Arc<Metrics>,
-) -> JoinHandle<()> {
-    let app = crate::admin::router(sources.clone(), metrics.clone())
-        .layer(axum::middleware::from_fn(crate::connections::track_requests))
-        .into_make_service_with_connect_info::<AdminConnection>();
-    let listener = GuardedTcpListener {
-        listener,
-        guard: ListenerGuard::new(format!("admin:{addr}"), limits, metrics.clone()),
-    };
-    let signal = stopping.clone().cancelled_owned();
-    info!(%addr, "admin HTTP listening");
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(signal).await {
-            error!(error = %e, "admin listener stopped");
-        }
-    })
 }
 
 impl RunningBroker {
@@ -495,7 +369,7 @@ impl RunningBroker {
 async fn become_ready(
     sources: Arc<TokenSources>,
     ready_timeout: Duration,
-    pending_sockets: Vec<Arc<listener::SocketFile>>,
+    pending_sockets: Vec<Arc<listen::SocketFile>>,
     ready: CancellationToken,
 ) {
     let holding = async {

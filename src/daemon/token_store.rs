@@ -26,8 +26,7 @@ use tracing::{info, warn};
 use crate::environment::Environment;
 use crate::token::{RefreshPolicy, Token, TokenSources};
 
-/// `FDNAME` of the stored tokens.
-pub const FD_NAME: &str = "tokens";
+use crate::serve::passed_fds::{PassedFile, TOKEN_STORE_NAME as FD_NAME};
 
 /// Largest store read back (two tokens are a few kilobytes).
 const MAX_BYTES: u64 = 256 * 1024;
@@ -110,16 +109,11 @@ fn store(stored: &[Stored]) -> std::io::Result<()> {
 
 /// The tokens the previous process stored, still servable now, by
 /// environment; the store is emptied so that a later start never sees them.
-pub fn restore(policy: &RefreshPolicy) -> Vec<(Environment, Arc<Token>)> {
-    let Ok(passed) = sd_notify::listen_fds_with_names() else {
+pub fn restore(passed: Option<PassedFile>, policy: &RefreshPolicy) -> Vec<(Environment, Arc<Token>)> {
+    let Some(passed) = passed else {
         return Vec::new();
     };
-    let Some((fd, _)) = passed.into_iter().find(|(_, name)| name == FD_NAME) else {
-        return Vec::new();
-    };
-    // Re-opened through /proc: a new description of the same memfd, in
-    // safe code; the inherited descriptor itself stays closed-on-exec unused.
-    let read = std::fs::File::open(format!("/proc/self/fd/{fd}")).and_then(|file| {
+    let read = passed.open().and_then(|file| {
         let mut body = Vec::new();
         file.take(MAX_BYTES).read_to_end(&mut body)?;
         Ok(body)

@@ -19,7 +19,7 @@ use rustls::pki_types::CertificateDer;
 use tonic::Request;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 
-use crate::connections::GuardedInfo;
+use crate::serve::guard::GuardedInfo;
 
 /// The allow-lists of one environment; empty lists mean "open".
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -206,17 +206,8 @@ pub fn resolve_user(user: &str) -> Result<u32, String> {
     }
 }
 
-/// A group name or a numeric gid, resolved through NSS (`getgrnam_r`).
-pub fn resolve_group(group: &str) -> Result<u32, String> {
-    if let Ok(gid) = group.parse() {
-        return Ok(gid);
-    }
-    match nix::unistd::Group::from_name(group) {
-        Ok(Some(entry)) => Ok(entry.gid.as_raw()),
-        Ok(None) => Err(format!("unknown group {group:?}")),
-        Err(e) => Err(format!("cannot look up group {group:?}: {e}")),
-    }
-}
+/// A group name or a numeric gid, resolved as the socket group is.
+pub use crate::serve::listen::resolve_group;
 
 /// Serde for `allowed_unix_users`: names or numeric ids, resolved when
 /// read (an unknown name is an error), written back as ids.

@@ -1,27 +1,24 @@
-//! The gRPC face of the broker: generated code for flute.tokenbroker.v1,
+//! The API face of the broker: generated code for flute.tokenbroker.v1,
 //! the TokenBroker service, the one mapping from internal errors to
-//! `tonic::Status`, health reporting, the listeners it is served on and
-//! their TLS.
+//! `tonic::Status`, health reporting, caller access, and the HTTP/JSON read
+//! on the same routes ([`face`]). How it is served (listeners, budgets,
+//! TLS) is [`crate::serve`]'s.
 
 pub mod access;
 pub mod codec;
 pub mod health;
 pub mod http;
-pub mod listener;
-pub mod request_limit;
 mod service;
-pub mod settings;
 mod status;
-pub mod tls;
-pub mod unix_authority;
 
 use std::time::{Duration, SystemTime};
+
+use tonic::service::Routes;
 
 pub use service::{TokenBrokerService, parse_grpc_timeout};
 
 /// Largest request accepted (message or body), in bytes.
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
-pub use settings::ServerConfig;
 pub use status::{BrokerError, ERROR_DOMAIN, reason};
 
 /// Generated protobuf and gRPC code.
@@ -35,6 +32,38 @@ pub mod pb {
 
 use crate::environment::Environment;
 use crate::token::Token;
+
+/// The API face: the TokenBroker service, health, and reflection in both
+/// versions (v1, and v1alpha for the clients that speak only it:
+/// grpcio-reflection, grpcurl before 1.9), with the HTTP/JSON read routed
+/// by path on the same listeners; anything unknown is answered by protocol
+/// (gRPC UNIMPLEMENTED, or HTTP 404).
+pub fn face(
+    service: TokenBrokerService,
+    health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) -> Result<crate::serve::Face, tonic_reflection::server::Error> {
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let grpc = Routes::new(health_service)
+        .add_service(reflection_builder().build_v1()?)
+        .add_service(reflection_builder().build_v1alpha()?)
+        .add_service(
+            pb::token_broker_server::TokenBrokerServer::new(service.clone())
+                .max_decoding_message_size(2 * MAX_REQUEST_BYTES),
+        );
+    let router = grpc
+        .into_axum_router()
+        .merge(http::router(service))
+        .fallback(http::fallback);
+    Ok(crate::serve::Face {
+        name: "grpc",
+        routes: Routes::from(router),
+        max_request_bytes: MAX_REQUEST_BYTES,
+    })
+}
 
 impl From<Environment> for pb::Environment {
     fn from(env: Environment) -> Self {

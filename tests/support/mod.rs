@@ -230,8 +230,8 @@ use flute_token_broker::Environment;
 use flute_token_broker::config::Config;
 use flute_token_broker::credentials::CredentialTable;
 use flute_token_broker::daemon::{self, RunningBroker};
-use flute_token_broker::grpc::listener::ListenAddr;
 use flute_token_broker::grpc::pb::token_broker_client::TokenBrokerClient;
+use flute_token_broker::serve::listen::ListenAddr;
 
 /// A whole broker in-process, with one emulator per environment.
 pub struct Broker {

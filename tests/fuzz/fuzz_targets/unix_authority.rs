@@ -4,7 +4,7 @@
 //! through is never more than the input plus re-encoded header blocks.
 #![no_main]
 
-use flute_token_broker::grpc::unix_authority::Rewriter;
+use flute_token_broker::serve::unix_authority::Rewriter;
 use libfuzzer_sys::fuzz_target;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -1,4 +1,4 @@
-//! The gRPC listeners: taken from systemd (socket activation, matched to
+//! The listeners of every face: taken from systemd (socket activation, matched to
 //! the configured addresses), or bound here: TCP, and Unix sockets with a
 //! configurable mode and group, moved into place with one `rename`. A stale
 //! socket file left by a crashed run is replaced at once; a socket another
@@ -190,13 +190,14 @@ impl Drop for SocketFile {
     }
 }
 
-/// Listening sockets passed by systemd (`LISTEN_FDS`, socket activation),
-/// each matched to the configured address it is bound to.
+/// Listening sockets passed by systemd (`LISTEN_FDS`, socket activation;
+/// read by [`super::passed_fds`]), each matched to the configured address
+/// it is bound to.
 pub struct Inherited {
     sockets: Vec<(Option<String>, InheritedSocket)>,
 }
 
-enum InheritedSocket {
+pub(super) enum InheritedSocket {
     Tcp(std::net::TcpListener),
     Unix(std::os::unix::net::UnixListener, PathBuf),
 }
@@ -213,48 +214,8 @@ impl InheritedSocket {
 }
 
 impl Inherited {
-    /// Takes the sockets systemd passed to this process, if any. Names come
-    /// from `LISTEN_FDNAMES` (`FileDescriptorName=`), for messages only.
-    pub fn from_env() -> Result<Self, ListenError> {
-        let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
-            .map(|n| n.split(':').map(str::to_owned).collect())
-            .unwrap_or_default();
-        let mut fds = listenfd::ListenFd::from_env();
-        let mut sockets = Vec::new();
-        for index in 0..fds.len() {
-            let name = names.get(index).cloned();
-            if name.as_deref() == Some(crate::daemon::token_store::FD_NAME) {
-                continue; // not a socket: the tokens kept across a restart
-            }
-            let problem = |message: String| ListenError::Inherited {
-                index,
-                name: name.clone(),
-                message,
-            };
-            let socket = if let Ok(Some(tcp)) = fds.take_tcp_listener(index) {
-                InheritedSocket::Tcp(tcp)
-            } else {
-                match fds.take_unix_listener(index) {
-                    Ok(Some(unix)) => {
-                        let path = unix
-                            .local_addr()
-                            .ok()
-                            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
-                            .ok_or_else(|| problem("a Unix socket without a path (abstract or unnamed)".into()))?;
-                        InheritedSocket::Unix(unix, path)
-                    }
-                    Ok(None) => continue,
-                    Err(e) => return Err(problem(format!("not a listening stream socket: {e}"))),
-                }
-            };
-            sockets.push((name, socket));
-        }
-        Ok(Self { sockets })
-    }
-
-    /// No inherited sockets (tests, or a start without socket activation).
-    pub fn none() -> Self {
-        Self { sockets: Vec::new() }
+    pub(super) fn new(sockets: Vec<(Option<String>, InheritedSocket)>) -> Self {
+        Self { sockets }
     }
 
     /// The inherited socket bound to `addr`, ready to serve. A configured
@@ -374,7 +335,7 @@ fn bind_unix(path: &Path, options: &UnixSocketOptions) -> Result<Bound, ListenEr
     std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(options.mode))
         .map_err(|e| setup(format!("chmod {:o}: {e}", options.mode)))?;
     if let Some(group) = &options.group {
-        let gid = super::access::resolve_group(group).map_err(setup)?;
+        let gid = resolve_group(group).map_err(setup)?;
         std::os::unix::fs::chown(&temporary, None, Some(gid)).map_err(|e| setup(format!("chgrp {group}: {e}")))?;
     }
     match state {
@@ -389,4 +350,16 @@ fn bind_unix(path: &Path, options: &UnixSocketOptions) -> Result<Bound, ListenEr
         }
     }
     Ok(Bound::Unix(listener, file))
+}
+
+/// A group name or numeric id as a gid (the account database for names).
+pub fn resolve_group(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(entry)) => Ok(entry.gid.as_raw()),
+        Ok(None) => Err(format!("unknown group {group:?}")),
+        Err(e) => Err(format!("cannot look up group {group:?}: {e}")),
+    }
 }

@@ -1,10 +1,10 @@
-//! TLS for TCP listeners (server certificate, optionally client certificates
-//! for mutual TLS) and for the CLI client. Unix sockets never use TLS: file
-//! permissions guard them.
+//! TLS for TCP listeners: the server certificate and, for mutual TLS, the
+//! CA client certificates must chain to. Unix sockets never use TLS: file
+//! permissions guard them. The client side is [`crate::dial`]'s.
 
 use std::path::{Path, PathBuf};
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 /// Certificate files of a TLS listener (`[server.tls]`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -47,16 +47,6 @@ impl ServerTlsFiles {
     }
 }
 
-/// Certificate files of a TLS client (the CLI).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ClientTlsFiles {
-    /// The CA that signed the broker's certificate (system roots are not used).
-    pub ca_file: Option<PathBuf>,
-    /// A client certificate and key, for a broker that requires mTLS.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {}: {source}", path.display())]
@@ -69,7 +59,7 @@ pub enum TlsError {
     Invalid(String),
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.into(),
         source,
@@ -88,47 +78,5 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<ServerTlsConfig, TlsError
     Server::builder()
         .tls_config(config.clone())
         .map_err(|e| TlsError::Invalid(crate::error_chain(&e)))?;
-    Ok(config)
-}
-
-/// TLS for a client of the broker: the CA of `--ca-file`, or else the
-/// roots `oauth.tls_roots = "auto"` would trust (the host's store, or the
-/// bundled Mozilla roots where it has none).
-/// A DER certificate as PEM (what tonic's `Certificate` takes).
-fn pem(der: &[u8]) -> String {
-    use base64::Engine;
-    let body = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = body
-        .as_bytes()
-        .chunks(64)
-        .map(|line| std::str::from_utf8(line).expect("base64 is ASCII"))
-        .collect();
-    format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        lines.join("\n")
-    )
-}
-
-pub fn client_config(files: &ClientTlsFiles) -> Result<ClientTlsConfig, TlsError> {
-    crate::install_crypto_provider();
-    let mut config = ClientTlsConfig::new();
-    match &files.ca_file {
-        Some(ca) => config = config.ca_certificate(Certificate::from_pem(read(ca)?)),
-        None => {
-            let roots = crate::tls_roots::TlsRoots::Auto
-                .load()
-                .map_err(|e| TlsError::Invalid(e.to_string()))?;
-            config = config.ca_certificates(roots.certificates.iter().map(|der| Certificate::from_pem(pem(der))));
-        }
-    }
-    match (&files.cert_file, &files.key_file) {
-        (Some(cert), Some(key)) => config = config.identity(Identity::from_pem(read(cert)?, read(key)?)),
-        (None, None) => {}
-        _ => {
-            return Err(TlsError::Invalid(
-                "a client certificate needs both --cert-file and --key-file".into(),
-            ));
-        }
-    }
     Ok(config)
 }

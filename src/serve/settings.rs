@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::listener::{ListenAddr, UnixSocketOptions};
+use super::guard::ConnectionLimits;
+use super::listen::{ListenAddr, UnixSocketOptions};
 use super::tls::ServerTlsFiles;
-use crate::connections::ConnectionLimits;
 use crate::duration::out_of_range;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -8,8 +8,8 @@
 //! Each limit that bites is counted in a metric and logged at WARN, at most
 //! once per [`WARN_INTERVAL`] per listener.
 //!
-//! [`Guarded`] wraps each accepted socket; [`StreamTrackingLayer`] (gRPC)
-//! and [`track_requests`] (admin) tell it when requests start and end.
+//! [`Guarded`] wraps each accepted socket; [`StreamTrackingLayer`] tells
+//! it when requests start and end.
 
 use std::io;
 use std::pin::Pin;
@@ -552,57 +552,11 @@ impl http_body::Body for GuardedBody {
     }
 }
 
-/// A TCP listener for axum under a [`ListenerGuard`].
-pub struct GuardedTcpListener {
-    pub listener: TcpListener,
-    pub guard: Arc<ListenerGuard>,
-}
-
-impl axum::serve::Listener for GuardedTcpListener {
-    type Io = Guarded<TcpStream>;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let conn = accept(&self.listener, &self.guard).await;
-            // The peer address is only for axum's ConnectInfo; a socket
-            // that already went away is dropped here.
-            if let Ok(addr) = conn.io.peer_addr() {
-                return (conn, addr);
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.listener.local_addr()
-    }
-}
-
-/// The activity of the connection an admin request arrived on.
-#[derive(Clone, Debug)]
-pub struct AdminConnection(pub Arc<Activity>);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, GuardedTcpListener>> for AdminConnection {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, GuardedTcpListener>) -> Self {
-        AdminConnection(stream.io().activity.clone())
-    }
-}
-
-/// axum middleware: counts an admin request as open while it is handled.
-pub async fn track_requests(
-    axum::extract::ConnectInfo(connection): axum::extract::ConnectInfo<AdminConnection>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let (_guard, _) = connection.0.begin();
-    next.run(request).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Both the gRPC and the admin listener accept through this: every
+    /// Every face's listener accepts through this: every
     /// accepted TCP socket has Nagle's algorithm off.
     #[tokio::test]
     async fn accepted_tcp_sockets_have_nodelay() {

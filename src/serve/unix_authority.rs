@@ -519,7 +519,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for UnixAuthority<IO> {
     }
 }
 
-crate::connections::forward_writes!(UnixAuthority);
+super::guard::forward_writes!(UnixAuthority);
 
 impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected for UnixAuthority<IO> {
     type ConnectInfo = IO::ConnectInfo;
@@ -531,7 +531,7 @@ impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connecte
 /// A Unix listener whose connections go through [`UnixAuthority`].
 pub struct UnixAuthorityListener(pub tokio::net::UnixListener);
 
-impl crate::connections::Accept for UnixAuthorityListener {
+impl super::guard::Accept for UnixAuthorityListener {
     type Io = UnixAuthority<tokio::net::UnixStream>;
     async fn accept(&self) -> io::Result<Self::Io> {
         self.0.accept().await.map(|(stream, _)| UnixAuthority::new(stream))

@@ -1,0 +1,121 @@
+//! Everything between a socket and a face: where listeners come from
+//! ([`passed_fds`]: what systemd passed, read once; [`listen`]: binding, the
+//! Unix socket handover by rename, [`listen::SocketFile`]), what each
+//! connection may take ([`guard`]: the fd limit, per-listener connection
+//! budgets, first-request and idle deadlines, request tracking), the
+//! Unix-socket `:authority` adapter ([`unix_authority`]), TLS ([`tls`]),
+//! the request size limit ([`request_limit`]) and the serve loop.
+//!
+//! A *face* is what a listener serves: a router and its request limit
+//! ([`Face`]). The gRPC API (with its HTTP/JSON read) and the admin
+//! endpoints are faces; every face gets the same budgets, deadlines,
+//! graceful drain and handover from [`serve`]. Adding a face is a router
+//! plus one call of [`serve`] in the daemon's composition.
+
+pub mod guard;
+pub mod listen;
+pub mod passed_fds;
+pub mod request_limit;
+pub mod settings;
+pub mod tls;
+pub mod unix_authority;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic::transport::{Server, ServerTlsConfig};
+use tracing::{error, info, warn};
+
+pub use settings::ServerConfig;
+
+use crate::metrics::Metrics;
+use guard::{ConnectionLimits, ListenerGuard, StreamTrackingLayer, incoming};
+use listen::Bound;
+use tls::TlsError;
+
+/// What one kind of listener serves.
+#[derive(Clone)]
+pub struct Face {
+    /// Its name in logs and in the listener label of metrics
+    /// (`grpc:127.0.0.1:50051`, `admin:127.0.0.1:9090`).
+    pub name: &'static str,
+    /// The router: HTTP/1.1 and HTTP/2 requests alike reach it.
+    pub routes: Routes,
+    /// Largest request accepted: one gRPC message, or a body of that many bytes.
+    pub max_request_bytes: usize,
+}
+
+/// Serves `face` on one listener until `stopping` (then GOAWAY and drain):
+/// within the listener's connection budget, with TLS on TCP when `tls` is
+/// set, and the `:authority` adapter on Unix sockets.
+pub fn serve(
+    listener: Bound,
+    face: &Face,
+    tls: Option<&ServerTlsConfig>,
+    limits: ConnectionLimits,
+    stopping: &CancellationToken,
+    metrics: &Arc<Metrics>,
+) -> Result<JoinHandle<()>, TlsError> {
+    let addr = listener.addr();
+    let mut builder = Server::builder()
+        // HTTP/1.1 too: the HTTP/JSON read, the admin endpoints (gRPC stays HTTP/2).
+        .accept_http1(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .layer(StreamTrackingLayer)
+        .layer(request_limit::RequestLimitLayer::new(face.max_request_bytes));
+    let tls = tls.filter(|_| matches!(listener, Bound::Tcp(_)));
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls.clone())
+            .map_err(|e| TlsError::Invalid(e.to_string()))?;
+    }
+    let router = builder.add_routes(face.routes.clone());
+    let name = face.name;
+    info!(face = name, %addr, tls = tls.is_some(), max_connections = limits.max_connections, "listening");
+    let guard = ListenerGuard::new(format!("{name}:{addr}"), limits, metrics.clone());
+    // Stop accepting at `stopping`; begin the graceful shutdown (GOAWAY)
+    // once every accepted connection has begun its first request.
+    let signal = guard.clone().settled(stopping.clone());
+    let stopping = stopping.clone();
+    Ok(tokio::spawn(async move {
+        let result = match listener {
+            Bound::Tcp(l) => {
+                router
+                    .serve_with_incoming_shutdown(incoming(l, guard, stopping), signal)
+                    .await
+            }
+            // The socket file lives as long as its server.
+            Bound::Unix(l, _file) => {
+                let l = unix_authority::UnixAuthorityListener(l);
+                router
+                    .serve_with_incoming_shutdown(incoming(l, guard, stopping), signal)
+                    .await
+            }
+        };
+        if let Err(e) = result {
+            error!(face = name, %addr, error = %e, "listener stopped with an error");
+        }
+    }))
+}
+
+/// The per-listener connection limits: `server.max_connections` each, or an
+/// equal share of the open-file limit when they do not all fit in it.
+pub fn connection_limits(server: &ServerConfig, listeners: usize) -> ConnectionLimits {
+    let fd_limit = guard::raise_fd_limit();
+    let mut limits = server.limits();
+    limits.max_connections = guard::per_listener_budget(limits.max_connections, fd_limit, listeners);
+    if limits.max_connections < server.max_connections {
+        warn!(
+            configured = server.max_connections,
+            budget = limits.max_connections,
+            fd_limit,
+            "server.max_connections does not fit in the open-file limit; each listener gets an equal share"
+        );
+    }
+    limits
+}
