@@ -10,6 +10,13 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+/// Log lines dropped because stderr could not take them (exported as
+/// `flute_broker_log_lines_dropped_total`). A process-wide counter, not a
+/// registry member: logging starts before any registry exists and counts
+/// into it from there.
+pub static DROPPED_LOG_LINES: std::sync::LazyLock<prometheus_client::metrics::counter::Counter> =
+    std::sync::LazyLock::new(Default::default);
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefreshLabels {
     pub environment: &'static str,
@@ -173,7 +180,7 @@ impl Metrics {
         registry.register(
             "log_lines_dropped",
             "Log lines dropped because stderr could not be written",
-            crate::logging::DROPPED_LOG_LINES.clone(),
+            DROPPED_LOG_LINES.clone(),
         );
         Self {
             registry,

@@ -18,8 +18,7 @@ use tokio::time::{Instant, timeout};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::client::{ClientError, Target, channel_to};
-use crate::dial::ClientTlsFiles;
+use crate::dial::{ClientTlsFiles, ConnectError, Target};
 use crate::environment::Environment;
 use crate::grpc::pb::token_broker_client::TokenBrokerClient;
 use crate::grpc::pb::{self, watch_token_response};
@@ -179,7 +178,9 @@ impl GrpcUpstream {
 
     /// Opens WatchToken on one hub and waits for its first update.
     async fn open(&self, target: &Target, label: &str, env: Environment) -> Result<(Following, Channel), Failure> {
-        let channel = channel_to(target).await.map_err(|e| client_failure(label, e))?;
+        let channel = crate::dial::channel(target)
+            .await
+            .map_err(|e| connect_failure(label, e))?;
         let mut client = TokenBrokerClient::new(channel.clone());
         let sent = Instant::now();
         let request = pb::WatchTokenRequest {
@@ -313,15 +314,14 @@ fn invalid(label: &str, why: String) -> Failure {
     Failure::new(ErrorClass::Transient, format!("{label}: sent an invalid token: {why}"))
 }
 
-fn client_failure(label: &str, error: ClientError) -> Failure {
+/// A hub that could not be reached: worth retrying, unless the address or
+/// TLS files cannot work at all.
+fn connect_failure(label: &str, error: ConnectError) -> Failure {
     let class = match error {
-        ClientError::Usage(_) => ErrorClass::Permanent,
-        _ => ErrorClass::Transient,
+        ConnectError::Usage(_) => ErrorClass::Permanent,
+        ConnectError::Unreachable { .. } => ErrorClass::Transient,
     };
-    // The CLI's hints ("is it running? set --addr …") are not for an agent.
-    let text = error.to_string();
-    let text = text.split("; is ").next().unwrap_or_default();
-    Failure::new(class, format!("{label}: {text}"))
+    Failure::new(class, format!("{label}: {error}"))
 }
 
 /// A hub's refusal: permanent when asking again cannot help (not allowed,

@@ -5,12 +5,12 @@
 use std::io::Write;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use tokio_stream::StreamExt;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
-use crate::dial::{ClientTlsFiles, client_config};
+use crate::dial::ConnectError;
+pub use crate::dial::Target;
 use crate::environment::Environment;
 use crate::exit;
 use crate::grpc::pb::token_broker_client::TokenBrokerClient;
@@ -102,31 +102,6 @@ impl ClientError {
     }
 }
 
-/// Where and how to reach the broker.
-#[derive(Clone, Debug)]
-pub struct Target {
-    /// `unix:/path`, `http://host:port`, `https://host:port` or `host:port`.
-    pub addr: String,
-    /// Connect timeout, and the deadline of unary calls.
-    pub timeout: Duration,
-    /// Certificates for `https://` addresses.
-    pub tls: ClientTlsFiles,
-    /// Connect to this address rather than to what the host name resolves
-    /// to (one replica behind a DNS name); TLS still checks the name.
-    pub connect_to: Option<std::net::SocketAddr>,
-}
-
-impl Target {
-    pub fn new(addr: impl Into<String>, timeout: Duration) -> Self {
-        Self {
-            addr: addr.into(),
-            timeout,
-            tls: ClientTlsFiles::default(),
-            connect_to: None,
-        }
-    }
-}
-
 /// Connects to `unix:/path` or `http://host:port` (`host:port` works too).
 pub async fn connect(addr: &str, timeout: Duration) -> Result<TokenBrokerClient<Channel>, ClientError> {
     connect_to(&Target::new(addr, timeout)).await
@@ -141,87 +116,30 @@ pub async fn channel(addr: &str, timeout: Duration) -> Result<Channel, ClientErr
     channel_to(&Target::new(addr, timeout)).await
 }
 
+/// A channel to `target`; an unreachable broker's error says what to check.
 pub async fn channel_to(target: &Target) -> Result<Channel, ClientError> {
-    let (addr, timeout) = (target.addr.as_str(), target.timeout);
-    let unreachable = |message: String| ClientError::Unreachable {
-        addr: addr.to_owned(),
-        message,
-    };
-    let wants_tls = target.tls != ClientTlsFiles::default();
-    let channel = if let Some(path) = addr.strip_prefix("unix:") {
-        if wants_tls {
-            return Err(ClientError::Usage(
-                "TLS options apply to https:// addresses, not Unix sockets".into(),
-            ));
-        }
-        let path = path.to_owned();
-        Endpoint::from_static("http://broker.invalid")
-            .connect_timeout(timeout)
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
-            }))
-            .await
-    } else {
-        let uri = if addr.contains("://") {
-            addr.to_owned()
-        } else {
-            format!("http://{addr}")
-        };
-        let mut endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|e| ClientError::Usage(format!("invalid address {addr:?}: {e}")))?
-            .connect_timeout(timeout)
-            // A peer that vanishes without closing (a lost node) is noticed
-            // within 20 s even on an idle WatchToken stream.
-            .http2_keep_alive_interval(Duration::from_secs(15))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true);
-        if uri.starts_with("https://") {
-            let tls = client_config(&target.tls).map_err(|e| ClientError::Usage(e.to_string()))?;
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| ClientError::Usage(format!("TLS: {}", crate::error_chain(&e))))?;
-        } else if wants_tls {
-            return Err(ClientError::Usage("TLS options need an https:// address".into()));
-        }
-        match target.connect_to {
-            Some(socket_addr) => {
-                endpoint
-                    .connect_with_connector(tower::service_fn(move |_: Uri| async move {
-                        let stream = tokio::net::TcpStream::connect(socket_addr).await?;
-                        stream.set_nodelay(true)?;
-                        Ok::<_, std::io::Error>(TokioIo::new(stream))
-                    }))
-                    .await
-            }
-            None => endpoint.connect().await,
-        }
-    };
-    channel.map_err(|e| unreachable(connect_failure(&e)))
+    crate::dial::channel(target).await.map_err(ClientError::from)
 }
 
-/// Why a connection failed, in one clause (the innermost I/O error when
-/// there is one), with a hint for the usual causes.
-fn connect_failure(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut io = None;
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(found) = e.downcast_ref::<std::io::Error>() {
-            io = Some(found);
+impl From<ConnectError> for ClientError {
+    fn from(error: ConnectError) -> Self {
+        match error {
+            ConnectError::Usage(message) => ClientError::Usage(message),
+            ConnectError::Unreachable { addr, kind, detail } => {
+                let hint = match kind {
+                    Some(std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound) => {
+                        "; is it running? set --addr or FLUTE_BROKER_ADDR"
+                    }
+                    Some(std::io::ErrorKind::PermissionDenied) => "; is this user in the socket's group?",
+                    _ => "",
+                };
+                ClientError::Unreachable {
+                    addr,
+                    message: format!("{detail}{hint}"),
+                }
+            }
         }
-        current = e.source();
     }
-    let Some(io) = io else {
-        return crate::error_chain(error);
-    };
-    let hint = match io.kind() {
-        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound => {
-            "; is it running? set --addr or FLUTE_BROKER_ADDR"
-        }
-        std::io::ErrorKind::PermissionDenied => "; is this user in the socket's group?",
-        _ => "",
-    };
-    format!("{io}{hint}")
 }
 
 fn pb_env(env: Environment) -> i32 {

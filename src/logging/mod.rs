@@ -11,9 +11,7 @@
 
 use std::fmt::Display;
 use std::io::{IsTerminal, Write};
-use std::sync::LazyLock;
 
-use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
@@ -84,9 +82,7 @@ impl LogConfig {
     }
 }
 
-/// Log lines dropped because stderr could not take them (exported as
-/// `flute_broker_log_lines_dropped_total`).
-pub static DROPPED_LOG_LINES: LazyLock<Counter> = LazyLock::new(Counter::default);
+pub use crate::metrics::DROPPED_LOG_LINES;
 
 /// Installs the global subscriber; later calls are ignored. A journal that
 /// cannot be reached falls back to JSON on stderr, and says so.

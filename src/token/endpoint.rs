@@ -9,7 +9,8 @@ use tracing::{error, info, warn};
 
 use super::Token;
 use super::policy::RefreshPolicy;
-use super::source::{Call, Failure, Landing, Pending, Sent, Supply, TokenSourceConfig};
+use super::state::TokenSourceConfig;
+use super::supply::{Call, Failure, Landing, Pending, Sent, Supply};
 use crate::credentials::ApiKey;
 use crate::environment::Environment;
 use crate::metrics::Metrics;

@@ -21,7 +21,8 @@ use tracing::{info, warn};
 
 use super::Token;
 use super::policy::RefreshPolicy;
-use super::source::{Call, Failure, Landing, Need, Pending, Sent, Supply, TokenSourceConfig};
+use super::state::TokenSourceConfig;
+use super::supply::{Call, Failure, Landing, Need, Pending, Sent, Supply};
 use crate::credentials::ApiKey;
 use crate::environment::Environment;
 use crate::oauth::ErrorClass;

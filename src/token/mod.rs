@@ -1,11 +1,17 @@
 //! Tokens and their lifecycle: the [`Token`] value handed to readers, the pure
 //! [`policy`] that decides when to refresh and how to back off, and the
-//! [`source`] task that owns the token endpoint for one environment.
+//! TokenSource of each environment: its engine ([`source`]), the handle
+//! readers hold (`handle`), what it publishes (`state`), and the [`supply`]
+//! seam with its two supplies, the token endpoint ([`endpoint`]) and an
+//! upstream broker ([`follow`]). [`spawn`] and [`follow()`] build one.
 
 pub mod endpoint;
 pub mod follow;
+mod handle;
 pub mod policy;
 pub mod source;
+mod state;
+pub mod supply;
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -17,11 +23,35 @@ use tokio::time::Instant;
 use crate::environment::Environment;
 
 pub use follow::{Following, Received, Update, Upstream};
+pub use handle::TokenSourceHandle;
 pub use policy::{Jitter, RefreshPolicy};
-pub use source::{
-    Failure, KeyChange, KeyError, RefreshError, RefreshFailure, Snapshot, SourceState, SourceStats, TokenSourceConfig,
-    TokenSourceHandle, follow, spawn,
+pub use state::{
+    KeyChange, KeyError, RefreshError, RefreshFailure, Snapshot, SourceState, SourceStats, TokenSourceConfig,
 };
+pub use supply::Failure;
+
+/// Starts a TokenSource that calls the token endpoint with `key`. The task
+/// ends when every handle is dropped.
+pub fn spawn<E: crate::oauth::TokenEndpoint>(
+    config: TokenSourceConfig,
+    endpoint: E,
+    key: crate::credentials::ApiKey,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) -> (TokenSourceHandle, tokio::task::JoinHandle<()>) {
+    let supply = endpoint::EndpointSupply::new(endpoint, key, &config, metrics.clone());
+    source::start(config, supply, metrics)
+}
+
+/// Starts a TokenSource that follows the same environment on an upstream
+/// broker: no key, no refresh token, tokens pushed by the upstream.
+pub fn follow<U: Upstream>(
+    config: TokenSourceConfig,
+    upstream: U,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) -> (TokenSourceHandle, tokio::task::JoinHandle<()>) {
+    let supply = follow::FollowSupply::new(upstream, &config);
+    source::start(config, supply, metrics)
+}
 
 /// An access token as issued by the token endpoint. Debug never shows the
 /// token itself: [`Token::token_id`] is what logs and errors name.

@@ -1,348 +1,35 @@
-//! The TokenSource: one task per environment that alone obtains its tokens,
-//! from a [`Supply`]: the token endpoint ([`EndpointSupply`], which owns the
-//! API key and the refresh token) or an upstream broker ([`FollowSupply`]).
-//! The engine owns the schedule, backoff, serve window and waiters, and
-//! publishes a [`Snapshot`] on a watch channel that every reader borrows.
-//! Readers that need more than the current token (more remaining lifetime,
-//! or a replacement for a token the API rejected) send a message; messages
-//! that arrive together are answered by one token-endpoint call, so
-//! single-flight is a property of the structure rather than of a lock.
+//! The TokenSource engine: one task per environment that alone obtains its
+//! tokens, from a [`Supply`]: the token endpoint (`endpoint::EndpointSupply`,
+//! which owns the API key and the refresh token) or an upstream broker
+//! (`follow::FollowSupply`). The engine owns the schedule, backoff, serve
+//! window and waiters, and publishes a [`Snapshot`] on a watch channel that
+//! every reader borrows. Readers that need more than the current token
+//! (more remaining lifetime, or a replacement for a token the API rejected)
+//! send a message; messages that arrive together are answered by one
+//! call, so single-flight is a property of the structure rather than of a
+//! lock.
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, error, info_span, warn};
 
 use super::Token;
-use super::endpoint::EndpointSupply;
-use super::follow::{FollowSupply, Upstream};
-use super::policy::{Jitter, RefreshPolicy};
+use super::handle::{Command, KeyReply, Reply, TokenSourceHandle};
+pub use super::state::TokenSourceConfig;
+use super::state::{KeyChange, KeyError, RefreshError, RefreshFailure, Snapshot, SourceStats};
+use super::supply::{Call, Failure, Landing, Need, Pending, Sent, Supply};
 use crate::credentials::ApiKey;
-use crate::environment::Environment;
 use crate::metrics::{EnvLabels, Metrics};
-use crate::oauth::{ErrorClass, OAuthError, TokenEndpoint};
+use crate::oauth::ErrorClass;
 
-/// Settings of one TokenSource.
-#[derive(Clone, Debug)]
-pub struct TokenSourceConfig {
-    pub environment: Environment,
-    pub policy: RefreshPolicy,
-    /// Use the refresh grant when the endpoint issued a refresh token.
-    pub use_refresh_token: bool,
-    pub jitter: Jitter,
-    /// A token carried over from the previous process (systemd's file
-    /// descriptor store): served at once, refreshed on its schedule.
-    pub restored: Option<Arc<Token>>,
-}
-
-impl TokenSourceConfig {
-    pub fn new(environment: Environment) -> Self {
-        Self {
-            environment,
-            policy: RefreshPolicy::default(),
-            use_refresh_token: true,
-            jitter: Jitter::Random,
-            restored: None,
-        }
-    }
-}
-
-/// Why the last token request failed. Secret-free by construction: built
-/// from [`OAuthError`]'s Display.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RefreshFailure {
-    pub message: String,
-    pub class: ErrorClass,
-    pub at: SystemTime,
-    pub consecutive: u32,
-}
-
-/// What readers see of a TokenSource.
-#[derive(Clone, Debug, Default)]
-pub struct Snapshot {
-    /// The token being handed out; `None` while starting or in an outage.
-    pub token: Option<Arc<Token>>,
-    /// The last failure since the last success.
-    pub last_error: Option<Arc<RefreshFailure>>,
-    /// When the task will next call the token endpoint.
-    pub next_attempt: Option<Instant>,
-}
-
-/// The four states a source can be in, derived from a [`Snapshot`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SourceState {
-    /// The first request has not finished.
-    Starting,
-    /// A valid token, refreshes succeeding.
-    Ready,
-    /// A valid token, but the last refresh failed.
-    Degraded,
-    /// No valid token.
-    Unavailable,
-}
-
-impl Snapshot {
-    pub fn state(&self) -> SourceState {
-        match (&self.token, &self.last_error) {
-            (Some(_), None) => SourceState::Ready,
-            (Some(_), Some(_)) => SourceState::Degraded,
-            (None, None) => SourceState::Starting,
-            (None, Some(_)) => SourceState::Unavailable,
-        }
-    }
-
-    /// The token if it may be handed out at `now`.
-    pub fn servable(&self, now: Instant) -> Option<&Arc<Token>> {
-        self.token.as_ref().filter(|t| t.is_servable(now))
-    }
-}
-
-/// Counters per source, read by GetStatus.
-#[derive(Debug, Default)]
-pub struct SourceStats {
-    /// Requests sent to the token endpoint.
-    pub endpoint_calls: AtomicU64,
-    pub refreshes_ok: AtomicU64,
-    pub refreshes_failed: AtomicU64,
-    /// New access tokens published (a re-issued identical token is not one).
-    pub rotations: AtomicU64,
-    /// Caller-requested refreshes that reached the endpoint.
-    pub early_refreshes: AtomicU64,
-}
-
-/// Why a caller that needs more than the current token did not get one.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum RefreshError {
-    /// No valid token: the endpoint is failing, or none was issued yet.
-    #[error("no valid token: {reason}")]
-    Unavailable {
-        reason: String,
-        next_attempt: Option<Instant>,
-    },
-    /// The forced refresh brought back the very token the API rejected.
-    #[error("no valid token: the token endpoint issued the rejected token again")]
-    RejectedTokenReissued { next_attempt: Option<Instant> },
-    /// More remaining lifetime than the endpoint's tokens ever have.
-    #[error("tokens from this endpoint live {lifetime:?}; {requested:?} of remaining lifetime cannot be provided")]
-    OutOfRange { requested: Duration, lifetime: Duration },
-    /// The TokenSource task has ended (shutdown).
-    #[error("token source stopped")]
-    Stopped,
-}
-
-/// What offering a new API key did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KeyChange {
-    /// The endpoint accepted it; it and its token are now in use.
-    Adopted,
-    /// It is the key already in use.
-    Unchanged,
-}
-
-/// Why an offered API key was not adopted.
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum KeyError {
-    /// The token endpoint refused it (the reason); the current key stays.
-    #[error("{0}")]
-    Rejected(String),
-    /// The TokenSource task has ended (shutdown).
-    #[error("token source stopped")]
-    Stopped,
-}
-
-/// Why a call produced no usable token. Secret-free by construction: the
-/// message comes from the error's Display, which never shows a secret.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Failure {
-    pub message: String,
-    pub class: ErrorClass,
-    /// How long the other side asked us to wait (`Retry-After`, RetryInfo).
-    pub retry_after: Option<Duration>,
-}
-
-impl Failure {
-    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            class,
-            retry_after: None,
-        }
-    }
-
-    /// A token-endpoint error. invalid_grant here is final: the refresh
-    /// grant's fallback has been tried by then.
-    pub fn from_oauth(error: &OAuthError) -> Self {
-        let class = match error.class() {
-            ErrorClass::InvalidGrant => ErrorClass::Permanent,
-            class => class,
-        };
-        Self {
-            message: error.to_string(),
-            class,
-            retry_after: error.retry_after(),
-        }
-    }
-
-    /// The answer came, but the token's window was over before it could be
-    /// handed out.
-    fn expired_on_arrival(lifetime: Duration) -> Self {
-        Self::new(
-            ErrorClass::Transient,
-            format!("the issued token (lifetime {lifetime:?}) expired before it could be used"),
-        )
-    }
-}
-
-/// What an early refresh must achieve.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Need {
-    /// A token with at least this much left before expiry.
-    Remaining(Duration),
-    /// A token other than this one (the API rejected it).
-    Replaces(String),
-}
-
-impl Need {
-    pub fn met_by(&self, token: &Token, now: Instant) -> bool {
-        match self {
-            Need::Remaining(d) => token.is_servable(now) && token.remaining(now) >= *d,
-            Need::Replaces(id) => token.is_servable(now) && token.token_id != *id,
-        }
-    }
-}
-
-type Reply = oneshot::Sender<Result<Arc<Token>, RefreshError>>;
-
-enum Command {
-    Refresh { need: Need, reply: Reply },
-    ReplaceKey { key: ApiKey, reply: KeyReply },
-}
-
-/// A cheap, cloneable handle to one TokenSource.
-#[derive(Clone)]
-pub struct TokenSourceHandle {
-    environment: Environment,
-    state: watch::Receiver<Snapshot>,
-    commands: mpsc::Sender<Command>,
-    stats: Arc<SourceStats>,
-}
-
-impl TokenSourceHandle {
-    pub fn environment(&self) -> Environment {
-        self.environment
-    }
-
-    /// The hot path: the current token if it may be handed out. No I/O,
-    /// no lock a refresh holds (the watch value is replaced, never mutated
-    /// in place), one Arc clone.
-    pub fn current(&self) -> Option<Arc<Token>> {
-        self.state.borrow().servable(Instant::now()).cloned()
-    }
-
-    /// Whether the source task is still running.
-    pub fn is_running(&self) -> bool {
-        !self.commands.is_closed()
-    }
-
-    pub fn snapshot(&self) -> Snapshot {
-        self.state.borrow().clone()
-    }
-
-    /// A receiver that sees every published change.
-    pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
-        self.state.clone()
-    }
-
-    pub fn stats(&self) -> &SourceStats {
-        &self.stats
-    }
-
-    /// Waits until the first token request has finished (successfully or not).
-    pub async fn started(&self) -> Snapshot {
-        let mut rx = self.state.clone();
-        let result = rx
-            .wait_for(|s| s.state() != SourceState::Starting)
-            .await
-            .map(|s| s.clone());
-        result.unwrap_or_default()
-    }
-
-    /// Waits until the source holds a servable token.
-    pub async fn holding_token(&self) {
-        let mut rx = self.state.clone();
-        let _ = rx.wait_for(|s| s.servable(Instant::now()).is_some()).await;
-    }
-
-    /// A token with at least `remaining` left; refreshes early (coalesced,
-    /// rate-limited) when the current one has less.
-    pub async fn token_with_remaining(&self, remaining: Duration) -> Result<Arc<Token>, RefreshError> {
-        if let Some(token) = self.current().filter(|t| t.remaining(Instant::now()) >= remaining) {
-            return Ok(token);
-        }
-        self.request(Need::Remaining(remaining)).await
-    }
-
-    /// A token other than `rejected_token_id`, which the API answered 401 to.
-    pub async fn replace_rejected(&self, rejected_token_id: &str) -> Result<Arc<Token>, RefreshError> {
-        if let Some(token) = self.current().filter(|t| t.token_id != rejected_token_id) {
-            return Ok(token);
-        }
-        self.request(Need::Replaces(rejected_token_id.to_owned())).await
-    }
-
-    async fn request(&self, need: Need) -> Result<Arc<Token>, RefreshError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Refresh { need, reply })
-            .await
-            .map_err(|_| RefreshError::Stopped)?;
-        answer.await.unwrap_or(Err(RefreshError::Stopped))
-    }
-
-    /// Offers a new API key. It is tried against the token endpoint first;
-    /// only on success does it replace the current key (and the token).
-    /// `Ok(false)`: the key is the one already in use.
-    pub async fn replace_key(&self, key: ApiKey) -> Result<KeyChange, KeyError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::ReplaceKey { key, reply })
-            .await
-            .map_err(|_| KeyError::Stopped)?;
-        answer.await.unwrap_or(Err(KeyError::Stopped))
-    }
-}
-
-/// Starts a TokenSource that calls the token endpoint with `key`. The task
-/// ends when every handle is dropped.
-pub fn spawn<E: TokenEndpoint>(
-    config: TokenSourceConfig,
-    endpoint: E,
-    key: ApiKey,
-    metrics: Arc<Metrics>,
-) -> (TokenSourceHandle, JoinHandle<()>) {
-    let supply = EndpointSupply::new(endpoint, key, &config, metrics.clone());
-    start(config, supply, metrics)
-}
-
-/// Starts a TokenSource that follows the same environment on an upstream
-/// broker: no key, no refresh token, tokens pushed by the upstream.
-pub fn follow<U: Upstream>(
-    config: TokenSourceConfig,
-    upstream: U,
-    metrics: Arc<Metrics>,
-) -> (TokenSourceHandle, JoinHandle<()>) {
-    let supply = FollowSupply::new(upstream, &config);
-    start(config, supply, metrics)
-}
-
-fn start<S: Supply>(
+pub(super) fn start<S: Supply>(
     config: TokenSourceConfig,
     supply: S,
     metrics: Arc<Metrics>,
@@ -380,15 +67,7 @@ fn start<S: Supply>(
     let span = info_span!("token_source", environment = %environment);
     let supervisor_state = task.state.clone();
     let join = tokio::spawn(supervise(task.run(), supervisor_state).instrument(span));
-    (
-        TokenSourceHandle {
-            environment,
-            state: state_rx,
-            commands: commands_tx,
-            stats,
-        },
-        join,
-    )
+    (TokenSourceHandle::new(environment, state_rx, commands_tx, stats), join)
 }
 
 /// Runs the task. It ends normally when every handle is dropped; if it
@@ -424,68 +103,6 @@ async fn supervise(run: impl Future<Output = ()>, state: watch::Sender<Snapshot>
 struct Waiter {
     need: Need,
     reply: Reply,
-}
-
-type KeyReply = oneshot::Sender<Result<KeyChange, KeyError>>;
-
-/// A call the engine asks its supply to make.
-#[derive(Clone, Debug)]
-pub enum Call {
-    /// The scheduled refresh or a retry (for a follower: opening the
-    /// upstream stream).
-    Refresh,
-    /// Waiting callers need what the current token does not give: the
-    /// strongest of their needs.
-    Early(Need),
-    /// Try this API key before adopting it.
-    VerifyKey(ApiKey),
-}
-
-/// When a call was sent, on both clocks.
-#[derive(Clone, Copy, Debug)]
-pub struct Sent {
-    pub at: Instant,
-    pub wall: SystemTime,
-}
-
-/// What a finished call, or an update the supply pushed, means.
-pub enum Landing {
-    /// A token to install.
-    Issued(Token),
-    /// No token; the engine retries after its backoff.
-    Failed(Failure),
-    /// No token, and the supply itself delivers the recovery (an upstream's
-    /// outage reported on an open stream): no retry is scheduled.
-    Awaiting(Failure),
-    /// A forwarded call was refused, but the source's token and stream
-    /// stand: the waiting callers get the reason, the state is unchanged.
-    Refused(Failure),
-    /// Make this call at once (the refresh grant was rejected).
-    Again(Call),
-}
-
-/// A call in progress, as the supply started it.
-pub type Pending<D> = Pin<Box<dyn Future<Output = D> + Send>>;
-
-/// Where a TokenSource's tokens come from: the token endpoint
-/// ([`EndpointSupply`]) or an upstream broker ([`FollowSupply`]). The
-/// engine ([`Task`]) owns everything else: waiters, coalescing, the early
-/// refresh rate limit, backoff, the serve window and publishing.
-pub trait Supply: Send + 'static {
-    /// What a call resolves to, interpreted by [`Supply::land`].
-    type Done: Send + 'static;
-    /// Whether the engine refreshes ahead of each token's expiry (the
-    /// endpoint), rather than waiting for tokens to be pushed (a follower).
-    const SCHEDULED: bool;
-    /// Starts one call.
-    fn start(&mut self, call: &Call) -> Pending<Self::Done>;
-    /// Interprets a finished call: logs it and keeps what the supply needs
-    /// (a refresh token, an adopted key, an open stream).
-    fn land(&mut self, call: &Call, sent: Sent, done: Self::Done) -> Landing;
-    /// The next update the supply pushes on its own; never, for the endpoint.
-    fn pushed(&mut self) -> impl Future<Output = Landing> + Send;
-    /// Whether `key` is the key in use (so it is not verified again).
-    fn holds_key(&self, key: &ApiKey) -> bool;
 }
 
 /// One call in progress. The task polls it alongside its timers, commands
