@@ -63,19 +63,25 @@ async fn request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)],
     }
     text.push_str("\r\n");
     text.push_str(body);
+    exchange(addr, text.as_bytes()).await
+}
+
+/// Writes `bytes` to `addr` and reads the whole answer (the request must
+/// ask for `Connection: close`).
+async fn exchange(addr: &str, bytes: &[u8]) -> Answer {
     let mut raw = Vec::new();
     if let Some(path) = addr.strip_prefix("unix:") {
         let mut stream = tokio::net::UnixStream::connect(path).await.unwrap();
-        stream.write_all(text.as_bytes()).await.unwrap();
+        stream.write_all(bytes).await.unwrap();
         stream.read_to_end(&mut raw).await.unwrap();
     } else {
         let mut stream = tokio::net::TcpStream::connect(addr.trim_start_matches("http://"))
             .await
             .unwrap();
-        stream.write_all(text.as_bytes()).await.unwrap();
+        stream.write_all(bytes).await.unwrap();
         stream.read_to_end(&mut raw).await.unwrap();
     }
-    let raw = String::from_utf8(raw).unwrap();
+    let raw = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = raw.split_once("\r\n\r\n").expect("a complete answer");
     let mut lines = head.lines();
     let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
@@ -418,6 +424,53 @@ async fn unknown_grpc_methods_stay_grpc_unimplemented() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+}
+
+/// gRPC only over HTTP/2: a gRPC GetToken written as HTTP/1.1 (what a
+/// webhook or a request forgery could be made to send, with none of the
+/// HTTP face's headers) gets no token on either listener, whatever gRPC
+/// content type it names; the same call over HTTP/2 is served.
+#[tokio::test]
+async fn grpc_over_http1_gets_no_token() {
+    use prost::Message;
+    let broker = start_broker(Duration::from_secs(900)).await;
+    let mut grpc = broker.client().await;
+    let current = support::current_token(&mut grpc, pb::Environment::Sandbox as i32).await;
+    let message = pb::GetTokenRequest {
+        environment: pb::Environment::Sandbox as i32,
+        min_remaining: None,
+    }
+    .encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    for addr in [&broker.unix, &broker.tcp] {
+        for content_type in ["application/grpc", "application/grpc+proto", "application/grpc-web"] {
+            let mut text = format!(
+                "POST /flute.tokenbroker.v1.TokenBroker/GetToken HTTP/1.1\r\nHost: localhost\r\n\
+                 Connection: close\r\nContent-Type: {content_type}\r\nTE: trailers\r\n\
+                 Content-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            text.extend_from_slice(&body);
+            let answer = exchange(addr, &text).await;
+            assert_eq!(answer.status, 403, "{addr} {content_type}: {answer:?}");
+            assert_eq!(answer.reason(), "REQUEST_REFUSED", "{answer:?}");
+            assert!(answer.body.contains("HTTP/2 only"), "{answer:?}");
+            assert!(
+                !answer.body.contains(&current.access_token),
+                "{addr}: a token over HTTP/1.1"
+            );
+        }
+    }
+    // The same call over HTTP/2 (tonic's client) is answered.
+    assert_eq!(
+        support::current_token(&mut grpc, pb::Environment::Sandbox as i32)
+            .await
+            .token_id,
+        current.token_id
+    );
 }
 
 /// A connection accepted before the broker began to stop, whose first

@@ -54,15 +54,60 @@ pub fn router(service: TokenBrokerService) -> Router {
         .with_state(service)
 }
 
+/// gRPC only over HTTP/2: a request with a gRPC content type that came
+/// over HTTP/1.x is refused (403, `REQUEST_REFUSED`) before any route runs.
+/// No gRPC client speaks HTTP/1.1, but an application that can be made to
+/// send a POST with chosen headers (a webhook, a request forgery) can; so
+/// every HTTP/1.x request passes the HTTP face's safeguards.
+#[derive(Clone, Copy, Debug)]
+pub struct GrpcOverHttp2OnlyLayer;
+
+impl<S> tower::Layer<S> for GrpcOverHttp2OnlyLayer {
+    type Service = GrpcOverHttp2Only<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcOverHttp2Only { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GrpcOverHttp2Only<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for GrpcOverHttp2Only<S>
+where
+    S: tower::Service<http::Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = futures_util::future::Either<std::future::Ready<Result<Response, S::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.version() < http::Version::HTTP_2 && is_grpc(request.headers()) {
+            let refused =
+                BrokerError::RequestRefused("gRPC is served over HTTP/2 only; over HTTP/1.1 use the HTTP/JSON routes");
+            return futures_util::future::Either::Left(std::future::ready(Ok(refused.into_response())));
+        }
+        futures_util::future::Either::Right(self.inner.call(request))
+    }
+}
+
+/// Whether a request says it carries gRPC (`application/grpc`, `+proto`,
+/// `-web`, any suffix).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
 /// For requests no route takes: gRPC ones get gRPC's UNIMPLEMENTED (as
 /// tonic would answer), anything else a 404 JSON Status.
 pub async fn fallback(request: Request) -> Response {
-    let grpc = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
-    if grpc {
+    if is_grpc(request.headers()) {
         return tonic::Status::unimplemented("")
             .into_http::<axum::body::Body>()
             .into_response();

@@ -57,7 +57,8 @@ pub fn face(
     let router = grpc
         .into_axum_router()
         .merge(http::router(service))
-        .fallback(http::fallback);
+        .fallback(http::fallback)
+        .layer(http::GrpcOverHttp2OnlyLayer);
     Ok(crate::serve::Face {
         name: "grpc",
         routes: Routes::from(router),
