@@ -82,6 +82,10 @@ pub struct Metrics {
     pub accept_errors: Family<ListenerLabels, Counter>,
     /// Requests that filled their connection's concurrent stream limit.
     pub stream_limit_reached: Family<ListenerLabels, Counter>,
+    /// Held requests (long polls, WatchToken streams) open per listener.
+    pub held_requests: Family<ListenerLabels, Gauge>,
+    /// Held requests refused because the listener's share for them was taken.
+    pub held_requests_refused: Family<ListenerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -182,6 +186,18 @@ impl Metrics {
             "Log lines dropped because stderr could not be written",
             DROPPED_LOG_LINES.clone(),
         );
+        let held_requests = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "held_requests",
+            "Held requests (long polls, WatchToken streams) open per listener",
+            held_requests.clone(),
+        );
+        let held_requests_refused = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "held_requests_refused",
+            "Held requests refused at once because the listener's share for them (server.held_requests_percent) was taken",
+            held_requests_refused.clone(),
+        );
         Self {
             registry,
             refreshes,
@@ -198,6 +214,8 @@ impl Metrics {
             connections_closed,
             accept_errors,
             stream_limit_reached,
+            held_requests,
+            held_requests_refused,
         }
     }
 

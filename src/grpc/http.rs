@@ -172,14 +172,24 @@ async fn get_token(
     request: Request,
 ) -> Response {
     let caller = Caller::from_extensions(request.extensions());
+    let http1 = request.version() < http::Version::HTTP_2;
+    // A long poll takes a held-request slot of its listener, once the
+    // caller may read the environment at all.
+    let long_poll = query.get("wait_for_change").is_some_and(|v| v == "true").then(|| {
+        let source = service.source(environment(&env)?, &caller)?;
+        let held = crate::serve::guard::hold(request.extensions())?;
+        Ok::<_, BrokerError>((source.clone(), held))
+    });
+    drop(request);
     let result = async {
         let environment = environment(&env)?;
         let min_remaining = query
             .get("min_remaining")
             .map(|d| duration("min_remaining", d))
             .transpose()?;
-        if query.get("wait_for_change").is_some_and(|v| v == "true") {
-            wait_for_change(&service, environment, &caller, &query).await?;
+        if let Some(long_poll) = long_poll {
+            let (source, _held) = long_poll?;
+            wait_for_change(&service, &source, &query).await?;
         }
         let request = pb::GetTokenRequest {
             environment,
@@ -191,6 +201,15 @@ async fn get_token(
     service.count("HTTP GET /v1/environments/{environment}/token", &result);
     match result {
         Ok(reply) => token_answer(reply.token.as_ref()),
+        // An HTTP/1.1 connection refused a long poll is closed, so that a
+        // caller opening one connection per poll frees its slot at once.
+        Err(error @ BrokerError::HeldLimit { .. }) if http1 => {
+            let mut response = error.into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
         Err(error) => error.into_response(),
     }
 }
@@ -199,8 +218,7 @@ async fn get_token(
 /// rotation, or an outage), at `timeout_sec`, or when the broker drains.
 async fn wait_for_change(
     service: &TokenBrokerService,
-    environment: i32,
-    caller: &Caller,
+    source: &crate::token::TokenSourceHandle,
     query: &HashMap<String, String>,
 ) -> Result<(), BrokerError> {
     let timeout = match query.get("timeout_sec") {
@@ -212,7 +230,6 @@ async fn wait_for_change(
     }
     .min(MAX_LONG_POLL);
     let last = query.get("last_etag").map(|e| e.trim_matches('"').to_owned());
-    let source = service.source(environment, caller)?;
     let current = |s: &Snapshot| s.servable(tokio::time::Instant::now()).map(|t| t.token_id.clone());
     let mut snapshots = source.subscribe();
     let changed = snapshots.wait_for(|s| current(s) != last);

@@ -207,9 +207,16 @@ impl TokenBrokerService {
         self.access.get(&env).is_none_or(|policy| policy.allows(caller))
     }
 
-    fn watch(&self, request: pb::WatchTokenRequest, caller: &Caller) -> Result<WatchStream, BrokerError> {
+    fn watch(
+        &self,
+        request: pb::WatchTokenRequest,
+        caller: &Caller,
+        extensions: &http::Extensions,
+    ) -> Result<WatchStream, BrokerError> {
         let source = self.source(request.environment, caller)?;
+        let held = crate::serve::guard::hold(extensions)?;
         let state = WatchState {
+            _held: held,
             environment: source.environment(),
             snapshots: source.subscribe(),
             draining: self.draining.clone(),
@@ -333,6 +340,8 @@ struct WatchState {
     snapshots: watch::Receiver<Snapshot>,
     draining: CancellationToken,
     _tracked: TaskTrackerToken,
+    /// The stream's slot among the listener's held requests.
+    _held: Option<crate::serve::guard::HeldRequest>,
     last: Option<View>,
     done: bool,
     _open: OpenStream,
@@ -406,7 +415,7 @@ impl TokenBroker for TokenBrokerService {
         request: Request<pb::WatchTokenRequest>,
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
         let caller = Caller::of(&request);
-        let result = self.watch(request.into_inner(), &caller);
+        let result = self.watch(*request.get_ref(), &caller, request.extensions());
         self.finish("WatchToken", result)
     }
 

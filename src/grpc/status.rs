@@ -50,6 +50,18 @@ pub enum BrokerError {
     /// HTTP only: a route that exists, with another method.
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
+    /// A long poll or WatchToken stream beyond the listener's share for
+    /// held requests (`server.held_requests_percent`): retry after the delay.
+    #[error("this listener holds its limit of {max} long polls and watch streams; retry shortly")]
+    HeldLimit { max: usize },
+}
+
+impl From<crate::serve::guard::HeldLimitReached> for BrokerError {
+    fn from(limit: crate::serve::guard::HeldLimitReached) -> Self {
+        BrokerError::HeldLimit {
+            max: limit.max_held_requests,
+        }
+    }
 }
 
 impl BrokerError {
@@ -86,6 +98,7 @@ impl BrokerError {
             BrokerError::RequestRefused(_) => Code::PermissionDenied,
             BrokerError::UnknownRoute(_) => Code::NotFound,
             BrokerError::MethodNotAllowed(_) => Code::Unimplemented,
+            BrokerError::HeldLimit { .. } => Code::ResourceExhausted,
         }
     }
 }
@@ -106,6 +119,7 @@ pub mod reason {
     pub const REQUEST_REFUSED: &str = "REQUEST_REFUSED";
     pub const UNKNOWN_ROUTE: &str = "UNKNOWN_ROUTE";
     pub const METHOD_NOT_ALLOWED: &str = "METHOD_NOT_ALLOWED";
+    pub const HELD_REQUESTS_LIMIT: &str = "HELD_REQUESTS_LIMIT";
 }
 
 impl BrokerError {
@@ -123,6 +137,7 @@ impl BrokerError {
             BrokerError::RequestRefused(_) => reason::REQUEST_REFUSED,
             BrokerError::UnknownRoute(_) => reason::UNKNOWN_ROUTE,
             BrokerError::MethodNotAllowed(_) => reason::METHOD_NOT_ALLOWED,
+            BrokerError::HeldLimit { .. } => reason::HELD_REQUESTS_LIMIT,
         }
     }
 
@@ -157,6 +172,9 @@ impl From<BrokerError> for Status {
             }
             BrokerError::ShuttingDown => {
                 details.set_retry_info(Some(std::time::Duration::ZERO));
+            }
+            BrokerError::HeldLimit { .. } => {
+                details.set_retry_info(Some(crate::serve::guard::HELD_RETRY_DELAY));
             }
             _ => {}
         }

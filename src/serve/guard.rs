@@ -8,6 +8,13 @@
 //! Each limit that bites is counted in a metric and logged at WARN, at most
 //! once per [`WARN_INTERVAL`] per listener.
 //!
+//! Held requests (a long poll, a WatchToken stream: open for minutes, so
+//! neither deadline ever takes their connection) may take only part of a
+//! listener's budget ([`hold`]); one beyond it is refused at once. When the
+//! budget is full, connections with no request open are closed
+//! (`reaped_under_pressure`) so that a new caller finds room: with held
+//! requests capped, a GetToken always gets a connection.
+//!
 //! [`Guarded`] wraps each accepted socket; [`StreamTrackingLayer`] tells
 //! it when requests start and end.
 
@@ -22,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, warn};
 
 use crate::metrics::{ClosedLabels, ListenerLabels, Metrics};
@@ -44,6 +52,8 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
     /// Concurrent streams per HTTP/2 connection (advertised in SETTINGS).
     pub max_concurrent_streams: u32,
+    /// Share of `max_connections` that held requests may use, in percent.
+    pub held_requests_percent: u8,
 }
 
 impl Default for ConnectionLimits {
@@ -53,9 +63,30 @@ impl Default for ConnectionLimits {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_concurrent_streams: 1024,
+            held_requests_percent: 50,
         }
     }
 }
+
+impl ConnectionLimits {
+    /// Held requests one listener admits at once (at least one).
+    pub fn max_held_requests(&self) -> usize {
+        (self.max_connections * usize::from(self.held_requests_percent) / 100).max(1)
+    }
+}
+
+/// A connection idle for less than this is not closed to make room: it
+/// may be between two requests of the same caller, or its last answer may
+/// still be on its way (closing a socket with unread input resets it, and
+/// the kernel drops what it had not sent yet).
+const REAP_MIN_IDLE: Duration = Duration::from_secs(1);
+
+/// While a listener's budget stays full, idle connections are looked for
+/// again this often.
+const REAP_RETRY: Duration = Duration::from_millis(250);
+
+/// The delay a refused held request is told to wait before trying again.
+pub const HELD_RETRY_DELAY: Duration = Duration::from_secs(2);
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit and returns the soft
 /// limit now in force (logged with the hard one).
@@ -119,6 +150,16 @@ impl Activity {
         (RequestGuard(self.clone()), open)
     }
 
+    /// Whether the connection has served a request and has none open now,
+    /// for at least `at_least`.
+    fn idle_for(&self, at_least: Duration, now: Instant) -> bool {
+        if self.open_requests.load(Ordering::Acquire) > 0 || !self.seen_request.load(Ordering::Acquire) {
+            return false;
+        }
+        let idle_since = self.accepted + Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
+        now.saturating_duration_since(idle_since) >= at_least
+    }
+
     /// When the connection must have done something by, if anything.
     fn deadline(&self, limits: &ConnectionLimits) -> Option<(Instant, &'static str)> {
         if self.open_requests.load(Ordering::Acquire) > 0 {
@@ -151,8 +192,13 @@ pub struct ListenerGuard {
     /// Open connections that have not begun a request yet.
     awaiting_first: Arc<AtomicUsize>,
     budget: Arc<Semaphore>,
+    /// Held requests open (long polls, WatchToken streams).
+    held: Arc<Semaphore>,
+    /// Cancelled (and replaced) when the budget is full: idle connections
+    /// close to make room.
+    reap: Mutex<CancellationToken>,
     metrics: Arc<Metrics>,
-    last_warning: Mutex<[Option<Instant>; 3]>,
+    last_warning: Mutex<[Option<Instant>; 4]>,
 }
 
 #[derive(Clone, Copy)]
@@ -160,6 +206,7 @@ enum Warning {
     ConnectionLimit = 0,
     AcceptError = 1,
     StreamLimit = 2,
+    HeldLimit = 3,
 }
 
 impl ListenerGuard {
@@ -167,10 +214,12 @@ impl ListenerGuard {
         Arc::new(Self {
             labels: ListenerLabels { listener: name },
             budget: Arc::new(Semaphore::new(limits.max_connections)),
+            held: Arc::new(Semaphore::new(limits.max_held_requests())),
+            reap: Mutex::new(CancellationToken::new()),
             awaiting_first: Arc::new(AtomicUsize::new(0)),
             limits,
             metrics,
-            last_warning: Mutex::new([None; 3]),
+            last_warning: Mutex::new([None; 4]),
         })
     }
 
@@ -186,7 +235,9 @@ impl ListenerGuard {
         true
     }
 
-    /// A slot in this listener's budget; waits (and says so) when full.
+    /// A slot in this listener's budget; when full, says so, closes the
+    /// connections that have no request open (again every [`REAP_RETRY`]
+    /// while it stays full) and waits.
     async fn admit(&self) -> OwnedSemaphorePermit {
         if let Ok(permit) = self.budget.clone().try_acquire_owned() {
             return permit;
@@ -194,13 +245,28 @@ impl ListenerGuard {
         self.metrics.connection_limit_reached.get_or_create(&self.labels).inc();
         if self.warn_due(Warning::ConnectionLimit) {
             warn!(listener = %self.labels.listener, max_connections = self.limits.max_connections,
-                  "connection limit reached; new connections wait in the backlog");
+                  "connection limit reached; idle connections are closed to make room, new ones wait in the backlog");
         }
-        self.budget
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the budget semaphore is never closed")
+        loop {
+            self.reap_idle();
+            let wait = self.budget.clone().acquire_owned();
+            if let Ok(permit) = tokio::time::timeout(REAP_RETRY, wait).await {
+                return permit.expect("the budget semaphore is never closed");
+            }
+        }
+    }
+
+    /// Tells every connection idle for [`REAP_MIN_IDLE`] to close.
+    fn reap_idle(&self) {
+        let mut reap = self.reap.lock().unwrap_or_else(|p| p.into_inner());
+        reap.cancel();
+        *reap = CancellationToken::new();
+    }
+
+    /// A future that resolves at the next [`ListenerGuard::reap_idle`].
+    fn next_reap(&self) -> Pin<Box<WaitForCancellationFutureOwned>> {
+        let reap = self.reap.lock().unwrap_or_else(|p| p.into_inner());
+        Box::pin(reap.clone().cancelled_owned())
     }
 
     /// An accept error: counted, logged (rate-limited), and waited out when
@@ -243,9 +309,76 @@ impl ListenerGuard {
                 accepted + self.limits.handshake_timeout.min(self.limits.idle_timeout),
             )),
             expired: None,
+            reap: self.next_reap(),
             _permit: permit,
         }
     }
+
+    /// A slot for one held request, or `None` when the listener's share
+    /// for them is taken (counted, and logged once per burst).
+    fn hold(self: &Arc<Self>) -> Option<HeldRequest> {
+        match self.held.clone().try_acquire_owned() {
+            Ok(permit) => {
+                self.metrics.held_requests.get_or_create(&self.labels).inc();
+                Some(HeldRequest {
+                    listener: self.clone(),
+                    _permit: permit,
+                })
+            }
+            Err(_) => {
+                self.metrics.held_requests_refused.get_or_create(&self.labels).inc();
+                if self.warn_due(Warning::HeldLimit) {
+                    warn!(listener = %self.labels.listener, max_held_requests = self.limits.max_held_requests(),
+                          "held requests limit reached; new long polls and WatchToken streams are refused for now");
+                }
+                None
+            }
+        }
+    }
+}
+
+/// One held request's slot, given back when dropped.
+pub struct HeldRequest {
+    listener: Arc<ListenerGuard>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for HeldRequest {
+    fn drop(&mut self) {
+        self.listener
+            .metrics
+            .held_requests
+            .get_or_create(&self.listener.labels)
+            .dec();
+    }
+}
+
+impl std::fmt::Debug for HeldRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldRequest")
+            .field("listener", &self.listener.labels.listener)
+            .finish()
+    }
+}
+
+/// The listener's share for held requests is taken: answer at once with
+/// RESOURCE_EXHAUSTED / 429 and [`HELD_RETRY_DELAY`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldLimitReached {
+    pub max_held_requests: usize,
+}
+
+/// Takes a slot for a held request (a long poll, a WatchToken stream) on
+/// the listener the request arrived on; keep it for as long as the
+/// request is held. A request from no guarded listener (an in-process
+/// test server) is not limited.
+pub fn hold(extensions: &http::Extensions) -> Result<Option<HeldRequest>, HeldLimitReached> {
+    let Some((_, listener)) = request_connection(extensions) else {
+        return Ok(None);
+    };
+    listener.hold().map(Some).ok_or(HeldLimitReached {
+        max_held_requests: listener.limits.max_held_requests(),
+    })
 }
 
 /// A socket a listener can accept.
@@ -337,35 +470,54 @@ pub struct Guarded<IO> {
     listener: Arc<ListenerGuard>,
     timer: Pin<Box<Sleep>>,
     expired: Option<&'static str>,
+    /// Resolves when the listener's budget is full (see [`ListenerGuard::admit`]).
+    reap: Pin<Box<WaitForCancellationFutureOwned>>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl<IO> Guarded<IO> {
-    /// `Err` once the connection has outlived its deadline.
+    /// `Err` once the connection has outlived its deadline, or is idle
+    /// while its listener needs room.
     fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         while self.expired.is_none() && self.timer.as_mut().poll(cx).is_ready() {
             let limits = &self.listener.limits;
             let now = Instant::now();
             match self.activity.deadline(limits) {
                 Some((deadline, _)) if now < deadline => self.timer.as_mut().reset(deadline),
-                Some((_, reason)) => {
-                    self.expired = Some(reason);
-                    let labels = ClosedLabels {
-                        listener: self.listener.labels.listener.clone(),
-                        reason,
-                    };
-                    self.listener.metrics.connections_closed.get_or_create(&labels).inc();
-                    debug!(listener = %labels.listener, reason, "closing a connection");
-                }
+                Some((_, reason)) => self.expire(reason),
                 // Requests are open: no deadline now; the earliest one there
                 // can be is an idle period after the last request ends.
                 None => self.timer.as_mut().reset(now + limits.idle_timeout),
+            }
+        }
+        // Only an idle connection listens for the reaper (a request in
+        // progress is never cut); one that missed a round re-arms.
+        while self.expired.is_none() && self.activity.idle_for(Duration::ZERO, Instant::now()) {
+            if self.reap.as_mut().poll(cx).is_pending() {
+                break;
+            }
+            if self.activity.idle_for(REAP_MIN_IDLE, Instant::now()) {
+                self.expire("reaped_under_pressure");
+            } else {
+                self.reap = self.listener.next_reap();
             }
         }
         match self.expired {
             None => Ok(()),
             Some(reason) => Err(io::Error::new(io::ErrorKind::TimedOut, reason)),
         }
+    }
+}
+
+impl<IO> Guarded<IO> {
+    fn expire(&mut self, reason: &'static str) {
+        self.expired = Some(reason);
+        let labels = ClosedLabels {
+            listener: self.listener.labels.listener.clone(),
+            reason,
+        };
+        self.listener.metrics.connections_closed.get_or_create(&labels).inc();
+        debug!(listener = %labels.listener, reason, "closing a connection");
     }
 }
 

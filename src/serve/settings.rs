@@ -38,6 +38,11 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Concurrent streams per HTTP/2 connection.
     pub max_concurrent_streams: u32,
+    /// Share of each listener's `max_connections` that held requests (long
+    /// polls, WatchToken streams) may take, in percent; one beyond it is
+    /// refused at once (RESOURCE_EXHAUSTED / 429), so a GetToken always
+    /// finds room.
+    pub held_requests_percent: u8,
     /// TLS (and optionally mTLS) for every TCP listener; `None`: plaintext.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<ServerTlsFiles>,
@@ -55,6 +60,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_concurrent_streams: 1024,
+            held_requests_percent: 50,
             tls: None,
         }
     }
@@ -68,6 +74,7 @@ impl ServerConfig {
             handshake_timeout: self.handshake_timeout,
             idle_timeout: self.idle_timeout,
             max_concurrent_streams: self.max_concurrent_streams,
+            held_requests_percent: self.held_requests_percent,
         }
     }
 
@@ -89,6 +96,9 @@ impl ServerConfig {
         }
         if !(1..=100_000).contains(&self.max_concurrent_streams) {
             out.push("max_concurrent_streams: must be between 1 and 100000".into());
+        }
+        if !(1..=90).contains(&self.held_requests_percent) {
+            out.push("held_requests_percent: must be between 1 and 90 (the rest of each listener's budget stays free for unary calls)".into());
         }
         let (ms, secs) = (Duration::from_millis, Duration::from_secs);
         for (key, value, min, max) in [

@@ -1,0 +1,206 @@
+//! Held requests cannot starve short ones. One local process holds 1,100
+//! long polls (one HTTP/1.1 connection each, as curl makes them), or 1,100
+//! connections each holding one WatchToken stream, on the TCP listener with
+//! its default budget (1,024 connections, half of them for held requests):
+//! the held ones beyond the share are refused at once with a retry delay,
+//! and a GetToken (gRPC) and an HTTP read on new connections to that same
+//! listener are still answered.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use flute_token_broker::grpc::pb;
+use support::start_broker;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+const SANDBOX: i32 = pb::Environment::Sandbox as i32;
+const HOLDERS: usize = 1_100;
+/// Half of the default 1,024 connections per listener.
+const HELD_SHARE: usize = 512;
+/// Longest a call in these tests may take before it counts as starved.
+const STARVED: Duration = Duration::from_secs(10);
+
+/// A GetToken on a new connection to `tcp`, and how long it took.
+async fn get_token_on_a_new_connection(tcp: &str) -> Duration {
+    let started = Instant::now();
+    let call = async {
+        let mut client = flute_token_broker::client::connect(tcp, STARVED).await.unwrap();
+        support::current_token(&mut client, SANDBOX).await
+    };
+    let token = tokio::time::timeout(STARVED, call)
+        .await
+        .expect("GetToken on the held listener starved");
+    assert!(!token.access_token.is_empty());
+    started.elapsed()
+}
+
+/// An HTTP read on a new connection to `tcp`, and how long it took.
+async fn http_read_on_a_new_connection(tcp: &str) -> Duration {
+    let started = Instant::now();
+    let read = async {
+        let mut stream = tokio::net::TcpStream::connect(tcp.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        stream
+            .write_all(
+                b"GET /v1/environments/sandbox/token HTTP/1.1\r\nHost: localhost\r\nFlute-Broker: true\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let answer = tokio::time::timeout(STARVED, read)
+        .await
+        .expect("the HTTP read on the held listener starved");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polls_beyond_their_share_are_refused_and_get_token_finds_room() {
+    let broker = start_broker(Duration::from_secs(900)).await;
+    let mut client = broker.client().await;
+    let current = support::current_token(&mut client, SANDBOX).await;
+    let (baseline_grpc, baseline_http) = (
+        get_token_on_a_new_connection(&broker.tcp).await,
+        http_read_on_a_new_connection(&broker.tcp).await,
+    );
+
+    // Each poller: one connection, one long poll for a change that does not
+    // come; it reports the status line of an answer, if one comes.
+    let (answered, mut answers) = mpsc::unbounded_channel();
+    let addr = broker.tcp.trim_start_matches("http://").to_owned();
+    let request = format!(
+        "GET /v1/environments/sandbox/token?wait_for_change=true&last_etag=%22{}%22&timeout_sec=300 HTTP/1.1\r\n\
+         Host: localhost\r\nFlute-Broker: true\r\n\r\n",
+        current.token_id
+    );
+    let mut pollers = Vec::new();
+    for _ in 0..HOLDERS {
+        let (addr, request, answered) = (addr.clone(), request.clone(), answered.clone());
+        pollers.push(tokio::spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            // A refused poll is answered and its connection closed.
+            let _ = stream.read_to_end(&mut answer).await;
+            let _ = answered.send(String::from_utf8_lossy(&answer).into_owned());
+        }));
+    }
+    let mut refused = 0;
+    while refused < HOLDERS - HELD_SHARE {
+        let answer = tokio::time::timeout(STARVED, answers.recv())
+            .await
+            .expect("every long poll beyond the share is answered at once")
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+        assert!(answer.contains("retry-after: 2"), "{answer}");
+        assert!(answer.contains("HELD_REQUESTS_LIMIT"), "{answer}");
+        refused += 1;
+    }
+    // The held ones are still open: none of them answered.
+    assert!(answers.try_recv().is_err());
+
+    let (loaded_grpc, loaded_http) = (
+        get_token_on_a_new_connection(&broker.tcp).await,
+        http_read_on_a_new_connection(&broker.tcp).await,
+    );
+    eprintln!(
+        "{HOLDERS} long polls: {refused} refused, {HELD_SHARE} held; GetToken on a new connection \
+         {baseline_grpc:?} before, {loaded_grpc:?} during; HTTP read {baseline_http:?} before, {loaded_http:?} during"
+    );
+    for poller in pollers {
+        poller.abort();
+    }
+}
+
+/// A refused WatchToken: RESOURCE_EXHAUSTED, its reason and retry delay.
+fn check_refusal(status: tonic::Status) -> usize {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    let details = status.get_error_details();
+    assert_eq!(details.error_info().unwrap().reason, "HELD_REQUESTS_LIMIT");
+    assert_eq!(details.retry_info().unwrap().retry_delay, Some(Duration::from_secs(2)));
+    1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_beyond_their_share_are_refused_and_get_token_finds_room() {
+    let broker = start_broker(Duration::from_secs(900)).await;
+    let baseline = get_token_on_a_new_connection(&broker.tcp).await;
+
+    // Each watcher: its own connection (a channel each), one stream, kept
+    // open with the connection after the first answer. They connect in
+    // waves of 100 (1,100 connects at one instant would overflow the
+    // kernel's accept queue, which is not what this test is about).
+    let (answered, mut answers) = mpsc::unbounded_channel();
+    let mut watchers = Vec::new();
+    let (mut held, mut refused) = (0, 0);
+    for started in 0..HOLDERS {
+        if started % 100 == 0 {
+            while held + refused < started {
+                match tokio::time::timeout(STARVED * 3, answers.recv())
+                    .await
+                    .expect("every watcher is answered, held or refused")
+                    .unwrap()
+                {
+                    None => held += 1,
+                    Some(status) => refused += check_refusal(status),
+                }
+            }
+        }
+        let (tcp, answered) = (broker.tcp.clone(), answered.clone());
+        watchers.push(tokio::spawn(async move {
+            let channel = tonic::transport::Endpoint::from_shared(tcp).unwrap().connect_lazy();
+            let mut client = pb::token_broker_client::TokenBrokerClient::new(channel);
+            let outcome = match client.watch_token(pb::WatchTokenRequest { environment: SANDBOX }).await {
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    match stream.message().await {
+                        Ok(Some(_)) => Ok(stream),
+                        other => panic!("a held stream's first message: {other:?}"),
+                    }
+                }
+                Err(status) => Err(status),
+            };
+            let held = match outcome {
+                Ok(stream) => {
+                    let _ = answered.send(None);
+                    Some(stream)
+                }
+                Err(status) => {
+                    let _ = answered.send(Some(status));
+                    None
+                }
+            };
+            // Hold the stream (or the refused connection) until aborted.
+            let _keep = (client, held);
+            std::future::pending::<()>().await;
+        }));
+    }
+    while held + refused < HOLDERS {
+        match tokio::time::timeout(STARVED * 3, answers.recv())
+            .await
+            .expect("every watcher is answered, held or refused")
+            .unwrap()
+        {
+            None => held += 1,
+            Some(status) => refused += check_refusal(status),
+        }
+    }
+    assert_eq!((held, refused), (HELD_SHARE, HOLDERS - HELD_SHARE));
+
+    let loaded = get_token_on_a_new_connection(&broker.tcp).await;
+    let http = http_read_on_a_new_connection(&broker.tcp).await;
+    eprintln!(
+        "{HOLDERS} watch connections: {held} streams held, {refused} refused; GetToken on a new connection \
+         {baseline:?} before, {loaded:?} during; HTTP read {http:?} during"
+    );
+    for watcher in watchers {
+        watcher.abort();
+    }
+}
