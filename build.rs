@@ -9,8 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     compiler.include_imports(true);
     compiler.open_file("flute/tokenbroker/v1/token_broker.proto")?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    // Encoded from protox's own descriptors, which keep the options'
-    // extensions (google.api.http): prost's types would drop them.
+    // Encoded from protox's own descriptors (custom options survive).
     std::fs::write(
         out_dir.join("token_broker_descriptor.bin"),
         compiler.encode_file_descriptor_set(),

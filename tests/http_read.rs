@@ -1,6 +1,6 @@
 //! The HTTP/JSON face on the gRPC listeners, from outside: plain HTTP/1.1
 //! requests written by hand on the Unix socket and on TCP (what curl
-//! sends), the routes checked against the proto's google.api.http options,
+//! sends), the routes checked against the API configuration's HTTP rules,
 //! and the metadata-server safeguards.
 
 mod support;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use flute_token_broker::Environment;
 use flute_token_broker::emulator::FaultRequest;
 use flute_token_broker::grpc::{http, pb};
-use prost_reflect::{DescriptorPool, Value};
+use prost_reflect::DescriptorPool;
 use serde_json::Value as Json;
 use support::{next_token, open_watch, start_broker, start_broker_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -342,35 +342,25 @@ async fn a_long_poll_answers_at_the_next_rotation() {
     assert_eq!(timed_out.status, 200);
 }
 
-/// The routes are the ones the proto declares: each method's google.api.http
-/// option names the method and path the broker answers.
+/// The routes are the ones the gRPC API configuration declares
+/// (`proto/flute/tokenbroker/v1/token_broker_http.yaml`, the `http: rules:`
+/// of grpc-gateway and Google's service config), and the broker answers each.
 #[tokio::test]
-async fn the_routes_are_the_protos_google_api_http_options() {
-    let pool = DescriptorPool::decode(pb::FILE_DESCRIPTOR_SET).unwrap();
-    let service = pool.get_service_by_name("flute.tokenbroker.v1.TokenBroker").unwrap();
+async fn the_routes_are_the_api_configurations_http_rules() {
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/proto/flute/tokenbroker/v1/token_broker_http.yaml"
+    ))
+    .unwrap();
+    let rules = http_rules(&yaml);
     let rule_of = |name: &str| {
-        let method = service.methods().find(|m| m.name() == name).unwrap();
-        let extension = pool
-            .get_extension_by_name("google.api.http")
-            .expect("annotations in the set");
-        let options = method.options();
-        let rule = options.get_extension(&extension);
-        let Value::Message(rule) = rule.as_ref() else {
-            panic!("{name}: no google.api.http");
-        };
-        let (verb, path) = ["get", "post", "put", "delete", "patch"]
-            .into_iter()
-            .find_map(|verb| match rule.get_field_by_name(verb).as_deref() {
-                Some(Value::String(path)) if !path.is_empty() => Some((verb.to_uppercase(), path.clone())),
-                _ => None,
-            })
-            .unwrap_or_else(|| panic!("{name}: no verb in {rule:?} (options {options:?})"));
-        let body = match rule.get_field_by_name("body").as_deref() {
-            Some(Value::String(body)) => body.clone(),
-            _ => String::new(),
-        };
-        (verb, path, body)
+        rules
+            .iter()
+            .find(|(selector, ..)| *selector == format!("flute.tokenbroker.v1.TokenBroker.{name}"))
+            .map(|(_, verb, path, body)| (verb.clone(), path.clone(), body.clone()))
+            .unwrap_or_else(|| panic!("{name}: no rule in {rules:?}"))
     };
+    assert_eq!(rules.len(), 3, "{rules:?}");
     assert_eq!(
         rule_of("GetToken"),
         ("GET".into(), http::GET_TOKEN.into(), String::new())
@@ -383,6 +373,13 @@ async fn the_routes_are_the_protos_google_api_http_options() {
         rule_of("GetStatus"),
         ("GET".into(), http::GET_STATUS.into(), String::new())
     );
+    // Every rule names a method of the contract.
+    let pool = DescriptorPool::decode(pb::FILE_DESCRIPTOR_SET).unwrap();
+    let service = pool.get_service_by_name("flute.tokenbroker.v1.TokenBroker").unwrap();
+    for (selector, ..) in &rules {
+        let method = selector.rsplit('.').next().unwrap();
+        assert!(service.methods().any(|m| m.name() == method), "{selector}");
+    }
 
     // And the broker answers each declared route (not 404, not 405).
     let broker = start_broker(Duration::from_secs(900)).await;
@@ -502,4 +499,32 @@ async fn a_request_on_a_connection_accepted_before_shutdown_is_answered() {
     let raw = String::from_utf8_lossy(&raw);
     assert!(raw.starts_with("HTTP/1.1 200"), "{raw:?}");
     stopping.await.unwrap();
+}
+
+/// The `http: rules:` of a gRPC API configuration: (selector, verb, path,
+/// body) each. The file's own shape: a list item per rule, `key: value`
+/// lines, values optionally quoted.
+fn http_rules(yaml: &str) -> Vec<(String, String, String, String)> {
+    let mut rules: Vec<(String, String, String, String)> = Vec::new();
+    for line in yaml.lines().map(str::trim).filter(|l| !l.starts_with('#')) {
+        let (is_item, line) = match line.strip_prefix("- ") {
+            Some(rest) => (true, rest),
+            None => (false, line),
+        };
+        let Some((key, value)) = line.split_once(": ") else {
+            continue;
+        };
+        let value = value.trim().trim_matches('"').to_owned();
+        if is_item {
+            rules.push(Default::default());
+        }
+        let Some(rule) = rules.last_mut() else { continue };
+        match key {
+            "selector" => rule.0 = value,
+            "get" | "post" | "put" | "delete" | "patch" => (rule.1, rule.2) = (key.to_uppercase(), value),
+            "body" => rule.3 = value,
+            _ => {}
+        }
+    }
+    rules
 }

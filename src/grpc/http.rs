@@ -1,6 +1,7 @@
 //! The HTTP/JSON face of the TokenBroker service, for callers without a
 //! gRPC stack (`curl`, PHP, shell): GetToken, RefreshToken and GetStatus at
-//! the paths their `google.api.http` options declare, served on the gRPC
+//! the paths `proto/flute/tokenbroker/v1/token_broker_http.yaml` declares
+//! (a gRPC API configuration; tested equal), served on the gRPC
 //! listeners (HTTP/1.1 and HTTP/2; a request that is not gRPC is routed
 //! here by its path). Each handler calls the same service logic as gRPC
 //! with the same caller; errors are the same [`BrokerError`], answered as
@@ -30,7 +31,7 @@ use super::{MAX_REQUEST_BYTES, pb};
 use crate::environment::Environment;
 use crate::token::Snapshot;
 
-/// The routes, as the proto's `google.api.http` options declare them.
+/// The routes, as the API configuration's HTTP rules declare them.
 pub const GET_TOKEN: &str = "/v1/environments/{environment}/token";
 pub const REFRESH_TOKEN: &str = "/v1/environments/{environment}/token:refresh";
 pub const GET_STATUS: &str = "/v1/status";
