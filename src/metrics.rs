@@ -31,6 +31,8 @@ pub struct EnvLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GrpcLabels {
+    /// `grpc`, or `http` for the HTTP/JSON read.
+    pub protocol: &'static str,
     pub method: &'static str,
     pub code: &'static str,
 }
@@ -131,7 +133,7 @@ impl Metrics {
         let grpc_requests = Family::<GrpcLabels, Counter>::default();
         registry.register(
             "grpc_requests",
-            "gRPC requests by method, and HTTP/JSON requests by route (HTTP GET /v1/...), by gRPC status code",
+            "API calls by protocol (grpc, or http for the HTTP/JSON read), method and gRPC status code",
             grpc_requests.clone(),
         );
         let watch_streams = Gauge::default();

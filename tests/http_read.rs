@@ -139,6 +139,15 @@ async fn a_token_as_json_on_both_listeners_with_etag_and_no_store() {
     .await;
     assert_eq!(production.status, 200);
     assert_eq!(production.json()["token"]["environment"], "ENVIRONMENT_PRODUCTION");
+    // Counted under the HTTP protocol, by RPC name.
+    let metrics = broker.daemon.metrics.encode();
+    for line in [
+        "flute_broker_grpc_requests_total{protocol=\"http\",method=\"GetToken\",code=\"OK\"} 3",
+        "flute_broker_grpc_requests_total{protocol=\"http\",method=\"GetStatus\",code=\"OK\"} 1",
+        "flute_broker_grpc_requests_total{protocol=\"grpc\",method=\"GetToken\",code=\"OK\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
 }
 
 #[tokio::test]

@@ -271,8 +271,8 @@ async fn metrics_are_prometheus_text_with_the_documented_names() {
         "flute_broker_token_seconds_until_expiry{environment=\"production\"}",
         "flute_broker_token_valid{environment=\"sandbox\"}",
         "flute_broker_token_consecutive_failures{environment=\"sandbox\"}",
-        "flute_broker_grpc_requests_total{method=\"GetToken\",code=\"OK\"}",
-        "flute_broker_grpc_requests_total{method=\"GetToken\",code=\"INVALID_ARGUMENT\"}",
+        "flute_broker_grpc_requests_total{protocol=\"grpc\",method=\"GetToken\",code=\"OK\"}",
+        "flute_broker_grpc_requests_total{protocol=\"grpc\",method=\"GetToken\",code=\"INVALID_ARGUMENT\"}",
         "flute_broker_watch_streams",
         "flute_broker_build_info{version=\"0.1.0\"}",
     ];

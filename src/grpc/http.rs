@@ -25,11 +25,11 @@ use axum::response::{IntoResponse, Response};
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 
 use super::access::Caller;
-use super::service::TokenBrokerService;
+use super::service::{Protocol, Rpc, TokenBrokerService};
 use super::status::BrokerError;
 use super::{MAX_REQUEST_BYTES, pb};
 use crate::environment::Environment;
-use crate::token::Snapshot;
+use crate::token::{Snapshot, Token, TokenSourceHandle};
 
 /// The routes, as the API configuration's HTTP rules declare them.
 pub const GET_TOKEN: &str = "/v1/environments/{environment}/token";
@@ -142,15 +142,14 @@ async fn guard(request: Request, next: Next) -> Response {
 }
 
 /// The environment in a path: `sandbox`, `production` (or the enum's names).
-fn environment(name: &str) -> Result<i32, BrokerError> {
-    let env = match name {
-        "ENVIRONMENT_SANDBOX" => Environment::Sandbox,
-        "ENVIRONMENT_PRODUCTION" => Environment::Production,
+fn environment(name: &str) -> Result<Environment, BrokerError> {
+    match name {
+        "ENVIRONMENT_SANDBOX" => Ok(Environment::Sandbox),
+        "ENVIRONMENT_PRODUCTION" => Ok(Environment::Production),
         other => other
             .parse::<Environment>()
-            .map_err(|_| BrokerError::UnspecifiedEnvironment)?,
-    };
-    Ok(pb::Environment::from(env) as i32)
+            .map_err(|_| BrokerError::UnspecifiedEnvironment),
+    }
 }
 
 /// A Duration in a query: the proto3 JSON form (`60s`, `1.5s`) or the
@@ -172,36 +171,36 @@ async fn get_token(
     Query(query): Query<HashMap<String, String>>,
     request: Request,
 ) -> Response {
-    let caller = Caller::from_extensions(request.extensions());
     let http1 = request.version() < http::Version::HTTP_2;
-    // A long poll takes a held-request slot of its listener, once the
-    // caller may read the environment at all.
-    let long_poll = query.get("wait_for_change").is_some_and(|v| v == "true").then(|| {
-        let source = service.source(environment(&env)?, &caller)?;
-        let held = crate::serve::guard::hold(request.extensions())?;
-        Ok::<_, BrokerError>((source.clone(), held))
-    });
+    // Everything that reads the request's connection happens before the
+    // first await (the request body is not Sync): the one access check,
+    // and a long poll's held-request slot.
+    let admitted = environment(&env)
+        .and_then(|env| service.authorize(env, &Caller::from_extensions(request.extensions())))
+        .and_then(|source| {
+            let long_poll = query.get("wait_for_change").is_some_and(|v| v == "true");
+            let held = match long_poll {
+                true => Some(crate::serve::guard::hold(request.extensions())?),
+                false => None,
+            };
+            Ok((source.clone(), held))
+        });
     drop(request);
     let result = async {
-        let environment = environment(&env)?;
+        let (source, held) = admitted?;
         let min_remaining = query
             .get("min_remaining")
             .map(|d| duration("min_remaining", d))
             .transpose()?;
-        if let Some(long_poll) = long_poll {
-            let (source, _held) = long_poll?;
+        if let Some(_held) = held {
             wait_for_change(&service, &source, &query).await?;
         }
-        let request = pb::GetTokenRequest {
-            environment,
-            min_remaining: min_remaining.map(super::pb_duration),
-        };
-        service.get_token(request, caller, service.request_wait()).await
+        service.get_token(&source, min_remaining, service.request_wait()).await
     }
     .await;
-    service.count("HTTP GET /v1/environments/{environment}/token", &result);
+    service.count(Protocol::Http, Rpc::GetToken, &result);
     match result {
-        Ok(reply) => token_answer(reply.token.as_ref()),
+        Ok(token) => token_answer(&token),
         // An HTTP/1.1 connection refused a long poll is closed, so that a
         // caller opening one connection per poll frees its slot at once.
         Err(error @ BrokerError::HeldLimit { .. }) if http1 => {
@@ -219,7 +218,7 @@ async fn get_token(
 /// rotation, or an outage), at `timeout_sec`, or when the broker drains.
 async fn wait_for_change(
     service: &TokenBrokerService,
-    source: &crate::token::TokenSourceHandle,
+    source: &TokenSourceHandle,
     query: &HashMap<String, String>,
 ) -> Result<(), BrokerError> {
     let timeout = match query.get("timeout_sec") {
@@ -247,23 +246,26 @@ async fn refresh_token(
     Path(env): Path<String>,
     request: Request,
 ) -> Response {
-    let caller = Caller::from_extensions(request.extensions());
+    let admitted = environment(&env)
+        .and_then(|env| service.authorize(env, &Caller::from_extensions(request.extensions())))
+        .map(TokenSourceHandle::clone);
     let result = async {
-        let environment = environment(&env)?;
+        let source = admitted?;
         let body = axum::body::to_bytes(request.into_body(), MAX_REQUEST_BYTES)
             .await
             .map_err(|e| BrokerError::InvalidArgument {
                 field: "body",
                 message: format!("cannot read the body: {e}"),
             })?;
-        let mut request: pb::RefreshTokenRequest = from_json("RefreshTokenRequest", &body)?;
-        request.environment = environment;
-        service.refresh_token(request, caller, service.request_wait()).await
+        let request: pb::RefreshTokenRequest = from_json("RefreshTokenRequest", &body)?;
+        service
+            .refresh_token(&source, &request.rejected_token_id, service.request_wait())
+            .await
     }
     .await;
-    service.count("HTTP POST /v1/environments/{environment}/token:refresh", &result);
+    service.count(Protocol::Http, Rpc::RefreshToken, &result);
     match result {
-        Ok(reply) => token_answer(reply.token.as_ref()),
+        Ok(token) => token_answer(&token),
         Err(error) => error.into_response(),
     }
 }
@@ -271,7 +273,7 @@ async fn refresh_token(
 async fn get_status(State(service): State<TokenBrokerService>, request: Request) -> Response {
     let caller = Caller::from_extensions(request.extensions());
     let reply = service.status(&caller);
-    service.count::<()>("HTTP GET /v1/status", &Ok(()));
+    service.count::<()>(Protocol::Http, Rpc::GetStatus, &Ok(()));
     let mut response = json("GetStatusResponse", &reply).into_response();
     no_store(response.headers_mut());
     response
@@ -279,11 +281,11 @@ async fn get_status(State(service): State<TokenBrokerService>, request: Request)
 
 /// A token answer (GetTokenResponse and RefreshTokenResponse have the same
 /// shape): the JSON, `ETag` (the token_id), never cached.
-fn token_answer(token: Option<&pb::Token>) -> Response {
-    let mut response = JsonBody(token_response_json(token).into_bytes()).into_response();
+fn token_answer(token: &Token) -> Response {
+    let mut response = JsonBody(token_response_json(token, tokio::time::Instant::now()).into_bytes()).into_response();
     let headers = response.headers_mut();
     no_store(headers);
-    if let Some(etag) = token.and_then(|t| HeaderValue::from_str(&format!("\"{}\"", t.token_id)).ok()) {
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", token.token_id)) {
         headers.insert(header::ETAG, etag);
     }
     response
@@ -293,38 +295,40 @@ fn no_store(headers: &mut HeaderMap) {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
 }
 
-/// `{"token": …}` in the proto3 JSON mapping, written directly: the hot
-/// path of the HTTP read. It is the same text prost-reflect writes from the
-/// descriptors (a test compares them); the other messages go through
+/// `{"token": …}` in the proto3 JSON mapping, written directly from the
+/// token (its `serveFor` measured at `now`): the hot path of the HTTP read.
+/// It is the same text prost-reflect writes from the descriptors for the
+/// wire message (a test compares them); the other messages go through
 /// [`json`].
-pub fn token_response_json(token: Option<&pb::Token>) -> String {
-    let Some(t) = token else {
-        return "{}".into();
-    };
-    let mut fields: Vec<String> = Vec::with_capacity(7);
-    let mut string = |name: &str, value: &str| {
-        if !value.is_empty() {
-            fields.push(format!("\"{name}\":{}", serde_json::Value::from(value)));
+pub fn token_response_json(token: &Token, now: tokio::time::Instant) -> String {
+    let mut out = String::with_capacity(256);
+    out.push_str("{\"token\":{");
+    let mut first = true;
+    let mut field = |name: &str, value: &str| {
+        if value.is_empty() {
+            return;
         }
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        out.push('"');
+        out.push_str(name);
+        out.push_str("\":");
+        out.push_str(&serde_json::Value::from(value).to_string());
     };
-    string("accessToken", &t.access_token);
-    string("tokenType", &t.token_type);
-    if let Some(at) = &t.issued_at {
-        string("issuedAt", &json_timestamp(at));
-    }
-    if let Some(at) = &t.expires_at {
-        string("expiresAt", &json_timestamp(at));
-    }
-    if t.environment != 0 {
-        let name = pb::Environment::try_from(t.environment).map(|e| e.as_str_name());
-        string("environment", name.unwrap_or_default());
-    }
-    string("tokenId", &t.token_id);
-    if let Some(d) = &t.serve_for {
-        let d = super::duration_from_pb(d).unwrap_or_default();
-        string("serveFor", &super::status::json_duration(d));
-    }
-    format!("{{\"token\":{{{}}}}}", fields.join(","))
+    field("accessToken", token.access_token());
+    field("tokenType", &token.token_type);
+    field("issuedAt", &json_timestamp(&super::timestamp(token.issued_at_wall)));
+    field("expiresAt", &json_timestamp(&super::timestamp(token.expires_at_wall)));
+    field("environment", pb::Environment::from(token.environment).as_str_name());
+    field("tokenId", &token.token_id);
+    field(
+        "serveFor",
+        &super::status::json_duration(token.serve_until.saturating_duration_since(now)),
+    );
+    out.push_str("}}");
+    out
 }
 
 /// A Timestamp in the proto3 JSON form: RFC 3339 in UTC with 0, 3, 6 or 9
@@ -392,48 +396,30 @@ mod tests {
     use super::*;
 
     /// The hand-written token JSON is exactly the descriptor-driven proto3
-    /// JSON, across fractional-second shapes and absent fields.
+    /// JSON of the wire message, across fractional-second shapes.
     #[test]
     fn token_json_is_the_proto3_mapping() {
+        use secrecy::SecretString;
         let shapes = [0, 5_000_000, 120_000, 123_456_789, 999_999_999];
+        let now = tokio::time::Instant::now();
         for (i, nanos) in shapes.into_iter().enumerate() {
-            let token = pb::Token {
-                access_token: format!("tok-{i}-\"quoted\"/+="),
-                token_type: "Bearer".into(),
-                issued_at: Some(prost_types::Timestamp {
-                    seconds: 1_764_556_800 + i as i64,
-                    nanos,
-                }),
-                expires_at: Some(prost_types::Timestamp {
-                    seconds: 1_764_557_700,
-                    nanos: shapes[(i + 1) % shapes.len()],
-                }),
-                environment: if i % 2 == 0 { 1 } else { 2 },
-                token_id: "0123456789ab".into(),
-                serve_for: Some(prost_types::Duration {
-                    seconds: 894 - i as i64,
-                    nanos: shapes[(i + 2) % shapes.len()],
-                }),
-            };
+            let issued_wall = std::time::UNIX_EPOCH + Duration::new(1_764_556_800 + i as u64, nanos);
+            let lifetime = Duration::new(900, shapes[(i + 1) % shapes.len()]);
+            let environment = [Environment::Sandbox, Environment::Production][i % 2];
+            let token = Token::new(
+                SecretString::from(format!("tok-{i}-\"quoted\"/+=")),
+                "Bearer".into(),
+                environment,
+                now - Duration::from_millis(i as u64 * 1_234),
+                issued_wall,
+                lifetime,
+                Duration::from_secs(5),
+            );
             let reply = pb::GetTokenResponse {
-                token: Some(token.clone()),
+                token: Some(super::super::pb_token(&token, now)),
             };
             let expected = String::from_utf8(json("GetTokenResponse", &reply).0).unwrap();
-            assert_eq!(token_response_json(Some(&token)), expected);
-            let sparse = pb::Token {
-                issued_at: None,
-                serve_for: None,
-                token_type: String::new(),
-                environment: 0,
-                ..token
-            };
-            let reply = pb::RefreshTokenResponse {
-                token: Some(sparse.clone()),
-            };
-            let expected = String::from_utf8(json("RefreshTokenResponse", &reply).0).unwrap();
-            assert_eq!(token_response_json(Some(&sparse)), expected);
+            assert_eq!(token_response_json(&token, now), expected);
         }
-        let empty = String::from_utf8(json("GetTokenResponse", &pb::GetTokenResponse::default()).0).unwrap();
-        assert_eq!(token_response_json(None), empty);
     }
 }

@@ -114,17 +114,20 @@ impl std::fmt::Debug for pb::Token {
 
 impl From<&Token> for pb::Token {
     fn from(t: &Token) -> Self {
-        pb::Token {
-            access_token: t.access_token().to_owned(),
-            token_type: t.token_type.clone(),
-            issued_at: Some(timestamp(t.issued_at_wall)),
-            expires_at: Some(timestamp(t.expires_at_wall)),
-            environment: pb::Environment::from(t.environment) as i32,
-            token_id: t.token_id.clone(),
-            serve_for: Some(pb_duration(
-                t.serve_until.saturating_duration_since(tokio::time::Instant::now()),
-            )),
-        }
+        pb_token(t, tokio::time::Instant::now())
+    }
+}
+
+/// A token on the wire, its `serve_for` measured at `now`.
+pub(crate) fn pb_token(t: &Token, now: tokio::time::Instant) -> pb::Token {
+    pb::Token {
+        access_token: t.access_token().to_owned(),
+        token_type: t.token_type.clone(),
+        issued_at: Some(timestamp(t.issued_at_wall)),
+        expires_at: Some(timestamp(t.expires_at_wall)),
+        environment: pb::Environment::from(t.environment) as i32,
+        token_id: t.token_id.clone(),
+        serve_for: Some(pb_duration(t.serve_until.saturating_duration_since(now))),
     }
 }
 

@@ -20,10 +20,12 @@ use super::access::{AccessPolicy, Caller};
 use super::pb::token_broker_server::TokenBroker;
 use super::pb::{self, watch_token_response::Update};
 use super::status::{BrokerError, code_label};
-use super::{duration_from_pb, environment_from_pb, timestamp, wall_time};
+use super::{duration_from_pb, timestamp, wall_time};
 use crate::environment::Environment;
 use crate::metrics::{GrpcLabels, Metrics};
+use crate::serve::guard::HeldRequest;
 use crate::token::{RefreshError, Snapshot, SourceState, Token, TokenSourceHandle, TokenSources};
+use prometheus_client::metrics::counter::Counter;
 use std::collections::BTreeMap;
 use std::future::Future;
 
@@ -46,6 +48,8 @@ pub struct TokenBrokerService {
     request_wait: Duration,
     /// Who may get which environment's tokens.
     access: Arc<BTreeMap<Environment, AccessPolicy>>,
+    /// `grpc_requests{code="OK"}` per protocol and method.
+    ok_counters: Arc<[[Counter; 4]; 2]>,
 }
 
 impl TokenBrokerService {
@@ -61,15 +65,27 @@ impl TokenBrokerService {
             sources,
             draining,
             streams,
-            metrics,
             request_wait,
             access: Arc::new(access),
+            ok_counters: Arc::new([Protocol::Grpc, Protocol::Http].map(|protocol| {
+                Rpc::ALL.map(|method| {
+                    metrics
+                        .grpc_requests
+                        .get_or_create(&GrpcLabels {
+                            protocol: protocol.label(),
+                            method: method.name(),
+                            code: code_label(tonic::Code::Ok),
+                        })
+                        .clone()
+                })
+            })),
+            metrics,
         }
     }
 
-    /// The source a request names, if the caller may use it.
-    pub(crate) fn source(&self, environment: i32, caller: &Caller) -> Result<&TokenSourceHandle, BrokerError> {
-        let env = environment_from_pb(environment).ok_or(BrokerError::UnspecifiedEnvironment)?;
+    /// The source of `env`, if it is enabled and `caller` may use it: the
+    /// one access check of a request (a long poll included).
+    pub(crate) fn authorize(&self, env: Environment, caller: &Caller) -> Result<&TokenSourceHandle, BrokerError> {
         let source = self.sources.get(env).ok_or(BrokerError::EnvironmentNotEnabled(env))?;
         if !self.allows(env, caller) {
             return Err(BrokerError::PermissionDenied(env));
@@ -93,25 +109,27 @@ impl TokenBrokerService {
         }
     }
 
-    fn finish<T>(&self, method: &'static str, result: Result<T, BrokerError>) -> Result<Response<T>, Status> {
-        self.count(method, &result);
+    fn finish<T>(&self, rpc: Rpc, result: Result<T, BrokerError>) -> Result<Response<T>, Status> {
+        self.count(Protocol::Grpc, rpc, &result);
         result.map(Response::new).map_err(Status::from)
     }
 
-    /// Counts one answered call (`method`: the RPC's name, or the HTTP
-    /// route for the HTTP face) by its code.
-    pub(crate) fn count<T>(&self, method: &'static str, result: &Result<T, BrokerError>) {
-        let code = result
-            .as_ref()
-            .map(|_| tonic::Code::Ok)
-            .unwrap_or_else(BrokerError::code);
-        self.metrics
-            .grpc_requests
-            .get_or_create(&GrpcLabels {
-                method,
-                code: code_label(code),
-            })
-            .inc();
+    /// Counts one answered call by protocol, method and code. The OK
+    /// counters are looked up once, at construction: the hot path does no
+    /// label hashing.
+    pub(crate) fn count<T>(&self, protocol: Protocol, rpc: Rpc, result: &Result<T, BrokerError>) {
+        match result {
+            Ok(_) => self.ok_counters[protocol as usize][rpc as usize].inc(),
+            Err(error) => self
+                .metrics
+                .grpc_requests
+                .get_or_create(&GrpcLabels {
+                    protocol: protocol.label(),
+                    method: rpc.name(),
+                    code: code_label(error.code()),
+                })
+                .inc(),
+        };
     }
 
     /// Longest wait for a token when the caller sets no deadline.
@@ -124,28 +142,22 @@ impl TokenBrokerService {
         &self.draining
     }
 
+    /// GetToken: the current token, or (with `min_remaining`, or before the
+    /// first token) one from the source's coalesced request path, waited for
+    /// at most `wait`.
     pub(crate) async fn get_token(
         &self,
-        request: pb::GetTokenRequest,
-        caller: Caller,
+        source: &TokenSourceHandle,
+        min_remaining: Option<Duration>,
         wait: Duration,
-    ) -> Result<pb::GetTokenResponse, BrokerError> {
-        let source = self.source(request.environment, &caller)?;
-        let min_remaining = match &request.min_remaining {
-            None => Duration::ZERO,
-            Some(d) => duration_from_pb(d).map_err(|message| BrokerError::InvalidArgument {
-                field: "min_remaining",
-                message,
-            })?,
-        };
+    ) -> Result<Arc<Token>, BrokerError> {
+        let min_remaining = min_remaining.unwrap_or_default();
         // The hot path.
         if let Some(token) = source
             .current()
             .filter(|t| t.remaining(Instant::now()) >= min_remaining)
         {
-            return Ok(pb::GetTokenResponse {
-                token: Some(token.as_ref().into()),
-            });
+            return Ok(token);
         }
         let env = source.environment();
         if source.snapshot().state() == SourceState::Starting {
@@ -153,24 +165,21 @@ impl TokenBrokerService {
                 .await
                 .map_err(|_| BrokerError::DeadlineExceeded(env))?;
         }
-        let token = if min_remaining.is_zero() {
-            source.current().ok_or_else(|| no_valid_token(source))?
+        if min_remaining.is_zero() {
+            source.current().ok_or_else(|| no_valid_token(source))
         } else {
-            within(env, wait, source.token_with_remaining(min_remaining)).await?
-        };
-        Ok(pb::GetTokenResponse {
-            token: Some(token.as_ref().into()),
-        })
+            within(env, wait, source.token_with_remaining(min_remaining)).await
+        }
     }
 
+    /// RefreshToken: a token other than the one the API rejected.
     pub(crate) async fn refresh_token(
         &self,
-        request: pb::RefreshTokenRequest,
-        caller: Caller,
+        source: &TokenSourceHandle,
+        rejected_token_id: &str,
         wait: Duration,
-    ) -> Result<pb::RefreshTokenResponse, BrokerError> {
-        let source = self.source(request.environment, &caller)?;
-        let id = request.rejected_token_id.trim();
+    ) -> Result<Arc<Token>, BrokerError> {
+        let id = rejected_token_id.trim();
         if id.is_empty() || id.len() > MAX_TOKEN_ID_LEN {
             let message = format!("must be the token_id of the rejected token (1 to {MAX_TOKEN_ID_LEN} characters)");
             return Err(BrokerError::InvalidArgument {
@@ -178,11 +187,7 @@ impl TokenBrokerService {
                 message,
             });
         }
-        let env = source.environment();
-        let token = within(env, wait, source.replace_rejected(id)).await?;
-        Ok(pb::RefreshTokenResponse {
-            token: Some(token.as_ref().into()),
-        })
+        within(source.environment(), wait, source.replace_rejected(id)).await
     }
 
     /// Every enabled environment; those the caller may not get tokens of
@@ -207,14 +212,9 @@ impl TokenBrokerService {
         self.access.get(&env).is_none_or(|policy| policy.allows(caller))
     }
 
-    fn watch(
-        &self,
-        request: pb::WatchTokenRequest,
-        caller: &Caller,
-        extensions: &http::Extensions,
-    ) -> Result<WatchStream, BrokerError> {
-        let source = self.source(request.environment, caller)?;
-        let held = crate::serve::guard::hold(extensions)?;
+    /// WatchToken on an authorized source, holding one of its listener's
+    /// held-request slots for as long as the stream lives.
+    fn watch(&self, source: &TokenSourceHandle, held: Option<HeldRequest>) -> WatchStream {
         let state = WatchState {
             _held: held,
             environment: source.environment(),
@@ -225,7 +225,51 @@ impl TokenBrokerService {
             done: false,
             _open: OpenStream::new(self.metrics.clone()),
         };
-        Ok(Box::pin(futures_util::stream::unfold(state, WatchState::next)))
+        Box::pin(futures_util::stream::unfold(state, WatchState::next))
+    }
+}
+
+/// The environment a gRPC request names (the one place a `pb::Environment`
+/// becomes an [`Environment`]).
+fn requested(environment: i32) -> Result<Environment, BrokerError> {
+    super::environment_from_pb(environment).ok_or(BrokerError::UnspecifiedEnvironment)
+}
+
+/// The protocol a call came in by, a label of `grpc_requests`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Grpc = 0,
+    Http = 1,
+}
+
+impl Protocol {
+    fn label(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+/// The RPC a call is, whichever protocol carried it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Rpc {
+    GetToken = 0,
+    WatchToken = 1,
+    RefreshToken = 2,
+    GetStatus = 3,
+}
+
+impl Rpc {
+    const ALL: [Rpc; 4] = [Rpc::GetToken, Rpc::WatchToken, Rpc::RefreshToken, Rpc::GetStatus];
+
+    fn name(self) -> &'static str {
+        match self {
+            Rpc::GetToken => "GetToken",
+            Rpc::WatchToken => "WatchToken",
+            Rpc::RefreshToken => "RefreshToken",
+            Rpc::GetStatus => "GetStatus",
+        }
     }
 }
 
@@ -341,7 +385,7 @@ struct WatchState {
     draining: CancellationToken,
     _tracked: TaskTrackerToken,
     /// The stream's slot among the listener's held requests.
-    _held: Option<crate::serve::guard::HeldRequest>,
+    _held: Option<HeldRequest>,
     last: Option<View>,
     done: bool,
     _open: OpenStream,
@@ -403,9 +447,26 @@ impl WatchState {
 #[tonic::async_trait]
 impl TokenBroker for TokenBrokerService {
     async fn get_token(&self, request: Request<pb::GetTokenRequest>) -> Result<Response<pb::GetTokenResponse>, Status> {
-        let (wait, caller) = (self.wait_limit(&request), Caller::of(&request));
-        let result = TokenBrokerService::get_token(self, request.into_inner(), caller, wait).await;
-        self.finish("GetToken", result)
+        let result = async {
+            let message = request.get_ref();
+            let source = self.authorize(requested(message.environment)?, &Caller::of(&request))?;
+            let min_remaining = message
+                .min_remaining
+                .as_ref()
+                .map(|d| {
+                    duration_from_pb(d).map_err(|message| BrokerError::InvalidArgument {
+                        field: "min_remaining",
+                        message,
+                    })
+                })
+                .transpose()?;
+            let token = TokenBrokerService::get_token(self, source, min_remaining, self.wait_limit(&request)).await?;
+            Ok(pb::GetTokenResponse {
+                token: Some(token.as_ref().into()),
+            })
+        }
+        .await;
+        self.finish(Rpc::GetToken, result)
     }
 
     type WatchTokenStream = WatchStream;
@@ -414,25 +475,38 @@ impl TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::WatchTokenRequest>,
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
-        let caller = Caller::of(&request);
-        let result = self.watch(*request.get_ref(), &caller, request.extensions());
-        self.finish("WatchToken", result)
+        let result = requested(request.get_ref().environment)
+            .and_then(|env| self.authorize(env, &Caller::of(&request)))
+            .and_then(|source| {
+                let held = crate::serve::guard::hold(request.extensions())?;
+                Ok(self.watch(source, held))
+            });
+        self.finish(Rpc::WatchToken, result)
     }
 
     async fn refresh_token(
         &self,
         request: Request<pb::RefreshTokenRequest>,
     ) -> Result<Response<pb::RefreshTokenResponse>, Status> {
-        let (wait, caller) = (self.wait_limit(&request), Caller::of(&request));
-        let result = TokenBrokerService::refresh_token(self, request.into_inner(), caller, wait).await;
-        self.finish("RefreshToken", result)
+        let result = async {
+            let message = request.get_ref();
+            let source = self.authorize(requested(message.environment)?, &Caller::of(&request))?;
+            let token =
+                TokenBrokerService::refresh_token(self, source, &message.rejected_token_id, self.wait_limit(&request))
+                    .await?;
+            Ok(pb::RefreshTokenResponse {
+                token: Some(token.as_ref().into()),
+            })
+        }
+        .await;
+        self.finish(Rpc::RefreshToken, result)
     }
 
     async fn get_status(
         &self,
         request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
-        self.finish("GetStatus", Ok(self.status(&Caller::of(&request))))
+        self.finish(Rpc::GetStatus, Ok(self.status(&Caller::of(&request))))
     }
 }
 
