@@ -248,7 +248,7 @@ async fn refresh_token(
 ) -> Response {
     let admitted = environment(&env)
         .and_then(|env| service.authorize(env, &Caller::from_extensions(request.extensions())))
-        .map(TokenSourceHandle::clone);
+        .cloned();
     let result = async {
         let source = admitted?;
         let body = axum::body::to_bytes(request.into_body(), MAX_REQUEST_BYTES)
