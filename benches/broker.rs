@@ -1,6 +1,12 @@
 //! Load and fan-out measurements of a whole broker (in-process, with the
 //! built-in emulator as token endpoint). Run: `cargo bench --bench broker`.
 //! Client and server share the machine, so figures are for both together.
+//!
+//! `cargo bench --bench broker -- cpu` measures only the server's CPU time
+//! per GetToken at one sequential caller: the broker's release binary
+//! (`serve --dev`) against a no-op tonic server of the same proto (this
+//! bench re-run as `--noop-server`: tonic's defaults, a fixed token), each
+//! a process of its own, on TCP and on a Unix socket, alternating rounds.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -216,11 +222,190 @@ fn hot_path(sources: &Arc<flute_token_broker::token::TokenSources>, threads: usi
     );
 }
 
-fn main() {
+/// The no-op server: the TokenBroker service of the same proto with
+/// nothing behind it, on tonic's defaults.
+#[derive(Clone)]
+struct Noop(pb::Token);
+
+#[tonic::async_trait]
+impl pb::token_broker_server::TokenBroker for Noop {
+    async fn get_token(
+        &self,
+        _: tonic::Request<pb::GetTokenRequest>,
+    ) -> Result<tonic::Response<pb::GetTokenResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::GetTokenResponse {
+            token: Some(self.0.clone()),
+        }))
+    }
+    type WatchTokenStream = tokio_stream::Empty<Result<pb::WatchTokenResponse, tonic::Status>>;
+    async fn watch_token(
+        &self,
+        _: tonic::Request<pb::WatchTokenRequest>,
+    ) -> Result<tonic::Response<Self::WatchTokenStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    async fn refresh_token(
+        &self,
+        _: tonic::Request<pb::RefreshTokenRequest>,
+    ) -> Result<tonic::Response<pb::RefreshTokenResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(""))
+    }
+    async fn get_status(
+        &self,
+        _: tonic::Request<pb::GetStatusRequest>,
+    ) -> Result<tonic::Response<pb::GetStatusResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(""))
+    }
+}
+
+/// `--noop-server TCP_PORT UNIX_PATH`: serves [`Noop`] on both until killed.
+fn noop_server(port: u16, unix: std::path::PathBuf) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
+    runtime.block_on(async move {
+        let token = pb::Token {
+            access_token: "x".repeat(43),
+            token_type: "Bearer".into(),
+            issued_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+            expires_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+            environment: SANDBOX,
+            token_id: "0123456789ab".into(),
+            serve_for: Some(prost_types::Duration { seconds: 880, nanos: 1 }),
+        };
+        let service = pb::token_broker_server::TokenBrokerServer::new(Noop(token));
+        let tcp = tonic::transport::server::TcpIncoming::bind(([127, 0, 0, 1], port).into())
+            .unwrap()
+            .with_nodelay(Some(true));
+        let unix = tokio_stream::wrappers::UnixListenerStream::new(tokio::net::UnixListener::bind(unix).unwrap());
+        let router = tonic::transport::Server::builder().add_service(service);
+        let other = router.clone();
+        tokio::join!(async { router.serve_with_incoming(tcp).await.unwrap() }, async {
+            other.serve_with_incoming(unix).await.unwrap()
+        },);
+    });
+}
+
+/// User plus system CPU time of process `pid` so far (clock ticks of 10 ms).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `addr` answers a GetToken.
+async fn await_server(addr: &str) {
+    for _ in 0..500 {
+        if let Ok(mut c) = client::connect(addr, Duration::from_secs(1)).await
+            && c.get_token(request()).await.is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{addr} never answered");
+}
+
+/// The server's CPU per call over `calls` sequential GetTokens on one connection.
+async fn cpu_per_call(pid: u32, addr: &str, calls: usize) -> Duration {
+    let mut client = client::connect(addr, Duration::from_secs(5)).await.unwrap();
+    for _ in 0..2_000 {
+        client.get_token(request()).await.unwrap();
+    }
+    let before = cpu_time(pid);
+    for _ in 0..calls {
+        client.get_token(request()).await.unwrap();
+    }
+    (cpu_time(pid) - before) / calls as u32
+}
+
+/// The broker's CPU per GetToken against the no-op server's, same run.
+async fn cpu_comparison(rounds: usize, calls: usize) {
+    let dir = std::env::temp_dir().join(format!("flute-broker-cpu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (broker_port, noop_port) = (free_port(), free_port());
+    let (broker_sock, noop_sock) = (dir.join("broker.sock"), dir.join("noop.sock"));
+    let mut broker = std::process::Command::new(env!("CARGO_BIN_EXE_flute-token-broker"))
+        .args(["serve", "--dev", "--admin-listen", ""])
+        .env("RUST_LOG", "warn")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{broker_port}"))
+        .arg("--listen")
+        .arg(format!("unix:{}", broker_sock.display()))
+        .spawn()
+        .unwrap();
+    let mut noop = std::process::Command::new(std::env::current_exe().unwrap())
+        .arg("--noop-server")
+        .arg(noop_port.to_string())
+        .arg(&noop_sock)
+        .spawn()
+        .unwrap();
+    let targets = [
+        (
+            "TCP",
+            format!("http://127.0.0.1:{broker_port}"),
+            format!("http://127.0.0.1:{noop_port}"),
+        ),
+        (
+            "Unix socket",
+            format!("unix:{}", broker_sock.display()),
+            format!("unix:{}", noop_sock.display()),
+        ),
+    ];
+    for (_, b, n) in &targets {
+        await_server(b).await;
+        await_server(n).await;
+    }
+    for (name, b, n) in &targets {
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            ours.push(cpu_per_call(broker.id(), b, calls).await);
+            theirs.push(cpu_per_call(noop.id(), n, calls).await);
+        }
+        let mean = |v: &[Duration]| v.iter().sum::<Duration>() / v.len() as u32;
+        let ratios: Vec<String> = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(o, t)| format!("{:.2}", o.as_secs_f64() / t.as_secs_f64()))
+            .collect();
+        println!(
+            "GetToken server CPU per call, 1 sequential caller, {name}: broker {:.1} µs, no-op tonic server {:.1} µs, \
+             ratio {:.2} (rounds: {}; {calls} calls each)",
+            mean(&ours).as_secs_f64() * 1e6,
+            mean(&theirs).as_secs_f64() * 1e6,
+            mean(&ours).as_secs_f64() / mean(&theirs).as_secs_f64(),
+            ratios.join(", ")
+        );
+    }
+    let _ = broker.kill();
+    let _ = noop.kill();
+    let _ = broker.wait();
+    let _ = noop.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--noop-server") {
+        return noop_server(args[at + 1].parse().unwrap(), args[at + 2].clone().into());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    if args.iter().any(|a| a == "cpu") {
+        return runtime.block_on(cpu_comparison(3, 100_000));
+    }
     runtime.block_on(async {
         let dir = std::env::temp_dir().join(format!("flute-broker-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

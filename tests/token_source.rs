@@ -876,3 +876,22 @@ async fn a_restored_token_is_served_at_once_and_refreshed_on_its_schedule() {
     assert_ne!(fresh.token_id, restored.token_id);
     assert_eq!(ep.calls().len(), 1);
 }
+
+/// An agent holds no key: an offered key is refused at once, with no call
+/// to the hub or the endpoint, and its token stands.
+#[tokio::test(start_paused = true)]
+async fn an_agent_refuses_an_offered_key_without_a_call() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    let agent = start_kind(Kind::Agent, &ep);
+    agent.started().await;
+    let held = agent.current().unwrap();
+    let calls = ep.calls().len();
+    let err = agent.replace_key(FakeEndpoint::key()).await.unwrap_err();
+    assert!(err.to_string().contains("uses no API key"), "{err}");
+    assert_eq!(ep.calls().len(), calls);
+    assert_eq!(
+        agent.stats().endpoint_calls.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(agent.current().unwrap().token_id, held.token_id);
+}

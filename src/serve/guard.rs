@@ -150,14 +150,15 @@ impl Activity {
         (RequestGuard(self.clone()), open)
     }
 
-    /// Whether the connection has served a request and has none open now,
-    /// for at least `at_least`.
+    /// Whether the connection has served a request and has none open now.
+    fn is_idle(&self) -> bool {
+        self.open_requests.load(Ordering::Acquire) == 0 && self.seen_request.load(Ordering::Acquire)
+    }
+
+    /// Whether it has been idle for at least `at_least`.
     fn idle_for(&self, at_least: Duration, now: Instant) -> bool {
-        if self.open_requests.load(Ordering::Acquire) > 0 || !self.seen_request.load(Ordering::Acquire) {
-            return false;
-        }
         let idle_since = self.accepted + Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
-        now.saturating_duration_since(idle_since) >= at_least
+        self.is_idle() && now.saturating_duration_since(idle_since) >= at_least
     }
 
     /// When the connection must have done something by, if anything.
@@ -263,10 +264,14 @@ impl ListenerGuard {
         *reap = CancellationToken::new();
     }
 
-    /// A future that resolves at the next [`ListenerGuard::reap_idle`].
-    fn next_reap(&self) -> Pin<Box<WaitForCancellationFutureOwned>> {
-        let reap = self.reap.lock().unwrap_or_else(|p| p.into_inner());
-        Box::pin(reap.clone().cancelled_owned())
+    /// What the next [`ListenerGuard::reap_idle`] will cancel.
+    fn next_reap(&self) -> Reap {
+        let token = self.reap.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Reap {
+            fired: Box::pin(token.clone().cancelled_owned()),
+            token,
+            armed: false,
+        }
     }
 
     /// An accept error: counted, logged (rate-limited), and waited out when
@@ -470,8 +475,8 @@ pub struct Guarded<IO> {
     listener: Arc<ListenerGuard>,
     timer: Pin<Box<Sleep>>,
     expired: Option<&'static str>,
-    /// Resolves when the listener's budget is full (see [`ListenerGuard::admit`]).
-    reap: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Fires when the listener's budget is full (see [`ListenerGuard::admit`]).
+    reap: Reap,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -491,9 +496,16 @@ impl<IO> Guarded<IO> {
             }
         }
         // Only an idle connection listens for the reaper (a request in
-        // progress is never cut); one that missed a round re-arms.
-        while self.expired.is_none() && self.activity.idle_for(Duration::ZERO, Instant::now()) {
-            if self.reap.as_mut().poll(cx).is_pending() {
+        // progress is never cut); one that missed a round re-arms. The
+        // waker is registered once (the connection is always polled by the
+        // same task); after that a read costs one atomic load.
+        while self.expired.is_none() && self.activity.is_idle() {
+            if !self.reap.armed {
+                self.reap.armed = true;
+                if self.reap.fired.as_mut().poll(cx).is_pending() {
+                    break;
+                }
+            } else if !self.reap.token.is_cancelled() {
                 break;
             }
             if self.activity.idle_for(REAP_MIN_IDLE, Instant::now()) {
@@ -507,6 +519,14 @@ impl<IO> Guarded<IO> {
             Some(reason) => Err(io::Error::new(io::ErrorKind::TimedOut, reason)),
         }
     }
+}
+
+/// A connection's view of its listener's reaper.
+struct Reap {
+    token: CancellationToken,
+    /// Wakes the connection when `token` is cancelled, once polled.
+    fired: Pin<Box<WaitForCancellationFutureOwned>>,
+    armed: bool,
 }
 
 impl<IO> Guarded<IO> {

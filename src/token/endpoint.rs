@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 use super::Token;
 use super::policy::RefreshPolicy;
 use super::state::TokenSourceConfig;
-use super::supply::{Call, Failure, Landing, Pending, Sent, Supply};
+use super::supply::{Attempt, Call, Failure, KeyVerifier, Landed, Pending, Sent, Supply};
 use crate::credentials::ApiKey;
 use crate::environment::Environment;
 use crate::metrics::Metrics;
@@ -68,40 +68,34 @@ impl<E: TokenEndpoint> Supply for EndpointSupply<E> {
     type Done = (Grant, Result<TokenResponse, OAuthError>);
     const SCHEDULED: bool = true;
 
-    /// A new key is tried with client credentials; a refresh uses the
-    /// refresh grant when we hold a refresh token.
-    fn start(&mut self, call: &Call) -> Pending<Self::Done> {
-        let (key, grant) = match (call, &self.refresh_token, self.use_refresh_token) {
-            (Call::VerifyKey(key), _, _) => (key.clone(), Grant::ClientCredentials),
-            (_, Some(refresh), true) => (self.key.clone(), Grant::RefreshToken(refresh.clone())),
-            _ => (self.key.clone(), Grant::ClientCredentials),
+    /// A refresh uses the refresh grant when we hold a refresh token.
+    fn start(&mut self, _call: &Call) -> Pending<Self::Done> {
+        let grant = match (&self.refresh_token, self.use_refresh_token) {
+            (Some(refresh), true) => Grant::RefreshToken(refresh.clone()),
+            _ => Grant::ClientCredentials,
         };
-        let endpoint = self.endpoint.clone();
-        Box::pin(async move {
-            let result = endpoint.request_token(&key, &grant).await;
-            (grant, result)
-        })
+        self.request(self.key.clone(), grant)
     }
 
-    fn land(&mut self, call: &Call, sent: Sent, (grant, result): Self::Done) -> Landing {
+    fn land(&mut self, attempt: &Attempt, sent: Sent, (grant, result): Self::Done) -> Landed {
         self.log_call(&grant, sent, &result);
-        if let (Grant::RefreshToken(_), Err(e)) = (&grant, &result)
+        if let (Attempt::Call(call), Grant::RefreshToken(_), Err(e)) = (attempt, &grant, &result)
             && e.class() == ErrorClass::InvalidGrant
         {
             warn!("refresh token rejected (invalid_grant); falling back to client credentials");
             self.refresh_token = None;
-            return Landing::Again(call.clone());
+            return Landed::Again(call.clone());
         }
         let response = match result {
             Ok(response) => response,
             Err(error) => {
-                if let Call::VerifyKey(key) = call {
+                if let Attempt::VerifyKey(key) = attempt {
                     error!(client_id = key.client_id(), error = %error, "new API key failed verification; keeping the current key");
                 }
-                return Landing::Failed(Failure::from_oauth(&error));
+                return Landed::Failed(Failure::from_oauth(&error));
             }
         };
-        if let Call::VerifyKey(key) = call {
+        if let Attempt::VerifyKey(key) = attempt {
             info!(
                 client_id = key.client_id(),
                 "new API key accepted by the token endpoint; now in use"
@@ -114,7 +108,7 @@ impl<E: TokenEndpoint> Supply for EndpointSupply<E> {
         }
         // A re-issued token is built afresh too: same token, same
         // token_id, new expiry.
-        Landing::Issued(Token::new(
+        Landed::Issued(Token::new(
             response.access_token,
             response.token_type,
             self.environment,
@@ -125,11 +119,28 @@ impl<E: TokenEndpoint> Supply for EndpointSupply<E> {
         ))
     }
 
-    async fn pushed(&mut self) -> Landing {
-        std::future::pending().await
+    fn verifier(&mut self) -> Option<&mut dyn KeyVerifier<Self::Done>> {
+        Some(self)
+    }
+}
+
+impl<E: TokenEndpoint> KeyVerifier<<Self as Supply>::Done> for EndpointSupply<E> {
+    fn holds(&self, key: &ApiKey) -> bool {
+        key.digest() == self.key.digest()
     }
 
-    fn holds_key(&self, key: &ApiKey) -> bool {
-        key.digest() == self.key.digest()
+    /// A new key is tried with client credentials.
+    fn verify(&mut self, key: &ApiKey) -> Pending<<Self as Supply>::Done> {
+        self.request(key.clone(), Grant::ClientCredentials)
+    }
+}
+
+impl<E: TokenEndpoint> EndpointSupply<E> {
+    fn request(&self, key: ApiKey, grant: Grant) -> Pending<<Self as Supply>::Done> {
+        let endpoint = self.endpoint.clone();
+        Box::pin(async move {
+            let result = endpoint.request_token(&key, &grant).await;
+            (grant, result)
+        })
     }
 }

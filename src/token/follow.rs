@@ -22,8 +22,7 @@ use tracing::{info, warn};
 use super::Token;
 use super::policy::RefreshPolicy;
 use super::state::TokenSourceConfig;
-use super::supply::{Call, Failure, Landing, Need, Pending, Sent, Supply};
-use crate::credentials::ApiKey;
+use super::supply::{Attempt, Call, Failure, Landed, Need, Pending, Pushed, Sent, Supply};
 use crate::environment::Environment;
 use crate::oauth::ErrorClass;
 
@@ -128,10 +127,10 @@ impl<U: Upstream> FollowSupply<U> {
         )
     }
 
-    fn landing(&mut self, update: Update, anchor: Instant) -> Landing {
+    fn landing(&mut self, update: Update, anchor: Instant) -> Pushed {
         match update {
-            Update::Token(received) => Landing::Issued(self.token(received, anchor)),
-            Update::Outage { reason } => Landing::Awaiting(Failure::new(
+            Update::Token(received) => Pushed::Issued(self.token(received, anchor)),
+            Update::Outage { reason } => Pushed::Awaiting(Failure::new(
                 ErrorClass::Transient,
                 format!("the upstream broker has no valid token: {reason}"),
             )),
@@ -163,41 +162,41 @@ impl<U: Upstream> Supply for FollowSupply<U> {
                 let ask = (d + FORWARD_SLACK).min(most).max(d);
                 Box::pin(async move { FollowDone::Answered(upstream.get(env, ask).await) })
             }
-            Call::VerifyKey(_) => Box::pin(std::future::ready(FollowDone::Answered(Err(Failure::new(
-                ErrorClass::Permanent,
-                "this environment follows an upstream broker and uses no API key",
-            ))))),
         }
     }
 
-    fn land(&mut self, _call: &Call, sent: Sent, done: Self::Done) -> Landing {
+    fn land(&mut self, _attempt: &Attempt, sent: Sent, done: Self::Done) -> Landed {
         match done {
             FollowDone::Opened(Ok(following)) => {
                 info!(upstream = %following.upstream, round_trip_ms = following.round_trip.as_millis() as u64, "following the upstream broker");
                 let anchor = before(following.round_trip);
                 self.stream = Some((following.updates, following.round_trip));
-                self.landing(following.first, anchor)
+                match self.landing(following.first, anchor) {
+                    Pushed::Issued(token) => Landed::Issued(token),
+                    Pushed::Failed(failure) => Landed::Failed(failure),
+                    Pushed::Awaiting(failure) => Landed::Awaiting(failure),
+                }
             }
             FollowDone::Opened(Err(failure)) => {
                 warn!(error = %failure.message, "cannot follow the upstream broker");
-                Landing::Failed(failure)
+                Landed::Failed(failure)
             }
             // The answer is anchored where the request left: whatever the
             // transit took is already off the token's window.
-            FollowDone::Answered(Ok(received)) => Landing::Issued(self.token(received, sent.at)),
+            FollowDone::Answered(Ok(received)) => Landed::Issued(self.token(received, sent.at)),
             FollowDone::Answered(Err(failure)) => {
                 warn!(error = %failure.message, "upstream broker call failed");
                 match self.stream {
                     // The stream stands: the token it delivered is still
                     // good for everyone else, and it brings the next one.
-                    Some(_) => Landing::Refused(failure),
-                    None => Landing::Failed(failure),
+                    Some(_) => Landed::Refused(failure),
+                    None => Landed::Failed(failure),
                 }
             }
         }
     }
 
-    async fn pushed(&mut self) -> Landing {
+    async fn pushed(&mut self) -> Pushed {
         let Some((stream, round_trip)) = self.stream.as_mut() else {
             return std::future::pending().await;
         };
@@ -210,21 +209,17 @@ impl<U: Upstream> Supply for FollowSupply<U> {
             Some(Err(failure)) => {
                 self.stream = None;
                 warn!(error = %failure.message, "lost the upstream broker; reconnecting");
-                Landing::Failed(failure)
+                Pushed::Failed(failure)
             }
             None => {
                 self.stream = None;
                 warn!("the upstream broker ended the stream; reconnecting");
-                Landing::Failed(Failure::new(
+                Pushed::Failed(Failure::new(
                     ErrorClass::Transient,
                     "the upstream broker ended the stream",
                 ))
             }
         }
-    }
-
-    fn holds_key(&self, _key: &ApiKey) -> bool {
-        false
     }
 }
 

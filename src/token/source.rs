@@ -24,7 +24,7 @@ use super::Token;
 use super::handle::{Command, KeyReply, Reply, TokenSourceHandle};
 pub use super::state::TokenSourceConfig;
 use super::state::{KeyChange, KeyError, RefreshError, RefreshFailure, Snapshot, SourceStats};
-use super::supply::{Call, Failure, Landing, Need, Pending, Sent, Supply};
+use super::supply::{Attempt, Call, Failure, Landed, Need, Pending, Pushed, Sent, Supply};
 use crate::credentials::ApiKey;
 use crate::metrics::{EnvLabels, Metrics};
 use crate::oauth::ErrorClass;
@@ -110,8 +110,8 @@ struct Waiter {
 /// token leaving its serve window is withdrawn on time) nor the queueing of
 /// callers.
 struct Flight<D> {
-    call: Call,
-    /// The caller offering the key, for `Call::VerifyKey`.
+    attempt: Attempt,
+    /// The caller offering the key, for `Attempt::VerifyKey`.
     key_reply: Option<KeyReply>,
     sent: Sent,
     done: Pending<D>,
@@ -168,16 +168,10 @@ impl<S: Supply> Task<S> {
                     let landed = flight.take().expect("polled only while a call is in flight");
                     flight = self.finish(landed, done);
                 }
-                landing = self.supply.pushed() => {
-                    if let Landing::Again(call) = landing {
-                        if flight.is_none() {
-                            flight = Some(self.start_call(call, None));
-                        }
-                    } else {
-                        self.apply(landing);
-                        self.publish();
-                        self.answer_waiters();
-                    }
+                pushed = self.supply.pushed() => {
+                    self.apply(pushed);
+                    self.publish();
+                    self.answer_waiters();
                 }
                 _ = sleep_until_some(wake) => {}
             }
@@ -189,11 +183,20 @@ impl<S: Supply> Task<S> {
     /// waiting callers (rate-limited).
     fn next_flight(&mut self, now: Instant) -> Option<Flight<S::Done>> {
         if let Some((key, reply)) = self.pending_keys.pop_front() {
-            if self.supply.holds_key(&key) {
-                let _ = reply.send(Ok(KeyChange::Unchanged));
-                return None;
-            }
-            return Some(self.start_call(Call::VerifyKey(key), Some(reply)));
+            let done = match self.supply.verifier() {
+                None => {
+                    let _ = reply.send(Err(KeyError::Rejected(
+                        "this environment takes its tokens from an upstream broker and uses no API key".into(),
+                    )));
+                    return None;
+                }
+                Some(verifier) if verifier.holds(&key) => {
+                    let _ = reply.send(Ok(KeyChange::Unchanged));
+                    return None;
+                }
+                Some(verifier) => verifier.verify(&key),
+            };
+            return Some(self.flight(Attempt::VerifyKey(key), done, Some(reply)));
         }
         if self.next_attempt.is_some_and(|at| now >= at) {
             return Some(self.start_call(Call::Refresh, None));
@@ -226,16 +229,20 @@ impl<S: Supply> Task<S> {
     }
 
     fn start_call(&mut self, call: Call, key_reply: Option<KeyReply>) -> Flight<S::Done> {
-        self.stats.endpoint_calls.fetch_add(1, Ordering::Relaxed);
-        let sent = Sent {
-            at: Instant::now(),
-            wall: SystemTime::now(),
-        };
         let done = self.supply.start(&call);
+        self.flight(Attempt::Call(call), done, key_reply)
+    }
+
+    /// An attempt just started, counted.
+    fn flight(&mut self, attempt: Attempt, done: Pending<S::Done>, key_reply: Option<KeyReply>) -> Flight<S::Done> {
+        self.stats.endpoint_calls.fetch_add(1, Ordering::Relaxed);
         Flight {
-            call,
+            attempt,
             key_reply,
-            sent,
+            sent: Sent {
+                at: Instant::now(),
+                wall: SystemTime::now(),
+            },
             done,
         }
     }
@@ -243,36 +250,37 @@ impl<S: Supply> Task<S> {
     /// Applies a finished call; returns the call to make at once, if any
     /// (client credentials after a rejected refresh token).
     fn finish(&mut self, flight: Flight<S::Done>, done: S::Done) -> Option<Flight<S::Done>> {
-        let landing = self.supply.land(&flight.call, flight.sent, done);
-        match (flight.key_reply, landing) {
-            (key_reply, Landing::Again(call)) => return Some(self.start_call(call, key_reply)),
-            (Some(reply), Landing::Issued(token)) => {
+        let landed = self.supply.land(&flight.attempt, flight.sent, done);
+        match (flight.key_reply, landed) {
+            (key_reply, Landed::Again(call)) => return Some(self.start_call(call, key_reply)),
+            (Some(reply), Landed::Issued(token)) => {
                 self.install(token);
                 let _ = reply.send(Ok(KeyChange::Adopted));
             }
-            (Some(reply), Landing::Failed(failure) | Landing::Awaiting(failure) | Landing::Refused(failure)) => {
+            (Some(reply), Landed::Failed(failure) | Landed::Awaiting(failure) | Landed::Refused(failure)) => {
                 // The offered key was refused: the current key and token stay.
                 let _ = reply.send(Err(KeyError::Rejected(failure.message)));
                 return None;
             }
-            (None, Landing::Refused(failure)) => {
+            (None, Landed::Refused(failure)) => {
                 self.answer_waiters_refused(&failure);
                 return None;
             }
-            (None, landing) => self.apply(landing),
+            (None, Landed::Issued(token)) => self.install(token),
+            (None, Landed::Failed(failure)) => self.record_failure(failure, true),
+            (None, Landed::Awaiting(failure)) => self.record_failure(failure, false),
         }
         self.publish();
         self.answer_waiters();
         None
     }
 
-    fn apply(&mut self, landing: Landing) {
-        match landing {
-            Landing::Issued(token) => self.install(token),
-            Landing::Failed(failure) => self.record_failure(failure, true),
-            Landing::Awaiting(failure) => self.record_failure(failure, false),
-            Landing::Refused(failure) => self.answer_waiters_refused(&failure),
-            Landing::Again(_) => unreachable!("a call to make is handled where calls are started"),
+    /// Applies what the supply pushed.
+    fn apply(&mut self, pushed: Pushed) {
+        match pushed {
+            Pushed::Issued(token) => self.install(token),
+            Pushed::Failed(failure) => self.record_failure(failure, true),
+            Pushed::Awaiting(failure) => self.record_failure(failure, false),
         }
     }
 

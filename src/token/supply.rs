@@ -1,7 +1,8 @@
 //! The seam between the TokenSource engine and where its tokens come
 //! from. The engine asks for a [`Call`]; a [`Supply`] starts it and says
-//! what its result means (a [`Landing`]); a supply may also push updates
-//! on its own. [`Failure`] and [`Need`] are the vocabulary both sides share.
+//! what its result means (a [`Landed`]); a supply may also push updates on
+//! its own (a [`Pushed`]), and may verify API keys (a [`KeyVerifier`]).
+//! [`Failure`] and [`Need`] are the vocabulary both sides share.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -83,7 +84,13 @@ pub enum Call {
     /// Waiting callers need what the current token does not give: the
     /// strongest of their needs.
     Early(Need),
-    /// Try this API key before adopting it.
+}
+
+/// What a call in flight is for: a token, or trying a new API key (only a
+/// supply with a [`KeyVerifier`] is ever asked).
+#[derive(Clone, Debug)]
+pub enum Attempt {
+    Call(Call),
     VerifyKey(ApiKey),
 }
 
@@ -94,8 +101,8 @@ pub struct Sent {
     pub wall: SystemTime,
 }
 
-/// What a finished call, or an update the supply pushed, means.
-pub enum Landing {
+/// What a finished call means.
+pub enum Landed {
     /// A token to install.
     Issued(Token),
     /// No token; the engine retries after its backoff.
@@ -110,13 +117,24 @@ pub enum Landing {
     Again(Call),
 }
 
+/// What an update the supply sent on its own means.
+pub enum Pushed {
+    /// A token to install.
+    Issued(Token),
+    /// The stream that pushes was lost: retry after the backoff.
+    Failed(Failure),
+    /// The upstream reported an outage: it pushes the recovery.
+    Awaiting(Failure),
+}
+
 /// A call in progress, as the supply started it.
 pub type Pending<D> = Pin<Box<dyn Future<Output = D> + Send>>;
 
 /// Where a TokenSource's tokens come from: the token endpoint
-/// ([`super::endpoint::EndpointSupply`]) or an upstream broker ([`super::follow::FollowSupply`]). The
-/// engine (`source::Task`) owns everything else: waiters, coalescing, the early
-/// refresh rate limit, backoff, the serve window and publishing.
+/// ([`super::endpoint::EndpointSupply`]) or an upstream broker
+/// ([`super::follow::FollowSupply`]). The engine (`source::Task`) owns
+/// everything else: waiters, coalescing, the early refresh rate limit,
+/// backoff, the serve window and publishing.
 pub trait Supply: Send + 'static {
     /// What a call resolves to, interpreted by [`Supply::land`].
     type Done: Send + 'static;
@@ -125,11 +143,25 @@ pub trait Supply: Send + 'static {
     const SCHEDULED: bool;
     /// Starts one call.
     fn start(&mut self, call: &Call) -> Pending<Self::Done>;
-    /// Interprets a finished call: logs it and keeps what the supply needs
-    /// (a refresh token, an adopted key, an open stream).
-    fn land(&mut self, call: &Call, sent: Sent, done: Self::Done) -> Landing;
-    /// The next update the supply pushes on its own; never, for the endpoint.
-    fn pushed(&mut self) -> impl Future<Output = Landing> + Send;
+    /// Interprets a finished attempt: logs it and keeps what the supply
+    /// needs (a refresh token, an adopted key, an open stream).
+    fn land(&mut self, attempt: &Attempt, sent: Sent, done: Self::Done) -> Landed;
+    /// The next update the supply pushes on its own; never, by default.
+    fn pushed(&mut self) -> impl Future<Output = Pushed> + Send {
+        std::future::pending()
+    }
+    /// Key verification, for a supply that calls with an API key; a source
+    /// whose supply has none refuses every offered key.
+    fn verifier(&mut self) -> Option<&mut dyn KeyVerifier<Self::Done>> {
+        None
+    }
+}
+
+/// The optional capability of a supply that holds an API key.
+pub trait KeyVerifier<D> {
     /// Whether `key` is the key in use (so it is not verified again).
-    fn holds_key(&self, key: &ApiKey) -> bool;
+    fn holds(&self, key: &ApiKey) -> bool;
+    /// Starts a call with `key`; [`Supply::land`] gets it as
+    /// [`Attempt::VerifyKey`] and adopts the key if it worked.
+    fn verify(&mut self, key: &ApiKey) -> Pending<D>;
 }
