@@ -25,7 +25,7 @@ use crate::sinks::SinkConfig;
 use crate::systemd::SystemdConfig;
 use crate::tls_roots::{RootsError, TrustRoots};
 use crate::token::RefreshPolicy;
-use crate::upstream::UpstreamSettings;
+use crate::upstream::{UpstreamAddr, UpstreamSettings};
 
 /// Prefix of environment overrides: `FLUTE_BROKER__SERVER__LISTEN`.
 pub const ENV_PREFIX: &str = "FLUTE_BROKER";
@@ -132,6 +132,34 @@ impl EnvironmentConfig {
         !self.upstream.is_empty()
     }
 
+    /// Where this environment's tokens come from, every address parsed;
+    /// `Err` with each problem (both origins set, an address that cannot
+    /// work). `Config::validate` reports the same problems with the path.
+    pub fn origin(&self) -> Result<Origin, Vec<String>> {
+        if !self.follows_upstream() {
+            return Ok(Origin::Endpoint {
+                token_url: self.token_url.clone(),
+            });
+        }
+        let mut problems = Vec::new();
+        let mut upstream = Vec::new();
+        for addr in &self.upstream {
+            match addr.parse::<UpstreamAddr>() {
+                Ok(addr) => upstream.push(addr),
+                Err(problem) => problems.push(format!("upstream: {problem}")),
+            }
+        }
+        if !self.token_url.is_empty() {
+            problems.push(
+                "token_url and upstream are both set: an environment either calls the token endpoint (token_url, with an API key) or follows hub brokers (upstream, without one); remove one".into(),
+            );
+        }
+        match problems.is_empty() {
+            true => Ok(Origin::Follow { upstream }),
+            false => Err(problems),
+        }
+    }
+
     /// Who may get this environment's tokens.
     pub fn access(&self) -> AccessPolicy {
         AccessPolicy {
@@ -140,6 +168,17 @@ impl EnvironmentConfig {
             tls_clients: self.allowed_tls_clients.clone(),
         }
     }
+}
+
+/// Where an environment's tokens come from: written as `token_url` or
+/// `upstream` in its table (never both), matched on by everything that
+/// builds a source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The token endpoint, called with the API key.
+    Endpoint { token_url: String },
+    /// Upstream brokers (hubs), tried in turn; no API key on this host.
+    Follow { upstream: Vec<UpstreamAddr> },
 }
 
 /// `[environments]` holds `sandbox` and `production` only; an absent one
@@ -171,17 +210,16 @@ fn read_environments<'de, D: Deserializer<'de>>(
 /// What is wrong with a following environment's table: a bad address, or
 /// a setting that belongs to the direct mode only.
 fn follower_problems(path: &str, e: &EnvironmentConfig) -> Vec<String> {
-    let mut problems: Vec<String> = e
-        .upstream
-        .iter()
-        .filter_map(|a| crate::upstream::address_problem(a))
-        .map(|p| format!("{path}.upstream: {p}"))
-        .collect();
-    if !e.token_url.is_empty() {
-        problems.push(format!(
-            "{path}: token_url and upstream are both set: an environment either calls the token endpoint (token_url, with an API key) or follows hub brokers (upstream, without one); remove one"
-        ));
-    }
+    let mut problems: Vec<String> = match e.origin() {
+        Ok(_) => Vec::new(),
+        Err(problems) => problems
+            .into_iter()
+            .map(|p| match p.starts_with("upstream: ") {
+                true => format!("{path}.{p}"),
+                false => format!("{path}: {p}"),
+            })
+            .collect(),
+    };
     if e.credentials.is_some() {
         problems.push(format!(
             "{path}.credentials: this environment follows hub brokers (upstream) and reads no API key; remove the table so this host holds no secret"
@@ -361,12 +399,14 @@ impl Config {
             }
             if e.follows_upstream() {
                 problems.extend(follower_problems(&path, e));
-                warnings.extend(
-                    e.upstream
-                        .iter()
-                        .filter(|a| crate::upstream::is_cleartext_network(a))
-                        .map(|a| format!("{path}.upstream: {a} carries tokens across the network unencrypted; use https:// (with [upstream] certificates) or a Unix socket")),
-                );
+                if let Ok(Origin::Follow { upstream }) = e.origin() {
+                    warnings.extend(
+                        upstream
+                            .iter()
+                            .filter(|a| a.is_cleartext_network())
+                            .map(|a| format!("{path}.upstream: {a} carries tokens across the network unencrypted; use https:// (with [upstream] certificates) or a Unix socket")),
+                    );
+                }
                 continue;
             }
             if let Err(p) = self.oauth.check_token_url(&e.token_url) {
@@ -424,9 +464,10 @@ impl Config {
         {
             problems.extend(tls.file_problems().into_iter().map(|p| format!("server.tls.{p}")));
         }
-        let https_upstream = self
-            .enabled()
-            .any(|(_, e)| e.upstream.iter().any(|a| a.starts_with("https://")));
+        let https_upstream = self.enabled().any(|(_, e)| match e.origin() {
+            Ok(Origin::Follow { upstream }) => upstream.iter().any(UpstreamAddr::is_https),
+            _ => false,
+        });
         if secrets == SecretCheck::Read
             && https_upstream
             && let Err(e) = crate::dial::client_config(&self.upstream.tls_files())

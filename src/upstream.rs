@@ -81,49 +81,78 @@ impl UpstreamSettings {
     }
 }
 
-/// Why an upstream address is not usable, if it is not: `unix:/absolute`,
-/// `http://host:port` or `https://host:port`.
-pub fn address_problem(addr: &str) -> Option<String> {
-    if let Some(path) = addr.strip_prefix("unix:") {
-        return (!path.starts_with('/'))
-            .then(|| format!("{addr:?}: a Unix socket needs an absolute path (unix:/run/…)"));
-    }
-    let Ok(url) = url::Url::parse(addr) else {
-        return Some(format!(
-            "{addr:?}: expected unix:/path, http://host:port or https://host:port"
-        ));
-    };
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Some(format!(
-            "{addr:?}: expected unix:/path, http://host:port or https://host:port"
-        ));
-    }
-    if url.port().is_none() {
-        return Some(format!("{addr:?}: name the port (the hub's gRPC port, e.g. :50051)"));
-    }
-    if !matches!(url.path(), "" | "/") || url.query().is_some() {
-        return Some(format!("{addr:?}: an upstream address has no path"));
-    }
-    None
+/// One upstream broker address, parsed once (from `environments.NAME.upstream`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpstreamAddr {
+    /// `unix:/path`.
+    Unix(std::path::PathBuf),
+    /// `http://host:port` or `https://host:port`; a DNS name stands for
+    /// every address it resolves to.
+    Network { https: bool, host: String, port: u16 },
 }
 
-/// Whether tokens from `addr` would cross a network in clear text.
-pub fn is_cleartext_network(addr: &str) -> bool {
-    let Ok(url) = url::Url::parse(addr) else {
-        return false;
-    };
-    let loopback = match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(name)) => name == "localhost",
-        None => true,
-    };
-    url.scheme() == "http" && !loopback
+impl std::str::FromStr for UpstreamAddr {
+    type Err = String;
+
+    fn from_str(addr: &str) -> Result<Self, String> {
+        let expected = || format!("{addr:?}: expected unix:/path, http://host:port or https://host:port");
+        if let Some(path) = addr.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!("{addr:?}: a Unix socket needs an absolute path (unix:/run/…)"));
+            }
+            return Ok(UpstreamAddr::Unix(path.into()));
+        }
+        let url = url::Url::parse(addr).map_err(|_| expected())?;
+        let (Some(host), true) = (url.host_str(), matches!(url.scheme(), "http" | "https")) else {
+            return Err(expected());
+        };
+        let Some(port) = url.port() else {
+            return Err(format!("{addr:?}: name the port (the hub's gRPC port, e.g. :50051)"));
+        };
+        if !matches!(url.path(), "" | "/") || url.query().is_some() {
+            return Err(format!("{addr:?}: an upstream address has no path"));
+        }
+        Ok(UpstreamAddr::Network {
+            https: url.scheme() == "https",
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+            UpstreamAddr::Network { https, host, port } => {
+                write!(f, "{}://{host}:{port}", if *https { "https" } else { "http" })
+            }
+        }
+    }
+}
+
+impl UpstreamAddr {
+    /// Whether tokens from here would cross a network in clear text.
+    pub fn is_cleartext_network(&self) -> bool {
+        match self {
+            UpstreamAddr::Unix(_) => false,
+            UpstreamAddr::Network { https, host, .. } => {
+                let bare = host.trim_start_matches('[').trim_end_matches(']');
+                let loopback = bare == "localhost" || bare.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+                !https && !loopback
+            }
+        }
+    }
+
+    /// Whether this hub is reached over TLS.
+    pub fn is_https(&self) -> bool {
+        matches!(self, UpstreamAddr::Network { https: true, .. })
+    }
 }
 
 /// Follows an environment on the first hub of `addresses` that answers.
 pub struct GrpcUpstream {
-    addresses: Vec<String>,
+    addresses: Vec<UpstreamAddr>,
     settings: UpstreamSettings,
     /// Where the next attempt starts: each (re)connection starts one
     /// further, so a lost replica's agents try another one first.
@@ -133,7 +162,7 @@ pub struct GrpcUpstream {
 }
 
 impl GrpcUpstream {
-    pub fn new(addresses: Vec<String>, settings: UpstreamSettings) -> Self {
+    pub fn new(addresses: Vec<UpstreamAddr>, settings: UpstreamSettings) -> Self {
         Self {
             addresses,
             settings,
@@ -147,22 +176,23 @@ impl GrpcUpstream {
     async fn candidates(&self) -> (Vec<(Target, String)>, Vec<String>) {
         let (mut found, mut problems) = (Vec::new(), Vec::new());
         for addr in &self.addresses {
-            let mut target = Target::new(addr.clone(), self.settings.timeout);
-            if addr.starts_with("unix:") {
-                found.push((target, addr.clone()));
+            let text = addr.to_string();
+            let mut target = Target::new(text.clone(), self.settings.timeout);
+            let UpstreamAddr::Network { https, host, port } = addr else {
+                found.push((target, text));
                 continue;
-            }
-            target.tls = match addr.starts_with("https://") {
+            };
+            target.tls = match https {
                 true => self.settings.tls_files(),
                 false => ClientTlsFiles::default(),
             };
-            match resolve(addr, self.settings.timeout).await {
+            match resolve(host, *port, self.settings.timeout).await {
                 Ok(resolved) => found.extend(resolved.into_iter().map(|socket_addr| {
                     let mut target = target.clone();
                     target.connect_to = Some(socket_addr);
                     (target, format!("{addr} ({socket_addr})"))
                 })),
-                Err(why) => problems.push(format!("{addr}: {why}")),
+                Err(why) => problems.push(format!("{text}: {why}")),
             }
         }
         (found, problems)
@@ -284,16 +314,9 @@ impl Upstream for GrpcUpstream {
     }
 }
 
-/// Every address `addr`'s host resolves to.
-async fn resolve(addr: &str, wait: Duration) -> Result<Vec<SocketAddr>, String> {
-    let url = url::Url::parse(addr).map_err(|e| e.to_string())?;
-    let host = url
-        .host_str()
-        .ok_or("no host")?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let port = url.port_or_known_default().ok_or("no port")?;
+/// Every address `host` resolves to.
+async fn resolve(host: &str, port: u16, wait: Duration) -> Result<Vec<SocketAddr>, String> {
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
     let found = timeout(wait, tokio::net::lookup_host((host.as_str(), port)))
         .await
         .map_err(|_| format!("resolving {host} took longer than {wait:?}"))?
@@ -393,4 +416,46 @@ fn received_from_pb(token: Option<pb::Token>, env: Environment) -> Result<Receiv
         lifetime,
         serve_for,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UpstreamAddr;
+
+    #[test]
+    fn addresses_are_parsed_once_and_written_back_as_given() {
+        for text in [
+            "unix:/run/hub/broker.sock",
+            "https://hub.example:50051",
+            "http://127.0.0.1:50051",
+            "http://[::1]:50051",
+        ] {
+            let addr: UpstreamAddr = text.parse().unwrap();
+            assert_eq!(addr.to_string(), text);
+        }
+        for (text, problem) in [
+            ("hub:50051", "expected unix:/path"),
+            ("https://hub", "name the port"),
+            ("unix:relative.sock", "absolute path"),
+            ("https://hub:50051/v1", "has no path"),
+            ("ftp://hub:21", "expected unix:/path"),
+        ] {
+            let error = text.parse::<UpstreamAddr>().unwrap_err();
+            assert!(error.contains(problem), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn cleartext_is_named_only_off_the_host() {
+        let cleartext = |text: &str| text.parse::<UpstreamAddr>().unwrap().is_cleartext_network();
+        assert!(cleartext("http://10.0.0.7:50051"));
+        assert!(cleartext("http://hub.example:50051"));
+        assert!(!cleartext("http://127.0.0.1:50051"));
+        assert!(!cleartext("http://[::1]:50051"));
+        assert!(!cleartext("http://localhost:50051"));
+        assert!(!cleartext("https://hub.example:50051"));
+        assert!(!cleartext("unix:/run/hub.sock"));
+        assert!("https://hub.example:50051".parse::<UpstreamAddr>().unwrap().is_https());
+        assert!(!"http://hub.example:50051".parse::<UpstreamAddr>().unwrap().is_https());
+    }
 }

@@ -430,3 +430,96 @@ async fn tokens_from_a_lying_upstream_are_refused_with_the_reason() {
     );
     assert!(!outage.reason.contains("lie\""));
 }
+
+/// `serve --dev` on an agent's configuration: every environment calls the
+/// built-in emulator, none keeps its `upstream` (an environment never has
+/// both origins).
+#[tokio::test]
+async fn dev_mode_turns_an_agent_configuration_into_direct_sources() {
+    use flute_token_broker::config::Origin;
+    let mut config = Config::default();
+    for env in config.environments.values_mut() {
+        env.token_url.clear();
+        env.upstream = vec!["https://hub.example:50051".into()];
+    }
+    let (config, emulator) = daemon::dev_setup(config, Duration::from_secs(900)).await.unwrap();
+    for (env, e) in config.enabled() {
+        assert_eq!(
+            e.origin(),
+            Ok(Origin::Endpoint {
+                token_url: emulator.token_url()
+            }),
+            "{env}"
+        );
+    }
+}
+
+/// `GrpcUpstream` on its own: each (re)connection starts one address
+/// further, so consecutive follows alternate between two hubs.
+#[tokio::test]
+async fn each_follow_starts_at_the_next_hub() {
+    use flute_token_broker::token::Upstream;
+    use flute_token_broker::upstream::{GrpcUpstream, UpstreamSettings};
+    let (a, b) = (hub(Duration::from_secs(900)).await, hub(Duration::from_secs(900)).await);
+    let upstream = GrpcUpstream::new(
+        vec![a.unix.parse().unwrap(), b.unix.parse().unwrap()],
+        UpstreamSettings::default(),
+    );
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(
+            upstream
+                .follow(Environment::Sandbox)
+                .await
+                .map(|f| f.upstream)
+                .unwrap_or_else(|f| panic!("{}", f.message)),
+        );
+    }
+    assert_ne!(seen[0], seen[1], "{seen:?}");
+    assert_eq!(seen[0], seen[2], "{seen:?}");
+    assert_eq!(seen[1], seen[3], "{seen:?}");
+    assert!(seen.contains(&a.unix) && seen.contains(&b.unix), "{seen:?}");
+}
+
+/// How a failed follow is classified: permanent only when every hub
+/// refused for good (or the address cannot work at all); one hub that may
+/// come back, or no hub to ask, is transient.
+#[tokio::test]
+async fn a_follow_fails_for_good_only_when_every_hub_refuses_for_good() {
+    use flute_token_broker::oauth::ErrorClass;
+    use flute_token_broker::token::Upstream;
+    use flute_token_broker::upstream::{GrpcUpstream, UpstreamSettings};
+    // Hubs that serve production only: a sandbox follow is refused
+    // (FAILED_PRECONDITION, environment not enabled there).
+    let refusing = || start_broker_with(&[Environment::Production], Duration::from_secs(900), |_, _| {});
+    let (r1, r2) = (refusing().await, refusing().await);
+    let dir = tempfile::tempdir().unwrap();
+    let gone = format!("unix:{}", dir.path().join("no-hub.sock").display());
+    let class = |addresses: Vec<String>, settings: UpstreamSettings| async move {
+        let upstream = GrpcUpstream::new(addresses.iter().map(|a| a.parse().unwrap()).collect(), settings);
+        match upstream.follow(Environment::Sandbox).await {
+            Ok(_) => panic!("{addresses:?}: followed"),
+            Err(failure) => (failure.class, failure.message),
+        }
+    };
+    let (both, message) = class(vec![r1.unix.clone(), r2.unix.clone()], UpstreamSettings::default()).await;
+    assert_eq!(both, ErrorClass::Permanent, "{message}");
+    assert!(message.contains(&r1.unix) && message.contains(&r2.unix), "{message}");
+    let (mixed, message) = class(vec![r1.unix.clone(), gone.clone()], UpstreamSettings::default()).await;
+    assert_eq!(mixed, ErrorClass::Transient, "{message}");
+    let (unreachable, _) = class(vec![gone], UpstreamSettings::default()).await;
+    assert_eq!(unreachable, ErrorClass::Transient);
+    // A name that resolves to nothing leaves no hub to ask: transient.
+    let (unresolved, message) = class(
+        vec!["http://no-such-hub.invalid:50051".into()],
+        UpstreamSettings::default(),
+    )
+    .await;
+    assert_eq!(unresolved, ErrorClass::Transient, "{message}");
+    // TLS files that cannot be read: no retry can help.
+    let mut settings = UpstreamSettings::default();
+    settings.ca_file = Some(dir.path().join("missing-ca.pem"));
+    let (usage, message) = class(vec!["https://127.0.0.1:9".into()], settings).await;
+    assert_eq!(usage, ErrorClass::Permanent, "{message}");
+    assert!(message.contains("missing-ca.pem"), "{message}");
+}

@@ -895,3 +895,51 @@ async fn an_agent_refuses_an_offered_key_without_a_call() {
     );
     assert_eq!(agent.current().unwrap().token_id, held.token_id);
 }
+
+/// An in-process hub that records the `min_remaining` an agent forwards.
+struct RecordingHub(InProcessHub, Arc<std::sync::Mutex<Vec<Duration>>>);
+
+impl Upstream for RecordingHub {
+    async fn follow(&self, env: Environment) -> Result<Following, Failure> {
+        self.0.follow(env).await
+    }
+    async fn get(&self, env: Environment, min_remaining: Duration) -> Result<Received, Failure> {
+        self.1.lock().unwrap().push(min_remaining);
+        self.0.get(env, min_remaining).await
+    }
+    async fn replace(&self, env: Environment, rejected_token_id: String) -> Result<Received, Failure> {
+        self.0.replace(env, rejected_token_id).await
+    }
+}
+
+/// An agent forwards a caller's `min_remaining` with one second of slack
+/// (the answer must still meet the need when it arrives), never past what
+/// a token of the hub's lifetime can give.
+#[tokio::test(start_paused = true)]
+async fn an_agent_forwards_min_remaining_with_a_second_of_slack_within_the_lifetime() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    let mut config = TokenSourceConfig::new(Environment::Sandbox);
+    config.jitter = Jitter::Fixed(0.5);
+    let (hub, _hub_task) = token::spawn(
+        config.clone(),
+        ep.clone(),
+        FakeEndpoint::key(),
+        Arc::new(Metrics::new()),
+    );
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (agent, _task) = token::follow(
+        config,
+        RecordingHub(InProcessHub(hub), asked.clone()),
+        Arc::new(Metrics::new()),
+    );
+    agent.started().await;
+    tokio::time::advance(secs(600)).await;
+    let token = agent.token_with_remaining(secs(500)).await.unwrap();
+    assert!(token.remaining(Instant::now()) >= secs(500));
+    assert_eq!(asked.lock().unwrap().as_slice(), [secs(501)]);
+    // At the lifetime's edge the ask is the most a token can give (900 s
+    // less the 5 s serve margin), not one second more.
+    tokio::time::advance(secs(600)).await;
+    agent.token_with_remaining(secs(895)).await.unwrap();
+    assert_eq!(asked.lock().unwrap().last(), Some(&secs(895)));
+}

@@ -21,6 +21,7 @@ pub mod token_store;
 pub use reload::{ReloadOutcome, ReloadReport, Reloader};
 
 use crate::config::Config;
+use crate::config::Origin;
 use crate::credentials::ApiKey;
 use crate::credentials::{CredentialTable, CredentialsError};
 use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator};
@@ -33,7 +34,7 @@ use crate::serve::passed_fds::PassedFds;
 use crate::tls_roots::RootsError;
 use crate::token::Token;
 use crate::token::{self, TokenSourceConfig, TokenSources};
-use crate::upstream::GrpcUpstream;
+use crate::upstream::{GrpcUpstream, UpstreamAddr};
 
 /// Longest shutdown waits for watch streams to deliver their final status
 /// before connections are closed.
@@ -49,6 +50,8 @@ pub enum DaemonError {
     },
     #[error("{environment}: no API key configured")]
     NoCredentials { environment: Environment },
+    #[error("{environment}: {problems}")]
+    Origin { environment: Environment, problems: String },
     #[error(transparent)]
     Listen(#[from] ListenError),
     #[error("cannot listen on admin address {addr}: {source}")]
@@ -75,6 +78,7 @@ impl DaemonError {
         match self {
             DaemonError::Credentials { .. }
             | DaemonError::NoCredentials { .. }
+            | DaemonError::Origin { .. }
             | DaemonError::Tls(_)
             | DaemonError::TlsRoots(_) => crate::exit::CONFIG,
             DaemonError::Listen(e) if e.is_configuration() => crate::exit::CONFIG,
@@ -122,7 +126,7 @@ impl Broker {
     /// re-read on reload.
     pub async fn build(config: Config, config_path: Option<PathBuf>) -> Result<RunningBroker, DaemonError> {
         let metrics = Arc::new(Metrics::new());
-        let keys = load_keys(&config)?;
+        let planned = plan_sources(&config)?;
         let tls = config
             .server
             .tls
@@ -156,7 +160,7 @@ impl Broker {
             None => None,
         };
 
-        let (sources, source_tasks) = spawn_sources(&config, keys, restored, &metrics)?;
+        let (sources, source_tasks) = spawn_sources(&config, planned, restored, &metrics)?;
         let stopping = CancellationToken::new();
         let draining = CancellationToken::new();
         let sinks = crate::sinks::spawn(&config.sinks, &sources, &draining);
@@ -250,20 +254,36 @@ impl Broker {
     }
 }
 
-/// Every enabled environment's API key, read now (before anything is bound).
-fn load_keys(config: &Config) -> Result<Vec<(Environment, ApiKey)>, DaemonError> {
+/// What each enabled environment's source will be built from: its origin,
+/// with the API key read now for one that calls the token endpoint (before
+/// anything is bound).
+enum Planned {
+    Endpoint { token_url: String, key: ApiKey },
+    Follow { upstream: Vec<UpstreamAddr> },
+}
+
+fn plan_sources(config: &Config) -> Result<Vec<(Environment, Planned)>, DaemonError> {
     config
         .enabled()
-        .filter(|(_, e)| !e.follows_upstream())
-        .map(|(env, _)| {
-            let source = config
-                .key_source(env)
-                .ok_or(DaemonError::NoCredentials { environment: env })?;
-            let key = source.load().map_err(|source| DaemonError::Credentials {
+        .map(|(env, e)| {
+            let origin = e.origin().map_err(|problems| DaemonError::Origin {
                 environment: env,
-                source,
+                problems: problems.join("; "),
             })?;
-            Ok((env, key))
+            let planned = match origin {
+                Origin::Endpoint { token_url } => {
+                    let source = config
+                        .key_source(env)
+                        .ok_or(DaemonError::NoCredentials { environment: env })?;
+                    let key = source.load().map_err(|source| DaemonError::Credentials {
+                        environment: env,
+                        source,
+                    })?;
+                    Planned::Endpoint { token_url, key }
+                }
+                Origin::Follow { upstream } => Planned::Follow { upstream },
+            };
+            Ok((env, planned))
         })
         .collect()
 }
@@ -272,7 +292,7 @@ fn load_keys(config: &Config) -> Result<Vec<(Environment, ApiKey)>, DaemonError>
 /// token kept across a restart when there is one.
 fn spawn_sources(
     config: &Config,
-    keys: Vec<(Environment, ApiKey)>,
+    planned: Vec<(Environment, Planned)>,
     restored: Vec<(Environment, Arc<Token>)>,
     metrics: &Arc<Metrics>,
 ) -> Result<(Arc<TokenSources>, Vec<JoinHandle<()>>), DaemonError> {
@@ -282,22 +302,25 @@ fn spawn_sources(
     }
     let mut handles = Vec::new();
     let mut tasks = Vec::new();
-    let mut keys = keys.into_iter().collect::<std::collections::BTreeMap<_, _>>();
-    for (env, env_config) in config.enabled() {
+    for (env, planned) in planned {
         let mut source_config = TokenSourceConfig::new(env);
         source_config.policy = config.refresh.clone();
         source_config.use_refresh_token = config.oauth.use_refresh_token;
         source_config.restored = restored.iter().find(|(e, _)| *e == env).map(|(_, t)| t.clone());
-        let (handle, task) = match keys.remove(&env) {
-            Some(key) => {
-                let client = OAuthClient::new(config.oauth.client_config(&env_config.token_url, roots.clone()))?;
-                info!(environment = %env, token_url = %env_config.token_url, "token source started");
+        let (handle, task) = match planned {
+            Planned::Endpoint { token_url, key } => {
+                let client = OAuthClient::new(config.oauth.client_config(&token_url, roots.clone()))?;
+                info!(environment = %env, token_url = %token_url, "token source started");
                 token::spawn(source_config, client, key, metrics.clone())
             }
-            None => {
-                let upstream = GrpcUpstream::new(env_config.upstream.clone(), config.upstream.clone());
-                info!(environment = %env, upstream = %env_config.upstream.join(", "), "token source started, following upstream brokers");
-                token::follow(source_config, upstream, metrics.clone())
+            Planned::Follow { upstream } => {
+                let listed = upstream.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+                info!(environment = %env, upstream = %listed, "token source started, following upstream brokers");
+                token::follow(
+                    source_config,
+                    GrpcUpstream::new(upstream, config.upstream.clone()),
+                    metrics.clone(),
+                )
             }
         };
         handles.push(handle);
@@ -474,9 +497,12 @@ pub async fn dev_setup(mut config: Config, token_lifetime: Duration) -> Result<(
         .map_err(DaemonError::Emulator)?;
     config.credentials = CredentialTable::generated("dev-client", secret);
     config.oauth.allow_insecure_http = true;
+    // Every environment calls the emulator: an `upstream` from the file
+    // is dropped, so no environment has both origins.
     for env in config.environments.values_mut() {
         env.enabled = true;
         env.token_url = emulator.token_url();
+        env.upstream.clear();
         env.credentials = None;
     }
     Ok((config, emulator))
