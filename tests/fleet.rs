@@ -517,8 +517,10 @@ async fn a_follow_fails_for_good_only_when_every_hub_refuses_for_good() {
     .await;
     assert_eq!(unresolved, ErrorClass::Transient, "{message}");
     // TLS files that cannot be read: no retry can help.
-    let mut settings = UpstreamSettings::default();
-    settings.ca_file = Some(dir.path().join("missing-ca.pem"));
+    let settings = UpstreamSettings {
+        ca_file: Some(dir.path().join("missing-ca.pem")),
+        ..Default::default()
+    };
     let (usage, message) = class(vec!["https://127.0.0.1:9".into()], settings).await;
     assert_eq!(usage, ErrorClass::Permanent, "{message}");
     assert!(message.contains("missing-ca.pem"), "{message}");
