@@ -118,6 +118,26 @@ async fn long_polls_beyond_their_share_are_refused_and_get_token_finds_room() {
     }
 }
 
+/// Counts watchers' first answers (held: `None`; refused: the status)
+/// until `total` have answered.
+async fn count_answers(
+    answers: &mut mpsc::UnboundedReceiver<Option<tonic::Status>>,
+    held: &mut usize,
+    refused: &mut usize,
+    total: usize,
+) {
+    while *held + *refused < total {
+        match tokio::time::timeout(STARVED * 3, answers.recv())
+            .await
+            .expect("every watcher is answered, held or refused")
+            .unwrap()
+        {
+            None => *held += 1,
+            Some(status) => *refused += check_refusal(status),
+        }
+    }
+}
+
 /// A refused WatchToken: RESOURCE_EXHAUSTED, its reason and retry delay.
 fn check_refusal(status: tonic::Status) -> usize {
     use tonic_types::StatusExt;
@@ -142,16 +162,7 @@ async fn watch_streams_beyond_their_share_are_refused_and_get_token_finds_room()
     let (mut held, mut refused) = (0, 0);
     for started in 0..HOLDERS {
         if started % 100 == 0 {
-            while held + refused < started {
-                match tokio::time::timeout(STARVED * 3, answers.recv())
-                    .await
-                    .expect("every watcher is answered, held or refused")
-                    .unwrap()
-                {
-                    None => held += 1,
-                    Some(status) => refused += check_refusal(status),
-                }
-            }
+            count_answers(&mut answers, &mut held, &mut refused, started).await;
         }
         let (tcp, answered) = (broker.tcp.clone(), answered.clone());
         watchers.push(tokio::spawn(async move {
@@ -182,16 +193,7 @@ async fn watch_streams_beyond_their_share_are_refused_and_get_token_finds_room()
             std::future::pending::<()>().await;
         }));
     }
-    while held + refused < HOLDERS {
-        match tokio::time::timeout(STARVED * 3, answers.recv())
-            .await
-            .expect("every watcher is answered, held or refused")
-            .unwrap()
-        {
-            None => held += 1,
-            Some(status) => refused += check_refusal(status),
-        }
-    }
+    count_answers(&mut answers, &mut held, &mut refused, HOLDERS).await;
     assert_eq!((held, refused), (HELD_SHARE, HOLDERS - HELD_SHARE));
 
     let loaded = get_token_on_a_new_connection(&broker.tcp).await;
