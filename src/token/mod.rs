@@ -118,11 +118,7 @@ impl Token {
         let serve_for = serve_for.min(lifetime);
         let margin = serve_margin.min(lifetime - serve_for);
         let age = lifetime - serve_for - margin;
-        let (issued_at, lifetime) = match anchor.checked_sub(age) {
-            Some(issued_at) => (issued_at, lifetime),
-            // Too close to this clock's origin to go back: the same window.
-            None => (anchor, serve_for + margin),
-        };
+        let (issued_at, lifetime) = received_window(anchor.checked_sub(age), anchor, serve_for, margin, lifetime);
         let now = Instant::now();
         let issued_at_wall = SystemTime::now() - now.saturating_duration_since(issued_at);
         let token = Self::new(
@@ -171,9 +167,71 @@ pub fn token_id(access_token: &str) -> String {
     digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
 }
 
+/// When a received token was issued and how long it lives: `issued_at`
+/// (`anchor` less its age, if this clock reaches back that far) with the
+/// upstream's lifetime, or, too close to this clock's origin to go back,
+/// issued at `anchor` with the same serve window (`serve_for + margin`).
+fn received_window(
+    issued_at: Option<Instant>,
+    anchor: Instant,
+    serve_for: Duration,
+    margin: Duration,
+    lifetime: Duration,
+) -> (Instant, Duration) {
+    match issued_at {
+        Some(issued_at) => (issued_at, lifetime),
+        None => (anchor, serve_for + margin),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A received token is served for exactly `serve_for` from its anchor
+    /// and expires a margin later, with a margin no larger than the room
+    /// its lifetime leaves (a window as long as the lifetime has none).
+    #[test]
+    fn a_received_token_keeps_the_upstreams_window() {
+        let anchor = Instant::now();
+        let received = |serve_for: u64, lifetime: u64| {
+            Token::received(
+                SecretString::from("t"),
+                "Bearer".into(),
+                Environment::Sandbox,
+                anchor,
+                Duration::from_secs(serve_for),
+                Duration::from_secs(lifetime),
+                Duration::from_secs(5),
+            )
+        };
+        let usual = received(600, 900);
+        assert_eq!(usual.serve_until, anchor + Duration::from_secs(600));
+        assert_eq!(usual.expires_at, anchor + Duration::from_secs(605));
+        assert_eq!(usual.lifetime, Duration::from_secs(900));
+        let whole = received(900, 900);
+        assert_eq!(whole.serve_until, anchor + Duration::from_secs(900));
+        assert_eq!(whole.expires_at, anchor + Duration::from_secs(900));
+        let tight = received(898, 900);
+        assert_eq!(tight.expires_at, anchor + Duration::from_secs(900));
+    }
+
+    /// Near this clock's origin the window is kept, not the lifetime.
+    #[test]
+    fn a_window_that_cannot_reach_back_keeps_its_length() {
+        let anchor = Instant::now();
+        let (s, m, l) = (
+            Duration::from_secs(600),
+            Duration::from_secs(5),
+            Duration::from_secs(900),
+        );
+        assert_eq!(
+            received_window(None, anchor, s, m, l),
+            (anchor, Duration::from_secs(605))
+        );
+        let earlier = anchor - Duration::from_secs(295);
+        assert_eq!(received_window(Some(earlier), anchor, s, m, l), (earlier, l));
+    }
 
     #[test]
     fn token_id_is_short_stable_and_not_the_token() {
