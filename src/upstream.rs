@@ -420,7 +420,46 @@ fn received_from_pb(token: Option<pb::Token>, env: Environment) -> Result<Receiv
 
 #[cfg(test)]
 mod tests {
-    use super::UpstreamAddr;
+    use super::{UpstreamAddr, UpstreamSettings};
+    use std::time::Duration;
+
+    #[test]
+    fn settings_name_each_problem_by_key() {
+        assert!(UpstreamSettings::default().problems().is_empty());
+        let half_pair = UpstreamSettings {
+            cert_file: Some("/a.pem".into()),
+            ..Default::default()
+        };
+        assert_eq!(half_pair.problems().len(), 1);
+        assert!(half_pair.problems()[0].starts_with("cert_file and key_file"));
+        let key_only = UpstreamSettings {
+            key_file: Some("/a.key".into()),
+            ..Default::default()
+        };
+        assert_eq!(key_only.problems().len(), 1);
+        for (timeout, ok) in [
+            (Duration::from_millis(50), false),
+            (Duration::from_secs(5), true),
+            (Duration::from_secs(301), false),
+        ] {
+            let settings = UpstreamSettings {
+                timeout,
+                ..Default::default()
+            };
+            assert_eq!(settings.problems().is_empty(), ok, "{timeout:?}");
+        }
+        let tls = UpstreamSettings {
+            ca_file: Some("/ca.pem".into()),
+            cert_file: Some("/c.pem".into()),
+            key_file: Some("/c.key".into()),
+            ..Default::default()
+        }
+        .tls_files();
+        assert_eq!(
+            (tls.ca_file, tls.cert_file, tls.key_file),
+            (Some("/ca.pem".into()), Some("/c.pem".into()), Some("/c.key".into()))
+        );
+    }
 
     #[test]
     fn addresses_are_parsed_once_and_written_back_as_given() {
