@@ -310,3 +310,107 @@ async fn socket_activation_serves_the_passed_socket_and_leaves_it_in_place() {
     holder.start().await;
     assert_eq!(holder.wait().await, 78, "an unmatched socket is a configuration error");
 }
+
+/// A stand-in for systemd's file descriptor store: a notify socket that
+/// keeps the descriptor a broker hands over with `FDSTORE=1` /
+/// `FDNAME=tokens` (and forgets it on `FDSTOREREMOVE=1`), and a start
+/// command that passes it to the next broker as systemd does (`LISTEN_FDS`,
+/// `LISTEN_FDNAMES=tokens`, `LISTEN_PID`).
+const FD_STORE: &str = r#"
+import array, os, socket, sys, threading
+notify_path, binary, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+notify.bind(notify_path)
+stored = {}
+lock = threading.Lock()
+def receive():
+    while True:
+        data, fds, _, _ = socket.recv_fds(notify, 65536, 8)
+        fields = dict(l.split("=", 1) for l in data.decode().splitlines() if "=" in l)
+        with lock:
+            if fields.get("FDSTOREREMOVE") == "1":
+                fd = stored.pop(fields.get("FDNAME"), None)
+                if fd is not None:
+                    os.close(fd)
+            if fields.get("FDSTORE") == "1" and fds:
+                stored[fields.get("FDNAME")] = fds[0]
+                print("stored", len(fds), flush=True)
+threading.Thread(target=receive, daemon=True).start()
+child = None
+for line in sys.stdin:
+    if line.strip() == "wait" and child:
+        _, status = os.waitpid(child, 0)
+        child = None
+        print("exited", os.waitstatus_to_exitcode(status), flush=True)
+    elif line.strip() == "start" and not child:
+        with lock:
+            tokens = stored.get("tokens")
+        child = os.fork()
+        if child == 0:
+            env = dict(os.environ, NOTIFY_SOCKET=notify_path)
+            if tokens is not None:
+                os.dup2(tokens, 3)
+                os.set_inheritable(3, True)
+                env.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="tokens")
+            os.execve(binary, [binary] + args, env)
+        print("started", child, int(tokens is not None), flush=True)
+"#;
+
+/// The tokens cross a restart in the fd store: the broker seals them into a
+/// memfd at SIGTERM, the next broker reads the descriptor systemd passes
+/// (named `tokens`) and serves the same token at once, with no token
+/// request; and asks systemd to drop it, so a later start never sees it.
+#[tokio::test]
+async fn tokens_cross_a_restart_in_the_fd_store() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let emu = start_emulator(Duration::from_secs(900), true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("broker.sock");
+    let config = config_for(dir.path(), &emu.token_url(), &sock);
+    let mut store = Command::new("python3")
+        .arg("-c")
+        .arg(FD_STORE)
+        .arg(dir.path().join("notify"))
+        .arg(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = store.stdin.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(store.stdout.take().unwrap()).lines();
+    let mut ask = async |command: &str| -> Vec<String> {
+        if !command.is_empty() {
+            stdin.write_all(format!("{command}\n").as_bytes()).await.unwrap();
+        }
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the store answers")
+            .unwrap()
+            .expect("the store runs");
+        line.split(' ').map(str::to_owned).collect()
+    };
+    let addr = format!("unix:{}", sock.display());
+    let started = ask("start").await;
+    assert_eq!(started[2], "0", "nothing stored yet");
+    let mut client = support::connect_when_up(&addr).await;
+    let before = support::current_token(&mut client, SANDBOX).await;
+    let requests = emu.emulator.stats().token_requests;
+
+    support::signal(started[1].parse().unwrap(), nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(ask("").await, ["stored", "1"], "the broker handed its tokens over");
+    assert_eq!(ask("wait").await, ["exited", "0"]);
+
+    let restarted = ask("start").await;
+    assert_eq!(restarted[2], "1", "the stored tokens are passed");
+    let mut client = support::connect_when_up(&addr).await;
+    let after = support::current_token(&mut client, SANDBOX).await;
+    assert_eq!(after.token_id, before.token_id, "the same token, served at once");
+    assert_eq!(emu.emulator.stats().token_requests, requests, "no token request for it");
+    support::signal(restarted[1].parse().unwrap(), nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(ask("").await, ["stored", "1"]);
+    assert_eq!(ask("wait").await, ["exited", "0"]);
+}
