@@ -420,8 +420,83 @@ fn received_from_pb(token: Option<pb::Token>, env: Environment) -> Result<Receiv
 
 #[cfg(test)]
 mod tests {
-    use super::{UpstreamAddr, UpstreamSettings};
+    use super::{UpstreamAddr, UpstreamSettings, received_from_pb};
+    use crate::Environment;
+    use crate::grpc::pb;
     use std::time::Duration;
+
+    /// A hub's answer: a 900 s token with sub-second instants, served 880 s more.
+    fn answer() -> pb::Token {
+        let access_token = "hub-token".to_owned();
+        pb::Token {
+            token_id: crate::token::token_id(&access_token),
+            access_token,
+            token_type: "Bearer".into(),
+            issued_at: Some(prost_types::Timestamp {
+                seconds: 1_764_556_800,
+                nanos: 900_000_000,
+            }),
+            expires_at: Some(prost_types::Timestamp {
+                seconds: 1_764_557_701,
+                nanos: 100_000_000,
+            }),
+            environment: pb::Environment::Sandbox as i32,
+            serve_for: Some(prost_types::Duration { seconds: 880, nanos: 0 }),
+        }
+    }
+
+    #[test]
+    fn every_received_token_is_checked_before_it_is_served() {
+        let received = received_from_pb(Some(answer()), Environment::Sandbox).unwrap();
+        assert_eq!(received.lifetime, Duration::from_millis(900_200));
+        assert_eq!(received.serve_for, Duration::from_secs(880));
+        let refused = |change: &dyn Fn(&mut pb::Token), env: Environment, why: &str| {
+            let mut token = answer();
+            change(&mut token);
+            let Err(error) = received_from_pb(Some(token), env) else {
+                panic!("{why}: accepted");
+            };
+            assert!(error.contains(why), "{why}: {error}");
+        };
+        let at = |seconds: i64| Some(prost_types::Timestamp { seconds, nanos: 0 });
+        refused(&|_| {}, Environment::Production, "asked for production");
+        refused(&|t| t.access_token.clear(), Environment::Sandbox, "empty access token");
+        refused(
+            &|t| t.token_id = "0123456789ab".into(),
+            Environment::Sandbox,
+            "does not match",
+        );
+        refused(&|t| t.expires_at = None, Environment::Sandbox, "no issued_at");
+        refused(
+            &|t| t.expires_at = t.issued_at,
+            Environment::Sandbox,
+            "outside 0 to 24 h",
+        );
+        refused(
+            &|t| (t.issued_at, t.expires_at) = (at(2_000), at(1_000)),
+            Environment::Sandbox,
+            "outside 0 to 24 h",
+        );
+        refused(
+            &|t| (t.issued_at, t.expires_at) = (at(0), at(86_401)),
+            Environment::Sandbox,
+            "outside 0 to 24 h",
+        );
+        refused(&|t| t.serve_for = None, Environment::Sandbox, "no serve_for");
+        refused(
+            &|t| t.serve_for = Some(prost_types::Duration { seconds: 901, nanos: 0 }),
+            Environment::Sandbox,
+            "longer than the lifetime",
+        );
+        assert!(received_from_pb(None, Environment::Sandbox).is_err());
+        // A whole day is the longest lifetime taken.
+        let mut day = answer();
+        (day.issued_at, day.expires_at) = (at(0), at(86_400));
+        assert_eq!(
+            received_from_pb(Some(day), Environment::Sandbox).unwrap().lifetime,
+            Duration::from_secs(86_400)
+        );
+    }
 
     #[test]
     fn settings_name_each_problem_by_key() {

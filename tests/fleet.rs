@@ -525,3 +525,44 @@ async fn a_follow_fails_for_good_only_when_every_hub_refuses_for_good() {
     assert_eq!(usage, ErrorClass::Permanent, "{message}");
     assert!(message.contains("missing-ca.pem"), "{message}");
 }
+
+/// Within one follow, hubs are tried in the listed order, cyclically from
+/// where the rotation starts (what the failure lists, in order).
+#[tokio::test]
+async fn a_follow_tries_the_hubs_in_the_listed_order() {
+    use flute_token_broker::token::Upstream;
+    use flute_token_broker::upstream::{GrpcUpstream, UpstreamSettings};
+    let dir = tempfile::tempdir().unwrap();
+    let listed: Vec<String> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| format!("unix:{}", dir.path().join(format!("{n}.sock")).display()))
+        .collect();
+    let upstream = GrpcUpstream::new(
+        listed.iter().map(|a| a.parse().unwrap()).collect(),
+        UpstreamSettings::default(),
+    );
+    let mut starts = Vec::new();
+    for _ in 0..2 {
+        let Err(failure) = upstream.follow(Environment::Sandbox).await else {
+            panic!("no hub runs");
+        };
+        let tried: Vec<usize> = {
+            let mut at: Vec<(usize, usize)> = listed
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (failure.message.find(a.as_str()).expect("every hub named"), i))
+                .collect();
+            at.sort();
+            at.into_iter().map(|(_, i)| i).collect()
+        };
+        let first = tried[0];
+        assert_eq!(
+            tried,
+            (0..4).map(|k| (first + k) % 4).collect::<Vec<_>>(),
+            "{}",
+            failure.message
+        );
+        starts.push(first);
+    }
+    assert_eq!(starts[1], (starts[0] + 1) % 4, "the next follow starts one further");
+}
