@@ -489,6 +489,16 @@ mod tests {
             "longer than the lifetime",
         );
         assert!(received_from_pb(None, Environment::Sandbox).is_err());
+        // A window as long as the lifetime is taken.
+        let mut whole = answer();
+        whole.serve_for = Some(prost_types::Duration {
+            seconds: 900,
+            nanos: 200_000_000,
+        });
+        assert_eq!(
+            received_from_pb(Some(whole), Environment::Sandbox).unwrap().serve_for,
+            Duration::from_millis(900_200)
+        );
         // A whole day is the longest lifetime taken.
         let mut day = answer();
         (day.issued_at, day.expires_at) = (at(0), at(86_400));

@@ -943,3 +943,25 @@ async fn an_agent_forwards_min_remaining_with_a_second_of_slack_within_the_lifet
     agent.token_with_remaining(secs(895)).await.unwrap();
     assert_eq!(asked.lock().unwrap().last(), Some(&secs(895)));
 }
+
+/// `holding_token` (what a broker waits on before it takes a socket path
+/// over from its predecessor) resolves only once a servable token is held:
+/// not while the endpoint fails, at once after it answers.
+#[tokio::test(start_paused = true)]
+async fn holding_token_waits_for_a_servable_token() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    ep.push(server_error());
+    ep.push(server_error());
+    let h = start(&ep);
+    let mut holding = Box::pin(h.holding_token());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(10), &mut holding)
+            .await
+            .is_err(),
+        "no token yet: still waiting"
+    );
+    assert!(h.current().is_none());
+    within("a token after the retries", &mut holding).await;
+    assert!(h.current().is_some());
+    assert_eq!(ep.calls().len(), 3);
+}
