@@ -965,3 +965,72 @@ async fn holding_token_waits_for_a_servable_token() {
     assert!(h.current().is_some());
     assert_eq!(ep.calls().len(), 3);
 }
+
+/// A restored token is taken only when it is of this environment and
+/// still servable: one of another environment, or past its window, is
+/// ignored (each condition alone).
+#[tokio::test(start_paused = true)]
+async fn a_restored_token_must_be_this_environments_and_servable() {
+    let policy = RefreshPolicy::default();
+    let token = |env: Environment, age: u64| {
+        Arc::new(token::Token::new(
+            "restored-access-token".to_owned().into(),
+            "Bearer".into(),
+            env,
+            Instant::now() - secs(age),
+            std::time::SystemTime::now() - secs(age),
+            LIFETIME,
+            policy.serve_margin,
+        ))
+    };
+    for (restored, why) in [
+        (token(Environment::Production, 100), "another environment's"),
+        (token(Environment::Sandbox, 899), "past its serve window"),
+    ] {
+        let mut config = TokenSourceConfig::new(Environment::Sandbox);
+        config.restored = Some(restored.clone());
+        let ep = FakeEndpoint::new(LIFETIME);
+        let (h, _task) = token::spawn(config, ep.clone(), FakeEndpoint::key(), Arc::new(Metrics::new()));
+        let fresh = started(&h).await.token.unwrap();
+        assert_ne!(fresh.token_id, restored.token_id, "{why}");
+        assert_eq!(ep.calls().len(), 1, "{why}");
+    }
+}
+
+/// An agent restored with a token still opens its upstream at once (it
+/// schedules no refresh of its own): it serves the restored token, then
+/// the hub's as soon as the stream is open.
+#[tokio::test(start_paused = true)]
+async fn a_restored_agent_follows_its_hub_at_once() {
+    let ep = FakeEndpoint::new(LIFETIME);
+    let mut config = TokenSourceConfig::new(Environment::Sandbox);
+    config.jitter = Jitter::Fixed(0.5);
+    let (hub, _hub_task) = token::spawn(
+        config.clone(),
+        ep.clone(),
+        FakeEndpoint::key(),
+        Arc::new(Metrics::new()),
+    );
+    let at_hub = started(&hub).await.token.unwrap();
+    config.restored = Some(Arc::new(token::Token::new(
+        "restored-access-token".to_owned().into(),
+        "Bearer".into(),
+        Environment::Sandbox,
+        Instant::now(),
+        std::time::SystemTime::now(),
+        LIFETIME,
+        RefreshPolicy::default().serve_margin,
+    )));
+    let (agent, _task) = token::follow(config, InProcessHub(hub), Arc::new(Metrics::new()));
+    let mut snapshots = agent.subscribe();
+    within(
+        "the hub's token at the agent",
+        snapshots.wait_for(|s| s.token.as_ref().is_some_and(|t| t.token_id == at_hub.token_id)),
+    )
+    .await
+    .unwrap();
+    assert!(
+        Instant::now() < at_hub.issued_at + secs(60),
+        "not at a refresh schedule"
+    );
+}

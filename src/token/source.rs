@@ -284,19 +284,16 @@ impl<S: Supply> Task<S> {
         }
     }
 
-    /// Answers every waiter whose need the current token does not meet
-    /// with the reason a forwarded call was refused.
+    /// Answers every waiter with the reason a forwarded call was refused.
+    /// None of them can be met by the current token: a need the token
+    /// meets is answered on arrival, and every change of the token answers
+    /// all waiters (`answer_waiters`).
     fn answer_waiters_refused(&mut self, failure: &Failure) {
-        let now = Instant::now();
         for waiter in std::mem::take(&mut self.waiters) {
-            let answer = match &self.token {
-                Some(token) if waiter.need.met_by(token, now) => Ok(token.clone()),
-                _ => Err(RefreshError::Unavailable {
-                    reason: failure.message.clone(),
-                    next_attempt: self.next_attempt,
-                }),
-            };
-            let _ = waiter.reply.send(answer);
+            let _ = waiter.reply.send(Err(RefreshError::Unavailable {
+                reason: failure.message.clone(),
+                next_attempt: self.next_attempt,
+            }));
         }
     }
 
