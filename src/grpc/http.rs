@@ -20,7 +20,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 
@@ -51,7 +50,6 @@ pub fn router(service: TokenBrokerService) -> Router {
         .route(REFRESH_TOKEN, axum::routing::post(refresh_token))
         .route(GET_STATUS, axum::routing::get(get_status))
         .method_not_allowed_fallback(method_not_allowed)
-        .route_layer(middleware::from_fn(guard))
         .with_state(service)
 }
 
@@ -117,11 +115,17 @@ pub async fn fallback(request: Request) -> Response {
 }
 
 async fn method_not_allowed(request: Request) -> Response {
+    if let Err(refused) = safeguards(&request) {
+        return refused.into_response();
+    }
     BrokerError::MethodNotAllowed(request.method().to_string()).into_response()
 }
 
-/// The metadata-server safeguards, before any route runs.
-async fn guard(request: Request, next: Next) -> Response {
+/// The metadata-server safeguards, checked first by every route (and by
+/// the method-not-allowed answer, so a CORS preflight gets 403): a plain
+/// function rather than a middleware layer, which would cost every request
+/// a boxed service.
+fn safeguards(request: &Request) -> Result<(), BrokerError> {
     let headers = request.headers();
     let refused = if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
         Some("requests that came through a proxy (X-Forwarded-For or Forwarded) are refused: call the broker directly")
@@ -136,8 +140,8 @@ async fn guard(request: Request, next: Next) -> Response {
         None
     };
     match refused {
-        Some(why) => BrokerError::RequestRefused(why).into_response(),
-        None => next.run(request).await,
+        Some(why) => Err(BrokerError::RequestRefused(why)),
+        None => Ok(()),
     }
 }
 
@@ -171,6 +175,9 @@ async fn get_token(
     Query(query): Query<HashMap<String, String>>,
     request: Request,
 ) -> Response {
+    if let Err(refused) = safeguards(&request) {
+        return refused.into_response();
+    }
     let http1 = request.version() < http::Version::HTTP_2;
     // Everything that reads the request's connection happens before the
     // first await (the request body is not Sync): the one access check,
@@ -246,6 +253,9 @@ async fn refresh_token(
     Path(env): Path<String>,
     request: Request,
 ) -> Response {
+    if let Err(refused) = safeguards(&request) {
+        return refused.into_response();
+    }
     let admitted = environment(&env)
         .and_then(|env| service.authorize(env, &Caller::from_extensions(request.extensions())))
         .cloned();
@@ -271,6 +281,9 @@ async fn refresh_token(
 }
 
 async fn get_status(State(service): State<TokenBrokerService>, request: Request) -> Response {
+    if let Err(refused) = safeguards(&request) {
+        return refused.into_response();
+    }
     let caller = Caller::from_extensions(request.extensions());
     let reply = service.status(&caller);
     service.count::<()>(Protocol::Http, Rpc::GetStatus, &Ok(()));
@@ -315,7 +328,7 @@ pub fn token_response_json(token: &Token, now: tokio::time::Instant) -> String {
         out.push('"');
         out.push_str(name);
         out.push_str("\":");
-        out.push_str(&serde_json::Value::from(value).to_string());
+        push_json_string(&mut out, value);
     };
     field("accessToken", token.access_token());
     field("tokenType", &token.token_type);
@@ -329,6 +342,28 @@ pub fn token_response_json(token: &Token, now: tokio::time::Instant) -> String {
     );
     out.push_str("}}");
     out
+}
+
+/// `value` as a JSON string (quotes, and the escapes JSON requires).
+fn push_json_string(out: &mut String, value: &str) {
+    use std::fmt::Write;
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 /// A Timestamp in the proto3 JSON form: RFC 3339 in UTC with 0, 3, 6 or 9
@@ -407,7 +442,7 @@ mod tests {
             let lifetime = Duration::new(900, shapes[(i + 1) % shapes.len()]);
             let environment = [Environment::Sandbox, Environment::Production][i % 2];
             let token = Token::new(
-                SecretString::from(format!("tok-{i}-\"quoted\"/+=")),
+                SecretString::from(format!("tok-{i}-\"quoted\"/+=\\\n\t\u{8}\u{c}\u{1}é")),
                 "Bearer".into(),
                 environment,
                 now - Duration::from_millis(i as u64 * 1_234),
