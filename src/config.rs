@@ -135,7 +135,7 @@ impl EnvironmentConfig {
     /// Where this environment's tokens come from, every address parsed;
     /// `Err` with each problem (both origins set, an address that cannot
     /// work). `Config::validate` reports the same problems with the path.
-    pub fn origin(&self) -> Result<Origin, Vec<String>> {
+    pub fn origin(&self) -> Result<Origin, Vec<OriginProblem>> {
         if !self.follows_upstream() {
             return Ok(Origin::Endpoint {
                 token_url: self.token_url.clone(),
@@ -146,13 +146,11 @@ impl EnvironmentConfig {
         for addr in &self.upstream {
             match addr.parse::<UpstreamAddr>() {
                 Ok(addr) => upstream.push(addr),
-                Err(problem) => problems.push(format!("upstream: {problem}")),
+                Err(problem) => problems.push(OriginProblem::Address(problem)),
             }
         }
         if !self.token_url.is_empty() {
-            problems.push(
-                "token_url and upstream are both set: an environment either calls the token endpoint (token_url, with an API key) or follows hub brokers (upstream, without one); remove one".into(),
-            );
+            problems.push(OriginProblem::BothSet);
         }
         match problems.is_empty() {
             true => Ok(Origin::Follow { upstream }),
@@ -181,6 +179,29 @@ pub enum Origin {
     Follow { upstream: Vec<UpstreamAddr> },
 }
 
+/// Why an environment's table names no usable origin.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OriginProblem {
+    /// An `upstream` address that cannot work.
+    #[error("upstream: {0}")]
+    Address(String),
+    #[error(
+        "token_url and upstream are both set: an environment either calls the token endpoint (token_url, with an API key) or follows hub brokers (upstream, without one); remove one"
+    )]
+    BothSet,
+}
+
+impl OriginProblem {
+    /// The problem under the table's path: `environments.sandbox.upstream: …`
+    /// for an address, `environments.sandbox: …` for the table.
+    pub fn at(&self, path: &str) -> String {
+        match self {
+            OriginProblem::Address(_) => format!("{path}.{self}"),
+            OriginProblem::BothSet => format!("{path}: {self}"),
+        }
+    }
+}
+
 /// `[environments]` holds `sandbox` and `production` only; an absent one
 /// or an absent `token_url` takes Flute's defaults.
 fn read_environments<'de, D: Deserializer<'de>>(
@@ -205,27 +226,6 @@ fn read_environments<'de, D: Deserializer<'de>>(
             (env, table)
         })
         .collect())
-}
-
-/// What is wrong with a following environment's table: a bad address, or
-/// a setting that belongs to the direct mode only.
-fn follower_problems(path: &str, e: &EnvironmentConfig) -> Vec<String> {
-    let mut problems: Vec<String> = match e.origin() {
-        Ok(_) => Vec::new(),
-        Err(problems) => problems
-            .into_iter()
-            .map(|p| match p.starts_with("upstream: ") {
-                true => format!("{path}.{p}"),
-                false => format!("{path}: {p}"),
-            })
-            .collect(),
-    };
-    if e.credentials.is_some() {
-        problems.push(format!(
-            "{path}.credentials: this environment follows hub brokers (upstream) and reads no API key; remove the table so this host holds no secret"
-        ));
-    }
-    problems
 }
 
 /// Every problem found, each with its key path.
@@ -398,14 +398,20 @@ impl Config {
                 continue;
             }
             if e.follows_upstream() {
-                problems.extend(follower_problems(&path, e));
-                if let Ok(Origin::Follow { upstream }) = e.origin() {
-                    warnings.extend(
+                match e.origin() {
+                    Ok(Origin::Follow { upstream }) => warnings.extend(
                         upstream
                             .iter()
                             .filter(|a| a.is_cleartext_network())
                             .map(|a| format!("{path}.upstream: {a} carries tokens across the network unencrypted; use https:// (with [upstream] certificates) or a Unix socket")),
-                    );
+                    ),
+                    Ok(Origin::Endpoint { .. }) => {}
+                    Err(origin_problems) => problems.extend(origin_problems.iter().map(|p| p.at(&path))),
+                }
+                if e.credentials.is_some() {
+                    problems.push(format!(
+                        "{path}.credentials: this environment follows hub brokers (upstream) and reads no API key; remove the table so this host holds no secret"
+                    ));
                 }
                 continue;
             }

@@ -153,19 +153,43 @@ async fn notify_reload_and_stop_under_systemd() {
     }
 }
 
-/// systemd's side of socket activation, in a few lines of Python: binds the
-/// socket once (mode 0666, so a broker that changed it would show) and
-/// keeps it open across brokers. On `start` it starts a broker with the
-/// socket as fd 3 and `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` set as
-/// systemd sets them (prints `started PID`); on `wait` it waits for that
-/// broker to exit (prints `exited CODE`).
-const SOCKET_HOLDER: &str = r#"
-import os, socket, sys
-path, binary, args = sys.argv[1], sys.argv[2], sys.argv[3:]
-listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-listener.bind(path)
-os.chmod(path, 0o666)
-listener.listen(128)
+/// A stand-in for systemd's side of a service, in a few lines of Python:
+/// it binds an activation socket once (`SOCKET_PATH`, or `-` for none;
+/// mode 0666, so a broker that changed it would show) and keeps it open
+/// across brokers, and holds a notify socket with a file
+/// descriptor store (`NOTIFY_PATH`, or `-`) that keeps the descriptor a
+/// broker hands over with `FDSTORE=1` (forgotten on `FDSTOREREMOVE=1`).
+/// `start` runs a broker with them passed as systemd does (`LISTEN_FDS`,
+/// `LISTEN_FDNAMES`, `LISTEN_PID`, `NOTIFY_SOCKET`) and answers
+/// `started PID N`, N the stored descriptors passed; `wait` answers
+/// `exited CODE`; a stored descriptor is announced as `stored N`.
+const SYSTEMD_STAND_IN: &str = r#"
+import os, socket, sys, threading
+sock_path, notify_path, binary, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+listener = None
+if sock_path != "-":
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    os.chmod(sock_path, 0o666)
+    listener.listen(128)
+stored = {}
+lock = threading.Lock()
+def receive(notify):
+    while True:
+        data, fds, _, _ = socket.recv_fds(notify, 65536, 8)
+        fields = dict(l.split("=", 1) for l in data.decode().splitlines() if "=" in l)
+        with lock:
+            if fields.get("FDSTOREREMOVE") == "1":
+                fd = stored.pop(fields.get("FDNAME"), None)
+                if fd is not None:
+                    os.close(fd)
+            if fields.get("FDSTORE") == "1" and fds:
+                stored[fields.get("FDNAME")] = fds[0]
+                print("stored", len(fds), flush=True)
+if notify_path != "-":
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    threading.Thread(target=receive, args=(notify,), daemon=True).start()
 child = None
 for line in sys.stdin:
     if line.strip() == "wait" and child:
@@ -173,29 +197,42 @@ for line in sys.stdin:
         child = None
         print("exited", os.waitstatus_to_exitcode(status), flush=True)
     elif line.strip() == "start" and not child:
+        with lock:
+            passed = [(name, fd) for name, fd in stored.items()]
         child = os.fork()
         if child == 0:
-            if listener.fileno() != 3:
-                os.dup2(listener.fileno(), 3)
-            os.set_inheritable(3, True)
-            os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="broker")
-            os.execv(binary, [binary] + args)
-        print("started", child, flush=True)
+            env = dict(os.environ)
+            if notify_path != "-":
+                env["NOTIFY_SOCKET"] = notify_path
+            fds = ([("broker", listener.fileno())] if listener else []) + passed
+            # Copied above every target first, then into 3, 4, ...
+            high = [os.dup(fd) for _, fd in fds]
+            for i, fd in enumerate(high):
+                os.dup2(fd, 3 + i)
+            if fds:
+                env.update(LISTEN_FDS=str(len(fds)), LISTEN_PID=str(os.getpid()),
+                           LISTEN_FDNAMES=":".join(name for name, _ in fds))
+            os.execve(binary, [binary] + args, env)
+        print("started", child, len(passed), flush=True)
 "#;
 
-/// The holder of an activation socket.
-struct SocketHolder {
+/// The running stand-in.
+struct SystemdStandIn {
     _child: tokio::process::Child,
     stdin: tokio::process::ChildStdin,
     lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
 }
 
-impl SocketHolder {
-    fn spawn(socket: &std::path::Path, config: &std::path::Path) -> Self {
+impl SystemdStandIn {
+    /// Holds the activation socket `socket` and a notify socket at
+    /// `notify`, for brokers running `serve --config config`.
+    fn spawn(socket: Option<&std::path::Path>, notify: Option<&std::path::Path>, config: &std::path::Path) -> Self {
+        let path_or_none = |p: Option<&std::path::Path>| p.map_or_else(|| "-".into(), |p| p.as_os_str().to_owned());
         let mut child = Command::new("python3")
             .arg("-c")
-            .arg(SOCKET_HOLDER)
-            .arg(socket)
+            .arg(SYSTEMD_STAND_IN)
+            .arg(path_or_none(socket))
+            .arg(path_or_none(notify))
             .arg(BIN)
             .args(["serve", "--config"])
             .arg(config)
@@ -213,28 +250,33 @@ impl SocketHolder {
         }
     }
 
-    /// Sends `command` and returns the number the holder answers with.
-    async fn ask(&mut self, command: &str, answer: &str) -> i64 {
+    /// Sends `command` (none when empty) and returns the words of the next
+    /// line the stand-in prints.
+    async fn exchange(&mut self, command: &str) -> Vec<String> {
         use tokio::io::AsyncWriteExt;
-        self.stdin.write_all(format!("{command}\n").as_bytes()).await.unwrap();
+        if !command.is_empty() {
+            self.stdin.write_all(format!("{command}\n").as_bytes()).await.unwrap();
+        }
         let line = tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
             .await
-            .expect("the holder answers")
+            .expect("the stand-in answers")
             .unwrap()
-            .expect("the holder runs");
-        line.strip_prefix(answer)
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or_else(|| panic!("expected {answer:?}, got {line:?}"))
+            .expect("the stand-in runs");
+        line.split(' ').map(str::to_owned).collect()
     }
 
-    /// Starts a broker on the socket; its pid.
-    async fn start(&mut self) -> u32 {
-        self.ask("start", "started").await as u32
+    /// Starts a broker; its pid and the count of stored descriptors passed.
+    async fn start(&mut self) -> (u32, usize) {
+        let words = self.exchange("start").await;
+        assert_eq!(words[0], "started", "{words:?}");
+        (words[1].parse().unwrap(), words[2].parse().unwrap())
     }
 
     /// Waits for the broker to exit; its exit code (negative: the signal).
     async fn wait(&mut self) -> i64 {
-        self.ask("wait", "exited").await
+        let words = self.exchange("wait").await;
+        assert_eq!(words[0], "exited", "{words:?}");
+        words[1].parse().unwrap()
     }
 }
 
@@ -267,8 +309,8 @@ async fn socket_activation_serves_the_passed_socket_and_leaves_it_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("activated.sock");
     let config = config_for(dir.path(), &emu.token_url(), &sock);
-    let mut holder = SocketHolder::spawn(&sock, &config);
-    let first = holder.start().await;
+    let mut holder = SystemdStandIn::spawn(Some(&sock), None, &config);
+    let (first, _) = holder.start().await;
     let addr = format!("unix:{}", sock.display());
     let token = |addr: String| async move {
         let mut client = flute_token_broker::client::connect(&addr, Duration::from_secs(30)).await?;
@@ -291,7 +333,7 @@ async fn socket_activation_serves_the_passed_socket_and_leaves_it_in_place() {
     support::signal(first, nix::sys::signal::Signal::SIGTERM);
     assert_eq!(holder.wait().await, 0, "the first broker stopped cleanly");
     let waiting = tokio::spawn(token(addr.clone()));
-    let second = holder.start().await;
+    let (second, _) = holder.start().await;
     let t2 = tokio::time::timeout(Duration::from_secs(30), waiting)
         .await
         .expect("the waiting call is answered")
@@ -306,55 +348,10 @@ async fn socket_activation_serves_the_passed_socket_and_leaves_it_in_place() {
 
     // A passed socket the configuration does not name.
     let other = config_for(dir.path(), &emu.token_url(), &dir.path().join("configured.sock"));
-    let mut holder = SocketHolder::spawn(&dir.path().join("unnamed.sock"), &other);
+    let mut holder = SystemdStandIn::spawn(Some(&dir.path().join("unnamed.sock")), None, &other);
     holder.start().await;
     assert_eq!(holder.wait().await, 78, "an unmatched socket is a configuration error");
 }
-
-/// A stand-in for systemd's file descriptor store: a notify socket that
-/// keeps the descriptor a broker hands over with `FDSTORE=1` /
-/// `FDNAME=tokens` (and forgets it on `FDSTOREREMOVE=1`), and a start
-/// command that passes it to the next broker as systemd does (`LISTEN_FDS`,
-/// `LISTEN_FDNAMES=tokens`, `LISTEN_PID`).
-const FD_STORE: &str = r#"
-import array, os, socket, sys, threading
-notify_path, binary, args = sys.argv[1], sys.argv[2], sys.argv[3:]
-notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-notify.bind(notify_path)
-stored = {}
-lock = threading.Lock()
-def receive():
-    while True:
-        data, fds, _, _ = socket.recv_fds(notify, 65536, 8)
-        fields = dict(l.split("=", 1) for l in data.decode().splitlines() if "=" in l)
-        with lock:
-            if fields.get("FDSTOREREMOVE") == "1":
-                fd = stored.pop(fields.get("FDNAME"), None)
-                if fd is not None:
-                    os.close(fd)
-            if fields.get("FDSTORE") == "1" and fds:
-                stored[fields.get("FDNAME")] = fds[0]
-                print("stored", len(fds), flush=True)
-threading.Thread(target=receive, daemon=True).start()
-child = None
-for line in sys.stdin:
-    if line.strip() == "wait" and child:
-        _, status = os.waitpid(child, 0)
-        child = None
-        print("exited", os.waitstatus_to_exitcode(status), flush=True)
-    elif line.strip() == "start" and not child:
-        with lock:
-            tokens = stored.get("tokens")
-        child = os.fork()
-        if child == 0:
-            env = dict(os.environ, NOTIFY_SOCKET=notify_path)
-            if tokens is not None:
-                os.dup2(tokens, 3)
-                os.set_inheritable(3, True)
-                env.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="tokens")
-            os.execve(binary, [binary] + args, env)
-        print("started", child, int(tokens is not None), flush=True)
-"#;
 
 /// The tokens cross a restart in the fd store: the broker seals them into a
 /// memfd at SIGTERM, the next broker reads the descriptor systemd passes
@@ -362,55 +359,33 @@ for line in sys.stdin:
 /// request; and asks systemd to drop it, so a later start never sees it.
 #[tokio::test]
 async fn tokens_cross_a_restart_in_the_fd_store() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let emu = start_emulator(Duration::from_secs(900), true).await;
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("broker.sock");
     let config = config_for(dir.path(), &emu.token_url(), &sock);
-    let mut store = Command::new("python3")
-        .arg("-c")
-        .arg(FD_STORE)
-        .arg(dir.path().join("notify"))
-        .arg(BIN)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdin = store.stdin.take().unwrap();
-    let mut lines = tokio::io::BufReader::new(store.stdout.take().unwrap()).lines();
-    let mut ask = async |command: &str| -> Vec<String> {
-        if !command.is_empty() {
-            stdin.write_all(format!("{command}\n").as_bytes()).await.unwrap();
-        }
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .expect("the store answers")
-            .unwrap()
-            .expect("the store runs");
-        line.split(' ').map(str::to_owned).collect()
-    };
+    let mut systemd = SystemdStandIn::spawn(None, Some(&dir.path().join("notify")), &config);
     let addr = format!("unix:{}", sock.display());
-    let started = ask("start").await;
-    assert_eq!(started[2], "0", "nothing stored yet");
+    let (first, passed) = systemd.start().await;
+    assert_eq!(passed, 0, "nothing stored yet");
     let mut client = support::connect_when_up(&addr).await;
     let before = support::current_token(&mut client, SANDBOX).await;
     let requests = emu.emulator.stats().token_requests;
 
-    support::signal(started[1].parse().unwrap(), nix::sys::signal::Signal::SIGTERM);
-    assert_eq!(ask("").await, ["stored", "1"], "the broker handed its tokens over");
-    assert_eq!(ask("wait").await, ["exited", "0"]);
+    support::signal(first, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(
+        systemd.exchange("").await,
+        ["stored", "1"],
+        "the broker handed its tokens over"
+    );
+    assert_eq!(systemd.wait().await, 0);
 
-    let restarted = ask("start").await;
-    assert_eq!(restarted[2], "1", "the stored tokens are passed");
+    let (second, passed) = systemd.start().await;
+    assert_eq!(passed, 1, "the stored tokens are passed");
     let mut client = support::connect_when_up(&addr).await;
     let after = support::current_token(&mut client, SANDBOX).await;
     assert_eq!(after.token_id, before.token_id, "the same token, served at once");
     assert_eq!(emu.emulator.stats().token_requests, requests, "no token request for it");
-    support::signal(restarted[1].parse().unwrap(), nix::sys::signal::Signal::SIGTERM);
-    assert_eq!(ask("").await, ["stored", "1"]);
-    assert_eq!(ask("wait").await, ["exited", "0"]);
+    support::signal(second, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(systemd.exchange("").await, ["stored", "1"]);
+    assert_eq!(systemd.wait().await, 0);
 }

@@ -41,15 +41,40 @@ enum Kind {
     Agent,
 }
 
-fn start_kind(kind: Kind, endpoint: &FakeEndpoint) -> TokenSourceHandle {
+/// The sandbox settings the tests' sources use (jitter fixed at 0.5).
+fn test_config() -> TokenSourceConfig {
     let mut config = TokenSourceConfig::new(Environment::Sandbox);
     config.jitter = Jitter::Fixed(0.5);
-    let (hub, _task) = token::spawn(
+    config
+}
+
+/// A direct source on `endpoint`: the hub when an agent follows it.
+fn spawn_hub(config: &TokenSourceConfig, endpoint: &FakeEndpoint) -> TokenSourceHandle {
+    token::spawn(
         config.clone(),
         endpoint.clone(),
         FakeEndpoint::key(),
         Arc::new(Metrics::new()),
-    );
+    )
+    .0
+}
+
+/// A token the previous process kept across a restart, issued `age` ago.
+fn restored_token(environment: Environment, age: Duration) -> Arc<token::Token> {
+    Arc::new(token::Token::new(
+        "restored-access-token".to_owned().into(),
+        "Bearer".into(),
+        environment,
+        Instant::now() - age,
+        std::time::SystemTime::now() - age,
+        LIFETIME,
+        RefreshPolicy::default().serve_margin,
+    ))
+}
+
+fn start_kind(kind: Kind, endpoint: &FakeEndpoint) -> TokenSourceHandle {
+    let config = test_config();
+    let hub = spawn_hub(&config, endpoint);
     match kind {
         Kind::Direct => hub,
         Kind::Agent => token::follow(config, InProcessHub(hub), Arc::new(Metrics::new())).0,
@@ -828,18 +853,9 @@ async fn a_restored_token_is_served_at_once_and_refreshed_on_its_schedule() {
     ep.set_default(Some(server_error()));
     let policy = RefreshPolicy::default();
     // Issued 600 s ago by the previous process: 300 s left, refresh due at 675 s.
-    let issued_at = Instant::now() - secs(600);
-    let restored = Arc::new(token::Token::new(
-        "restored-access-token".to_owned().into(),
-        "Bearer".into(),
-        Environment::Sandbox,
-        issued_at,
-        std::time::SystemTime::now() - secs(600),
-        LIFETIME,
-        policy.serve_margin,
-    ));
-    let mut config = TokenSourceConfig::new(Environment::Sandbox);
-    config.jitter = Jitter::Fixed(0.5);
+    let restored = restored_token(Environment::Sandbox, secs(600));
+    let issued_at = restored.issued_at;
+    let mut config = test_config();
     config.restored = Some(restored.clone());
     let (h, _task) = token::spawn(config, ep.clone(), FakeEndpoint::key(), Arc::new(Metrics::new()));
     let violations = watch_for_expired_publications(&h);
@@ -918,14 +934,8 @@ impl Upstream for RecordingHub {
 #[tokio::test(start_paused = true)]
 async fn an_agent_forwards_min_remaining_with_a_second_of_slack_within_the_lifetime() {
     let ep = FakeEndpoint::new(LIFETIME);
-    let mut config = TokenSourceConfig::new(Environment::Sandbox);
-    config.jitter = Jitter::Fixed(0.5);
-    let (hub, _hub_task) = token::spawn(
-        config.clone(),
-        ep.clone(),
-        FakeEndpoint::key(),
-        Arc::new(Metrics::new()),
-    );
+    let config = test_config();
+    let hub = spawn_hub(&config, &ep);
     let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (agent, _task) = token::follow(
         config,
@@ -971,21 +981,12 @@ async fn holding_token_waits_for_a_servable_token() {
 /// ignored (each condition alone).
 #[tokio::test(start_paused = true)]
 async fn a_restored_token_must_be_this_environments_and_servable() {
-    let policy = RefreshPolicy::default();
-    let token = |env: Environment, age: u64| {
-        Arc::new(token::Token::new(
-            "restored-access-token".to_owned().into(),
-            "Bearer".into(),
-            env,
-            Instant::now() - secs(age),
-            std::time::SystemTime::now() - secs(age),
-            LIFETIME,
-            policy.serve_margin,
-        ))
-    };
     for (restored, why) in [
-        (token(Environment::Production, 100), "another environment's"),
-        (token(Environment::Sandbox, 899), "past its serve window"),
+        (
+            restored_token(Environment::Production, secs(100)),
+            "another environment's",
+        ),
+        (restored_token(Environment::Sandbox, secs(899)), "past its serve window"),
     ] {
         let mut config = TokenSourceConfig::new(Environment::Sandbox);
         config.restored = Some(restored.clone());
@@ -1003,24 +1004,10 @@ async fn a_restored_token_must_be_this_environments_and_servable() {
 #[tokio::test(start_paused = true)]
 async fn a_restored_agent_follows_its_hub_at_once() {
     let ep = FakeEndpoint::new(LIFETIME);
-    let mut config = TokenSourceConfig::new(Environment::Sandbox);
-    config.jitter = Jitter::Fixed(0.5);
-    let (hub, _hub_task) = token::spawn(
-        config.clone(),
-        ep.clone(),
-        FakeEndpoint::key(),
-        Arc::new(Metrics::new()),
-    );
+    let mut config = test_config();
+    let hub = spawn_hub(&config, &ep);
     let at_hub = started(&hub).await.token.unwrap();
-    config.restored = Some(Arc::new(token::Token::new(
-        "restored-access-token".to_owned().into(),
-        "Bearer".into(),
-        Environment::Sandbox,
-        Instant::now(),
-        std::time::SystemTime::now(),
-        LIFETIME,
-        RefreshPolicy::default().serve_margin,
-    )));
+    config.restored = Some(restored_token(Environment::Sandbox, Duration::ZERO));
     let (agent, _task) = token::follow(config, InProcessHub(hub), Arc::new(Metrics::new()));
     let mut snapshots = agent.subscribe();
     within(

@@ -268,7 +268,7 @@ fn plan_sources(config: &Config) -> Result<Vec<(Environment, Planned)>, DaemonEr
         .map(|(env, e)| {
             let origin = e.origin().map_err(|problems| DaemonError::Origin {
                 environment: env,
-                problems: problems.join("; "),
+                problems: problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
             })?;
             let planned = match origin {
                 Origin::Endpoint { token_url } => {

@@ -155,10 +155,14 @@ impl Activity {
         self.open_requests.load(Ordering::Acquire) == 0 && self.seen_request.load(Ordering::Acquire)
     }
 
+    /// When the last request ended (the accept, before any).
+    fn idle_since(&self) -> Instant {
+        self.accepted + Duration::from_nanos(self.idle_since.load(Ordering::Acquire))
+    }
+
     /// Whether it has been idle for at least `at_least`.
     fn idle_for(&self, at_least: Duration, now: Instant) -> bool {
-        let idle_since = self.accepted + Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
-        self.is_idle() && now.saturating_duration_since(idle_since) >= at_least
+        self.is_idle() && now.saturating_duration_since(self.idle_since()) >= at_least
     }
 
     /// When the connection must have done something by, if anything.
@@ -169,8 +173,7 @@ impl Activity {
         if !self.seen_request.load(Ordering::Acquire) {
             return Some((self.accepted + limits.handshake_timeout, "handshake_timeout"));
         }
-        let idle_since = self.accepted + Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
-        Some((idle_since + limits.idle_timeout, "idle_timeout"))
+        Some((self.idle_since() + limits.idle_timeout, "idle_timeout"))
     }
 }
 
@@ -319,13 +322,13 @@ impl ListenerGuard {
         }
     }
 
-    /// A slot for one held request, or `None` when the listener's share
-    /// for them is taken (counted, and logged once per burst).
-    fn hold(self: &Arc<Self>) -> Option<HeldRequest> {
+    /// A slot for one held request, unless the listener's share for them
+    /// is taken (counted, and logged once per burst).
+    fn hold(self: &Arc<Self>) -> Result<HeldRequest, HeldLimitReached> {
         match self.held.clone().try_acquire_owned() {
             Ok(permit) => {
                 self.metrics.held_requests.get_or_create(&self.labels).inc();
-                Some(HeldRequest {
+                Ok(HeldRequest {
                     listener: self.clone(),
                     _permit: permit,
                 })
@@ -336,7 +339,9 @@ impl ListenerGuard {
                     warn!(listener = %self.labels.listener, max_held_requests = self.limits.max_held_requests(),
                           "held requests limit reached; new long polls and WatchToken streams are refused for now");
                 }
-                None
+                Err(HeldLimitReached {
+                    max_held_requests: self.limits.max_held_requests(),
+                })
             }
         }
     }
@@ -378,12 +383,10 @@ pub struct HeldLimitReached {
 /// request is held. A request from no guarded listener (an in-process
 /// test server) is not limited.
 pub fn hold(extensions: &http::Extensions) -> Result<Option<HeldRequest>, HeldLimitReached> {
-    let Some((_, listener)) = request_connection(extensions) else {
-        return Ok(None);
-    };
-    listener.hold().map(Some).ok_or(HeldLimitReached {
-        max_held_requests: listener.limits.max_held_requests(),
-    })
+    match request_connection(extensions) {
+        Some((_, listener)) => listener.hold().map(Some),
+        None => Ok(None),
+    }
 }
 
 /// A socket a listener can accept.
