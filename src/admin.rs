@@ -69,6 +69,7 @@ pub fn face(sources: Arc<TokenSources>, metrics: Arc<Metrics>) -> Face {
         name: "admin",
         routes: tonic::service::Routes::from(router(sources, metrics)),
         max_request_bytes: 16 * 1024,
+        http1_screen: None,
     }
 }
 

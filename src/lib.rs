@@ -1,21 +1,9 @@
 //! flute-token-broker: a daemon that holds a Flute API key and hands fresh
 //! OAuth 2.0 access tokens to internal services over gRPC.
 //!
-//! Module map:
-//! - [`environment`]: sandbox and production.
-//! - [`credentials`]: the API key, its sources, redaction.
-//! - [`oauth`]: the token endpoint client, response parsing, error classes.
-//! - [`token`]: the Token value, the refresh policy, the per-environment TokenSource task.
-//! - [`emulator`]: a local Flute token endpoint with fault injection.
-//! - [`config`]: the configuration schema, loading and validation.
-//! - [`grpc`]: the TokenBroker service, status mapping, health, listeners, TLS, caller access.
-//! - [`connections`]: per-listener connection budgets, handshake and idle deadlines, the fd limit.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`.
-//! - [`daemon`]: wiring, credential reload, graceful shutdown, dev mode.
-//! - [`cli`]: the command line (clap definitions in `cli::args`, one function per subcommand).
-//! - [`client`]: the gRPC client of the broker behind the `get`, `watch` and `status` commands.
-//! - [`systemd`], [`logging`], [`metrics`]: operations.
-//! - [`duration`]: human-readable durations; [`exit`]: every exit code.
+//! ARCHITECTURE.md has the module map (layers, what each module owns and
+//! may not import; `tests/architecture.rs` checks it against the code) and
+//! the invariants every change keeps.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -29,6 +17,7 @@ pub mod duration;
 pub mod emulator;
 pub mod environment;
 pub mod exit;
+pub mod fingerprint;
 pub mod grpc;
 pub mod logging;
 pub mod metrics;

@@ -375,6 +375,97 @@ async fn protected_route_accepts_only_live_tokens() {
     assert_eq!(status, 401);
 }
 
+/// The API side the proxy is tested against: an echo of any `/v2/` request
+/// naming the `token_id` it carried (never the token), a streamed byte
+/// count, a token revoked before its expiry, and delayed answers.
+#[tokio::test]
+async fn api_echo_bytes_revocation_and_delay() {
+    let emu = start_emulator(Duration::from_secs(900), false).await;
+    let token = client(emu.token_url(), ClientAuth::ClientSecretBasic)
+        .request_token(&test_key(), &Grant::ClientCredentials)
+        .await
+        .unwrap();
+    let secret = token.access_token.expose_secret().to_owned();
+    let token_id = flute_token_broker::token::token_id(&secret);
+    let http = support::http_client();
+    let body = b"{\"amount\": 1250}".to_vec();
+    let echo = http
+        .post(format!("{}/v2/payments/abc?x=1&y=%20", emu.base_url()))
+        .bearer_auth(&secret)
+        .header("x-request-id", "r-1")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echo.status(), 200);
+    let text = echo.text().await.unwrap();
+    assert!(!text.contains(&secret), "the echo never quotes the token");
+    let echo: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["path"], "/v2/payments/abc");
+    assert_eq!(echo["query"], "x=1&y=%20");
+    assert_eq!(echo["body_bytes"], body.len());
+    use sha2::Digest;
+    let digest: String = sha2::Sha256::digest(&body).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(echo["body_sha256"], digest);
+    assert_eq!(echo["token_id"], token_id.as_str());
+    assert_eq!(echo["headers"]["x-request-id"][0], "r-1");
+    assert!(echo["headers"].get("authorization").is_none());
+
+    // A streamed answer of a given size.
+    let bytes = http
+        .get(format!("{}/v2/_emulator/bytes/200000", emu.base_url()))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bytes.status(), 200);
+    assert_eq!(bytes.bytes().await.unwrap().len(), 200_000);
+
+    // Answers wait for the API delay fault.
+    emu.emulator.set_faults(FaultRequest {
+        api_delay_ms: Some(300),
+        ..Default::default()
+    });
+    let started = std::time::Instant::now();
+    let delayed = http
+        .get(format!("{}/v2/transactions", emu.base_url()))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delayed.status(), 200);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    emu.emulator.set_faults(FaultRequest {
+        api_delay_ms: Some(0),
+        ..Default::default()
+    });
+
+    // Revoked before its expiry: 401 for it from then on, over HTTP too.
+    let revoke = http
+        .post(format!("{}/__emulator/faults", emu.base_url()))
+        .json(&serde_json::json!({"revoke_current": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoke.status(), 200);
+    let refused = http
+        .get(format!("{}/v2/anything", emu.base_url()))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert!(
+        refused.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("revoked")
+    );
+    let stats = emu.emulator.stats();
+    assert_eq!((stats.api_requests, stats.api_ok, stats.api_unauthorized), (4, 3, 1));
+}
+
 #[tokio::test]
 async fn transport_failures_are_transient() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -12,6 +12,8 @@
 //! | `refuse_all: true/false` | fail every token request with `status` until turned off |
 //! | `rate_limit_per_second: N` | admit N token requests per second (fixed one-second windows), answer the rest 429 with `Retry-After` until the window ends (0 removes) |
 //! | `echo_request: true/false` | failures quote the whole request (headers and body) in `error_description`, and in `WWW-Authenticate` for a 401, as misconfigured proxies and debug modes do |
+//! | `revoke_current: true` | revoke the access token issued last: the API answers 401 for it from now on, before its expiry (a one-shot action, not a standing fault) |
+//! | `api_delay_ms` | delay every API answer (`/v2/…`) by this long (0 removes) |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +43,11 @@ pub struct FaultRequest {
     /// window); answer the rest 429 with `Retry-After` until the window
     /// ends. 0 turns the limit off.
     pub rate_limit_per_second: Option<u32>,
+    /// Revoke the access token issued last (applied once, by the handler).
+    #[serde(default)]
+    pub revoke_current: bool,
+    /// Delay every API answer by this many milliseconds (0 removes).
+    pub api_delay_ms: Option<u64>,
 }
 
 /// The faults in force.
@@ -56,6 +63,7 @@ pub struct Faults {
     pub refuse_all: bool,
     pub echo_request: bool,
     pub rate_limit_per_second: Option<u32>,
+    pub api_delay_ms: u64,
     /// The rate limit's current window: its start and the requests admitted.
     #[serde(skip)]
     window: Option<(Instant, u32)>,
@@ -74,6 +82,7 @@ impl Default for Faults {
             refuse_all: false,
             echo_request: false,
             rate_limit_per_second: None,
+            api_delay_ms: 0,
             window: None,
         }
     }
@@ -123,6 +132,9 @@ impl Faults {
         }
         if let Some(on) = request.echo_request {
             self.echo_request = on;
+        }
+        if let Some(ms) = request.api_delay_ms {
+            self.api_delay_ms = ms;
         }
         if let Some(limit) = request.rate_limit_per_second {
             self.rate_limit_per_second = (limit > 0).then_some(limit);
@@ -186,6 +198,9 @@ pub(super) async fn set(
     super::AnyJson(request): super::AnyJson<FaultRequest>,
 ) -> Json<Faults> {
     let mut inner = shared.lock();
+    if request.revoke_current {
+        inner.revoke_last();
+    }
     inner.faults.apply(request);
     tracing::info!(faults = ?inner.faults, "emulator faults set");
     Json(inner.faults.clone())

@@ -5,12 +5,16 @@
 //! Routes:
 //! - `POST /oauth2/token`: client credentials and refresh grants, Basic or
 //!   form client authentication, RFC 6749 §5.2 errors.
-//! - `GET /v2/transactions`: 200 for a valid bearer token, 401 otherwise.
+//! - `/v2/…`: the API ([`api`]): `GET /v2/transactions`, a streamed byte
+//!   count, and an echo of any other request (with the `token_id` of the
+//!   bearer token it carried), each 401 for a missing, expired or revoked
+//!   token.
 //! - `POST /__emulator/faults`, `GET /__emulator/faults`: inject faults.
 //! - `GET /__emulator/stats`: counts of what was served.
 //! - `POST /__emulator/credentials`: change the accepted client id and
 //!   secret (a key rotation on Flute's side).
 
+mod api;
 mod faults;
 mod oauth;
 
@@ -20,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use secrecy::SecretString;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -59,6 +63,8 @@ pub struct Stats {
     pub grants: BTreeMap<String, BTreeMap<String, u64>>,
     /// Requests answered by an injected fault.
     pub faults_injected: u64,
+    /// Every request that reached the API side (`/v2/…`).
+    pub api_requests: u64,
     pub api_ok: u64,
     pub api_unauthorized: u64,
 }
@@ -76,12 +82,24 @@ struct Inner {
     client_secret: SecretString,
     /// access token → expiry.
     access_tokens: HashMap<String, tokio::time::Instant>,
+    /// Access tokens revoked before their expiry (the `revoke_current` fault).
+    revoked: HashSet<String>,
     refresh_tokens: HashSet<String>,
     last_access_token: Option<String>,
     /// Every refresh token presented, in order (for leak tests).
     refresh_tokens_received: Vec<String>,
     faults: Faults,
     stats: Stats,
+}
+
+impl Inner {
+    /// Revokes the access token issued last (if any).
+    fn revoke_last(&mut self) {
+        if let Some(token) = self.last_access_token.clone() {
+            tracing::info!(token_id = %crate::fingerprint::token_id(&token), "emulator revoked the current token");
+            self.revoked.insert(token);
+        }
+    }
 }
 
 struct Shared {
@@ -107,6 +125,7 @@ impl Emulator {
             client_id: config.client_id.clone(),
             client_secret: config.client_secret.clone(),
             access_tokens: HashMap::new(),
+            revoked: HashSet::new(),
             refresh_tokens: HashSet::new(),
             last_access_token: None,
             refresh_tokens_received: Vec::new(),
@@ -124,7 +143,9 @@ impl Emulator {
     pub fn router(&self) -> Router {
         Router::new()
             .route("/oauth2/token", post(oauth::token))
-            .route("/v2/transactions", get(oauth::transactions))
+            .route("/v2/transactions", get(api::transactions))
+            .route("/v2/_emulator/bytes/{n}", get(api::bytes))
+            .route("/v2/{*path}", any(api::echo))
             .route("/__emulator/faults", post(faults::set).get(faults::get))
             .route("/__emulator/stats", get(stats))
             .route("/__emulator/credentials", post(set_credentials))

@@ -1,4 +1,4 @@
-//! The emulated token endpoint and protected API route.
+//! The emulated token endpoint.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -300,44 +300,4 @@ fn random_token() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-pub(super) async fn transactions(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let mut inner = shared.lock();
-    let expires = bearer.and_then(|t| inner.access_tokens.get(t).copied());
-    let now = Instant::now();
-    match expires {
-        Some(at) if at > now => {
-            inner.stats.api_ok += 1;
-            let body = json!({"transactions": [
-                {"id": "txn_0001", "amount": 1250, "currency": "USD", "status": "settled"},
-                {"id": "txn_0002", "amount": 990, "currency": "USD", "status": "pending"}
-            ]});
-            (StatusCode::OK, axum::Json(body)).into_response()
-        }
-        other => {
-            inner.stats.api_unauthorized += 1;
-            let description = match (bearer, other) {
-                (None, _) => "no bearer token",
-                (Some(_), Some(_)) => "The token expired",
-                (Some(_), None) => "The token is not valid",
-            };
-            let challenge = format!("Bearer error=\"invalid_token\", error_description=\"{description}\"");
-            let mut response = (
-                StatusCode::UNAUTHORIZED,
-                axum::Json(json!({"error": "invalid_token", "error_description": description})),
-            )
-                .into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_str(&challenge).expect("ascii"),
-            );
-            response
-        }
-    }
 }

@@ -53,46 +53,18 @@ pub fn router(service: TokenBrokerService) -> Router {
         .with_state(service)
 }
 
-/// gRPC only over HTTP/2: a request with a gRPC content type that came
-/// over HTTP/1.x is refused (403, `REQUEST_REFUSED`) before any route runs.
-/// No gRPC client speaks HTTP/1.1, but an application that can be made to
-/// send a POST with chosen headers (a webhook, a request forgery) can; so
-/// every HTTP/1.x request passes the HTTP face's safeguards.
-#[derive(Clone, Copy, Debug)]
-pub struct GrpcOverHttp2OnlyLayer;
-
-impl<S> tower::Layer<S> for GrpcOverHttp2OnlyLayer {
-    type Service = GrpcOverHttp2Only<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        GrpcOverHttp2Only { inner }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct GrpcOverHttp2Only<S> {
-    inner: S,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for GrpcOverHttp2Only<S>
-where
-    S: tower::Service<http::Request<B>, Response = Response>,
-{
-    type Response = Response;
-    type Error = S::Error;
-    type Future = futures_util::future::Either<std::future::Ready<Result<Response, S::Error>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.version() < http::Version::HTTP_2 && is_grpc(request.headers()) {
-            let refused =
-                BrokerError::RequestRefused("gRPC is served over HTTP/2 only; over HTTP/1.1 use the HTTP/JSON routes");
-            return futures_util::future::Either::Left(std::future::ready(Ok(refused.into_response())));
-        }
-        futures_util::future::Either::Right(self.inner.call(request))
-    }
+/// gRPC only over HTTP/2 (the API face's HTTP/1.x screen): a request with
+/// a gRPC content type that came over HTTP/1.x is refused (403,
+/// `REQUEST_REFUSED`) before any route runs. No gRPC client speaks
+/// HTTP/1.1, but an application that can be made to send a POST with
+/// chosen headers (a webhook, a request forgery) can; so every HTTP/1.x
+/// request passes the HTTP face's safeguards.
+pub fn grpc_over_http1(headers: &HeaderMap) -> Option<http::Response<tonic::body::Body>> {
+    is_grpc(headers).then(|| {
+        BrokerError::RequestRefused("gRPC is served over HTTP/2 only; over HTTP/1.1 use the HTTP/JSON routes")
+            .into_response()
+            .map(tonic::body::Body::new)
+    })
 }
 
 /// Whether a request says it carries gRPC (`application/grpc`, `+proto`,
@@ -202,7 +174,9 @@ async fn get_token(
         if let Some(_held) = held {
             wait_for_change(&service, &source, &query).await?;
         }
-        service.get_token(&source, min_remaining, service.request_wait()).await
+        service
+            .get_token(&source, min_remaining, || service.request_wait())
+            .await
     }
     .await;
     service.count(Protocol::Http, Rpc::GetToken, &result);

@@ -57,12 +57,12 @@ pub fn face(
     let router = grpc
         .into_axum_router()
         .merge(http::router(service))
-        .fallback(http::fallback)
-        .layer(http::GrpcOverHttp2OnlyLayer);
+        .fallback(http::fallback);
     Ok(crate::serve::Face {
         name: "grpc",
         routes: Routes::from(router),
         max_request_bytes: MAX_REQUEST_BYTES,
+        http1_screen: Some(http::grpc_over_http1),
     })
 }
 

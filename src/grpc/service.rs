@@ -144,12 +144,12 @@ impl TokenBrokerService {
 
     /// GetToken: the current token, or (with `min_remaining`, or before the
     /// first token) one from the source's coalesced request path, waited for
-    /// at most `wait`.
+    /// at most `wait()` (worked out only when the call has to wait).
     pub(crate) async fn get_token(
         &self,
         source: &TokenSourceHandle,
         min_remaining: Option<Duration>,
-        wait: Duration,
+        wait: impl FnOnce() -> Duration,
     ) -> Result<Arc<Token>, BrokerError> {
         let min_remaining = min_remaining.unwrap_or_default();
         // The hot path.
@@ -160,6 +160,7 @@ impl TokenBrokerService {
             return Ok(token);
         }
         let env = source.environment();
+        let wait = wait();
         if source.snapshot().state() == SourceState::Starting {
             tokio::time::timeout(wait, source.started())
                 .await
@@ -460,7 +461,8 @@ impl TokenBroker for TokenBrokerService {
                     })
                 })
                 .transpose()?;
-            let token = TokenBrokerService::get_token(self, source, min_remaining, self.wait_limit(&request)).await?;
+            let token =
+                TokenBrokerService::get_token(self, source, min_remaining, || self.wait_limit(&request)).await?;
             Ok(pb::GetTokenResponse {
                 token: Some(token.as_ref().into()),
             })

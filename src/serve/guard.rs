@@ -200,7 +200,8 @@ pub struct ListenerGuard {
     held: Arc<Semaphore>,
     /// Cancelled (and replaced) when the budget is full: idle connections
     /// close to make room.
-    reap: Mutex<CancellationToken>,
+    /// The next reap: cancelled (and its flag set) when it fires.
+    reap: Mutex<(CancellationToken, Arc<AtomicBool>)>,
     metrics: Arc<Metrics>,
     last_warning: Mutex<[Option<Instant>; 4]>,
 }
@@ -219,7 +220,7 @@ impl ListenerGuard {
             labels: ListenerLabels { listener: name },
             budget: Arc::new(Semaphore::new(limits.max_connections)),
             held: Arc::new(Semaphore::new(limits.max_held_requests())),
-            reap: Mutex::new(CancellationToken::new()),
+            reap: Mutex::new((CancellationToken::new(), Arc::new(AtomicBool::new(false)))),
             awaiting_first: Arc::new(AtomicUsize::new(0)),
             limits,
             metrics,
@@ -263,16 +264,17 @@ impl ListenerGuard {
     /// Tells every connection idle for [`REAP_MIN_IDLE`] to close.
     fn reap_idle(&self) {
         let mut reap = self.reap.lock().unwrap_or_else(|p| p.into_inner());
-        reap.cancel();
-        *reap = CancellationToken::new();
+        reap.1.store(true, Ordering::Release);
+        reap.0.cancel();
+        *reap = (CancellationToken::new(), Arc::new(AtomicBool::new(false)));
     }
 
     /// What the next [`ListenerGuard::reap_idle`] will cancel.
     fn next_reap(&self) -> Reap {
-        let token = self.reap.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (token, flag) = self.reap.lock().unwrap_or_else(|p| p.into_inner()).clone();
         Reap {
-            fired: Box::pin(token.clone().cancelled_owned()),
-            token,
+            fired: Box::pin(token.cancelled_owned()),
+            flag,
             armed: false,
         }
     }
@@ -316,6 +318,7 @@ impl ListenerGuard {
             timer: Box::pin(tokio::time::sleep_until(
                 accepted + self.limits.handshake_timeout.min(self.limits.idle_timeout),
             )),
+            timer_armed: false,
             expired: None,
             reap: self.next_reap(),
             _permit: permit,
@@ -401,9 +404,32 @@ impl Accept for TcpListener {
         let (stream, _) = TcpListener::accept(self).await?;
         // Small replies must not wait for Nagle's algorithm (~40 ms).
         stream.set_nodelay(true)?;
+        keep_alive(&stream)?;
         Ok(stream)
     }
 }
+
+/// A vanished TCP peer (a crashed host, a dropped NAT mapping) is found by
+/// the kernel's keepalive probes: the first after 30 s without traffic,
+/// then every 10 s, and the connection is closed after 3 unanswered (about
+/// 60 s). The kernel does this at no cost per request, where HTTP/2 PING
+/// frames would put timer bookkeeping on every frame; a Unix socket's
+/// peer cannot vanish without the kernel closing it.
+fn keep_alive(stream: &TcpStream) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(stream, sockopt::KeepAlive, &true)?;
+    setsockopt(stream, sockopt::TcpKeepIdle, &TCP_KEEPALIVE_IDLE)?;
+    setsockopt(stream, sockopt::TcpKeepInterval, &TCP_KEEPALIVE_INTERVAL)?;
+    setsockopt(stream, sockopt::TcpKeepCount, &TCP_KEEPALIVE_PROBES)?;
+    Ok(())
+}
+
+/// Seconds without traffic before the first keepalive probe.
+pub const TCP_KEEPALIVE_IDLE: u32 = 30;
+/// Seconds between unanswered probes.
+pub const TCP_KEEPALIVE_INTERVAL: u32 = 10;
+/// Unanswered probes before the kernel closes the connection.
+pub const TCP_KEEPALIVE_PROBES: u32 = 3;
 
 impl Accept for UnixListener {
     type Io = UnixStream;
@@ -477,6 +503,10 @@ pub struct Guarded<IO> {
     activity: Arc<Activity>,
     listener: Arc<ListenerGuard>,
     timer: Pin<Box<Sleep>>,
+    /// The timer has been polled since it was last reset, so the task is
+    /// woken when it fires; until then a read checks it with one atomic
+    /// load (`is_elapsed`) instead of polling it.
+    timer_armed: bool,
     expired: Option<&'static str>,
     /// Fires when the listener's budget is full (see [`ListenerGuard::admit`]).
     reap: Reap,
@@ -487,16 +517,19 @@ impl<IO> Guarded<IO> {
     /// `Err` once the connection has outlived its deadline, or is idle
     /// while its listener needs room.
     fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        while self.expired.is_none() && self.timer.as_mut().poll(cx).is_ready() {
-            let limits = &self.listener.limits;
-            let now = Instant::now();
-            match self.activity.deadline(limits) {
-                Some((deadline, _)) if now < deadline => self.timer.as_mut().reset(deadline),
-                Some((_, reason)) => self.expire(reason),
-                // Requests are open: no deadline now; the earliest one there
-                // can be is an idle period after the last request ends.
-                None => self.timer.as_mut().reset(now + limits.idle_timeout),
+        if !self.timer_armed || self.timer.is_elapsed() {
+            while self.expired.is_none() && self.timer.as_mut().poll(cx).is_ready() {
+                let limits = &self.listener.limits;
+                let now = Instant::now();
+                match self.activity.deadline(limits) {
+                    Some((deadline, _)) if now < deadline => self.timer.as_mut().reset(deadline),
+                    Some((_, reason)) => self.expire(reason),
+                    // Requests are open: no deadline now; the earliest one there
+                    // can be is an idle period after the last request ends.
+                    None => self.timer.as_mut().reset(now + limits.idle_timeout),
+                }
             }
+            self.timer_armed = true;
         }
         // Only an idle connection listens for the reaper (a request in
         // progress is never cut); one that missed a round re-arms. The
@@ -508,7 +541,7 @@ impl<IO> Guarded<IO> {
                 if self.reap.fired.as_mut().poll(cx).is_pending() {
                     break;
                 }
-            } else if !self.reap.token.is_cancelled() {
+            } else if !self.reap.flag.load(Ordering::Acquire) {
                 break;
             }
             if self.activity.idle_for(REAP_MIN_IDLE, Instant::now()) {
@@ -526,7 +559,8 @@ impl<IO> Guarded<IO> {
 
 /// A connection's view of its listener's reaper.
 struct Reap {
-    token: CancellationToken,
+    /// Set when the reap fires: one atomic load per read once armed.
+    flag: Arc<AtomicBool>,
     /// Wakes the connection when `token` is cancelled, once polled.
     fired: Pin<Box<WaitForCancellationFutureOwned>>,
     armed: bool,
@@ -653,21 +687,34 @@ fn request_connection(extensions: &http::Extensions) -> Option<(&Arc<Activity>, 
         })
 }
 
-/// Counts every gRPC request as open on its connection until its response
-/// body has been sent (a WatchToken stream stays open for its lifetime).
+/// A face's screen of HTTP/1.x requests: `Some(answer)` refuses one before
+/// any route runs (the API face refuses gRPC content types over HTTP/1.x).
+pub type Http1Screen = fn(&http::HeaderMap) -> Option<http::Response<tonic::body::Body>>;
+
+/// The entry of every request into a face: an HTTP/1.x request first
+/// passes the face's [`Http1Screen`], then it is counted as open on its
+/// connection until its response body has been sent (a WatchToken stream
+/// stays open for its lifetime). One layer at the server, not a layer per
+/// route: the router's own routes are not wrapped again.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct StreamTrackingLayer;
+pub struct StreamTrackingLayer {
+    pub http1_screen: Option<Http1Screen>,
+}
 
 impl<S> tower::Layer<S> for StreamTrackingLayer {
     type Service = StreamTracking<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        StreamTracking { inner }
+        StreamTracking {
+            inner,
+            http1_screen: self.http1_screen,
+        }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct StreamTracking<S> {
     inner: S,
+    http1_screen: Option<Http1Screen>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -676,6 +723,7 @@ impl<S, B> tower::Service<http::Request<B>> for StreamTracking<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -686,6 +734,11 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.version() < http::Version::HTTP_2
+            && let Some(refused) = self.http1_screen.and_then(|screen| screen(request.headers()))
+        {
+            return Box::pin(std::future::ready(Ok(refused)));
+        }
         let guard = request_connection(request.extensions()).map(|(activity, listener)| {
             let (guard, open) = activity.begin();
             if open >= listener.limits.max_concurrent_streams as usize {
@@ -734,12 +787,26 @@ mod tests {
     /// Every face's listener accepts through this: every
     /// accepted TCP socket has Nagle's algorithm off.
     #[tokio::test]
-    async fn accepted_tcp_sockets_have_nodelay() {
+    async fn accepted_tcp_sockets_have_nodelay_and_keepalive() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let guard = ListenerGuard::new("test".into(), ConnectionLimits::default(), Arc::new(Metrics::new()));
         let (_client, accepted) = tokio::join!(TcpStream::connect(addr), accept(&listener, &guard));
         assert!(accepted.io.nodelay().unwrap());
+        use nix::sys::socket::{getsockopt, sockopt};
+        assert!(getsockopt(&accepted.io, sockopt::KeepAlive).unwrap());
+        assert_eq!(
+            getsockopt(&accepted.io, sockopt::TcpKeepIdle).unwrap(),
+            TCP_KEEPALIVE_IDLE
+        );
+        assert_eq!(
+            getsockopt(&accepted.io, sockopt::TcpKeepInterval).unwrap(),
+            TCP_KEEPALIVE_INTERVAL
+        );
+        assert_eq!(
+            getsockopt(&accepted.io, sockopt::TcpKeepCount).unwrap(),
+            TCP_KEEPALIVE_PROBES
+        );
     }
 
     #[test]

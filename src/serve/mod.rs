@@ -21,7 +21,6 @@ pub mod tls;
 pub mod unix_authority;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +45,8 @@ pub struct Face {
     pub routes: Routes,
     /// Largest request accepted: one gRPC message, or a body of that many bytes.
     pub max_request_bytes: usize,
+    /// Refuses HTTP/1.x requests the face must not take, before routing.
+    pub http1_screen: Option<guard::Http1Screen>,
 }
 
 /// Serves `face` on one listener until `stopping` (then GOAWAY and drain):
@@ -63,10 +64,10 @@ pub fn serve(
     let mut builder = Server::builder()
         // HTTP/1.1 too: the HTTP/JSON read, the admin endpoints (gRPC stays HTTP/2).
         .accept_http1(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(limits.max_concurrent_streams)
-        .layer(StreamTrackingLayer)
+        .layer(StreamTrackingLayer {
+            http1_screen: face.http1_screen,
+        })
         .layer(request_limit::RequestLimitLayer::new(face.max_request_bytes));
     let tls = tls.filter(|_| matches!(listener, Bound::Tcp(_)));
     if let Some(tls) = tls {

@@ -17,7 +17,6 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use secrecy::{ExposeSecret, SecretString};
-use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::environment::Environment;
@@ -161,11 +160,7 @@ impl fmt::Debug for Token {
     }
 }
 
-/// The non-secret fingerprint of an access token.
-pub fn token_id(access_token: &str) -> String {
-    let digest = Sha256::digest(access_token.as_bytes());
-    digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::fingerprint::token_id;
 
 /// When a received token was issued and how long it lives: `issued_at`
 /// (`anchor` less its age, if this clock reaches back that far) with the
