@@ -269,10 +269,11 @@ async fn get_status(State(service): State<TokenBrokerService>, request: Request)
 /// A token answer (GetTokenResponse and RefreshTokenResponse have the same
 /// shape): the JSON, `ETag` (the token_id), never cached.
 fn token_answer(token: &Token) -> Response {
-    let mut response = JsonBody(token_response_json(token, tokio::time::Instant::now()).into_bytes()).into_response();
+    let (json, etag) = token_response_json_and_etag(token, tokio::time::Instant::now());
+    let mut response = JsonBody(json.into_bytes()).into_response();
     let headers = response.headers_mut();
     no_store(headers);
-    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", token.token_id)) {
+    if let Some(etag) = etag {
         headers.insert(header::ETAG, etag);
     }
     response
@@ -288,34 +289,86 @@ fn no_store(headers: &mut HeaderMap) {
 /// wire message (a test compares them); the other messages go through
 /// [`json`].
 pub fn token_response_json(token: &Token, now: tokio::time::Instant) -> String {
-    let mut out = String::with_capacity(256);
-    out.push_str("{\"token\":{");
-    let mut first = true;
-    let mut field = |name: &str, value: &str| {
-        if value.is_empty() {
-            return;
+    token_response_json_and_etag(token, now).0
+}
+
+/// What stays the same for every answer with one token: the JSON up to
+/// `serveFor` and the `ETag`. Written once per token and thread (one entry
+/// per environment), so an answer costs one copy and the `serveFor` field.
+struct FixedPart {
+    environment: crate::environment::Environment,
+    token_id: String,
+    issued_at: std::time::SystemTime,
+    expires_at: std::time::SystemTime,
+    json: String,
+    etag: Option<HeaderValue>,
+}
+
+impl FixedPart {
+    fn is_for(&self, token: &Token) -> bool {
+        self.environment == token.environment
+            && self.token_id == token.token_id
+            && self.issued_at == token.issued_at_wall
+            && self.expires_at == token.expires_at_wall
+    }
+
+    fn of(token: &Token) -> Self {
+        let mut json = String::with_capacity(256);
+        json.push_str("{\"token\":{");
+        let mut first = true;
+        let mut field = |name: &str, value: &str| {
+            if value.is_empty() {
+                return;
+            }
+            if !first {
+                json.push(',');
+            }
+            first = false;
+            json.push('"');
+            json.push_str(name);
+            json.push_str("\":");
+            push_json_string(&mut json, value);
+        };
+        field("accessToken", token.access_token());
+        field("tokenType", &token.token_type);
+        field("issuedAt", &json_timestamp(&super::timestamp(token.issued_at_wall)));
+        field("expiresAt", &json_timestamp(&super::timestamp(token.expires_at_wall)));
+        field("environment", pb::Environment::from(token.environment).as_str_name());
+        field("tokenId", &token.token_id);
+        FixedPart {
+            environment: token.environment,
+            token_id: token.token_id.clone(),
+            issued_at: token.issued_at_wall,
+            expires_at: token.expires_at_wall,
+            json,
+            etag: HeaderValue::from_str(&format!("\"{}\"", token.token_id)).ok(),
         }
-        if !first {
-            out.push(',');
-        }
-        first = false;
-        out.push('"');
-        out.push_str(name);
-        out.push_str("\":");
-        push_json_string(&mut out, value);
-    };
-    field("accessToken", token.access_token());
-    field("tokenType", &token.token_type);
-    field("issuedAt", &json_timestamp(&super::timestamp(token.issued_at_wall)));
-    field("expiresAt", &json_timestamp(&super::timestamp(token.expires_at_wall)));
-    field("environment", pb::Environment::from(token.environment).as_str_name());
-    field("tokenId", &token.token_id);
-    field(
-        "serveFor",
-        &super::status::json_duration(token.serve_until.saturating_duration_since(now)),
-    );
-    out.push_str("}}");
-    out
+    }
+}
+
+fn token_response_json_and_etag(token: &Token, now: tokio::time::Instant) -> (String, Option<HeaderValue>) {
+    thread_local! {
+        static FIXED: std::cell::RefCell<Vec<FixedPart>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    FIXED.with_borrow_mut(|cache| {
+        let at = match cache.iter().position(|f| f.is_for(token)) {
+            Some(at) => at,
+            None => {
+                // One entry per environment: a new token replaces its predecessor.
+                cache.retain(|f| f.environment != token.environment);
+                cache.push(FixedPart::of(token));
+                cache.len() - 1
+            }
+        };
+        let fixed = &cache[at];
+        let serve_for = super::status::json_duration(token.serve_until.saturating_duration_since(now));
+        let mut out = String::with_capacity(fixed.json.len() + serve_for.len() + 16);
+        out.push_str(&fixed.json);
+        out.push_str(",\"serveFor\":\"");
+        out.push_str(&serve_for);
+        out.push_str("\"}}");
+        (out, fixed.etag.clone())
+    })
 }
 
 /// `value` as a JSON string (quotes, and the escapes JSON requires).
