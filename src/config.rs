@@ -103,6 +103,9 @@ pub struct EnvironmentConfig {
     /// Overrides the shared `[credentials]` for this environment.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credentials: Option<CredentialTable>,
+    /// The authorizing proxy to this environment's Flute API (off while
+    /// `proxy.listen` is empty).
+    pub proxy: crate::proxy::ProxyConfig,
 }
 
 impl Default for EnvironmentConfig {
@@ -115,6 +118,7 @@ impl Default for EnvironmentConfig {
             allowed_unix_groups: Vec::new(),
             allowed_tls_clients: Vec::new(),
             credentials: None,
+            proxy: crate::proxy::ProxyConfig::default(),
         }
     }
 }
@@ -397,6 +401,11 @@ impl Config {
             if !e.enabled {
                 continue;
             }
+            problems.extend(
+                self.proxy_problems(*env, e)
+                    .into_iter()
+                    .map(|p| format!("{path}.proxy.{p}")),
+            );
             if e.follows_upstream() {
                 match e.origin() {
                     Ok(Origin::Follow { upstream }) => warnings.extend(
@@ -498,7 +507,12 @@ impl Config {
     /// CA store on the host).
     pub fn token_endpoint_roots(&self) -> Result<TrustRoots, RootsError> {
         let https = |url: &str| url::Url::parse(url).is_ok_and(|u| u.scheme() == "https");
-        if self.enabled().any(|(_, e)| https(&e.token_url)) {
+        let proxies_https =
+            |env: Environment, e: &EnvironmentConfig| e.proxy.is_enabled() && https(e.proxy.api_url(env));
+        if self
+            .enabled()
+            .any(|(env, e)| https(&e.token_url) || proxies_https(env, e))
+        {
             self.oauth.tls_roots.load()
         } else {
             Ok(TrustRoots::default())
@@ -517,6 +531,38 @@ impl Config {
             .or_else(|| self.credentials.key_source().ok().flatten())
     }
 
+    /// What is wrong with an enabled environment's proxy settings: its
+    /// values, its API URL (https, or http on loopback only with
+    /// `oauth.allow_insecure_http`), and any listener on a non-loopback
+    /// TCP address unless callers must present client certificates and
+    /// the environment names the ones allowed: a plain proxy on the network
+    /// would let anyone who reaches it call Flute with this key.
+    fn proxy_problems(&self, env: Environment, e: &EnvironmentConfig) -> Vec<String> {
+        let proxy = &e.proxy;
+        if !proxy.is_enabled() {
+            return Vec::new();
+        }
+        let mut out = proxy.problems();
+        if let Err(p) = self.oauth.check_token_url(proxy.api_url(env)) {
+            out.push(format!("api_url: {p}"));
+        }
+        let mutual_tls = self.server.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
+        for addr in &proxy.listen {
+            if let crate::serve::listen::ListenAddr::Tcp(a) = addr
+                && !a.ip().is_loopback()
+                && (!mutual_tls || e.allowed_tls_clients.is_empty())
+            {
+                out.push(format!(
+                    "listen: {a} is not a loopback address, and a proxy reachable from the network lets anyone who reaches it call Flute with this broker's key: listen on 127.0.0.1, ::1 or a unix: socket, or require client certificates (server.tls.client_ca_file) and name the allowed ones in environments.{env}.allowed_tls_clients"
+                ));
+            }
+            if self.server.listen.contains(addr) {
+                out.push(format!("listen: {addr} is also a server.listen address"));
+            }
+        }
+        out
+    }
+
     /// One line per environment saying where its tokens come from (for
     /// `check-config`): a mixed hub/agent configuration reads at a glance.
     pub fn token_sources_summary(&self) -> Vec<String> {
@@ -533,6 +579,10 @@ impl Config {
                     (true, false, None) => format!("{env}: calls {} (no API key configured)", e.token_url),
                 },
             )
+            .chain(self.enabled().filter(|(_, e)| e.proxy.is_enabled()).map(|(env, e)| {
+                let listen: Vec<String> = e.proxy.listen.iter().map(ToString::to_string).collect();
+                format!("{env}: proxies {} to {}", listen.join(", "), e.proxy.api_url(env))
+            }))
             .collect()
     }
 

@@ -25,6 +25,22 @@ impl Environment {
         }
     }
 
+    /// The name of this environment's proxy face in logs and metrics.
+    pub fn proxy_face_name(self) -> &'static str {
+        match self {
+            Environment::Sandbox => "proxy-sandbox",
+            Environment::Production => "proxy-production",
+        }
+    }
+
+    /// Flute's API base for this environment (what the proxy forwards to).
+    pub fn default_api_url(self) -> &'static str {
+        match self {
+            Environment::Sandbox => "https://sandbox.api.flute.com",
+            Environment::Production => "https://api.flute.com",
+        }
+    }
+
     /// Flute's real token endpoint for this environment.
     pub fn default_token_url(self) -> &'static str {
         match self {

@@ -22,6 +22,7 @@ pub mod grpc;
 pub mod logging;
 pub mod metrics;
 pub mod oauth;
+pub mod proxy;
 pub mod serve;
 pub mod settings;
 pub mod sinks;

@@ -119,6 +119,22 @@ fn each_rule_reports_its_key_path() {
         ),
         ("[server]\nrequest_wait = \"0s\"", "server.request_wait"),
         (
+            "[environments.sandbox.proxy]\nlisten = [\"0.0.0.0:8481\"]",
+            "environments.sandbox.proxy.listen: 0.0.0.0:8481 is not a loopback address",
+        ),
+        (
+            "[environments.sandbox.proxy]\nlisten = [\"127.0.0.1:8481\"]\napi_url = \"http://api.example.com\"",
+            "environments.sandbox.proxy.api_url",
+        ),
+        (
+            "[environments.sandbox.proxy]\nlisten = [\"127.0.0.1:8481\"]\nreplay_limit_bytes = 2048\nmax_body_bytes = 1024",
+            "environments.sandbox.proxy.replay_limit_bytes: must not exceed max_body_bytes",
+        ),
+        (
+            "[environments.sandbox.proxy]\nlisten = [\"127.0.0.1:50051\"]",
+            "environments.sandbox.proxy.listen: 127.0.0.1:50051 is also a server.listen address",
+        ),
+        (
             "[credentials]\nclient_id = \"my-id\"\nclient_secret_file = \"SECRET\"\npoll_interval = \"2h\"",
             "credentials.poll_interval",
         ),

@@ -70,6 +70,8 @@ pub enum DaemonError {
     Reflection(String),
     #[error("emulator: {0}")]
     Emulator(std::io::Error),
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
 }
 
 impl DaemonError {
@@ -80,6 +82,7 @@ impl DaemonError {
             | DaemonError::NoCredentials { .. }
             | DaemonError::Origin { .. }
             | DaemonError::Tls(_)
+            | DaemonError::Proxy(_)
             | DaemonError::TlsRoots(_) => crate::exit::CONFIG,
             DaemonError::Listen(e) if e.is_configuration() => crate::exit::CONFIG,
             _ => crate::exit::FAILURE,
@@ -91,6 +94,8 @@ impl DaemonError {
 pub struct RunningBroker {
     /// The addresses actually bound (ports resolved).
     pub grpc_addrs: Vec<ListenAddr>,
+    /// Each proxy listener actually bound, with its environment.
+    pub proxy_addrs: Vec<(Environment, ListenAddr)>,
     pub admin_addr: Option<SocketAddr>,
     pub sources: Arc<TokenSources>,
     pub metrics: Arc<Metrics>,
@@ -147,8 +152,18 @@ impl Broker {
                 None => bound.push(listen::bind(addr, &unix).await?),
             }
         }
+        let mut proxy_bound = Vec::new();
+        for (env, e) in config.enabled() {
+            for addr in &e.proxy.listen {
+                let socket = match inherited.take(addr)? {
+                    Some(socket) => socket,
+                    None => listen::bind(addr, &unix).await?,
+                };
+                proxy_bound.push((env, socket));
+            }
+        }
         inherited.finish()?;
-        let listeners = bound.len() + usize::from(config.admin.listen.is_some());
+        let listeners = bound.len() + proxy_bound.len() + usize::from(config.admin.listen.is_some());
         let limits = crate::serve::connection_limits(&config.server, listeners);
         let admin_listener = match config.admin.listen {
             Some(addr) => {
@@ -164,6 +179,7 @@ impl Broker {
         let stopping = CancellationToken::new();
         let draining = CancellationToken::new();
         let sinks = crate::sinks::spawn(&config.sinks, &sources, &draining);
+        let mut servers = Vec::new();
         let streams = TaskTracker::new();
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health::set_not_serving(&health_reporter, &sources).await;
@@ -176,17 +192,39 @@ impl Broker {
             config.server.request_wait,
             access,
         );
-        let api = crate::grpc::face(service, health_service).map_err(|e| DaemonError::Reflection(e.to_string()))?;
+        let api =
+            crate::grpc::face(service.clone(), health_service).map_err(|e| DaemonError::Reflection(e.to_string()))?;
 
         let pending_sockets: Vec<_> = bound
             .iter()
+            .chain(proxy_bound.iter().map(|(_, b)| b))
             .filter_map(|b| match b {
                 Bound::Unix(_, file) if file.is_pending() => Some(file.clone()),
                 _ => None,
             })
             .collect();
+        let mut proxy_addrs = Vec::new();
+        if !proxy_bound.is_empty() {
+            let roots = config.token_endpoint_roots()?;
+            let mut faces = std::collections::BTreeMap::new();
+            for (env, e) in config.enabled().filter(|(_, e)| e.proxy.is_enabled()) {
+                let proxy = crate::proxy::Proxy::new(env, &e.proxy, service.clone(), &roots)?;
+                info!(environment = %env, api = e.proxy.api_url(env), "proxying the Flute API");
+                faces.insert(env, proxy.face());
+            }
+            for (env, listener) in proxy_bound {
+                proxy_addrs.push((env, listener.addr()));
+                servers.push(crate::serve::serve(
+                    listener,
+                    &faces[&env],
+                    tls.as_ref(),
+                    limits,
+                    &stopping,
+                    &metrics,
+                )?);
+            }
+        }
         let mut grpc_addrs = Vec::new();
-        let mut servers = Vec::new();
         for listener in bound {
             grpc_addrs.push(listener.addr());
             servers.push(crate::serve::serve(
@@ -236,6 +274,7 @@ impl Broker {
 
         Ok(RunningBroker {
             grpc_addrs,
+            proxy_addrs,
             admin_addr,
             sources,
             metrics,

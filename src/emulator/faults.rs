@@ -198,10 +198,7 @@ pub(super) async fn set(
     super::AnyJson(request): super::AnyJson<FaultRequest>,
 ) -> Json<Faults> {
     let mut inner = shared.lock();
-    if request.revoke_current {
-        inner.revoke_last();
-    }
-    inner.faults.apply(request);
+    inner.apply_faults(request);
     tracing::info!(faults = ?inner.faults, "emulator faults set");
     Json(inner.faults.clone())
 }

@@ -93,6 +93,15 @@ struct Inner {
 }
 
 impl Inner {
+    /// Applies a fault request: `revoke_current` at once, the rest as
+    /// standing faults.
+    fn apply_faults(&mut self, request: FaultRequest) {
+        if request.revoke_current {
+            self.revoke_last();
+        }
+        self.faults.apply(request);
+    }
+
     /// Revokes the access token issued last (if any).
     fn revoke_last(&mut self) {
         if let Some(token) = self.last_access_token.clone() {
@@ -169,7 +178,7 @@ impl Emulator {
     }
 
     pub fn set_faults(&self, request: FaultRequest) {
-        self.shared.lock().faults.apply(request);
+        self.shared.lock().apply_faults(request);
     }
 
     /// Serves on `listener` until `shutdown` completes.

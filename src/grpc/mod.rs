@@ -8,8 +8,8 @@ pub mod access;
 pub mod codec;
 pub mod health;
 pub mod http;
-mod service;
-mod status;
+pub(crate) mod service;
+pub(crate) mod status;
 
 use std::time::{Duration, SystemTime};
 

@@ -216,7 +216,7 @@ pub fn http_status(code: Code) -> axum::http::StatusCode {
 
 /// `status` as an HTTP answer: a google.rpc.Status JSON body (the proto3
 /// JSON mapping: `code`, `message`, `details` with `@type`).
-fn status_response(http: axum::http::StatusCode, status: &Status) -> axum::response::Response {
+pub(crate) fn status_response(http: axum::http::StatusCode, status: &Status) -> axum::response::Response {
     use axum::http::header;
     use serde_json::json;
     let details = status.get_error_details();

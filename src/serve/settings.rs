@@ -118,10 +118,10 @@ impl ServerConfig {
     }
 }
 
-fn read_listen<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<ListenAddr>, D::Error> {
+pub(crate) fn read_listen<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<ListenAddr>, D::Error> {
     crate::settings::parsed_list(deserializer, str::parse)
 }
 
-fn write_listen<S: Serializer>(listen: &[ListenAddr], serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn write_listen<S: Serializer>(listen: &[ListenAddr], serializer: S) -> Result<S::Ok, S::Error> {
     crate::settings::write_list(listen, serializer)
 }

@@ -1,0 +1,272 @@
+//! The authorizing proxy, from outside: a stock HTTP client (reqwest, and
+//! hand-written HTTP/1.1 for what clients refuse to send) through a proxy
+//! listener to the emulator's API echo, which reports the `token_id` it saw.
+
+mod support;
+
+use std::time::Duration;
+
+use flute_token_broker::Environment;
+use flute_token_broker::emulator::FaultRequest;
+use flute_token_broker::serve::listen::ListenAddr;
+use serde_json::Value as Json;
+use support::{Broker, start_broker_with};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SANDBOX: Environment = Environment::Sandbox;
+
+/// A broker with a sandbox proxy on loopback TCP and a Unix socket,
+/// forwarding to the sandbox emulator's API.
+async fn proxied_broker(replay_limit: usize) -> Broker {
+    start_broker_with(&[SANDBOX], Duration::from_secs(900), |emulators, config| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let proxy = &mut config.environments.get_mut(&SANDBOX).unwrap().proxy;
+        proxy.listen = vec![
+            ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()),
+            ListenAddr::Unix(dir.join("sandbox-api.sock")),
+        ];
+        proxy.api_url = emulators[&SANDBOX].base_url();
+        proxy.replay_limit_bytes = replay_limit;
+    })
+    .await
+}
+
+fn proxy_tcp(broker: &Broker) -> String {
+    broker
+        .daemon
+        .proxy_addrs
+        .iter()
+        .find_map(|(_, a)| matches!(a, ListenAddr::Tcp(_)).then(|| format!("http://{a}")))
+        .unwrap()
+}
+
+fn proxy_unix(broker: &Broker) -> std::path::PathBuf {
+    broker
+        .daemon
+        .proxy_addrs
+        .iter()
+        .find_map(|(_, a)| match a {
+            ListenAddr::Unix(p) => Some(p.clone()),
+            _ => None,
+        })
+        .unwrap()
+}
+
+async fn current_token_id(broker: &Broker) -> String {
+    broker.daemon.sources.get(SANDBOX).unwrap().holding_token().await;
+    broker
+        .daemon
+        .sources
+        .get(SANDBOX)
+        .unwrap()
+        .current()
+        .unwrap()
+        .token_id
+        .clone()
+}
+
+/// One HTTP/1.1 exchange written by hand; the status and the body.
+async fn raw<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut stream: S, request: &str) -> (u16, String) {
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn requests_reach_the_api_with_the_token_and_without_the_callers_credentials() {
+    let broker = proxied_broker(1024 * 1024).await;
+    let token_id = current_token_id(&broker).await;
+    let http = support::http_client();
+    let base = proxy_tcp(&broker);
+    let get: Json = http
+        .get(format!("{base}/v2/transactions/txn_1?expand=all"))
+        .header("authorization", "Bearer the-callers-own")
+        .header("proxy-authorization", "Basic c2VjcmV0")
+        .header("connection", "x-hop")
+        .header("x-hop", "1")
+        .header("x-request-id", "r-1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(get["method"], "GET");
+    assert_eq!(get["path"], "/v2/transactions/txn_1");
+    assert_eq!(get["query"], "expand=all");
+    assert_eq!(get["token_id"], token_id.as_str());
+    let headers = get["headers"].as_object().unwrap();
+    assert_eq!(headers["x-request-id"][0], "r-1");
+    for absent in [
+        "proxy-authorization",
+        "x-hop",
+        "connection",
+        "x-forwarded-for",
+        "via",
+        "forwarded",
+    ] {
+        assert!(!headers.contains_key(absent), "{absent} reached the API: {get}");
+    }
+    let host = headers["host"][0].as_str().unwrap();
+    assert_eq!(
+        host,
+        broker.emulators[&SANDBOX].addr.to_string(),
+        "the API's own host, not the caller's"
+    );
+
+    let body = serde_json::json!({"amount": 1250, "currency": "USD"}).to_string();
+    let post = http
+        .post(format!("{base}/v2/payments"))
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 200);
+    let post: Json = post.json().await.unwrap();
+    assert_eq!(post["method"], "POST");
+    assert_eq!(post["body_bytes"], body.len());
+
+    // The same over the Unix socket, as curl --unix-socket sends it.
+    let unix = tokio::net::UnixStream::connect(proxy_unix(&broker)).await.unwrap();
+    let (status, answer) = raw(
+        unix,
+        "GET /v2/anything HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains(&token_id), "{answer}");
+}
+
+#[tokio::test]
+async fn a_revoked_token_costs_the_callers_nothing_and_one_token_request() {
+    let broker = proxied_broker(1024 * 1024).await;
+    let first = current_token_id(&broker).await;
+    let emulator = broker.emulator(SANDBOX);
+    let http = support::http_client();
+    let base = proxy_tcp(&broker);
+    let before = emulator.stats().token_requests;
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..60 {
+        if i == 20 {
+            emulator.set_faults(FaultRequest {
+                revoke_current: true,
+                ..Default::default()
+            });
+        }
+        let answer = http
+            .post(format!("{base}/v2/payments"))
+            .body(format!("{{\"n\": {i}}}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "call {i}");
+        let echo: Json = answer.json().await.unwrap();
+        seen.insert(echo["token_id"].as_str().unwrap().to_owned());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        emulator.stats().token_requests - before,
+        1,
+        "one token request for the revocation"
+    );
+    assert_eq!(seen.len(), 2);
+    assert!(seen.contains(&first));
+    assert_eq!(emulator.stats().api_unauthorized, 1);
+}
+
+#[tokio::test]
+async fn a_body_over_the_replay_limit_gets_the_401_with_the_reason_and_the_refresh_still_happens() {
+    let broker = proxied_broker(1024).await;
+    let first = current_token_id(&broker).await;
+    let emulator = broker.emulator(SANDBOX);
+    let before = emulator.stats().token_requests;
+    emulator.set_faults(FaultRequest {
+        revoke_current: true,
+        ..Default::default()
+    });
+    let http = support::http_client();
+    let base = proxy_tcp(&broker);
+    let refused = http
+        .post(format!("{base}/v2/documents"))
+        .body(vec![b'x'; 4096])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.headers()["flute-broker-not-retried"], "BODY_NOT_REPLAYABLE");
+    assert_eq!(emulator.stats().token_requests - before, 1);
+    // The caller's own retry succeeds with the new token.
+    let retried: Json = http
+        .post(format!("{base}/v2/documents"))
+        .body(vec![b'x'; 4096])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(retried["token_id"], first.as_str());
+    assert_eq!(retried["body_bytes"], 4096);
+}
+
+#[tokio::test]
+async fn targets_that_could_leave_the_api_are_refused_before_it_is_contacted() {
+    let broker = proxied_broker(1024 * 1024).await;
+    current_token_id(&broker).await;
+    let addr = proxy_tcp(&broker).trim_start_matches("http://").to_owned();
+    for request in [
+        "GET http://169.254.169.254/latest/meta-data HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n",
+        "CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\nConnection: close\r\n\r\n",
+        "GET /v2/../admin HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        "GET /v2/%2e%2e/admin HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        "OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    ] {
+        let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (status, body) = raw(stream, request).await;
+        assert_eq!(status, 400, "{request}: {body}");
+    }
+    // A spoofed Host changes nothing: the API's host is the configured one.
+    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (status, body) = raw(
+        stream,
+        "GET /v2/x HTTP/1.1\r\nHost: evil.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("evil.test"), "{body}");
+    assert_eq!(
+        broker.emulator(SANDBOX).stats().api_requests,
+        1,
+        "only the last request reached the API"
+    );
+}
+
+#[tokio::test]
+async fn a_caller_the_allow_list_refuses_gets_403_and_the_api_is_not_contacted() {
+    let me = nix::unistd::getuid().as_raw();
+    let broker = start_broker_with(&[SANDBOX], Duration::from_secs(900), |emulators, config| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let e = config.environments.get_mut(&SANDBOX).unwrap();
+        e.allowed_unix_users = vec![me.wrapping_add(4242)];
+        e.proxy.listen = vec![ListenAddr::Unix(dir.join("sandbox-api.sock"))];
+        e.proxy.api_url = emulators[&SANDBOX].base_url();
+    })
+    .await;
+    let unix = tokio::net::UnixStream::connect(proxy_unix(&broker)).await.unwrap();
+    let (status, body) = raw(
+        unix,
+        "GET /v2/transactions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("CALLER_NOT_ALLOWED"), "{body}");
+    assert_eq!(broker.emulator(SANDBOX).stats().api_requests, 0);
+}
