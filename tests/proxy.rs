@@ -18,6 +18,10 @@ const SANDBOX: Environment = Environment::Sandbox;
 /// A broker with a sandbox proxy on loopback TCP and a Unix socket,
 /// forwarding to the sandbox emulator's API.
 async fn proxied_broker(replay_limit: usize) -> Broker {
+    proxied_broker_with(|proxy| proxy.replay_limit_bytes = replay_limit).await
+}
+
+async fn proxied_broker_with(adjust: impl FnOnce(&mut flute_token_broker::proxy::ProxyConfig)) -> Broker {
     start_broker_with(&[SANDBOX], Duration::from_secs(900), |emulators, config| {
         let dir = tempfile::tempdir().unwrap().keep();
         let proxy = &mut config.environments.get_mut(&SANDBOX).unwrap().proxy;
@@ -26,7 +30,7 @@ async fn proxied_broker(replay_limit: usize) -> Broker {
             ListenAddr::Unix(dir.join("sandbox-api.sock")),
         ];
         proxy.api_url = emulators[&SANDBOX].base_url();
-        proxy.replay_limit_bytes = replay_limit;
+        adjust(proxy);
     })
     .await
 }
@@ -269,4 +273,56 @@ async fn a_caller_the_allow_list_refuses_gets_403_and_the_api_is_not_contacted()
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("CALLER_NOT_ALLOWED"), "{body}");
     assert_eq!(broker.emulator(SANDBOX).stats().api_requests, 0);
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_cut_off_at_the_idle_deadline() {
+    let broker = proxied_broker_with(|proxy| proxy.idle_timeout = Duration::from_secs(1)).await;
+    current_token_id(&broker).await;
+    let addr = proxy_tcp(&broker).trim_start_matches("http://").to_owned();
+    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // 10 of the 100 bytes announced, then nothing: the answer comes when
+    // the deadline passes, and the API never sees the request.
+    let (status, body) = raw(
+        stream,
+        "POST /v2/payments HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n0123456789",
+    )
+    .await;
+    assert_eq!(status, 408, "{body}");
+    assert!(body.contains("BODY_TIMEOUT"), "{body}");
+    assert_eq!(broker.emulator(SANDBOX).stats().api_requests, 0);
+}
+
+/// Request smuggling: the proxy never forwards the caller's bytes, it
+/// re-frames each request it parsed, so the API cannot see a request the
+/// proxy did not. Ambiguous heads are refused by the HTTP/1.1 parser; with
+/// both `Content-Length` and `Transfer-Encoding`, the chunked framing wins
+/// (RFC 9112 §6.3) and the API gets exactly that one request.
+#[tokio::test]
+async fn request_smuggling_probes_are_refused() {
+    let broker = proxied_broker(1024 * 1024).await;
+    current_token_id(&broker).await;
+    let addr = proxy_tcp(&broker).trim_start_matches("http://").to_owned();
+    for probe in [
+        // Two different Content-Lengths.
+        "POST /v2/p HTTP/1.1\r\nHost: l\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+        // Obsolete line folding.
+        "GET /v2/p HTTP/1.1\r\nHost: l\r\nX-Folded: a\r\n b\r\n\r\n",
+    ] {
+        let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (status, body) = raw(stream, probe).await;
+        assert_eq!(status, 400, "{probe:?}: {body}");
+    }
+    assert_eq!(broker.emulator(SANDBOX).stats().api_requests, 0);
+    // Content-Length 4 against a chunked body holding a second request:
+    // one request reaches the API, with the chunked body (5 bytes).
+    let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (status, body) = raw(
+        stream,
+        "POST /v2/p HTTP/1.1\r\nHost: l\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nGET /\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"body_bytes\":5"), "{body}");
+    assert_eq!(broker.emulator(SANDBOX).stats().api_requests, 1);
 }

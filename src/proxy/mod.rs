@@ -12,6 +12,7 @@
 //! A proxy face is served by [`crate::serve::serve`] like the API face:
 //! the same budgets, deadlines, drain and handover.
 
+mod idle;
 pub mod settings;
 pub mod target;
 
@@ -145,9 +146,10 @@ impl Prepared {
 }
 
 /// Reads up to `limit` bytes of `body`: all of it (kept), or the part read
-/// followed by the rest as a stream.
-async fn prepare(body: Body, limit: usize) -> Result<Prepared, BoxError> {
-    let mut body = body;
+/// followed by the rest as a stream. A pause of `idle` within the body
+/// fails it ([`idle::Stalled`]).
+async fn prepare(body: Body, limit: usize, idle: Duration) -> Result<Prepared, BoxError> {
+    let mut body = Body::new(idle::IdleDeadline::new(body, idle));
     let mut kept: Vec<Bytes> = Vec::new();
     let mut size = 0usize;
     loop {
@@ -232,9 +234,21 @@ impl Proxy {
             Ok(token) => token,
             Err(refused) => return (broker_refusal(refused), None),
         };
-        let mut body = match prepare(body, self.settings.replay_limit_bytes).await {
+        let mut body = match prepare(body, self.settings.replay_limit_bytes, self.settings.idle_timeout).await {
             Ok(body) => body,
             Err(e) if is_too_large(&e) => return (too_large(self.settings.max_body_bytes), None),
+            Err(e) if idle::is_stalled(e.as_ref()) => {
+                let message = "the request body paused longer than proxy.idle_timeout";
+                return (
+                    refuse(
+                        StatusCode::REQUEST_TIMEOUT,
+                        tonic::Code::DeadlineExceeded,
+                        "BODY_TIMEOUT",
+                        message,
+                    ),
+                    None,
+                );
+            }
             Err(_) => {
                 let message = "the request body could not be read";
                 return (
@@ -258,7 +272,7 @@ impl Proxy {
             Err(answer) => return (answer, Some(token.token_id.clone())),
         };
         if first.status() != StatusCode::UNAUTHORIZED {
-            return (relay(first), Some(token.token_id.clone()));
+            return (self.relay(first), Some(token.token_id.clone()));
         }
         // The API rejected this token: one refresh (coalesced with every
         // other caller that saw it rejected), then one more send.
@@ -272,12 +286,12 @@ impl Proxy {
                     Err(answer) => return (answer, Some(new.token_id.clone())),
                 };
                 if second.status() != StatusCode::UNAUTHORIZED {
-                    return (relay(second), Some(new.token_id.clone()));
+                    return (self.relay(second), Some(new.token_id.clone()));
                 }
-                return (not_retried(second, "REJECTED_AGAIN"), Some(new.token_id.clone()));
+                return (self.not_retried(second, "REJECTED_AGAIN"), Some(new.token_id.clone()));
             }
         };
-        (not_retried(first, reason), Some(token.token_id.clone()))
+        (self.not_retried(first, reason), Some(token.token_id.clone()))
     }
 
     /// Sends one request to the API with `token`, within `request_timeout`.
@@ -353,18 +367,23 @@ fn is_too_large(error: &BoxError) -> bool {
     false
 }
 
-/// The API's answer as the caller gets it: hop-by-hop headers removed,
-/// the body streamed.
-fn relay(response: http::Response<hyper::body::Incoming>) -> Response {
-    let (mut parts, body) = response.into_parts();
-    target::strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, Body::new(body))
-}
+impl Proxy {
+    /// The API's answer as the caller gets it: hop-by-hop headers removed,
+    /// the body streamed (cut off after a pause of `idle_timeout`).
+    fn relay(&self, response: http::Response<hyper::body::Incoming>) -> Response {
+        let (mut parts, body) = response.into_parts();
+        target::strip_hop_by_hop(&mut parts.headers);
+        Response::from_parts(
+            parts,
+            Body::new(idle::IdleDeadline::new(body, self.settings.idle_timeout)),
+        )
+    }
 
-fn not_retried(response: http::Response<hyper::body::Incoming>, reason: &'static str) -> Response {
-    let mut response = relay(response);
-    response
-        .headers_mut()
-        .insert(NOT_RETRIED_HEADER, HeaderValue::from_static(reason));
-    response
+    fn not_retried(&self, response: http::Response<hyper::body::Incoming>, reason: &'static str) -> Response {
+        let mut response = self.relay(response);
+        response
+            .headers_mut()
+            .insert(NOT_RETRIED_HEADER, HeaderValue::from_static(reason));
+        response
+    }
 }
