@@ -54,6 +54,21 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// A proxied request's outcome: its environment and HTTP status class
+/// (`2xx` … `5xx`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyLabels {
+    pub environment: &'static str,
+    pub class: &'static str,
+}
+
+/// Why the proxy passed an API 401 through instead of retrying.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotRetriedLabels {
+    pub environment: &'static str,
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
@@ -88,6 +103,14 @@ pub struct Metrics {
     pub held_requests: Family<ListenerLabels, Gauge>,
     /// Held requests refused because the listener's share for them was taken.
     pub held_requests_refused: Family<ListenerLabels, Counter>,
+    /// Proxied requests by environment and the status class answered.
+    pub proxy_requests: Family<ProxyLabels, Counter>,
+    /// Proxied requests sent again after an API 401, with a new token.
+    pub proxy_retried: Family<EnvLabels, Counter>,
+    /// API 401s passed through, by the reason the broker did not retry.
+    pub proxy_not_retried: Family<NotRetriedLabels, Counter>,
+    /// From sending a request to the API until its response head.
+    pub proxy_upstream_latency: HistogramFamily,
 }
 
 impl Default for Metrics {
@@ -200,8 +223,37 @@ impl Metrics {
             "Held requests refused at once because the listener's share for them (server.held_requests_percent) was taken",
             held_requests_refused.clone(),
         );
+        let proxy_requests = Family::<ProxyLabels, Counter>::default();
+        registry.register(
+            "proxy_requests",
+            "Requests through the API proxy by environment and HTTP status class",
+            proxy_requests.clone(),
+        );
+        let proxy_retried = Family::<EnvLabels, Counter>::default();
+        registry.register(
+            "proxy_retried",
+            "Proxied requests sent once more with a new token after the API answered 401",
+            proxy_retried.clone(),
+        );
+        let proxy_not_retried = Family::<NotRetriedLabels, Counter>::default();
+        registry.register(
+            "proxy_not_retried",
+            "API 401s passed through to the caller, by why the broker did not retry",
+            proxy_not_retried.clone(),
+        );
+        let proxy_upstream_latency: HistogramFamily =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16)));
+        registry.register(
+            "proxy_upstream_duration_seconds",
+            "API latency through the proxy: request sent until response head",
+            proxy_upstream_latency.clone(),
+        );
         Self {
             registry,
+            proxy_requests,
+            proxy_retried,
+            proxy_not_retried,
+            proxy_upstream_latency,
             refreshes,
             endpoint_latency,
             seconds_until_expiry,

@@ -184,6 +184,26 @@ async fn a_revoked_token_costs_the_callers_nothing_and_one_token_request() {
     assert_eq!(seen.len(), 2);
     assert!(seen.contains(&first));
     assert_eq!(emulator.stats().api_unauthorized, 1);
+    let admin = broker.daemon.admin_addr.unwrap();
+    let sandbox = "{environment=\"sandbox\"}";
+    assert_eq!(
+        support::metric(admin, &format!("flute_broker_proxy_retried_total{sandbox}")).await,
+        1.0
+    );
+    let ok = "flute_broker_proxy_requests_total{environment=\"sandbox\",class=\"2xx\"}";
+    assert_eq!(support::metric(admin, ok).await, 60.0);
+    // Secret hygiene: no token in the metrics or in any answer header.
+    let text = support::http_client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let current = broker.daemon.sources.get(SANDBOX).unwrap().current().unwrap();
+    assert!(!text.contains(current.access_token()));
+    assert!(text.contains("flute_broker_proxy_upstream_duration_seconds_count{environment=\"sandbox\"} 61"));
 }
 
 #[tokio::test]
@@ -207,6 +227,11 @@ async fn a_body_over_the_replay_limit_gets_the_401_with_the_reason_and_the_refre
     assert_eq!(refused.status(), 401);
     assert_eq!(refused.headers()["flute-broker-not-retried"], "BODY_NOT_REPLAYABLE");
     assert_eq!(emulator.stats().token_requests - before, 1);
+    let not_retried = "flute_broker_proxy_not_retried_total{environment=\"sandbox\",reason=\"BODY_NOT_REPLAYABLE\"}";
+    assert_eq!(
+        support::metric(broker.daemon.admin_addr.unwrap(), not_retried).await,
+        1.0
+    );
     // The caller's own retry succeeds with the new token.
     let retried: Json = http
         .post(format!("{base}/v2/documents"))

@@ -208,7 +208,7 @@ impl Broker {
             let roots = config.token_endpoint_roots()?;
             let mut faces = std::collections::BTreeMap::new();
             for (env, e) in config.enabled().filter(|(_, e)| e.proxy.is_enabled()) {
-                let proxy = crate::proxy::Proxy::new(env, &e.proxy, service.clone(), &roots)?;
+                let proxy = crate::proxy::Proxy::new(env, &e.proxy, service.clone(), &roots, metrics.clone())?;
                 info!(environment = %env, api = e.proxy.api_url(env), "proxying the Flute API");
                 faces.insert(env, proxy.face());
             }

@@ -48,9 +48,14 @@ type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Upstre
 /// The response header that says why an API 401 reached the caller.
 pub const NOT_RETRIED_HEADER: &str = "flute-broker-not-retried";
 
+/// Its values: the body was not kept, the refresh failed, or the new token
+/// was rejected too.
+const NOT_RETRIED_REASONS: [&str; 3] = ["BODY_NOT_REPLAYABLE", "REFRESH_FAILED", "REJECTED_AGAIN"];
+
 /// One environment's proxy: what each of its requests needs.
 pub struct Proxy {
     environment: Environment,
+    metrics: Arc<crate::metrics::Metrics>,
     service: TokenBrokerService,
     base: ApiBase,
     client: UpstreamClient,
@@ -72,11 +77,13 @@ impl Proxy {
         settings: &ProxyConfig,
         service: TokenBrokerService,
         roots: &TrustRoots,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Arc<Self>, ProxyError> {
         let base = ApiBase::parse(settings.api_url(environment))
             .map_err(|reason| ProxyError::ApiUrl { environment, reason })?;
         Ok(Arc::new(Self {
             environment,
+            metrics,
             service,
             base,
             client: upstream_client(roots)?,
@@ -203,6 +210,31 @@ async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response 
     let started = tokio::time::Instant::now();
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
     let (response, token_id) = proxy.handle(request).await;
+    let class = match response.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    let environment = proxy.environment.as_str();
+    proxy
+        .metrics
+        .proxy_requests
+        .get_or_create(&crate::metrics::ProxyLabels { environment, class })
+        .inc();
+    if let Some(reason) = response.headers().get(NOT_RETRIED_HEADER).and_then(|v| v.to_str().ok()) {
+        let reason = NOT_RETRIED_REASONS
+            .iter()
+            .copied()
+            .find(|r| *r == reason)
+            .unwrap_or("OTHER");
+        proxy
+            .metrics
+            .proxy_not_retried
+            .get_or_create(&crate::metrics::NotRetriedLabels { environment, reason })
+            .inc();
+    }
     debug!(environment = %proxy.environment, %method, path, status = response.status().as_u16(),
            duration_ms = started.elapsed().as_millis() as u64, token_id = token_id.as_deref().unwrap_or(""), "proxied");
     response
@@ -281,6 +313,10 @@ impl Proxy {
             (_, false) => "BODY_NOT_REPLAYABLE",
             (Err(_), true) => "REFRESH_FAILED",
             (Ok(new), true) => {
+                let labels = crate::metrics::EnvLabels {
+                    environment: self.environment.as_str(),
+                };
+                self.metrics.proxy_retried.get_or_create(&labels).inc();
                 let second = match self.send(&parts, body.body(), new.access_token()).await {
                     Ok(response) => response,
                     Err(answer) => return (answer, Some(new.token_id.clone())),
@@ -316,8 +352,16 @@ impl Proxy {
         })?;
         bearer.set_sensitive(true);
         request.headers_mut().insert(header::AUTHORIZATION, bearer);
+        let sent = tokio::time::Instant::now();
         match tokio::time::timeout(self.settings.request_timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
+            Ok(Ok(response)) => {
+                let labels = crate::metrics::EnvLabels {
+                    environment: self.environment.as_str(),
+                };
+                let took = sent.elapsed().as_secs_f64();
+                self.metrics.proxy_upstream_latency.get_or_create(&labels).observe(took);
+                Ok(response)
+            }
             Ok(Err(e)) => {
                 debug!(environment = %self.environment, error = %e, "the API could not be reached");
                 Err(refuse(
