@@ -23,7 +23,7 @@ async fn proxied_broker(replay_limit: usize) -> Broker {
 
 async fn proxied_broker_with(adjust: impl FnOnce(&mut flute_token_broker::proxy::ProxyConfig)) -> Broker {
     start_broker_with(&[SANDBOX], Duration::from_secs(900), |emulators, config| {
-        let dir = tempfile::tempdir().unwrap().keep();
+        let dir = socket_dir(config);
         let proxy = &mut config.environments.get_mut(&SANDBOX).unwrap().proxy;
         proxy.listen = vec![
             ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()),
@@ -33,6 +33,20 @@ async fn proxied_broker_with(adjust: impl FnOnce(&mut flute_token_broker::proxy:
         adjust(proxy);
     })
     .await
+}
+
+/// The broker's own temporary directory (that of its Unix socket), where
+/// the proxy's socket goes too.
+fn socket_dir(config: &flute_token_broker::config::Config) -> std::path::PathBuf {
+    config
+        .server
+        .listen
+        .iter()
+        .find_map(|a| match a {
+            ListenAddr::Unix(p) => p.parent().map(std::path::Path::to_path_buf),
+            _ => None,
+        })
+        .unwrap()
 }
 
 fn proxy_tcp(broker: &Broker) -> String {
@@ -193,14 +207,7 @@ async fn a_revoked_token_costs_the_callers_nothing_and_one_token_request() {
     let ok = "flute_broker_proxy_requests_total{environment=\"sandbox\",class=\"2xx\"}";
     assert_eq!(support::metric(admin, ok).await, 60.0);
     // Secret hygiene: no token in the metrics or in any answer header.
-    let text = support::http_client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = support::metrics_text(admin).await;
     let current = broker.daemon.sources.get(SANDBOX).unwrap().current().unwrap();
     assert!(!text.contains(current.access_token()));
     assert!(text.contains("flute_broker_proxy_upstream_duration_seconds_count{environment=\"sandbox\"} 61"));
@@ -282,7 +289,7 @@ async fn targets_that_could_leave_the_api_are_refused_before_it_is_contacted() {
 async fn a_caller_the_allow_list_refuses_gets_403_and_the_api_is_not_contacted() {
     let me = nix::unistd::getuid().as_raw();
     let broker = start_broker_with(&[SANDBOX], Duration::from_secs(900), |emulators, config| {
-        let dir = tempfile::tempdir().unwrap().keep();
+        let dir = socket_dir(config);
         let e = config.environments.get_mut(&SANDBOX).unwrap();
         e.allowed_unix_users = vec![me.wrapping_add(4242)];
         e.proxy.listen = vec![ListenAddr::Unix(dir.join("sandbox-api.sock"))];

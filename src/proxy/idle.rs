@@ -17,14 +17,12 @@ pub struct Stalled(pub Duration);
 
 /// Whether `error` (or one of its sources) is [`Stalled`].
 pub fn is_stalled(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(e) = source {
-        if e.is::<Stalled>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
+    find_source::<Stalled>(error).is_some()
+}
+
+/// The first error of type `T` in `error`'s source chain (itself included).
+pub fn find_source<'a, T: std::error::Error + 'static>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+    std::iter::successors(Some(error), |e| e.source()).find_map(|e| e.downcast_ref::<T>())
 }
 
 pub struct IdleDeadline<B> {

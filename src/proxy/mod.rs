@@ -48,10 +48,6 @@ type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Upstre
 /// The response header that says why an API 401 reached the caller.
 pub const NOT_RETRIED_HEADER: &str = "flute-broker-not-retried";
 
-/// Its values: the body was not kept, the refresh failed, or the new token
-/// was rejected too.
-const NOT_RETRIED_REASONS: [&str; 3] = ["BODY_NOT_REPLAYABLE", "REFRESH_FAILED", "REJECTED_AGAIN"];
-
 /// One environment's proxy: what each of its requests needs.
 pub struct Proxy {
     environment: Environment,
@@ -223,18 +219,6 @@ async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response 
         .proxy_requests
         .get_or_create(&crate::metrics::ProxyLabels { environment, class })
         .inc();
-    if let Some(reason) = response.headers().get(NOT_RETRIED_HEADER).and_then(|v| v.to_str().ok()) {
-        let reason = NOT_RETRIED_REASONS
-            .iter()
-            .copied()
-            .find(|r| *r == reason)
-            .unwrap_or("OTHER");
-        proxy
-            .metrics
-            .proxy_not_retried
-            .get_or_create(&crate::metrics::NotRetriedLabels { environment, reason })
-            .inc();
-    }
     debug!(environment = %proxy.environment, %method, path, status = response.status().as_u16(),
            duration_ms = started.elapsed().as_millis() as u64, token_id = token_id.as_deref().unwrap_or(""), "proxied");
     response
@@ -401,14 +385,7 @@ fn too_large(limit: usize) -> Response {
 
 /// Whether a body error is the request limit's (RESOURCE_EXHAUSTED).
 fn is_too_large(error: &BoxError) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
-    while let Some(e) = source {
-        if let Some(status) = e.downcast_ref::<tonic::Status>() {
-            return status.code() == tonic::Code::ResourceExhausted;
-        }
-        source = e.source();
-    }
-    false
+    idle::find_source::<tonic::Status>(error.as_ref()).is_some_and(|s| s.code() == tonic::Code::ResourceExhausted)
 }
 
 impl Proxy {
@@ -423,7 +400,14 @@ impl Proxy {
         )
     }
 
+    /// An API 401 passed through: `reason` in the response header and in
+    /// `proxy_not_retried`.
     fn not_retried(&self, response: http::Response<hyper::body::Incoming>, reason: &'static str) -> Response {
+        let labels = crate::metrics::NotRetriedLabels {
+            environment: self.environment.as_str(),
+            reason,
+        };
+        self.metrics.proxy_not_retried.get_or_create(&labels).inc();
         let mut response = self.relay(response);
         response
             .headers_mut()

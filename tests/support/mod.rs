@@ -402,16 +402,22 @@ pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
 }
 
 /// One sample of the admin listener's `/metrics` (0 when absent).
-pub async fn metric(admin: impl std::fmt::Display, sample: &str) -> f64 {
-    let text = http_client()
+/// The admin endpoint's `/metrics` text.
+pub async fn metrics_text(admin: impl std::fmt::Display) -> String {
+    http_client()
         .get(format!("http://{admin}/metrics"))
         .send()
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
-    text.lines()
+        .unwrap()
+}
+
+pub async fn metric(admin: impl std::fmt::Display, sample: &str) -> f64 {
+    metrics_text(admin)
+        .await
+        .lines()
         .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0.0)
 }
