@@ -462,11 +462,18 @@ def case_restart_under_load(guest, command=f"systemctl restart {UNIT}", what="sy
     check(new_pid not in ("0", old_pid), f"a new process: {old_pid} → {new_pid}")
     ready_at = int(guest.prop("ActiveEnterTimestampMonotonic")) / 1e6
     to_ready = ready_at - int(guest.prop("ExecMainStartTimestampMonotonic")) / 1e6
+    # The window systemd had the unit down: from the old process leaving
+    # `active` (SIGTERM) to the new one's READY=1. It holds the old
+    # process's drain, systemd's own work and the new process's start,
+    # which on a busy 2-core guest (dpkg unpacking during an upgrade) is
+    # longer than the start alone; a caller's gap must fit in it.
+    down = ready_at - int(guest.prop("ActiveExitTimestampMonotonic")) / 1e6
+    check(0 < down < 30, f"the unit left active before it was ready again ({down * 1000:.0f} ms)")
     for caller in (grpc_caller, process_caller):
         check(caller.failed == 0, f"no failed call: {caller.summary()}")
         check(
-            caller.longest_gap <= to_ready + 0.1,
-            f"longest gap within the new process's time to ready + 100 ms ({(to_ready + 0.1) * 1000:.0f} ms): {caller.summary()}",
+            caller.longest_gap <= down + 0.1,
+            f"longest gap within the time systemd had the unit down + 100 ms ({(down + 0.1) * 1000:.0f} ms): {caller.summary()}",
         )
     after = [(at, token) for at, token in watcher.token_ids() if at > restart_at]
     check(after, f"the watcher holds the new broker's token: {watcher.lines}")
@@ -474,7 +481,8 @@ def case_restart_under_load(guest, command=f"systemctl restart {UNIT}", what="sy
     check(followed <= 1.0, f"the watcher has the new token within 1 s of READY ({followed * 1000:.0f} ms)")
     return (
         f"{what} at +4 s of 12 s: {grpc_caller.summary()}; {process_caller.summary()}; "
-        f"new process ready {to_ready * 1000:.0f} ms after exec, {(ready_at - restart_at) * 1000:.0f} ms after the restart began; "
+        f"new process ready {to_ready * 1000:.0f} ms after exec, unit down {down * 1000:.0f} ms (SIGTERM to READY), "
+        f"{(ready_at - restart_at) * 1000:.0f} ms after the command began; "
         f"watcher had the new token {followed * 1000:+.0f} ms from READY"
     )
 

@@ -111,6 +111,8 @@ pub struct Metrics {
     pub proxy_not_retried: Family<NotRetriedLabels, Counter>,
     /// From sending a request to the API until its response head.
     pub proxy_upstream_latency: HistogramFamily,
+    /// Connections to the API the proxy holds open (pooled or in use).
+    pub proxy_upstream_connections: Family<EnvLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -248,8 +250,15 @@ impl Metrics {
             "API latency through the proxy: request sent until response head",
             proxy_upstream_latency.clone(),
         );
+        let proxy_upstream_connections = Family::<EnvLabels, Gauge>::default();
+        registry.register(
+            "proxy_upstream_connections",
+            "Connections to the Flute API the proxy holds open, pooled or in use",
+            proxy_upstream_connections.clone(),
+        );
         Self {
             registry,
+            proxy_upstream_connections,
             proxy_requests,
             proxy_retried,
             proxy_not_retried,

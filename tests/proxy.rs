@@ -358,3 +358,63 @@ async fn request_smuggling_probes_are_refused() {
     assert!(body.contains("\"body_bytes\":5"), "{body}");
     assert_eq!(broker.emulator(SANDBOX).stats().api_requests, 1);
 }
+
+/// The API over HTTPS: the proxy trusts `[oauth] tls_roots`, offers HTTP/2
+/// by ALPN and keeps one pooled connection for a run of calls (counted in
+/// `proxy_upstream_connections`); a revocation is absorbed on that path too.
+#[tokio::test]
+async fn the_api_over_https_is_reached_by_http2_on_one_pooled_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let ca_file = dir.path().join("api-ca.pem");
+    std::fs::write(&ca_file, certified.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der()).unwrap();
+    let mut https = None;
+    let broker = start_broker_with(&[SANDBOX], Duration::from_secs(900), |emulators, config| {
+        let api = emulators[&SANDBOX]
+            .emulator
+            .spawn_tls("127.0.0.1:0".parse().unwrap(), vec![certified.cert.der().clone()], key)
+            .unwrap();
+        config.oauth.tls_roots = flute_token_broker::tls_roots::TlsRoots::File(ca_file.clone());
+        let proxy = &mut config.environments.get_mut(&SANDBOX).unwrap().proxy;
+        proxy.listen = vec![ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())];
+        proxy.api_url = api.base_url();
+        https = Some(api);
+    })
+    .await;
+    assert!(https.as_ref().unwrap().base_url().starts_with("https://127.0.0.1:"));
+    let first = current_token_id(&broker).await;
+    let http = support::http_client();
+    let base = proxy_tcp(&broker);
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..20 {
+        if i == 10 {
+            broker.emulator(SANDBOX).set_faults(FaultRequest {
+                revoke_current: true,
+                ..Default::default()
+            });
+        }
+        let answer = http
+            .post(format!("{base}/v2/payments"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "call {i}");
+        let echo: Json = answer.json().await.unwrap();
+        assert_eq!(echo["version"], "HTTP/2.0", "HTTP/2 chosen by ALPN: {echo}");
+        seen.insert(echo["token_id"].as_str().unwrap().to_owned());
+    }
+    assert!(seen.contains(&first) && seen.len() == 2, "{seen:?}");
+    let admin = broker.daemon.admin_addr.unwrap();
+    let open = "flute_broker_proxy_upstream_connections{environment=\"sandbox\"}";
+    assert_eq!(
+        support::metric(admin, open).await,
+        1.0,
+        "one HTTP/2 connection for 21 requests"
+    );
+    assert_eq!(
+        support::metric(admin, "flute_broker_proxy_retried_total{environment=\"sandbox\"}").await,
+        1.0
+    );
+}

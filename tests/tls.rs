@@ -359,3 +359,67 @@ async fn agents_follow_a_hub_over_mutual_tls_only_with_a_listed_identity() {
         outage.reason
     );
 }
+
+/// The API proxy over mutual TLS: the environment's `allowed_tls_clients`
+/// apply per request; a certificate from the CA that is not listed gets
+/// 403 CALLER_NOT_ALLOWED and the API is never contacted.
+#[tokio::test]
+async fn the_api_proxy_refuses_an_unlisted_certificate_identity() {
+    let pki = Pki::new();
+    let broker = start_broker_with(
+        &[Environment::Sandbox],
+        Duration::from_secs(900),
+        |emulators, config| {
+            config.server.tls = Some(server_files(&pki, true));
+            let sandbox = config.environments.get_mut(&Environment::Sandbox).unwrap();
+            sandbox.allowed_tls_clients = vec!["payments-service".into()];
+            sandbox.proxy.listen = vec![ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())];
+            sandbox.proxy.api_url = emulators[&Environment::Sandbox].base_url();
+        },
+    )
+    .await;
+    let addr = https(
+        &broker
+            .daemon
+            .proxy_addrs
+            .iter()
+            .map(|(_, a)| a.clone())
+            .collect::<Vec<_>>(),
+    );
+    let client = |identity: &str| {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_file(pki.path("ca.pem")).unwrap())
+            .unwrap();
+        let chain =
+            vec![rustls::pki_types::CertificateDer::from_pem_file(pki.path(&format!("{identity}.pem"))).unwrap()];
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(pki.path(&format!("{identity}.key"))).unwrap();
+        let tls =
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key)
+                .unwrap();
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .build()
+            .unwrap()
+    };
+    let refused = client("agent")
+        .get(format!("{addr}/v2/transactions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    assert!(refused.text().await.unwrap().contains("CALLER_NOT_ALLOWED"));
+    assert_eq!(broker.emulator(Environment::Sandbox).stats().api_requests, 0);
+    let allowed = client("client")
+        .get(format!("{addr}/v2/transactions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(allowed.status(), 200);
+    assert_eq!(broker.emulator(Environment::Sandbox).stats().api_requests, 1);
+}

@@ -13,6 +13,10 @@
 //! - `GET /__emulator/stats`: counts of what was served.
 //! - `POST /__emulator/credentials`: change the accepted client id and
 //!   secret (a key rotation on Flute's side).
+//!
+//! It serves plain HTTP ([`Emulator::spawn`]) or HTTPS with HTTP/2 and
+//! HTTP/1.1 offered by ALPN ([`Emulator::spawn_tls`], with a certificate
+//! the caller generated), both on the same state.
 
 mod api;
 mod faults;
@@ -202,7 +206,60 @@ impl Emulator {
                 tracing::error!(error = %e, "emulator stopped");
             }
         });
-        Ok(RunningEmulator { addr, emulator, task })
+        Ok(RunningEmulator {
+            addr,
+            emulator,
+            scheme: "http",
+            task,
+        })
+    }
+
+    /// Binds `addr` and serves HTTPS in a background task: HTTP/2 or
+    /// HTTP/1.1 as the client's ALPN chooses, with `chain` and `key`. Needs
+    /// no `.await`, so a test can add it to an emulator it already runs.
+    pub fn spawn_tls(
+        &self,
+        addr: SocketAddr,
+        chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+    ) -> std::io::Result<RunningEmulator> {
+        let invalid = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(invalid)?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(invalid)?;
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(listener)?;
+        let addr = listener.local_addr()?;
+        let router = self.router();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, router) = (acceptor.clone(), router.clone());
+                connections.spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let service = hyper_util::service::TowerToHyperService::new(router);
+                    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        Ok(RunningEmulator {
+            addr,
+            emulator: self.clone(),
+            scheme: "https",
+            task,
+        })
     }
 }
 
@@ -210,16 +267,17 @@ impl Emulator {
 pub struct RunningEmulator {
     pub addr: SocketAddr,
     pub emulator: Emulator,
+    scheme: &'static str,
     task: JoinHandle<()>,
 }
 
 impl RunningEmulator {
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     pub fn token_url(&self) -> String {
-        format!("http://{}/oauth2/token", self.addr)
+        format!("{}/oauth2/token", self.base_url())
     }
 }
 

@@ -12,6 +12,7 @@
 //! A proxy face is served by [`crate::serve::serve`] like the API face:
 //! the same budgets, deadlines, drain and handover.
 
+mod counted;
 mod idle;
 pub mod settings;
 pub mod target;
@@ -43,7 +44,7 @@ use crate::tls_roots::TrustRoots;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
-type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, UpstreamBody>;
+type UpstreamClient = Client<hyper_rustls::HttpsConnector<counted::Counted<HttpConnector>>, UpstreamBody>;
 
 /// The response header that says why an API 401 reached the caller.
 pub const NOT_RETRIED_HEADER: &str = "flute-broker-not-retried";
@@ -77,12 +78,16 @@ impl Proxy {
     ) -> Result<Arc<Self>, ProxyError> {
         let base = ApiBase::parse(settings.api_url(environment))
             .map_err(|reason| ProxyError::ApiUrl { environment, reason })?;
+        let labels = crate::metrics::EnvLabels {
+            environment: environment.as_str(),
+        };
+        let open = metrics.proxy_upstream_connections.get_or_create(&labels).clone();
         Ok(Arc::new(Self {
             environment,
             metrics,
             service,
             base,
-            client: upstream_client(roots)?,
+            client: upstream_client(roots, open)?,
             settings: settings.clone(),
         }))
     }
@@ -100,8 +105,12 @@ impl Proxy {
 }
 
 /// A pooled client for the API: HTTP/2 where the API offers it by ALPN,
-/// HTTP/1.1 keep-alive otherwise, TLS trusting `[oauth] tls_roots`.
-fn upstream_client(roots: &TrustRoots) -> Result<UpstreamClient, ProxyError> {
+/// HTTP/1.1 keep-alive otherwise, TLS trusting `[oauth] tls_roots`; its
+/// connections counted in `open`.
+fn upstream_client(
+    roots: &TrustRoots,
+    open: prometheus_client::metrics::gauge::Gauge,
+) -> Result<UpstreamClient, ProxyError> {
     let mut store = rustls::RootCertStore::empty();
     for cert in roots.certificates.iter() {
         store.add(cert.clone()).map_err(|e| ProxyError::Tls(e.to_string()))?;
@@ -118,7 +127,7 @@ fn upstream_client(roots: &TrustRoots) -> Result<UpstreamClient, ProxyError> {
         .with_tls_config(tls)
         .https_or_http()
         .enable_all_versions()
-        .wrap_connector(http);
+        .wrap_connector(counted::Counted::new(http, open));
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_timer(hyper_util::rt::TokioTimer::new())
