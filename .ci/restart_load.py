@@ -38,6 +38,9 @@ class Caller:
         self.last_ok = None
         self.longest_gap = 0.0
         self.gap_end = None
+        # Every gap over 5 intervals, as (start, end) in time.monotonic()
+        # (CLOCK_MONOTONIC, the clock of systemd's *TimestampMonotonic).
+        self.gaps = []
 
     def record(self, error=None):
         now = time.monotonic()
@@ -45,11 +48,21 @@ class Caller:
             self.ok += 1
             if self.last_ok is not None and now - self.last_ok > self.longest_gap:
                 self.longest_gap, self.gap_end = now - self.last_ok, now
+            if self.last_ok is not None and now - self.last_ok > 5 * INTERVAL:
+                self.gaps.append((self.last_ok, now))
             self.last_ok = now
         else:
             self.failed += 1
             if len(self.errors) < 5:
                 self.errors.append(error)
+
+    def longest_gap_within(self, start, end):
+        """The longest gap that overlaps [start, end], in seconds (0 if none)."""
+        return max((e - s for s, e in self.gaps if s <= end and e >= start), default=0.0)
+
+    def longest_gap_outside(self, start, end):
+        """The longest gap entirely before `start` or after `end`."""
+        return max((e - s for s, e in self.gaps if e < start or s > end), default=0.0)
 
     def summary(self):
         errors = f" ({'; '.join(self.errors)})" if self.errors else ""

@@ -464,23 +464,35 @@ def case_restart_under_load(guest, command=f"systemctl restart {UNIT}", what="sy
     to_ready = ready_at - int(guest.prop("ExecMainStartTimestampMonotonic")) / 1e6
     # The window systemd had the unit down: from the old process leaving
     # `active` (SIGTERM) to the new one's READY=1. It holds the old
-    # process's drain, systemd's own work and the new process's start,
-    # which on a busy 2-core guest (dpkg unpacking during an upgrade) is
-    # longer than the start alone; a caller's gap must fit in it.
-    down = ready_at - int(guest.prop("ActiveExitTimestampMonotonic")) / 1e6
+    # process's drain, systemd's own work and the new process's start.
+    # The gap a caller sees across it must fit in it, plus the caller's own
+    # time for one call: 100 ms for the grpcio channel, 250 ms for a new
+    # process per call (fork, exec and loading on a 2-core guest where
+    # dpkg is unpacking and syncing took up to 300 ms in CI). Gaps while a
+    # broker was up and serving are the callers' own; they are reported,
+    # not bounded.
+    down_from = int(guest.prop("ActiveExitTimestampMonotonic")) / 1e6
+    down = ready_at - down_from
     check(0 < down < 30, f"the unit left active before it was ready again ({down * 1000:.0f} ms)")
-    for caller in (grpc_caller, process_caller):
+    for caller, own in ((grpc_caller, 0.1), (process_caller, 0.25)):
         check(caller.failed == 0, f"no failed call: {caller.summary()}")
+        across = caller.longest_gap_within(down_from, ready_at)
         check(
-            caller.longest_gap <= down + 0.1,
-            f"longest gap within the time systemd had the unit down + 100 ms ({(down + 0.1) * 1000:.0f} ms): {caller.summary()}",
+            across <= down + own,
+            f"the gap across the restart ({across * 1000:.0f} ms) within the time systemd had the unit down + "
+            f"{own * 1000:.0f} ms ({(down + own) * 1000:.0f} ms): {caller.summary()}",
         )
     after = [(at, token) for at, token in watcher.token_ids() if at > restart_at]
     check(after, f"the watcher holds the new broker's token: {watcher.lines}")
     followed = after[0][0] - ready_at
     check(followed <= 1.0, f"the watcher has the new token within 1 s of READY ({followed * 1000:.0f} ms)")
+    gaps = "; ".join(
+        f"{c.name.split(',')[0]}: across the restart {c.longest_gap_within(down_from, ready_at) * 1000:.0f} ms, "
+        f"longest elsewhere {c.longest_gap_outside(down_from, ready_at) * 1000:.0f} ms"
+        for c in (grpc_caller, process_caller)
+    )
     return (
-        f"{what} at +4 s of 12 s: {grpc_caller.summary()}; {process_caller.summary()}; "
+        f"{what} at +4 s of 12 s: {grpc_caller.summary()}; {process_caller.summary()}; {gaps}; "
         f"new process ready {to_ready * 1000:.0f} ms after exec, unit down {down * 1000:.0f} ms (SIGTERM to READY), "
         f"{(ready_at - restart_at) * 1000:.0f} ms after the command began; "
         f"watcher had the new token {followed * 1000:+.0f} ms from READY"

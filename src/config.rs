@@ -563,6 +563,19 @@ impl Config {
         out
     }
 
+    /// Every enabled environment's proxy problems, each with its path: for
+    /// listeners given on the command line (`serve --proxy`) after the
+    /// file was validated.
+    pub fn proxy_listener_problems(&self) -> Vec<String> {
+        self.enabled()
+            .flat_map(|(env, e)| {
+                self.proxy_problems(env, e)
+                    .into_iter()
+                    .map(move |p| format!("environments.{env}.proxy.{p}"))
+            })
+            .collect()
+    }
+
     /// One line per environment saying where its tokens come from (for
     /// `check-config`): a mixed hub/agent configuration reads at a glance.
     pub fn token_sources_summary(&self) -> Vec<String> {

@@ -14,7 +14,9 @@ cleanup() {
 trap cleanup EXIT
 
 export FLUTE_BROKER_SOCKET="$work/broker.sock"
-"$bin" serve --dev --dev-token-lifetime 3s --admin-listen "" --listen "unix:$FLUTE_BROKER_SOCKET" >"$work/banner" 2>"$work/log" &
+export FLUTE_PROXY_SOCKET="$work/sandbox-api.sock"
+"$bin" serve --dev --dev-token-lifetime 3s --admin-listen "" --listen "unix:$FLUTE_BROKER_SOCKET" \
+  --proxy "sandbox=unix:$FLUTE_PROXY_SOCKET" --proxy sandbox=127.0.0.1:0 >"$work/banner" 2>"$work/log" &
 broker_pid=$!
 for _ in $(seq 300); do
   grep -q "emulator:" "$work/banner" 2>/dev/null && break
@@ -72,6 +74,22 @@ check "HTTP/2 (prior knowledge) on the same socket: 200" \
   test "$(curl -s -o /dev/null -w '%{http_code} %{http_version}' --http2-prior-knowledge --unix-socket "$FLUTE_BROKER_SOCKET" -H 'Flute-Broker: true' http://localhost/v1/environments/sandbox/token)" = "200 2"
 check "through a proxy (X-Forwarded-For): 403" \
   test "$(curl -s -o /dev/null -w '%{http_code}' --unix-socket "$FLUTE_BROKER_SOCKET" -H 'Flute-Broker: true' -H 'X-Forwarded-For: 10.1.2.3' http://localhost/v1/environments/sandbox/token)" = 403
+# The proxy variant (flute-api.sh): no token in the script at all.
+# shellcheck source=flute-api.sh
+source "$here/flute-api.sh"
+check "a GET through the proxy's socket" grep -q '"transactions"' <<<"$(flute_api GET /v2/transactions)"
+echo_json="$(flute_api POST '/v2/payments?dry_run=1' '{"amount":1250,"currency":"USD"}')"
+check "a POST through the proxy: the API saw a token and the JSON body" \
+  test "$(jq -r '"\(.method) \(.query) \(.body_bytes) \(.token_id | length) \(.headers | has("authorization"))"' <<<"$echo_json")" = "POST dry_run=1 32 12 false"
+proxy_url="$(awk '$1=="proxy:" && $3 ~ /^http:/ {print $3}' "$work/banner")"
+check "the same through the proxy's TCP port" \
+  grep -q '"transactions"' <<<"$(FLUTE_PROXY_URL="$proxy_url" flute_api GET /v2/transactions)"
+curl -s -X POST "$emulator/__emulator/faults" -H 'Content-Type: application/json' -d '{"revoke_current": true}' >/dev/null
+check "a revoked token never reaches the script (the broker retries once)" \
+  grep -q '"method":"POST"' <<<"$(flute_api POST /v2/payments '{"n":2}')"
+check "a path leaving the API: 400" \
+  test "$(curl -s -o /dev/null -w '%{http_code}' --path-as-is --unix-socket "$FLUTE_PROXY_SOCKET" http://localhost/v2/../admin)" = 400
+
 curl -s -X POST "$emulator/__emulator/faults" -H 'Content-Type: application/json' \
   -d '{"refuse_all": true, "status": 503, "retry_after": 2}' >/dev/null
 # Once the 3 s token's window ends (no refresh succeeds), the read fails.

@@ -159,6 +159,31 @@ pub struct ServeArgs {
     /// With --dev: the lifetime of the emulator's tokens [default: 900s].
     #[arg(long, value_parser = duration::parse, requires = "dev", conflicts_with = "config")]
     pub dev_token_lifetime: Option<Duration>,
+    /// An API proxy listener, ENV=HOST:PORT or ENV=unix:PATH (repeatable;
+    /// replaces that environment's proxy.listen). With --dev it forwards
+    /// to the emulator's API.
+    #[arg(long, value_name = "ENV=ADDR")]
+    pub proxy: Vec<ProxyListen>,
+}
+
+/// `--proxy ENV=ADDR`: one proxy listener of one environment.
+#[derive(Clone, Debug)]
+pub struct ProxyListen {
+    pub environment: Environment,
+    pub addr: ListenAddr,
+}
+
+impl std::str::FromStr for ProxyListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (environment, addr) = s
+            .split_once('=')
+            .ok_or_else(|| format!("expected ENV=ADDR (e.g. sandbox=127.0.0.1:8481), got {s:?}"))?;
+        Ok(Self {
+            environment: environment.parse().map_err(|e| format!("{e}"))?,
+            addr: addr.parse()?,
+        })
+    }
 }
 
 /// The broker and one environment (`get`, `watch`, `exec`).

@@ -235,6 +235,9 @@ async fn serve(args: ServeArgs) -> u8 {
             }
         }
     }
+    if let Err(code) = apply_proxy_flags(&mut config, &args.proxy) {
+        return code;
+    }
     let daemon = match daemon::Broker::build(config, args.config.clone()).await {
         Ok(d) => d,
         Err(e) => {
@@ -248,6 +251,40 @@ async fn serve(args: ServeArgs) -> u8 {
     let code = daemon.run(signals).await;
     drop(emulator);
     code
+}
+
+/// `--proxy ENV=ADDR`: each named environment's proxy listeners replaced
+/// by those given, then checked as the file's are (a non-loopback plain
+/// TCP proxy is refused here too).
+fn apply_proxy_flags(config: &mut Config, flags: &[args::ProxyListen]) -> Result<(), u8> {
+    if flags.is_empty() {
+        return Ok(());
+    }
+    for flag in flags {
+        if let Some(env) = config.environments.get_mut(&flag.environment) {
+            env.proxy.listen.clear();
+        }
+    }
+    for flag in flags {
+        match config.environments.get_mut(&flag.environment) {
+            Some(env) if env.enabled => env.proxy.listen.push(flag.addr.clone()),
+            _ => {
+                logging::to_stderr(format_args!(
+                    "error: --proxy {}={}: the {} environment is not enabled",
+                    flag.environment, flag.addr, flag.environment
+                ));
+                return Err(exit::CONFIG);
+            }
+        }
+    }
+    let problems = config.proxy_listener_problems();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    for problem in problems {
+        logging::to_stderr(format_args!("error: {problem}"));
+    }
+    Err(exit::CONFIG)
 }
 
 fn print_dev_banner(daemon: &RunningBroker, emulator: &str, lifetime: Duration) {
@@ -270,12 +307,27 @@ fn print_dev_banner(daemon: &RunningBroker, emulator: &str, lifetime: Duration) 
     if let Some(admin) = daemon.admin_addr {
         banner.push(format!("  admin:     http://{admin}/metrics  /healthz  /readyz"));
     }
+    for (env, addr) in &daemon.proxy_addrs {
+        let url = match addr {
+            ListenAddr::Tcp(a) => format!("http://{a}"),
+            unix => unix.to_string(),
+        };
+        banner.push(format!("  proxy:     {env} {url} (to the emulator's API)"));
+    }
     banner.push(String::new());
     banner.push("In another terminal:".to_owned());
     banner.push(format!("  cargo run --release -- get --env sandbox{addr_flag}"));
     banner.push(format!("  curl -H \"Authorization: Bearer $(cargo run -q --release -- get --env sandbox{addr_flag})\" {emulator}/v2/transactions"));
     banner.push(format!("  cargo run --release -- watch --env sandbox{addr_flag}"));
     banner.push(format!("  cargo run --release -- status{addr_flag}"));
+    match daemon.proxy_addrs.first() {
+        Some((_, ListenAddr::Tcp(a))) => banner.push(format!("  curl http://{a}/v2/transactions")),
+        Some((_, ListenAddr::Unix(p))) => banner.push(format!(
+            "  curl --unix-socket {} http://localhost/v2/transactions",
+            p.display()
+        )),
+        None => {}
+    }
     banner.push("Stop with Ctrl-C.".to_owned());
     // The daemon keeps running when stdout is closed or full.
     let _ = logging::to_stdout(banner.join("\n") + "\n");

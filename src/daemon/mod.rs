@@ -536,11 +536,13 @@ pub async fn dev_setup(mut config: Config, token_lifetime: Duration) -> Result<(
         .map_err(DaemonError::Emulator)?;
     config.credentials = CredentialTable::generated("dev-client", secret);
     config.oauth.allow_insecure_http = true;
-    // Every environment calls the emulator: an `upstream` from the file
-    // is dropped, so no environment has both origins.
+    // Every environment calls the emulator, for its tokens and through a
+    // proxy: an `upstream` from the file is dropped, so no environment has
+    // both origins.
     for env in config.environments.values_mut() {
         env.enabled = true;
         env.token_url = emulator.token_url();
+        env.proxy.api_url = emulator.base_url();
         env.upstream.clear();
         env.credentials = None;
     }
