@@ -418,3 +418,150 @@ async fn the_api_over_https_is_reached_by_http2_on_one_pooled_connection() {
         1.0
     );
 }
+
+/// A request body for hyper's client: `n` chunks of `size` bytes.
+type Upload = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+
+fn upload(n: usize, size: usize) -> Upload {
+    use http_body_util::BodyExt;
+    let chunks = (0..n).map(move |_| Ok(http_body::Frame::data(bytes::Bytes::from(vec![b'u'; size]))));
+    http_body_util::StreamBody::new(futures_util::stream::iter(chunks)).boxed()
+}
+
+/// The broker's peak resident memory (`VmHWM`) and current (`VmRSS`), in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// One HTTP/1.1 exchange over a Unix socket with hyper's client; the
+/// response's status, and its body counted as it streams (with one pause
+/// after the first MiB, so a broker without backpressure would have to
+/// hold what the API keeps sending).
+async fn exchange_counted(socket: &std::path::Path, request: http::Request<Upload>) -> (u16, u64, Vec<u8>) {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let (mut received, mut paused, mut head) = (0u64, false, Vec::new());
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            received += data.len() as u64;
+            if head.len() < 4096 {
+                head.extend_from_slice(&data[..data.len().min(4096 - head.len())]);
+            }
+            if !paused && received > 1 << 20 {
+                paused = true;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    (status, received, head)
+}
+
+/// A 50 MiB response and a 5 MiB upload through the proxy of a broker
+/// running as its own process: both stream, and the broker's peak RSS
+/// grows by less than 16 MiB while 55 MiB pass through it (the replay copy
+/// is at most `replay_limit_bytes`, 1 MiB; the rest is never held).
+#[tokio::test]
+async fn large_bodies_stream_through_with_the_brokers_memory_bounded() {
+    const MIB: u64 = 1 << 20;
+    let emulator = support::start_emulator(Duration::from_secs(900), true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, support::CLIENT_SECRET).unwrap();
+    let api_socket = dir.path().join("sandbox-api.sock");
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[credentials]
+client_id = "{id}"
+client_secret_file = "{secret}"
+[oauth]
+allow_insecure_http = true
+[server]
+listen = ["unix:{dir}/broker.sock"]
+[admin]
+listen = ""
+[environments.production]
+enabled = false
+[environments.sandbox]
+token_url = "{token_url}"
+[environments.sandbox.proxy]
+listen = ["unix:{api}"]
+api_url = "{base}"
+"#,
+            id = support::CLIENT_ID,
+            secret = secret.display(),
+            dir = dir.path().display(),
+            token_url = emulator.token_url(),
+            api = api_socket.display(),
+            base = emulator.base_url(),
+        ),
+    )
+    .unwrap();
+    let mut broker = tokio::process::Command::new(env!("CARGO_BIN_EXE_flute-token-broker"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = broker.id().unwrap();
+    let get = |path: &str| {
+        http::Request::get(path)
+            .header("host", "localhost")
+            .body(upload(0, 0))
+            .unwrap()
+    };
+    // Warm: the first request waits for the socket and the token.
+    let warm = async {
+        loop {
+            if api_socket.exists() {
+                let (status, _, _) = exchange_counted(&api_socket, get("/v2/transactions")).await;
+                if status == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), warm).await.expect("the proxy answers");
+    let (peak_before, _) = memory_kib(pid);
+
+    let (status, received, _) = exchange_counted(&api_socket, get(&format!("/v2/_emulator/bytes/{}", 50 * MIB))).await;
+    assert_eq!((status, received), (200, 50 * MIB));
+    let upload = http::Request::post("/v2/uploads")
+        .header("host", "localhost")
+        .header("content-type", "application/octet-stream")
+        .body(upload(5, MIB as usize))
+        .unwrap();
+    let (status, _, echo) = exchange_counted(&api_socket, upload).await;
+    assert_eq!(status, 200);
+    let echo: Json = serde_json::from_slice(&echo).unwrap();
+    assert_eq!(echo["body_bytes"], 5 * MIB);
+
+    let (peak_after, now) = memory_kib(pid);
+    eprintln!("broker RSS: peak {peak_before} KiB before, {peak_after} KiB after 55 MiB; now {now} KiB");
+    assert!(
+        peak_after - peak_before < 16 * 1024,
+        "peak RSS grew {} KiB while 55 MiB streamed",
+        peak_after - peak_before
+    );
+    broker.kill().await.unwrap();
+}
