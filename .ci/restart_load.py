@@ -9,7 +9,9 @@ socket as stock clients do:
   wait-for-ready, no retry policy), GetToken every 10 ms;
 - `flute-token-broker get`, a new process and connection per call, every
   10 ms;
-- `flute-token-broker watch`, whose token lines are timestamped.
+- `flute-token-broker watch`, whose token lines are timestamped;
+- optionally, HTTP/1.1 POSTs through the API proxy's socket, a connection
+  per call (http.client).
 
 Needs grpcio and grpcio-tools (the examples' requirements).
 """
@@ -104,6 +106,36 @@ def process_caller(binary, socket_path, stop, caller):
         _pace(started)
 
 
+def proxy_caller(socket_path, stop, caller):
+    """The API proxy as a stock HTTP/1.1 client uses it: a connection per
+    call (http.client over the Unix socket), a JSON POST every 10 ms that
+    must be answered 200 by the API behind it."""
+    import http.client
+    import socket
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(self.timeout)
+            self.sock.connect(socket_path)
+
+    n = 0
+    while not stop.is_set():
+        started = time.monotonic()
+        n += 1
+        connection = UnixConnection("localhost", timeout=5.0)
+        try:
+            connection.request("POST", "/v2/payments", body=f'{{"n": {n}}}', headers={"Content-Type": "application/json"})
+            answer = connection.getresponse()
+            body = answer.read()
+            caller.record(None if answer.status == 200 else f"HTTP {answer.status}: {body[:200]!r}")
+        except OSError as error:
+            caller.record(f"{type(error).__name__}: {error}")
+        finally:
+            connection.close()
+        _pace(started)
+
+
 class Watcher:
     """`flute-token-broker watch`, each token line with the time it arrived."""
 
@@ -130,16 +162,19 @@ class Watcher:
         self.process.wait(timeout=10)
 
 
-def run(socket_path, binary, action, duration=12.0, action_at=4.0):
+def run(socket_path, binary, action, duration=12.0, action_at=4.0, proxy=None):
     """Runs the callers for `duration` seconds and `action()` at
     `action_at`; returns (grpc caller, process caller, watcher, what the
-    action returned, when it started)."""
+    action returned, when it started). With `proxy` = (the API proxy's
+    socket, a Caller), that caller POSTs through the proxy meanwhile."""
     stop = threading.Event()
     callers = [Caller("grpcio, one channel, default options"), Caller("flute-token-broker get, a connection per call")]
     threads = [
         threading.Thread(target=grpc_caller, args=(socket_path, stop, callers[0])),
         threading.Thread(target=process_caller, args=(binary, socket_path, stop, callers[1])),
     ]
+    if proxy is not None:
+        threads.append(threading.Thread(target=proxy_caller, args=(proxy[0], stop, proxy[1])))
     watcher = Watcher(binary, socket_path)
     begin = time.monotonic()
     for thread in threads:

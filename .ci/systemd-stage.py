@@ -445,9 +445,45 @@ def case_key_rotation(guest):
     return "reload kept the old credential copy (as documented); restart adopted the new secret, both environments READY"
 
 
+PROXY_SOCKET = "/run/flute-token-broker/sandbox-api.sock"
+
+
+def case_api_proxy(guest):
+    """The sandbox API proxy on a socket of the socket unit (a drop-in adds
+    its ListenStream=), so restarts hand it over like the gRPC socket; the
+    emulator's API behind it."""
+    import http.client
+    import socket
+
+    guest.sh(
+        f"mkdir -p /etc/systemd/system/{UNIT}.socket.d && "
+        f"printf '[Socket]\\nListenStream={PROXY_SOCKET}\\n' > /etc/systemd/system/{UNIT}.socket.d/proxy.conf"
+    )
+    guest.sh(
+        "cat >> /etc/flute-token-broker/config.toml",
+        input=f'\n[environments.sandbox.proxy]\nlisten = ["unix:{PROXY_SOCKET}"]\napi_url = "http://127.0.0.1:{EMULATOR_PORT}"\n',
+    )
+    guest.sh(f"systemctl daemon-reload && systemctl stop {UNIT}.service {UNIT}.socket && systemctl start {UNIT}.socket {UNIT}.service")
+    check(guest.prop("ActiveState") == "active", "active with the proxy")
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(f"/proc/{guest.leader}/root{PROXY_SOCKET}")
+
+    connection = UnixConnection("localhost", timeout=10)
+    connection.request("POST", "/v2/payments", body='{"amount": 1}', headers={"Content-Type": "application/json"})
+    answer = connection.getresponse()
+    echo = json.loads(answer.read())
+    check(answer.status == 200 and len(echo["token_id"]) == 12, f"the API answered through the proxy: {answer.status} {echo}")
+    mode = guest.sh(f"stat -c '%a %G' {PROXY_SOCKET}").stdout.strip()
+    passed = [e for e in guest.journal() if "using the socket passed by systemd" in e.get("MESSAGE", "") and "sandbox-api" in json.dumps(e)]
+    return f"{PROXY_SOCKET} ({mode}) from the socket unit{' (passed by systemd)' if passed else ''}: POST answered 200 by the API, token_id {echo['token_id']}"
+
+
 def case_restart_under_load(guest, command=f"systemctl restart {UNIT}", what="systemctl restart"):
     """A restart (or whatever `command` does) while callers keep calling
-    (socket activation)."""
+    (socket activation); through the API proxy too where it is set up."""
     import restart_load
 
     passed = [e for e in guest.journal() if "using the socket passed by systemd" in e.get("MESSAGE", "")]
@@ -455,8 +491,14 @@ def case_restart_under_load(guest, command=f"systemctl restart {UNIT}", what="sy
     old_pid = guest.prop("MainPID")
     socket_path = f"/proc/{guest.leader}/root{SOCKET}"
     binary = str(REPO / "target/release/flute-token-broker")
+    proxied = None
+    if guest.sh(f"test -S {PROXY_SOCKET}", check=False).returncode == 0:
+        proxied = restart_load.Caller("HTTP/1.1 POST through the API proxy, a connection per call")
     grpc_caller, process_caller, watcher, _, restart_at = restart_load.run(
-        socket_path, binary, lambda: guest.sh(command)
+        socket_path,
+        binary,
+        lambda: guest.sh(command),
+        proxy=(f"/proc/{guest.leader}/root{PROXY_SOCKET}", proxied) if proxied else None,
     )
     new_pid = guest.prop("MainPID")
     check(new_pid not in ("0", old_pid), f"a new process: {old_pid} → {new_pid}")
@@ -474,7 +516,8 @@ def case_restart_under_load(guest, command=f"systemctl restart {UNIT}", what="sy
     down_from = int(guest.prop("ActiveExitTimestampMonotonic")) / 1e6
     down = ready_at - down_from
     check(0 < down < 30, f"the unit left active before it was ready again ({down * 1000:.0f} ms)")
-    for caller, own in ((grpc_caller, 0.1), (process_caller, 0.25)):
+    callers = [(grpc_caller, 0.1), (process_caller, 0.25)] + ([(proxied, 0.1)] if proxied else [])
+    for caller, own in callers:
         check(caller.failed == 0, f"no failed call: {caller.summary()}")
         across = caller.longest_gap_within(down_from, ready_at)
         check(
@@ -489,10 +532,10 @@ def case_restart_under_load(guest, command=f"systemctl restart {UNIT}", what="sy
     gaps = "; ".join(
         f"{c.name.split(',')[0]}: across the restart {c.longest_gap_within(down_from, ready_at) * 1000:.0f} ms, "
         f"longest elsewhere {c.longest_gap_outside(down_from, ready_at) * 1000:.0f} ms"
-        for c in (grpc_caller, process_caller)
+        for c, _ in callers
     )
     return (
-        f"{what} at +4 s of 12 s: {grpc_caller.summary()}; {process_caller.summary()}; {gaps}; "
+        f"{what} at +4 s of 12 s: {'; '.join(c.summary() for c, _ in callers)}; {gaps}; "
         f"new process ready {to_ready * 1000:.0f} ms after exec, unit down {down * 1000:.0f} ms (SIGTERM to READY), "
         f"{(ready_at - restart_at) * 1000:.0f} ms after the command began; "
         f"watcher had the new token {followed * 1000:+.0f} ms from READY"
@@ -669,6 +712,7 @@ PACKAGE_CASES = [
     ("agent example following this broker", case_agent_example),
     ("reload and rejected reload", case_reload),
     ("journal fields", case_journal_fields),
+    ("API proxy on the socket unit", case_api_proxy),
     ("restart under load", case_restart_under_load),
     ("restart during a token-endpoint outage", case_restart_during_an_outage),
     (

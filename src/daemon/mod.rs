@@ -144,22 +144,12 @@ impl Broker {
         let unix = config.server.unix_socket_options();
         let mut bound = Vec::new();
         for addr in &config.server.listen {
-            match inherited.take(addr)? {
-                Some(socket) => {
-                    info!(%addr, "using the socket passed by systemd");
-                    bound.push(socket);
-                }
-                None => bound.push(listen::bind(addr, &unix).await?),
-            }
+            bound.push(acquire(&mut inherited, addr, &unix).await?);
         }
         let mut proxy_bound = Vec::new();
         for (env, e) in config.enabled() {
             for addr in &e.proxy.listen {
-                let socket = match inherited.take(addr)? {
-                    Some(socket) => socket,
-                    None => listen::bind(addr, &unix).await?,
-                };
-                proxy_bound.push((env, socket));
+                proxy_bound.push((env, acquire(&mut inherited, addr, &unix).await?));
             }
         }
         inherited.finish()?;
@@ -522,6 +512,21 @@ async fn wait_for_signals(daemon: &RunningBroker, signals: Signals) -> u8 {
 
 /// `serve --dev`: an in-process emulator with generated credentials, and a
 /// configuration pointing both environments at it.
+/// The socket systemd passed for `addr`, or else a new one bound.
+async fn acquire(
+    inherited: &mut listen::Inherited,
+    addr: &ListenAddr,
+    unix: &crate::serve::listen::UnixSocketOptions,
+) -> Result<Bound, DaemonError> {
+    match inherited.take(addr)? {
+        Some(socket) => {
+            info!(%addr, "using the socket passed by systemd");
+            Ok(socket)
+        }
+        None => Ok(listen::bind(addr, unix).await?),
+    }
+}
+
 pub async fn dev_setup(mut config: Config, token_lifetime: Duration) -> Result<(Config, RunningEmulator), DaemonError> {
     let secret = random_secret();
     let emulator_config = EmulatorConfig {
