@@ -13,8 +13,10 @@ process of its own, route GET /v2/transactions) over loopback:
 Run:  cargo build --release && python3 benches/proxy.py
 Needs wrk, h2load (nghttp2-client) and nginx.
 
-Each row: requests/s, latency p50/p99, non-2xx answers, and for (b) the
-broker's resident memory after the run (VmRSS, and the peak VmHWM).
+Each row: requests/s, latency p50/p99, non-2xx answers; for (b) and (c)
+the proxy's CPU time per request (user + system, nginx's workers
+included), and for (b) the broker's resident memory after the run (VmRSS,
+and the peak VmHWM).
 """
 
 import os
@@ -40,11 +42,15 @@ error_log {work}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
+    # No connection closed after 1,000 requests (the default): neither the
+    # callers' (h2load does not reconnect) nor the upstream pool's.
+    keepalive_requests 10000000;
     client_body_temp_path {work}/nginx-body;
     proxy_temp_path {work}/nginx-proxy;
     upstream flute_api {{
         server 127.0.0.1:{api};
         keepalive 64;
+        keepalive_requests 10000000;
     }}
     server {{
         listen 127.0.0.1:{http1};
@@ -106,6 +112,21 @@ def h2load(work, name, url, headers=()):
     return rate, pick(0.5), pick(0.99), REQUESTS - ok
 
 
+def cpu_seconds(pids):
+    """User + system CPU time of these processes so far."""
+    ticks = 0
+    for pid in pids:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def family(pid):
+    """A process and its children (nginx's workers)."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid, *map(int, children)]
+
+
 def memory(pid):
     status = pathlib.Path(f"/proc/{pid}/status").read_text()
     field = lambda name: int(re.search(rf"^{name}:\s+(\d+)", status, re.M).group(1)) // 1024
@@ -162,6 +183,7 @@ api_url = "http://127.0.0.1:{api}"
         wait_port(http1, "nginx")
 
         rows = []
+        measured = {"broker": broker.pid, "nginx": processes[-1].pid}
         for name, run in [
             ("HTTP/1.1 (wrk -t2 -c64)  direct", lambda: wrk(f"http://127.0.0.1:{api}{PATH}", [bearer])),
             ("HTTP/1.1 (wrk -t2 -c64)  broker proxy", lambda: wrk(f"http://127.0.0.1:{proxy}{PATH}")),
@@ -170,8 +192,16 @@ api_url = "http://127.0.0.1:{api}"
             ("HTTP/2 (h2load -c16 -m8) broker proxy", lambda: h2load(work, "broker", f"http://127.0.0.1:{proxy}{PATH}")),
             ("HTTP/2 (h2load -c16 -m8) nginx", lambda: h2load(work, "nginx", f"http://127.0.0.1:{http2}{PATH}")),
         ]:
+            who = next((w for w in measured if w in name), None)
+            pids = family(measured[who]) if who else []
+            cpu_before = cpu_seconds(pids)
             rate, p50, p99, bad = run()
-            extra = f"  broker {memory(broker.pid)}" if "broker" in name else ""
+            extra = ""
+            if who:
+                served = rate * (int(DURATION.rstrip("s")) if "wrk" in name else REQUESTS / rate)
+                extra = f"  {who} CPU {(cpu_seconds(pids) - cpu_before) / served * 1e6:.1f} us/request"
+            if who == "broker":
+                extra += f", {memory(broker.pid)}"
             rows.append(f"{name:40} {rate:>9.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  non-2xx {bad}{extra}")
             print(rows[-1], flush=True)
     finally:
