@@ -359,11 +359,10 @@ async fn request_smuggling_probes_are_refused() {
     assert_eq!(broker.emulator(SANDBOX).stats().api_requests, 1);
 }
 
-/// The API over HTTPS: the proxy trusts `[oauth] tls_roots`, offers HTTP/2
-/// by ALPN and keeps one pooled connection for a run of calls (counted in
-/// `proxy_upstream_connections`); a revocation is absorbed on that path too.
-#[tokio::test]
-async fn the_api_over_https_is_reached_by_http2_on_one_pooled_connection() {
+/// A broker whose sandbox proxy (loopback TCP) forwards to the emulator's
+/// HTTPS listener, trusting the test's certificate through `tls_roots`;
+/// the HTTPS listener and the certificate's directory, kept alive.
+async fn broker_with_https_api() -> (Broker, flute_token_broker::emulator::RunningEmulator, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let ca_file = dir.path().join("api-ca.pem");
@@ -382,13 +381,24 @@ async fn the_api_over_https_is_reached_by_http2_on_one_pooled_connection() {
         https = Some(api);
     })
     .await;
-    assert!(https.as_ref().unwrap().base_url().starts_with("https://127.0.0.1:"));
-    let first = current_token_id(&broker).await;
+    let https = https.unwrap();
+    assert!(https.base_url().starts_with("https://127.0.0.1:"));
+    (broker, https, dir)
+}
+
+/// Sends `n` POSTs through the proxy, revoking the current token before
+/// call `revoke_at`; each answer must be 200 over HTTP/2 to the API. The
+/// `token_id`s the API saw, and every response header value.
+async fn post_through(
+    broker: &Broker,
+    n: usize,
+    revoke_at: usize,
+) -> (std::collections::BTreeSet<String>, Vec<String>) {
     let http = support::http_client();
-    let base = proxy_tcp(&broker);
-    let mut seen = std::collections::BTreeSet::new();
-    for i in 0..20 {
-        if i == 10 {
+    let base = proxy_tcp(broker);
+    let (mut seen, mut headers) = (std::collections::BTreeSet::new(), Vec::new());
+    for i in 0..n {
+        if i == revoke_at {
             broker.emulator(SANDBOX).set_faults(FaultRequest {
                 revoke_current: true,
                 ..Default::default()
@@ -401,10 +411,27 @@ async fn the_api_over_https_is_reached_by_http2_on_one_pooled_connection() {
             .await
             .unwrap();
         assert_eq!(answer.status(), 200, "call {i}");
+        headers.extend(
+            answer
+                .headers()
+                .values()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        );
         let echo: Json = answer.json().await.unwrap();
         assert_eq!(echo["version"], "HTTP/2.0", "HTTP/2 chosen by ALPN: {echo}");
         seen.insert(echo["token_id"].as_str().unwrap().to_owned());
     }
+    (seen, headers)
+}
+
+/// The API over HTTPS: the proxy trusts `[oauth] tls_roots`, offers HTTP/2
+/// by ALPN and keeps one pooled connection for a run of calls (counted in
+/// `proxy_upstream_connections`); a revocation is absorbed on that path too.
+#[tokio::test]
+async fn the_api_over_https_is_reached_by_http2_on_one_pooled_connection() {
+    let (broker, _https, _dir) = broker_with_https_api().await;
+    let first = current_token_id(&broker).await;
+    let (seen, _) = post_through(&broker, 20, 10).await;
     assert!(seen.contains(&first) && seen.len() == 2, "{seen:?}");
     let admin = broker.daemon.admin_addr.unwrap();
     let open = "flute_broker_proxy_upstream_connections{environment=\"sandbox\"}";
@@ -417,6 +444,39 @@ async fn the_api_over_https_is_reached_by_http2_on_one_pooled_connection() {
         support::metric(admin, "flute_broker_proxy_retried_total{environment=\"sandbox\"}").await,
         1.0
     );
+}
+
+/// Secret hygiene on the proxy path: with every log line captured at TRACE
+/// (the broker's, hyper's and h2's, all on this thread), HTTP/2
+/// over TLS to the API and a revocation absorbed, neither token appears in
+/// a log line, an answer header or `/metrics`.
+#[tokio::test(flavor = "current_thread")]
+async fn no_token_in_trace_logs_answer_headers_or_metrics() {
+    let logs = support::LogCapture::default();
+    let _guard = logs.install();
+    let (broker, _https, _dir) = broker_with_https_api().await;
+    current_token_id(&broker).await;
+    let source = broker.daemon.sources.get(SANDBOX).unwrap();
+    let first = source.current().unwrap().access_token().to_owned();
+    let (seen, headers) = post_through(&broker, 6, 3).await;
+    assert_eq!(seen.len(), 2);
+    let second = source.current().unwrap().access_token().to_owned();
+    assert_ne!(first, second);
+    let metrics = support::metrics_text(broker.daemon.admin_addr.unwrap()).await;
+    let logs = logs.text();
+    assert!(logs.contains("proxied"), "the capture holds the proxy's access lines");
+    assert!(
+        logs.contains(" h2::") && logs.contains(" hyper"),
+        "the capture holds h2's and hyper's TRACE lines too"
+    );
+    for token in [&first, &second] {
+        assert!(!logs.contains(token.as_str()), "a token in a TRACE log line");
+        assert!(
+            !headers.iter().any(|h| h.contains(token.as_str())),
+            "a token in an answer header"
+        );
+        assert!(!metrics.contains(token.as_str()), "a token in /metrics");
+    }
 }
 
 /// A request body for hyper's client: `n` chunks of `size` bytes.
@@ -541,7 +601,9 @@ api_url = "{base}"
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(20), warm).await.expect("the proxy answers");
+    tokio::time::timeout(Duration::from_secs(20), warm)
+        .await
+        .expect("the proxy answers");
     let (peak_before, _) = memory_kib(pid);
 
     let (status, received, _) = exchange_counted(&api_socket, get(&format!("/v2/_emulator/bytes/{}", 50 * MIB))).await;
