@@ -25,6 +25,15 @@ const SANDBOX: i32 = pb::Environment::Sandbox as i32;
 /// An agent broker following the sandbox on `upstream`, with no
 /// `[credentials]` at all.
 async fn start_agent(upstream: Vec<String>, dir: &std::path::Path) -> (RunningBroker, Client, String) {
+    start_agent_with(upstream, dir, |_| {}).await
+}
+
+/// [`start_agent`], with `adjust` applied to its configuration last.
+async fn start_agent_with(
+    upstream: Vec<String>,
+    dir: &std::path::Path,
+    adjust: impl FnOnce(&mut Config),
+) -> (RunningBroker, Client, String) {
     let mut config = Config::default();
     let socket = dir.join("agent.sock");
     config.server.listen = vec![ListenAddr::Unix(socket.clone())];
@@ -36,6 +45,7 @@ async fn start_agent(upstream: Vec<String>, dir: &std::path::Path) -> (RunningBr
     sandbox.token_url = String::new();
     sandbox.upstream = upstream;
     config.environments.get_mut(&Environment::Production).unwrap().enabled = false;
+    adjust(&mut config);
     config
         .validate()
         .expect("an agent configuration without credentials is valid");
@@ -565,4 +575,61 @@ async fn a_follow_tries_the_hubs_in_the_listed_order() {
         starts.push(first);
     }
     assert_eq!(starts[1], (starts[0] + 1) % 4, "the next follow starts one further");
+}
+
+/// An agent's API proxy: requests go out with the hub's token; when the
+/// API revokes it, the 401s of 20 concurrent requests become one
+/// RefreshToken forwarded to the hub and one token request at Flute, and
+/// every caller gets the API's 200.
+#[tokio::test]
+async fn an_agents_proxy_absorbs_a_revocation_with_one_forwarded_refresh() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hub = hub(Duration::from_secs(900)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let api_socket = dir.path().join("sandbox-api.sock");
+    let flute = hub.emulator(Environment::Sandbox).clone();
+    let base_url = hub.emulators[&Environment::Sandbox].base_url();
+    let (_agent, mut client, _) = start_agent_with(vec![hub.unix.clone()], dir.path(), |config| {
+        config.oauth.allow_insecure_http = true;
+        let proxy = &mut config.environments.get_mut(&Environment::Sandbox).unwrap().proxy;
+        proxy.listen = vec![ListenAddr::Unix(api_socket.clone())];
+        proxy.api_url = base_url;
+    })
+    .await;
+    let first = current_token(&mut client, SANDBOX).await;
+    let post = |socket: std::path::PathBuf| async move {
+        let mut stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+        stream
+            .write_all(
+                b"POST /v2/payments HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+            )
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        answer
+    };
+    let answer = post(api_socket.clone()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains(&first.token_id),
+        "the hub's token reached the API: {answer}"
+    );
+
+    let before = flute.stats().token_requests;
+    flute.set_faults(flute_token_broker::emulator::FaultRequest {
+        revoke_current: true,
+        ..Default::default()
+    });
+    let calls: Vec<_> = (0..20).map(|_| tokio::spawn(post(api_socket.clone()))).collect();
+    for call in calls {
+        let answer = call.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(!answer.contains(&first.token_id), "{answer}");
+    }
+    assert_eq!(
+        flute.stats().token_requests,
+        before + 1,
+        "20 rejected requests at the agent → one forwarded refresh → one token request"
+    );
 }
