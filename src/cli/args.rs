@@ -180,7 +180,7 @@ impl std::str::FromStr for ProxyListen {
             .split_once('=')
             .ok_or_else(|| format!("expected ENV=ADDR (e.g. sandbox=127.0.0.1:8481), got {s:?}"))?;
         Ok(Self {
-            environment: environment.parse().map_err(|e| format!("{e}"))?,
+            environment: environment.parse()?,
             addr: addr.parse()?,
         })
     }
