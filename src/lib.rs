@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -69,6 +69,21 @@ pub struct NotRetriedLabels {
     pub reason: &'static str,
 }
 
+/// A TLS material reload: which material (`server`, `upstream`,
+/// `token_endpoint_roots`) and whether it was taken (`ok`, `failed`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsReloadLabels {
+    pub material: &'static str,
+    pub result: &'static str,
+}
+
+/// A certificate in use, by role (`server`, `client_ca`, `upstream_client`,
+/// `upstream_ca`, `token_endpoint_roots`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsRoleLabels {
+    pub role: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
@@ -113,6 +128,10 @@ pub struct Metrics {
     pub proxy_upstream_latency: HistogramFamily,
     /// Connections to the API the proxy holds open (pooled or in use).
     pub proxy_upstream_connections: Family<EnvLabels, Gauge>,
+    /// Reloads of TLS material after its files changed, by outcome.
+    pub tls_reloads: Family<TlsReloadLabels, Counter>,
+    /// When each certificate in use expires (seconds since the epoch).
+    pub tls_certificate_expiry: Family<TlsRoleLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -256,8 +275,22 @@ impl Metrics {
             "Connections to the Flute API the proxy holds open, pooled or in use",
             proxy_upstream_connections.clone(),
         );
+        let tls_reloads = Family::<TlsReloadLabels, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "Reloads of TLS material after its files changed: ok (taken) or failed (the last good material stays)",
+            tls_reloads.clone(),
+        );
+        let tls_certificate_expiry = Family::<TlsRoleLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When each TLS certificate in use expires, by role (for a CA bundle: its earliest)",
+            tls_certificate_expiry.clone(),
+        );
         Self {
             registry,
+            tls_reloads,
+            tls_certificate_expiry,
             proxy_upstream_connections,
             proxy_requests,
             proxy_retried,

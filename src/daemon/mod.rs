@@ -136,8 +136,9 @@ impl Broker {
             .server
             .tls
             .as_ref()
-            .map(crate::serve::tls::server_config)
-            .transpose()?;
+            .map(crate::certs::server::ServerTls::load)
+            .transpose()
+            .map_err(crate::serve::tls::TlsError::from)?;
         let passed = PassedFds::from_env()?;
         let restored = token_store::restore(passed.token_store, &config.refresh);
         let mut inherited = passed.sockets;

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
-use tonic::transport::{Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tracing::{error, info, warn};
 
 pub use settings::ServerConfig;
@@ -34,6 +34,8 @@ use crate::metrics::Metrics;
 use guard::{ConnectionLimits, ListenerGuard, StreamTrackingLayer, incoming};
 use listen::Bound;
 use tls::TlsError;
+
+use crate::certs::server::ServerTls;
 
 /// What one kind of listener serves.
 #[derive(Clone)]
@@ -55,43 +57,42 @@ pub struct Face {
 pub fn serve(
     listener: Bound,
     face: &Face,
-    tls: Option<&ServerTlsConfig>,
+    tls: Option<&Arc<ServerTls>>,
     limits: ConnectionLimits,
     stopping: &CancellationToken,
     metrics: &Arc<Metrics>,
 ) -> Result<JoinHandle<()>, TlsError> {
     let addr = listener.addr();
-    let mut builder = Server::builder()
+    let router = Server::builder()
         // HTTP/1.1 too: the HTTP/JSON read, the admin endpoints (gRPC stays HTTP/2).
         .accept_http1(true)
         .max_concurrent_streams(limits.max_concurrent_streams)
         .layer(StreamTrackingLayer {
             http1_screen: face.http1_screen,
         })
-        .layer(request_limit::RequestLimitLayer::new(face.max_request_bytes));
-    let tls = tls.filter(|_| matches!(listener, Bound::Tcp(_)));
-    if let Some(tls) = tls {
-        builder = builder
-            .tls_config(tls.clone())
-            .map_err(|e| TlsError::Invalid(e.to_string()))?;
-    }
-    let router = builder.add_routes(face.routes.clone());
+        .layer(request_limit::RequestLimitLayer::new(face.max_request_bytes))
+        .add_routes(face.routes.clone());
+    let acceptor = tls.filter(|_| matches!(listener, Bound::Tcp(_))).map(|t| t.acceptor());
     let name = face.name;
-    info!(face = name, %addr, tls = tls.is_some(), max_connections = limits.max_connections, "listening");
+    info!(face = name, %addr, tls = acceptor.is_some(), max_connections = limits.max_connections, "listening");
     let guard = ListenerGuard::new(format!("{name}:{addr}"), limits, metrics.clone());
     // Stop accepting at `stopping`; begin the graceful shutdown (GOAWAY)
     // once every accepted connection has begun its first request.
     let signal = guard.clone().settled(stopping.clone());
     let stopping = stopping.clone();
     Ok(tokio::spawn(async move {
-        let result = match listener {
-            Bound::Tcp(l) => {
+        let result = match (listener, acceptor) {
+            (Bound::Tcp(l), Some(acceptor)) => {
+                let incoming = tls::handshakes(incoming(l, guard, stopping), acceptor);
+                router.serve_with_incoming_shutdown(incoming, signal).await
+            }
+            (Bound::Tcp(l), None) => {
                 router
                     .serve_with_incoming_shutdown(incoming(l, guard, stopping), signal)
                     .await
             }
             // The socket file lives as long as its server.
-            Bound::Unix(l, _file) => {
+            (Bound::Unix(l, _file), _) => {
                 let l = unix_authority::UnixAuthorityListener(l);
                 router
                     .serve_with_incoming_shutdown(incoming(l, guard, stopping), signal)

@@ -1,10 +1,12 @@
-//! TLS for TCP listeners: the server certificate and, for mutual TLS, the
-//! CA client certificates must chain to. Unix sockets never use TLS: file
+//! TLS for TCP listeners: the certificate files (`[server.tls]`) and the
+//! handshakes. The material itself, swappable while the broker runs, is
+//! [`crate::certs::server`]'s. Unix sockets never use TLS: file
 //! permissions guard them. The client side is [`crate::dial`]'s.
 
 use std::path::{Path, PathBuf};
 
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use futures_util::{Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Certificate files of a TLS listener (`[server.tls]`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -57,6 +59,8 @@ pub enum TlsError {
     },
     #[error("invalid TLS configuration: {0}")]
     Invalid(String),
+    #[error("{0}")]
+    Material(#[from] crate::certs::MaterialError),
 }
 
 pub(crate) fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -66,17 +70,25 @@ pub(crate) fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-/// Reads and checks the files; the error names the file, never its content.
-pub fn server_config(files: &ServerTlsFiles) -> Result<ServerTlsConfig, TlsError> {
-    crate::install_crypto_provider();
-    let mut config =
-        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert_file)?, read(&files.key_file)?));
-    if let Some(ca) = &files.client_ca_file {
-        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    // Building a server is where tonic parses the PEM: fail now, not at the first connection.
-    Server::builder()
-        .tls_config(config.clone())
-        .map_err(|e| TlsError::Invalid(crate::error_chain(&e)))?;
-    Ok(config)
+/// Handshakes in flight at once on one listener (each connection is
+/// already within the listener's budget and its first-request deadline).
+const CONCURRENT_HANDSHAKES: usize = 128;
+
+/// TLS over each accepted connection, handshakes run side by side: a slow
+/// client delays only itself. A failed handshake is an `Err` item, which
+/// the server skips.
+pub(crate) fn handshakes<S, IO>(
+    incoming: S,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> impl Stream<Item = std::io::Result<tokio_rustls::server::TlsStream<IO>>> + Send + 'static
+where
+    S: Stream<Item = std::io::Result<IO>> + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    incoming
+        .map(move |accepted| {
+            let acceptor = acceptor.clone();
+            async move { acceptor.accept(accepted?).await }
+        })
+        .buffer_unordered(CONCURRENT_HANDSHAKES)
 }
