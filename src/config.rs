@@ -52,6 +52,8 @@ pub struct Config {
     /// `[[sinks]]`: token files for programs that can only read a file.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sinks: Vec<SinkConfig>,
+    /// How TLS material that rotates in place is checked.
+    pub certificates: crate::certs::CertificatesConfig,
 }
 
 impl Default for Config {
@@ -70,6 +72,7 @@ impl Default for Config {
                 .map(|env| (env, EnvironmentConfig::for_environment(env)))
                 .collect(),
             sinks: Vec::new(),
+            certificates: crate::certs::CertificatesConfig::default(),
         }
     }
 }
@@ -368,6 +371,7 @@ impl Config {
         section("refresh", self.refresh.problems());
         section("systemd", self.systemd.problems());
         section("upstream", self.upstream.problems());
+        section("certificates", self.certificates.problems());
         if let Some(p) = crate::duration::out_of_range(self.poll_interval(), Duration::ZERO, Duration::from_secs(3600))
         {
             section("credentials", vec![format!("poll_interval: {p}")]);

@@ -53,6 +53,25 @@ impl Default for CertificatesConfig {
     }
 }
 
+impl CertificatesConfig {
+    /// Problems with the values, each starting with its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.poll_interval.is_zero()
+            && let Some(p) =
+                crate::duration::out_of_range(self.poll_interval, Duration::from_secs(1), Duration::from_secs(86_400))
+        {
+            out.push(format!("poll_interval: {p} (or 0 to rely on watching and reloads)"));
+        }
+        if let Some(p) =
+            crate::duration::out_of_range(self.expiry_warning, Duration::ZERO, Duration::from_secs(365 * 86_400))
+        {
+            out.push(format!("expiry_warning: {p}"));
+        }
+        out
+    }
+}
+
 /// A certificate in use, by role (`server`, `client_ca`, `upstream_client`,
 /// `upstream_ca`, `token_endpoint_roots`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -168,15 +187,14 @@ impl Rotation {
         }
     }
 
-    /// Watches the files' directories and checks every `poll` (zero: never)
-    /// until `stopping`.
+    /// Watches the files' directories (from before this returns) and
+    /// checks every `poll` (zero: never) until `stopping`.
     pub fn spawn_watch(
         self: &Arc<Self>,
         poll: Duration,
         stopping: tokio_util::sync::CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        let rotation = self.clone();
-        tokio::spawn(watch::run(rotation, poll, stopping))
+        tokio::spawn(watch::start(self.clone(), poll, stopping))
     }
 }
 

@@ -19,7 +19,15 @@ use super::Rotation;
 /// written one after the other, a kubelet swap's several renames).
 const SETTLE: Duration = Duration::from_millis(100);
 
-pub(super) async fn run(rotation: Arc<Rotation>, poll: Duration, stopping: tokio_util::sync::CancellationToken) {
+/// Starts watching the files' directories now (so a change made once this
+/// returns is seen), looks once for a change made since the material was
+/// read, and returns the loop that reacts to changes and checks every
+/// `poll` (zero: never) until `stopping`.
+pub(super) fn start(
+    rotation: Arc<Rotation>,
+    poll: Duration,
+    stopping: tokio_util::sync::CancellationToken,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let watcher = match watch(&directories(&rotation.files())) {
         Ok(w) => Some(w),
         Err(e) => {
@@ -27,6 +35,16 @@ pub(super) async fn run(rotation: Arc<Rotation>, poll: Duration, stopping: tokio
             None
         }
     };
+    rotation.check("watch");
+    run(rotation, watcher, poll, stopping)
+}
+
+async fn run(
+    rotation: Arc<Rotation>,
+    watcher: Option<AsyncFd<Events>>,
+    poll: Duration,
+    stopping: tokio_util::sync::CancellationToken,
+) {
     let mut ticker = (!poll.is_zero()).then(|| {
         let mut t = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -100,6 +100,8 @@ pub struct RunningBroker {
     pub sources: Arc<TokenSources>,
     pub metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
+    /// TLS material that rotates in place (checked again at each reload).
+    pub rotation: Arc<crate::certs::Rotation>,
     /// First stage of shutdown: listeners stop accepting and every
     /// connection gets GOAWAY (clients open their next connection to the
     /// successor); calls in flight and new calls on open connections are
@@ -256,6 +258,15 @@ impl Broker {
             admin_addr = Some(addr);
         }
 
+        let mut materials: Vec<Arc<dyn crate::certs::Reloadable>> = Vec::new();
+        if let Some(tls) = &tls {
+            materials.push(tls.clone());
+        }
+        let rotation = crate::certs::Rotation::new(materials, metrics.clone());
+        if !rotation.is_empty() {
+            background.push(rotation.spawn_watch(config.certificates.poll_interval, stopping.clone()));
+        }
+
         let reloader = Arc::new(Reloader::new(&config, config_path, sources.clone(), metrics.clone()));
         if !config.poll_interval().is_zero() && reloader.watches_files().await {
             background.push(tokio::spawn(
@@ -270,6 +281,7 @@ impl Broker {
             sources,
             metrics,
             reloader,
+            rotation,
             stopping,
             draining,
             ready,
@@ -360,8 +372,10 @@ fn spawn_sources(
 }
 
 impl RunningBroker {
-    /// Re-reads the configuration file (if any) and the API keys; see [`Reloader::reload`].
+    /// Re-reads the TLS material whose files changed, the configuration
+    /// file (if any) and the API keys; see [`Reloader::reload`].
     pub async fn reload(&self) -> ReloadOutcome {
+        self.rotation.check("reload");
         self.reloader.reload().await
     }
 

@@ -8,46 +8,7 @@ use std::path::{Path, PathBuf};
 use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-/// Certificate files of a TLS listener (`[server.tls]`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerTlsFiles {
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-    /// When set, clients must present a certificate signed by this CA (mTLS).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub client_ca_file: Option<PathBuf>,
-}
-
-impl ServerTlsFiles {
-    /// Problems with the table, each starting with its key: both files
-    /// are needed, and every file must be readable.
-    pub fn problems(&self) -> Vec<String> {
-        if self.cert_file.as_os_str().is_empty() || self.key_file.as_os_str().is_empty() {
-            return vec!["cert_file: TLS needs both cert_file and key_file".into()];
-        }
-        Vec::new()
-    }
-
-    /// Files that cannot be read, each with its key: a check of the host
-    /// (skipped by `check-config --skip-secrets`, like the key sources).
-    pub fn file_problems(&self) -> Vec<String> {
-        [
-            ("cert_file", Some(&self.cert_file)),
-            ("key_file", Some(&self.key_file)),
-            ("client_ca_file", self.client_ca_file.as_ref()),
-        ]
-        .into_iter()
-        .filter_map(|(key, path)| Some((key, path?)))
-        .filter(|(_, path)| !path.as_os_str().is_empty())
-        .filter_map(|(key, path)| {
-            std::fs::metadata(path)
-                .err()
-                .map(|e| format!("{key}: cannot read {}: {e}", path.display()))
-        })
-        .collect()
-    }
-}
+pub use crate::certs::server::ServerTlsFiles;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
