@@ -489,7 +489,7 @@ impl Config {
         });
         if secrets == SecretCheck::Read
             && https_upstream
-            && let Err(e) = crate::dial::client_config(&self.upstream.tls_files())
+            && let Err(e) = crate::certs::client::ClientTls::load(&self.upstream.tls_files())
         {
             problems.push(format!("upstream: {e}"));
         }

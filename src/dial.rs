@@ -2,13 +2,13 @@
 //! both use (a `unix:` path, or `http://` / `https://` with the client's
 //! TLS files), so neither borrows the other's code.
 
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
+use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::serve::tls::{TlsError, read};
+use crate::certs::client::ClientTls;
 
 /// Where and how to reach a broker.
 #[derive(Clone, Debug)]
@@ -17,8 +17,10 @@ pub struct Target {
     pub addr: String,
     /// Connect timeout, and the deadline of unary calls.
     pub timeout: Duration,
-    /// Certificates for `https://` addresses.
+    /// Certificates for `https://` addresses, read for this channel…
     pub tls: ClientTlsFiles,
+    /// …unless the caller keeps them loaded (an agent: rotating in place).
+    pub client_tls: Option<Arc<ClientTls>>,
     /// Connect to this address rather than to what the host name resolves
     /// to (one replica behind a DNS name); TLS still checks the name.
     pub connect_to: Option<std::net::SocketAddr>,
@@ -30,62 +32,13 @@ impl Target {
             addr: addr.into(),
             timeout,
             tls: ClientTlsFiles::default(),
+            client_tls: None,
             connect_to: None,
         }
     }
 }
 
-/// Certificate files of a TLS client (the CLI, an agent).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ClientTlsFiles {
-    /// The CA that signed the broker's certificate (system roots are not used).
-    pub ca_file: Option<PathBuf>,
-    /// A client certificate and key, for a broker that requires mTLS.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-}
-
-/// A DER certificate as PEM (what tonic's `Certificate` takes).
-fn pem(der: &[u8]) -> String {
-    use base64::Engine;
-    let body = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = body
-        .as_bytes()
-        .chunks(64)
-        .map(|line| std::str::from_utf8(line).expect("base64 is ASCII"))
-        .collect();
-    format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        lines.join("\n")
-    )
-}
-
-/// TLS for a client of the broker: the CA of `--ca-file`, or else the
-/// roots `oauth.tls_roots = "auto"` would trust (the host's store, or the
-/// bundled Mozilla roots where it has none).
-pub fn client_config(files: &ClientTlsFiles) -> Result<ClientTlsConfig, TlsError> {
-    crate::install_crypto_provider();
-    let mut config = ClientTlsConfig::new();
-    match &files.ca_file {
-        Some(ca) => config = config.ca_certificate(Certificate::from_pem(read(ca)?)),
-        None => {
-            let roots = crate::tls_roots::TlsRoots::Auto
-                .load()
-                .map_err(|e| TlsError::Invalid(e.to_string()))?;
-            config = config.ca_certificates(roots.certificates.iter().map(|der| Certificate::from_pem(pem(der))));
-        }
-    }
-    match (&files.cert_file, &files.key_file) {
-        (Some(cert), Some(key)) => config = config.identity(Identity::from_pem(read(cert)?, read(key)?)),
-        (None, None) => {}
-        _ => {
-            return Err(TlsError::Invalid(
-                "a client certificate needs both --cert-file and --key-file".into(),
-            ));
-        }
-    }
-    Ok(config)
-}
+pub use crate::certs::client::ClientTlsFiles;
 
 /// Why a channel could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -104,60 +57,141 @@ pub enum ConnectError {
 }
 
 /// A gRPC channel to `target`: `unix:/path`, `http://host:port`,
-/// `https://host:port` (with `target.tls`), or `host:port`.
+/// `https://host:port` (TLS with `target.client_tls`, or else
+/// `target.tls`'s files read now), or `host:port`.
 pub async fn channel(target: &Target) -> Result<Channel, ConnectError> {
     let (addr, timeout) = (target.addr.as_str(), target.timeout);
-    let wants_tls = target.tls != ClientTlsFiles::default();
-    let channel = if let Some(path) = addr.strip_prefix("unix:") {
+    let wants_tls = target.tls != ClientTlsFiles::default() || target.client_tls.is_some();
+    if let Some(path) = addr.strip_prefix("unix:") {
         if wants_tls {
             return Err(ConnectError::Usage(
                 "TLS options apply to https:// addresses, not Unix sockets".into(),
             ));
         }
         let path = path.to_owned();
-        Endpoint::from_static("http://broker.invalid")
+        return Endpoint::from_static("http://broker.invalid")
             .connect_timeout(timeout)
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let path = path.clone();
                 async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
             }))
             .await
+            .map_err(|e| unreachable(addr, &e));
+    }
+    let uri = if addr.contains("://") {
+        addr.to_owned()
     } else {
-        let uri = if addr.contains("://") {
-            addr.to_owned()
-        } else {
-            format!("http://{addr}")
-        };
-        let mut endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|e| ConnectError::Usage(format!("invalid address {addr:?}: {e}")))?
-            .connect_timeout(timeout)
-            // A peer that vanishes without closing (a lost node) is noticed
-            // within 20 s even on an idle WatchToken stream.
-            .http2_keep_alive_interval(Duration::from_secs(15))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true);
-        if uri.starts_with("https://") {
-            let tls = client_config(&target.tls).map_err(|e| ConnectError::Usage(e.to_string()))?;
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| ConnectError::Usage(format!("TLS: {}", crate::error_chain(&e))))?;
-        } else if wants_tls {
-            return Err(ConnectError::Usage("TLS options need an https:// address".into()));
-        }
-        match target.connect_to {
-            Some(socket_addr) => {
-                endpoint
-                    .connect_with_connector(tower::service_fn(move |_: Uri| async move {
-                        let stream = tokio::net::TcpStream::connect(socket_addr).await?;
-                        stream.set_nodelay(true)?;
-                        Ok::<_, std::io::Error>(TokioIo::new(stream))
-                    }))
-                    .await
-            }
-            None => endpoint.connect().await,
-        }
+        format!("http://{addr}")
     };
-    channel.map_err(|e| unreachable(addr, &e))
+    let parsed: Uri = uri
+        .parse()
+        .map_err(|e| ConnectError::Usage(format!("invalid address {addr:?}: {e}")))?;
+    let https = parsed.scheme_str() == Some("https");
+    if wants_tls && !https {
+        return Err(ConnectError::Usage("TLS options need an https:// address".into()));
+    }
+    let authority = parsed
+        .authority()
+        .ok_or_else(|| ConnectError::Usage(format!("invalid address {addr:?}: no host")))?
+        .clone();
+    // TLS is ours (its material can rotate), so tonic sees plain http.
+    let endpoint = Endpoint::from_shared(format!("http://{authority}"))
+        .map_err(|e| ConnectError::Usage(format!("invalid address {addr:?}: {e}")))?
+        .connect_timeout(timeout)
+        // A peer that vanishes without closing (a lost node) is noticed
+        // within 20 s even on an idle WatchToken stream.
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let tls = match (https, &target.client_tls) {
+        (false, _) => None,
+        (true, Some(loaded)) => Some(loaded.clone()),
+        (true, None) => Some(ClientTls::load(&target.tls).map_err(|e| ConnectError::Usage(format!("TLS: {e}")))?),
+    };
+    let tls = match tls {
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| ConnectError::Usage(format!("invalid host {host:?} for TLS: {e}")))?;
+            Some((tls, name))
+        }
+        None => None,
+    };
+    let connect_to = target.connect_to;
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let (host, tls) = (host.clone(), tls.clone());
+            async move {
+                let tcp = match connect_to {
+                    Some(socket_addr) => tokio::net::TcpStream::connect(socket_addr).await?,
+                    None => tokio::net::TcpStream::connect((host.as_str(), port)).await?,
+                };
+                tcp.set_nodelay(true)?;
+                Ok::<_, std::io::Error>(TokioIo::new(match tls {
+                    Some((tls, name)) => Io::Tls(Box::new(tls.connector().connect(name, tcp).await?)),
+                    None => Io::Plain(tcp),
+                }))
+            }
+        }))
+        .await
+        .map_err(|e| unreachable(addr, &e))
+}
+
+/// A TCP connection to a broker, with or without TLS.
+enum Io {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Io {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(io) => std::pin::Pin::new(io).poll_read(cx, buf),
+            Io::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Io {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(io) => std::pin::Pin::new(io).poll_write(cx, buf),
+            Io::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(io) => std::pin::Pin::new(io).poll_flush(cx),
+            Io::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(io) => std::pin::Pin::new(io).poll_shutdown(cx),
+            Io::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// An unreachable broker: the innermost I/O error (and its kind) when

@@ -14,6 +14,7 @@
 //! read the current material through an atomic swap, so established
 //! connections and streams are never cut.
 
+pub mod client;
 pub mod material;
 pub mod server;
 mod watch;

@@ -214,7 +214,7 @@ impl Broker {
                     limits,
                     &stopping,
                     &metrics,
-                )?);
+                ));
             }
         }
         let mut grpc_addrs = Vec::new();
@@ -227,7 +227,7 @@ impl Broker {
                 limits,
                 &stopping,
                 &metrics,
-            )?);
+            ));
         }
 
         let ready = CancellationToken::new();
@@ -254,7 +254,7 @@ impl Broker {
                 limits,
                 &stopping,
                 &metrics,
-            )?);
+            ));
             admin_addr = Some(addr);
         }
 

@@ -33,7 +33,6 @@ pub use settings::ServerConfig;
 use crate::metrics::Metrics;
 use guard::{ConnectionLimits, ListenerGuard, StreamTrackingLayer, incoming};
 use listen::Bound;
-use tls::TlsError;
 
 use crate::certs::server::ServerTls;
 
@@ -61,7 +60,7 @@ pub fn serve(
     limits: ConnectionLimits,
     stopping: &CancellationToken,
     metrics: &Arc<Metrics>,
-) -> Result<JoinHandle<()>, TlsError> {
+) -> JoinHandle<()> {
     let addr = listener.addr();
     let router = Server::builder()
         // HTTP/1.1 too: the HTTP/JSON read, the admin endpoints (gRPC stays HTTP/2).
@@ -80,7 +79,7 @@ pub fn serve(
     // once every accepted connection has begun its first request.
     let signal = guard.clone().settled(stopping.clone());
     let stopping = stopping.clone();
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         let result = match (listener, acceptor) {
             (Bound::Tcp(l), Some(acceptor)) => {
                 let incoming = tls::handshakes(incoming(l, guard, stopping), acceptor);
@@ -102,7 +101,7 @@ pub fn serve(
         if let Err(e) = result {
             error!(face = name, %addr, error = %e, "listener stopped with an error");
         }
-    }))
+    })
 }
 
 /// The per-listener connection limits: `server.max_connections` each, or an

@@ -3,32 +3,16 @@
 //! [`crate::certs::server`]'s. Unix sockets never use TLS: file
 //! permissions guard them. The client side is [`crate::dial`]'s.
 
-use std::path::{Path, PathBuf};
-
 use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use crate::certs::server::ServerTlsFiles;
 
+/// Why a TLS listener cannot start: its material (the file and why).
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("invalid TLS configuration: {0}")]
-    Invalid(String),
     #[error("{0}")]
     Material(#[from] crate::certs::MaterialError),
-}
-
-pub(crate) fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.into(),
-        source,
-    })
 }
 
 /// Handshakes in flight at once on one listener (each connection is
