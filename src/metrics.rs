@@ -69,6 +69,13 @@ pub struct NotRetriedLabels {
     pub reason: &'static str,
 }
 
+/// An outcome (`ok`, `failed`) in one environment.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultEnvLabels {
+    pub environment: &'static str,
+    pub result: &'static str,
+}
+
 /// A TLS material reload: which material (`server`, `upstream`,
 /// `token_endpoint_roots`) and whether it was taken (`ok`, `failed`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -132,6 +139,9 @@ pub struct Metrics {
     pub tls_reloads: Family<TlsReloadLabels, Counter>,
     /// When each certificate in use expires (seconds since the epoch).
     pub tls_certificate_expiry: Family<TlsRoleLabels, Gauge<f64, AtomicU64>>,
+    /// An agent's follow streams replaced by a new connection before the
+    /// client certificate they were opened with expired.
+    pub upstream_renewals: Family<ResultEnvLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -287,8 +297,15 @@ impl Metrics {
             "When each TLS certificate in use expires, by role (for a CA bundle: its earliest)",
             tls_certificate_expiry.clone(),
         );
+        let upstream_renewals = Family::<ResultEnvLabels, Counter>::default();
+        registry.register(
+            "upstream_renewals",
+            "Follow streams replaced by a new connection (opened first) before their client certificate expired: ok, or failed (tried again in a second while the old stream goes on)",
+            upstream_renewals.clone(),
+        );
         Self {
             registry,
+            upstream_renewals,
             tls_reloads,
             tls_certificate_expiry,
             proxy_upstream_connections,

@@ -7,8 +7,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -18,6 +18,7 @@ use tokio::time::{Instant, timeout};
 use tonic::Code;
 use tonic::transport::Channel;
 
+use crate::certs::client::ClientTls;
 use crate::dial::{ClientTlsFiles, ConnectError, Target};
 use crate::environment::Environment;
 use crate::grpc::pb::token_broker_client::TokenBrokerClient;
@@ -159,15 +160,20 @@ pub struct GrpcUpstream {
     rotation: AtomicUsize,
     /// The connection the stream was opened on, for forwarded calls.
     current: Mutex<Option<(Channel, String)>>,
+    /// TLS to `https://` hubs, kept loaded: its files rotate in place.
+    tls: Option<Arc<ClientTls>>,
 }
 
 impl GrpcUpstream {
-    pub fn new(addresses: Vec<UpstreamAddr>, settings: UpstreamSettings) -> Self {
+    /// `tls`: the loaded `[upstream]` TLS material (needed for `https://`
+    /// addresses; without it each connection reads the files).
+    pub fn new(addresses: Vec<UpstreamAddr>, settings: UpstreamSettings, tls: Option<Arc<ClientTls>>) -> Self {
         Self {
             addresses,
             settings,
             rotation: AtomicUsize::new(rand::random::<u32>() as usize),
             current: Mutex::new(None),
+            tls,
         }
     }
 
@@ -182,10 +188,11 @@ impl GrpcUpstream {
                 found.push((target, text));
                 continue;
             };
-            target.tls = match https {
-                true => self.settings.tls_files(),
-                false => ClientTlsFiles::default(),
-            };
+            match (https, &self.tls) {
+                (true, Some(tls)) => target.client_tls = Some(tls.clone()),
+                (true, None) => target.tls = self.settings.tls_files(),
+                (false, _) => {}
+            }
             match resolve(host, *port, self.settings.timeout).await {
                 Ok(resolved) => found.extend(resolved.into_iter().map(|socket_addr| {
                     let mut target = target.clone();
@@ -241,6 +248,11 @@ impl GrpcUpstream {
             round_trip,
             updates,
             upstream: label.to_owned(),
+            renew_at: target
+                .client_tls
+                .as_ref()
+                .and_then(|tls| tls.certificate())
+                .and_then(|cert| renewal(cert.not_before, cert.not_after, std::time::SystemTime::now())),
         };
         Ok((following, channel))
     }
@@ -312,6 +324,21 @@ impl Upstream for GrpcUpstream {
         })
         .await
     }
+}
+
+/// When a connection opened with a client certificate valid from
+/// `not_before` to `not_after` is replaced by a new one (with the newest
+/// certificate): at nine tenths of its validity (for a one-hour SVID, six
+/// minutes before it ends); `None` when that moment has passed (renewing
+/// at once would only loop on a certificate nobody renewed).
+fn renewal(
+    not_before: std::time::SystemTime,
+    not_after: std::time::SystemTime,
+    now: std::time::SystemTime,
+) -> Option<Instant> {
+    let life = not_after.duration_since(not_before).ok()?;
+    let at = not_before + life.mul_f64(0.9);
+    Some(Instant::now() + at.duration_since(now).ok()?)
 }
 
 /// Every address `host` resolves to.

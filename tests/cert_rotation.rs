@@ -427,3 +427,95 @@ async fn broken_material_keeps_the_last_good_one_until_a_good_pair_arrives() {
     .await;
     assert!(expiry > 4.0e9, "rcgen's default validity runs to 4096: {expiry}");
 }
+
+/// An agent's client certificate with a compressed life (3 s, standing in
+/// for one-hour SVIDs) is reissued on disk every 1.5 s, as SPIRE does at
+/// half-life, while the agent follows a hub that requires client
+/// certificates. Before the certificate its connection was opened with
+/// expires, the agent opens a new connection with the newest one and only
+/// then lets the old one go: five renewals, none failed (a renewal with
+/// a stale certificate would be refused by the hub), no failed call, the
+/// stream never lost.
+#[tokio::test]
+async fn an_agents_short_lived_client_certificate_rotates_five_times_without_a_failed_call() {
+    use flute_token_broker::metrics::{EnvLabels, ResultEnvLabels};
+    const LIFE: Duration = Duration::from_secs(3);
+    let ca = Ca::new("fleet CA");
+    let server = ca.issue(&["localhost"], 1);
+    let work = tempfile::tempdir().unwrap();
+    let hub_tls = TlsDir::new(
+        work.path().join("hub-tls"),
+        Writes::Renamed,
+        &[
+            ("tls.crt", &server.cert),
+            ("tls.key", &server.key),
+            ("ca.crt", &ca.pem()),
+        ],
+    );
+    let hub = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
+        config.server.tls = Some(ServerTlsFiles {
+            cert_file: hub_tls.path("tls.crt"),
+            key_file: hub_tls.path("tls.key"),
+            client_ca_file: Some(hub_tls.path("ca.crt")),
+        });
+    })
+    .await;
+    let first = ca.issue_for(&["agent.fleet.example"], 100, Some(LIFE));
+    let mut agent_tls = TlsDir::new(
+        work.path().join("agent-tls"),
+        Writes::Renamed,
+        &[("tls.crt", &first.cert), ("tls.key", &first.key), ("ca.crt", &ca.pem())],
+    );
+    let hub_url = format!("https://localhost:{}", tcp_addr(&hub.daemon).port());
+    let (agent, agent_addr) = start_agent(
+        &hub_url,
+        &agent_tls.dir.clone(),
+        agent_tls.path("ca.crt"),
+        agent_tls.path("tls.crt"),
+        agent_tls.path("tls.key"),
+    )
+    .await;
+    agent.sources.get(Environment::Sandbox).unwrap().holding_token().await;
+    let renewals = |result| {
+        let labels = ResultEnvLabels {
+            environment: "sandbox",
+            result,
+        };
+        agent.metrics.upstream_renewals.get_or_create(&labels).get()
+    };
+    let calls = Calls::start(agent_addr);
+    // The issuer: a new certificate at each half-life, until five renewals.
+    let mut issued = vec![first.serial.clone()];
+    let mut reissue = tokio::time::interval_at(tokio::time::Instant::now() + LIFE / 2, LIFE / 2);
+    let done = async {
+        while renewals("ok") < 5 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::pin!(done);
+    let deadline = tokio::time::sleep(Duration::from_secs(30));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            () = &mut done => break,
+            () = &mut deadline => panic!("five renewals within 30 s: {} ok, {} failed", renewals("ok"), renewals("failed")),
+            _ = reissue.tick() => {
+                let next = ca.issue_for(&["agent.fleet.example"], 100 + issued.len() as u64, Some(LIFE));
+                agent_tls.write(&[("tls.crt", &next.cert), ("tls.key", &next.key)]);
+                issued.push(next.serial);
+            }
+        }
+    }
+    let (ok, failed) = calls.finish().await;
+    eprintln!(
+        "{} client certificates issued: {} renewals ok, {} failed; {ok} calls, {failed} failed",
+        issued.len(),
+        renewals("ok"),
+        renewals("failed")
+    );
+    assert_eq!(failed, 0, "{ok} answered");
+    assert_eq!(renewals("failed"), 0, "no renewal missed its certificate");
+    let sandbox = EnvLabels { environment: "sandbox" };
+    let failures = agent.metrics.consecutive_failures.get_or_create(&sandbox).get();
+    assert_eq!(failures, 0, "the follow was never lost");
+}

@@ -124,6 +124,7 @@ impl Upstream for InProcessHub {
             round_trip: Duration::ZERO,
             updates,
             upstream: "in-process hub".into(),
+            renew_at: None,
         })
     }
 

@@ -66,6 +66,8 @@ pub enum DaemonError {
     TlsRoots(#[from] RootsError),
     #[error("TLS: {0}")]
     Tls(#[from] crate::serve::tls::TlsError),
+    #[error("upstream TLS: {0}")]
+    UpstreamTls(#[from] crate::certs::client::ClientTlsError),
     #[error("server reflection: {0}")]
     Reflection(String),
     #[error("emulator: {0}")]
@@ -82,6 +84,7 @@ impl DaemonError {
             | DaemonError::NoCredentials { .. }
             | DaemonError::Origin { .. }
             | DaemonError::Tls(_)
+            | DaemonError::UpstreamTls(_)
             | DaemonError::Proxy(_)
             | DaemonError::TlsRoots(_) => crate::exit::CONFIG,
             DaemonError::Listen(e) if e.is_configuration() => crate::exit::CONFIG,
@@ -141,6 +144,14 @@ impl Broker {
             .map(crate::certs::server::ServerTls::load)
             .transpose()
             .map_err(crate::serve::tls::TlsError::from)?;
+        // An agent's TLS to its hubs: loaded once, rotated in place.
+        let follows_https = planned
+            .iter()
+            .any(|(_, p)| matches!(p, Planned::Follow { upstream } if upstream.iter().any(UpstreamAddr::is_https)));
+        let upstream_tls = match follows_https {
+            true => Some(crate::certs::client::ClientTls::load(&config.upstream.tls_files())?),
+            false => None,
+        };
         let passed = PassedFds::from_env()?;
         let restored = token_store::restore(passed.token_store, &config.refresh);
         let mut inherited = passed.sockets;
@@ -168,7 +179,7 @@ impl Broker {
             None => None,
         };
 
-        let (sources, source_tasks) = spawn_sources(&config, planned, restored, &metrics)?;
+        let (sources, source_tasks) = spawn_sources(&config, planned, restored, upstream_tls.clone(), &metrics)?;
         let stopping = CancellationToken::new();
         let draining = CancellationToken::new();
         let sinks = crate::sinks::spawn(&config.sinks, &sources, &draining);
@@ -262,6 +273,9 @@ impl Broker {
         if let Some(tls) = &tls {
             materials.push(tls.clone());
         }
+        if let Some(tls) = &upstream_tls {
+            materials.push(tls.clone());
+        }
         let rotation = crate::certs::Rotation::new(materials, metrics.clone());
         if !rotation.is_empty() {
             background.push(rotation.spawn_watch(config.certificates.poll_interval, stopping.clone()));
@@ -336,6 +350,7 @@ fn spawn_sources(
     config: &Config,
     planned: Vec<(Environment, Planned)>,
     restored: Vec<(Environment, Arc<Token>)>,
+    upstream_tls: Option<Arc<crate::certs::client::ClientTls>>,
     metrics: &Arc<Metrics>,
 ) -> Result<(Arc<TokenSources>, Vec<JoinHandle<()>>), DaemonError> {
     let roots = config.token_endpoint_roots()?;
@@ -360,7 +375,7 @@ fn spawn_sources(
                 info!(environment = %env, upstream = %listed, "token source started, following upstream brokers");
                 token::follow(
                     source_config,
-                    GrpcUpstream::new(upstream, config.upstream.clone()),
+                    GrpcUpstream::new(upstream, config.upstream.clone(), upstream_tls.clone()),
                     metrics.clone(),
                 )
             }

@@ -57,6 +57,9 @@ pub struct Following {
     pub updates: BoxStream<'static, Result<Update, Failure>>,
     /// Which upstream answered (for logs).
     pub upstream: String,
+    /// When to replace this stream by a new connection, opened before the
+    /// old one is let go (its client certificate is about to expire).
+    pub renew_at: Option<Instant>,
 }
 
 /// What a follower needs from an upstream broker: the gRPC client
@@ -92,6 +95,11 @@ pub struct FollowSupply<U> {
     policy: RefreshPolicy,
     /// The open stream and its round trip; `None` until opened or once lost.
     stream: Option<(BoxStream<'static, Result<Update, Failure>>, Duration)>,
+    /// When the open stream is to be replaced by a new connection.
+    renew_at: Option<Instant>,
+    /// The replacement being opened (kept across a cancelled `pushed`).
+    renewal: Option<Pending<Result<Following, Failure>>>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// The lifetime of the tokens received so far, to keep a forwarded
     /// `min_remaining` within what the upstream can provide.
     lifetime: Option<Duration>,
@@ -103,12 +111,15 @@ pub struct FollowSupply<U> {
 const FORWARD_SLACK: Duration = Duration::from_secs(1);
 
 impl<U: Upstream> FollowSupply<U> {
-    pub fn new(upstream: U, config: &TokenSourceConfig) -> Self {
+    pub fn new(upstream: U, config: &TokenSourceConfig, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
         Self {
             upstream: std::sync::Arc::new(upstream),
             environment: config.environment,
             policy: config.policy.clone(),
             stream: None,
+            renew_at: None,
+            renewal: None,
+            metrics,
             lifetime: None,
         }
     }
@@ -127,10 +138,10 @@ impl<U: Upstream> FollowSupply<U> {
         )
     }
 
-    fn landing(&mut self, update: Update, anchor: Instant) -> Pushed {
+    fn landing(&mut self, update: Update, anchor: Instant) -> Arrived {
         match update {
-            Update::Token(received) => Pushed::Issued(self.token(received, anchor)),
-            Update::Outage { reason } => Pushed::Awaiting(Failure::new(
+            Update::Token(received) => Arrived::Token(self.token(received, anchor)),
+            Update::Outage { reason } => Arrived::Outage(Failure::new(
                 ErrorClass::Transient,
                 format!("the upstream broker has no valid token: {reason}"),
             )),
@@ -171,10 +182,11 @@ impl<U: Upstream> Supply for FollowSupply<U> {
                 info!(upstream = %following.upstream, round_trip_ms = following.round_trip.as_millis() as u64, "following the upstream broker");
                 let anchor = before(following.round_trip);
                 self.stream = Some((following.updates, following.round_trip));
+                self.renew_at = following.renew_at;
+                self.renewal = None;
                 match self.landing(following.first, anchor) {
-                    Pushed::Issued(token) => Landed::Issued(token),
-                    Pushed::Failed(failure) => Landed::Failed(failure),
-                    Pushed::Awaiting(failure) => Landed::Awaiting(failure),
+                    Arrived::Token(token) => Landed::Issued(token),
+                    Arrived::Outage(failure) => Landed::Awaiting(failure),
                 }
             }
             FollowDone::Opened(Err(failure)) => {
@@ -201,10 +213,16 @@ impl<U: Upstream> Supply for FollowSupply<U> {
             return std::future::pending().await;
         };
         let round_trip = *round_trip;
-        match stream.next().await {
+        let next = tokio::select! {
+            next = stream.next() => next,
+            renewed = renewed(&mut self.renew_at, &mut self.renewal, &self.upstream, self.environment) => {
+                return self.renewed(renewed);
+            }
+        };
+        match next {
             Some(Ok(update)) => {
                 let anchor = before(round_trip);
-                self.landing(update, anchor)
+                self.landing(update, anchor).into()
             }
             Some(Err(failure)) => {
                 self.stream = None;
@@ -221,6 +239,81 @@ impl<U: Upstream> Supply for FollowSupply<U> {
             }
         }
     }
+}
+
+impl<U: Upstream> FollowSupply<U> {
+    /// A replacement stream opened (make before break: the old one is
+    /// dropped only now), or the failure to open one (the old stream goes
+    /// on; another try in a second while its certificate lasts).
+    fn renewed(&mut self, renewed: Result<Following, Failure>) -> Pushed {
+        match renewed {
+            Ok(following) => {
+                info!(upstream = %following.upstream, "renewed the connection to the upstream broker before its client certificate expires");
+                self.count_renewal("ok");
+                let anchor = before(following.round_trip);
+                self.stream = Some((following.updates, following.round_trip));
+                self.renew_at = following.renew_at;
+                self.landing(following.first, anchor).into()
+            }
+            Err(failure) => {
+                warn!(error = %failure.message, "cannot renew the connection to the upstream broker; the current one goes on");
+                self.count_renewal("failed");
+                self.renew_at = Some(Instant::now() + RENEW_RETRY);
+                // Nothing changed for the callers: the current token stands.
+                Pushed::Unchanged
+            }
+        }
+    }
+}
+
+impl<U> FollowSupply<U> {
+    fn count_renewal(&self, result: &'static str) {
+        let labels = crate::metrics::ResultEnvLabels {
+            environment: self.environment.as_str(),
+            result,
+        };
+        self.metrics.upstream_renewals.get_or_create(&labels).inc();
+    }
+}
+
+/// What an update from the upstream brings.
+enum Arrived {
+    Token(Token),
+    Outage(Failure),
+}
+
+impl From<Arrived> for Pushed {
+    fn from(arrived: Arrived) -> Self {
+        match arrived {
+            Arrived::Token(token) => Pushed::Issued(token),
+            Arrived::Outage(failure) => Pushed::Awaiting(failure),
+        }
+    }
+}
+
+/// How soon a failed renewal is tried again.
+const RENEW_RETRY: Duration = Duration::from_secs(1);
+
+/// Waits for `renew_at`, then opens a replacement stream; `renewal` keeps
+/// the attempt when the caller's future is dropped midway.
+async fn renewed<U: Upstream>(
+    renew_at: &mut Option<Instant>,
+    renewal: &mut Option<Pending<Result<Following, Failure>>>,
+    upstream: &std::sync::Arc<U>,
+    environment: Environment,
+) -> Result<Following, Failure> {
+    if renewal.is_none() {
+        let Some(at) = *renew_at else {
+            return std::future::pending().await;
+        };
+        tokio::time::sleep_until(at).await;
+        let upstream = upstream.clone();
+        *renewal = Some(Box::pin(async move { upstream.follow(environment).await }));
+    }
+    let result = renewal.as_mut().expect("set above").await;
+    *renewal = None;
+    *renew_at = None;
+    result
 }
 
 /// `now − round_trip`: the latest instant an update received now can have

@@ -48,7 +48,7 @@ pub fn follow<U: Upstream>(
     upstream: U,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) -> (TokenSourceHandle, tokio::task::JoinHandle<()>) {
-    let supply = follow::FollowSupply::new(upstream, &config);
+    let supply = follow::FollowSupply::new(upstream, &config, metrics.clone());
     source::start(config, supply, metrics)
 }
 

@@ -169,9 +169,10 @@ impl<S: Supply> Task<S> {
                     flight = self.finish(landed, done);
                 }
                 pushed = self.supply.pushed() => {
-                    self.apply(pushed);
-                    self.publish();
-                    self.answer_waiters();
+                    if self.apply(pushed) {
+                        self.publish();
+                        self.answer_waiters();
+                    }
                 }
                 _ = sleep_until_some(wake) => {}
             }
@@ -275,13 +276,15 @@ impl<S: Supply> Task<S> {
         None
     }
 
-    /// Applies what the supply pushed.
-    fn apply(&mut self, pushed: Pushed) {
+    /// Applies what the supply pushed; whether anything changed.
+    fn apply(&mut self, pushed: Pushed) -> bool {
         match pushed {
             Pushed::Issued(token) => self.install(token),
             Pushed::Failed(failure) => self.record_failure(failure, true),
             Pushed::Awaiting(failure) => self.record_failure(failure, false),
+            Pushed::Unchanged => return false,
         }
+        true
     }
 
     /// Answers every waiter with the reason a forwarded call was refused.

@@ -125,6 +125,9 @@ pub enum Pushed {
     Failed(Failure),
     /// The upstream reported an outage: it pushes the recovery.
     Awaiting(Failure),
+    /// Nothing the callers can see changed (a connection renewal that
+    /// failed while the current stream goes on).
+    Unchanged,
 }
 
 /// A call in progress, as the supply started it.
