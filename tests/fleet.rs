@@ -474,6 +474,7 @@ async fn each_follow_starts_at_the_next_hub() {
     let upstream = GrpcUpstream::new(
         vec![a.unix.parse().unwrap(), b.unix.parse().unwrap()],
         UpstreamSettings::default(),
+        None,
     );
     let mut seen = Vec::new();
     for _ in 0..4 {
@@ -506,7 +507,7 @@ async fn a_follow_fails_for_good_only_when_every_hub_refuses_for_good() {
     let dir = tempfile::tempdir().unwrap();
     let gone = format!("unix:{}", dir.path().join("no-hub.sock").display());
     let class = |addresses: Vec<String>, settings: UpstreamSettings| async move {
-        let upstream = GrpcUpstream::new(addresses.iter().map(|a| a.parse().unwrap()).collect(), settings);
+        let upstream = GrpcUpstream::new(addresses.iter().map(|a| a.parse().unwrap()).collect(), settings, None);
         match upstream.follow(Environment::Sandbox).await {
             Ok(_) => panic!("{addresses:?}: followed"),
             Err(failure) => (failure.class, failure.message),
@@ -550,6 +551,7 @@ async fn a_follow_tries_the_hubs_in_the_listed_order() {
     let upstream = GrpcUpstream::new(
         listed.iter().map(|a| a.parse().unwrap()).collect(),
         UpstreamSettings::default(),
+        None,
     );
     let mut starts = Vec::new();
     for _ in 0..2 {
