@@ -490,7 +490,7 @@ fn upstream_environments_need_no_key_and_contradictions_are_named() {
     assert!(
         unreadable
             .iter()
-            .any(|p| p.starts_with("upstream: cannot read /nonexistent/hub-ca.pem")),
+            .any(|p| p.starts_with("upstream: /nonexistent/hub-ca.pem: cannot read")),
         "{unreadable:?}"
     );
 
