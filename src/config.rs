@@ -481,7 +481,15 @@ impl Config {
         if secrets == SecretCheck::Read
             && let Some(tls) = &self.server.tls
         {
-            problems.extend(tls.file_problems().into_iter().map(|p| format!("server.tls.{p}")));
+            let unreadable = tls.file_problems();
+            if unreadable.is_empty() {
+                // Readable: the whole material is checked as the broker will
+                // (pair, validity, CA bundle).
+                if let Err(e) = crate::certs::server::ServerTls::load(tls) {
+                    problems.push(format!("server.tls: {e}"));
+                }
+            }
+            problems.extend(unreadable.into_iter().map(|p| format!("server.tls.{p}")));
         }
         let https_upstream = self.enabled().any(|(_, e)| match e.origin() {
             Ok(Origin::Follow { upstream }) => upstream.iter().any(UpstreamAddr::is_https),
@@ -578,6 +586,26 @@ impl Config {
                     .map(move |p| format!("environments.{env}.proxy.{p}"))
             })
             .collect()
+    }
+
+    /// Every TLS certificate this configuration puts in use (server, client
+    /// CA, the agent's client certificate and hub CA): what `check-config`
+    /// shows with its expiry. Material that cannot be read is left out (it
+    /// is a problem of its own).
+    pub fn certificates_in_use(&self) -> Vec<crate::certs::InUse> {
+        use crate::certs::Reloadable;
+        let mut out = Vec::new();
+        if let Some(Ok(tls)) = self.server.tls.as_ref().map(crate::certs::server::ServerTls::load) {
+            out.extend(tls.in_use());
+        }
+        let https_upstream = self.enabled().any(|(_, e)| match e.origin() {
+            Ok(Origin::Follow { upstream }) => upstream.iter().any(UpstreamAddr::is_https),
+            _ => false,
+        });
+        if https_upstream && let Ok(tls) = crate::certs::client::ClientTls::load(&self.upstream.tls_files()) {
+            out.extend(tls.in_use());
+        }
+        out
     }
 
     /// One line per environment saying where its tokens come from (for

@@ -63,6 +63,24 @@ impl Ca {
     }
 }
 
+impl Ca {
+    /// A certificate that expired yesterday.
+    fn issue_expired(&self, sans: &[&str], serial: u64) -> Leaf {
+        let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params.serial_number = Some(SerialNumber::from(serial));
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(30);
+        params.not_after = now - time::Duration::days(1);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            serial: CertificateInfo::of(cert.der()).unwrap().serial,
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+}
+
 struct Leaf {
     cert: String,
     key: String,
@@ -518,4 +536,63 @@ async fn an_agents_short_lived_client_certificate_rotates_five_times_without_a_f
     let sandbox = EnvLabels { environment: "sandbox" };
     let failures = agent.metrics.consecutive_failures.get_or_create(&sandbox).get();
     assert_eq!(failures, 0, "the follow was never lost");
+}
+
+/// `check-config` shows each certificate in use with its expiry, warns
+/// when one expires within `[certificates] expiry_warning` (7 days), and
+/// refuses one already expired (exit 78, naming the file).
+#[tokio::test]
+async fn check_config_shows_each_certificates_expiry_and_warns_before_it() {
+    let ca = Ca::new("CA");
+    let work = tempfile::tempdir().unwrap();
+    let secret = work.path().join("secret");
+    std::fs::write(&secret, "s").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let check = |leaf: &Leaf| {
+        std::fs::write(work.path().join("tls.crt"), &leaf.cert).unwrap();
+        std::fs::write(work.path().join("tls.key"), &leaf.key).unwrap();
+        std::fs::write(work.path().join("ca.crt"), ca.pem()).unwrap();
+        let config = work.path().join("broker.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[credentials]\nclient_id = \"id\"\nclient_secret_file = \"{}\"\n[server.tls]\ncert_file = \"{d}/tls.crt\"\nkey_file = \"{d}/tls.key\"\nclient_ca_file = \"{d}/ca.crt\"\n",
+                secret.display(),
+                d = work.path().display()
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_flute-token-broker"))
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = check(&ca.issue_for(&["localhost"], 7, Some(Duration::from_secs(90 * 86_400))));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("certificate: server (") && stderr.contains("serial 07"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("certificate: client_ca (CN=CA)"), "{stderr}");
+    assert!(!stderr.contains("warning:"), "{stderr}");
+
+    let (code, stderr) = check(&ca.issue_for(&["localhost"], 8, Some(Duration::from_secs(3 * 86_400))));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("warning: the server certificate"), "{stderr}");
+    assert!(
+        stderr.contains("(in 2 days)") || stderr.contains("(in 3 days)"),
+        "{stderr}"
+    );
+
+    let (code, stderr) = check(&ca.issue_expired(&["localhost"], 9));
+    assert_eq!(code, 78, "{stderr}");
+    assert!(
+        stderr.contains("server.tls:") && stderr.contains("tls.crt: the certificate expired at"),
+        "{stderr}"
+    );
 }

@@ -72,13 +72,21 @@ impl CertificateInfo {
     pub fn describe(&self, now: SystemTime) -> String {
         let when = humantime::format_rfc3339_seconds(self.not_after);
         let left = match self.not_after.duration_since(now) {
-            Ok(d) => format!("in {}", crate::duration::format(Duration::from_secs(d.as_secs()))),
-            Err(e) => format!(
-                "{} ago",
-                crate::duration::format(Duration::from_secs(e.duration().as_secs()))
-            ),
+            Ok(d) => format!("in {}", roughly(d)),
+            Err(e) => format!("{} ago", roughly(e.duration())),
         };
         format!("serial {}, expires {when} ({left})", self.serial)
+    }
+}
+
+/// A span as an operator reads an expiry: whole days from two days on,
+/// else hours and minutes, else seconds.
+fn roughly(span: Duration) -> String {
+    match span.as_secs() {
+        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
+        s if s >= 3_600 => format!("{}h{:02}m", s / 3_600, s % 3_600 / 60),
+        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{s}s"),
     }
 }
 

@@ -174,6 +174,21 @@ fn check_config(path: PathBuf, skip_secrets: bool) -> u8 {
             for line in loaded.config.token_sources_summary() {
                 logging::to_stderr(line);
             }
+            if !skip_secrets {
+                let now = std::time::SystemTime::now();
+                let in_use = loaded.config.certificates_in_use();
+                for cert in &in_use {
+                    logging::to_stderr(format_args!(
+                        "certificate: {} ({}): {}",
+                        cert.role,
+                        cert.certificate.subject,
+                        cert.certificate.describe(now)
+                    ));
+                }
+                for soon in crate::certs::expiring(&in_use, now, loaded.config.certificates.expiry_warning) {
+                    logging::to_stderr(format_args!("warning: {soon}: renew it (it is reloaded in place)"));
+                }
+            }
             if let Err(e) = logging::to_stdout(loaded.config.to_toml()) {
                 logging::to_stderr(format_args!("error: cannot write the output: {e}"));
                 return exit::IO_ERROR;
