@@ -444,6 +444,14 @@ async fn broken_material_keeps_the_last_good_one_until_a_good_pair_arrives() {
     )
     .await;
     assert!(expiry > 4.0e9, "rcgen's default validity runs to 4096: {expiry}");
+    // `status` shows the certificate now in use.
+    let target = flute_token_broker::client::Target::new(broker.unix.clone(), Duration::from_secs(5));
+    let status = flute_token_broker::client::status(&target, false, None).await.unwrap();
+    let shown = format!(
+        "certificate: server (CN=rcgen self signed cert): serial {}, expires 4096-01-01T00:00:00Z",
+        second.serial
+    );
+    assert!(status.text.contains(&shown), "{}", status.text);
 }
 
 /// An agent's client certificate with a compressed life (3 s, standing in

@@ -365,6 +365,24 @@ pub async fn status(target: &Target, json: bool, only: Option<Environment>) -> R
             if e.last_error.is_empty() { "-" } else { &e.last_error },
         ));
     }
+    let now = std::time::SystemTime::now();
+    for cert in &status.certificates {
+        let Some(not_after) = cert.not_after.and_then(|t| std::time::SystemTime::try_from(t).ok()) else {
+            continue;
+        };
+        let info = crate::certs::CertificateInfo {
+            serial: cert.serial.clone(),
+            subject: cert.subject.clone(),
+            not_before: std::time::UNIX_EPOCH,
+            not_after,
+        };
+        out.push_str(&format!(
+            "certificate: {} ({}): {}\n",
+            cert.role,
+            cert.subject,
+            info.describe(now)
+        ));
+    }
     Ok(StatusReport {
         text: out,
         without_token,

@@ -152,6 +152,14 @@ impl Broker {
             true => Some(crate::certs::client::ClientTls::load(&config.upstream.tls_files())?),
             false => None,
         };
+        let mut materials: Vec<Arc<dyn crate::certs::Reloadable>> = Vec::new();
+        if let Some(tls) = &tls {
+            materials.push(tls.clone());
+        }
+        if let Some(tls) = &upstream_tls {
+            materials.push(tls.clone());
+        }
+        let rotation = crate::certs::Rotation::new(materials, metrics.clone());
         let passed = PassedFds::from_env()?;
         let restored = token_store::restore(passed.token_store, &config.refresh);
         let mut inherited = passed.sockets;
@@ -195,7 +203,8 @@ impl Broker {
             metrics.clone(),
             config.server.request_wait,
             access,
-        );
+        )
+        .with_certificates(rotation.clone());
         let api =
             crate::grpc::face(service.clone(), health_service).map_err(|e| DaemonError::Reflection(e.to_string()))?;
 
@@ -269,14 +278,6 @@ impl Broker {
             admin_addr = Some(addr);
         }
 
-        let mut materials: Vec<Arc<dyn crate::certs::Reloadable>> = Vec::new();
-        if let Some(tls) = &tls {
-            materials.push(tls.clone());
-        }
-        if let Some(tls) = &upstream_tls {
-            materials.push(tls.clone());
-        }
-        let rotation = crate::certs::Rotation::new(materials, metrics.clone());
         if !rotation.is_empty() {
             background.push(rotation.spawn_watch(config.certificates.poll_interval, stopping.clone()));
         }

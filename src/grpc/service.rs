@@ -50,6 +50,8 @@ pub struct TokenBrokerService {
     access: Arc<BTreeMap<Environment, AccessPolicy>>,
     /// `grpc_requests{code="OK"}` per protocol and method.
     ok_counters: Arc<[[Counter; 4]; 2]>,
+    /// The TLS material in use, shown by GetStatus.
+    certificates: Option<Arc<crate::certs::Rotation>>,
 }
 
 impl TokenBrokerService {
@@ -80,7 +82,14 @@ impl TokenBrokerService {
                 })
             })),
             metrics,
+            certificates: None,
         }
+    }
+
+    /// GetStatus shows the certificates of `rotation` with their expiry.
+    pub fn with_certificates(mut self, rotation: Arc<crate::certs::Rotation>) -> Self {
+        self.certificates = Some(rotation);
+        self
     }
 
     /// The source of `env`, if it is enabled and `caller` may use it: the
@@ -206,7 +215,21 @@ impl TokenBrokerService {
                 },
             })
             .collect();
-        pb::GetStatusResponse { environments }
+        let certificates = self
+            .certificates
+            .iter()
+            .flat_map(|rotation| rotation.in_use())
+            .map(|cert| pb::CertificateStatus {
+                role: cert.role.to_owned(),
+                subject: cert.certificate.subject.clone(),
+                serial: cert.certificate.serial.clone(),
+                not_after: Some(prost_types::Timestamp::from(cert.certificate.not_after)),
+            })
+            .collect();
+        pb::GetStatusResponse {
+            environments,
+            certificates,
+        }
     }
 
     fn allows(&self, env: Environment, caller: &Caller) -> bool {
