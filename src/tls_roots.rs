@@ -7,13 +7,20 @@
 //!
 //! A store that cannot be loaded is a local configuration problem, reported
 //! by `check-config` and at start (exit 78), never blamed on the endpoint.
+//!
+//! Every client built from one load verifies through its [`RotatingRoots`],
+//! so a PEM file's new content (see `certs`) reaches them all at their next
+//! handshake, without rebuilding one.
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
-use rustls::pki_types::CertificateDer;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::{Deserialize, Serialize};
 
 /// `oauth.tls_roots`: where the trusted CA certificates come from.
@@ -58,9 +65,116 @@ impl From<TlsRoots> for String {
 /// Loaded trust anchors, shared by every client that uses them.
 #[derive(Clone, Default)]
 pub struct TrustRoots {
+    /// As loaded (a reload swaps what `rotating` verifies with, not these).
     pub certificates: Arc<[CertificateDer<'static>]>,
     /// Where they came from, for the log (`system store`, `bundled`, a path).
     pub origin: String,
+    /// The verifier of every client built from this load (none when no
+    /// certificate was loaded: `http://` only).
+    pub rotating: Option<Arc<RotatingRoots>>,
+}
+
+impl TrustRoots {
+    fn new(certificates: Vec<CertificateDer<'static>>, origin: String) -> Result<Self, String> {
+        let rotating = RotatingRoots::new(&certificates)?;
+        Ok(Self {
+            certificates: certificates.into(),
+            origin,
+            rotating: Some(rotating),
+        })
+    }
+
+    /// A TLS client configuration (ring, no client certificate) that
+    /// verifies servers with these roots, as they are at each handshake.
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, String> {
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        Ok(match &self.rotating {
+            Some(rotating) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(rotating.clone())
+                .with_no_client_auth(),
+            None => builder
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        })
+    }
+}
+
+/// CA certificates servers must chain to, swappable in place: the WebPKI
+/// verifier of the current set, read at each handshake.
+#[derive(Debug)]
+pub struct RotatingRoots {
+    current: RwLock<Arc<WebPkiServerVerifier>>,
+}
+
+impl RotatingRoots {
+    pub fn new(certificates: &[CertificateDer<'static>]) -> Result<Arc<Self>, String> {
+        Ok(Arc::new(Self {
+            current: RwLock::new(verifier(certificates)?),
+        }))
+    }
+
+    /// Verifies with `certificates` from the next handshake on.
+    pub fn replace(&self, certificates: &[CertificateDer<'static>]) -> Result<(), String> {
+        let next = verifier(certificates)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<WebPkiServerVerifier> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn verifier(certificates: &[CertificateDer<'static>]) -> Result<Arc<WebPkiServerVerifier>, String> {
+    // A system store may hold a certificate webpki cannot use; the others
+    // still count. None usable at all is a problem.
+    let mut store = rustls::RootCertStore::empty();
+    store.add_parsable_certificates(certificates.iter().cloned());
+    if store.is_empty() {
+        return Err("no usable CA certificate".into());
+    }
+    WebPkiServerVerifier::builder_with_provider(Arc::new(store), Arc::new(rustls::crypto::ring::default_provider()))
+        .build()
+        .map_err(|e| format!("cannot verify servers with it: {e}"))
+}
+
+impl ServerCertVerifier for RotatingRoots {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.current()
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
 }
 
 impl fmt::Debug for TrustRoots {
@@ -106,17 +220,17 @@ fn system() -> Result<TrustRoots, RootsError> {
             .unwrap_or_default();
         return Err(RootsError::NoSystemRoots { detail });
     }
-    Ok(TrustRoots {
-        certificates: found.certs.into(),
-        origin: "the system store".into(),
+    TrustRoots::new(found.certs, "the system store".into()).map_err(|reason| RootsError::NoSystemRoots {
+        detail: format!(" ({reason})"),
     })
 }
 
 fn bundled() -> TrustRoots {
-    TrustRoots {
-        certificates: webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().cloned().collect(),
-        origin: "the bundled Mozilla roots".into(),
-    }
+    TrustRoots::new(
+        webpki_root_certs::TLS_SERVER_ROOT_CERTS.to_vec(),
+        "the bundled Mozilla roots".into(),
+    )
+    .expect("the bundled roots are usable")
 }
 
 fn from_file(path: &PathBuf) -> Result<TrustRoots, RootsError> {
@@ -131,10 +245,7 @@ fn from_file(path: &PathBuf) -> Result<TrustRoots, RootsError> {
     if certificates.is_empty() {
         return Err(RootsError::EmptyFile { path: path.clone() });
     }
-    Ok(TrustRoots {
-        certificates: certificates.into(),
-        origin: path.display().to_string(),
-    })
+    TrustRoots::new(certificates, path.display().to_string()).map_err(file_error)
 }
 
 #[cfg(test)]

@@ -604,3 +604,55 @@ async fn check_config_shows_each_certificates_expiry_and_warns_before_it() {
         "{stderr}"
     );
 }
+
+/// `[oauth] tls_roots = "/path"` rotates in place too: with a bundle that
+/// does not hold the token endpoint's CA, no token can be had (the TLS
+/// handshake fails); once the right bundle is written, the next attempt
+/// gets one, with no restart.
+#[tokio::test]
+async fn token_endpoint_roots_from_a_file_rotate_in_place() {
+    let (right, wrong) = (Ca::new("Flute's CA"), Ca::new("another CA"));
+    let endpoint = right.issue(&["127.0.0.1", "localhost"], 5);
+    let work = tempfile::tempdir().unwrap();
+    let mut bundle = TlsDir::new(work.path().join("roots"), Writes::Kubelet, &[("ca.pem", &wrong.pem())]);
+    let mut https = None;
+    let broker = start_broker_with(
+        &[Environment::Sandbox],
+        Duration::from_secs(900),
+        |emulators, config| {
+            use rustls::pki_types::pem::PemObject;
+            let chain = vec![rustls::pki_types::CertificateDer::from_pem_slice(endpoint.cert.as_bytes()).unwrap()];
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(endpoint.key.as_bytes()).unwrap();
+            let tls = emulators[&Environment::Sandbox]
+                .emulator
+                .spawn_tls("127.0.0.1:0".parse().unwrap(), chain, key)
+                .unwrap();
+            config.environments.get_mut(&Environment::Sandbox).unwrap().token_url = tls.token_url();
+            config.oauth.tls_roots = flute_token_broker::tls_roots::TlsRoots::File(bundle.path("ca.pem"));
+            https = Some(tls);
+        },
+    )
+    .await;
+    let source = broker.daemon.sources.get(Environment::Sandbox).unwrap();
+    let admin = broker.daemon.admin_addr.unwrap();
+    // The first attempt fails: the endpoint's certificate is not trusted.
+    let mut snapshots = source.subscribe();
+    let failed = tokio::time::timeout(Duration::from_secs(10), snapshots.wait_for(|s| s.last_error.is_some()))
+        .await
+        .expect("the first attempt fails within 10 s")
+        .unwrap()
+        .clone();
+    assert!(
+        failed.token.is_none(),
+        "no token through a bundle without the endpoint's CA"
+    );
+    eprintln!("with the wrong bundle: {}", failed.last_error.as_ref().unwrap().message);
+
+    bundle.write(&[("ca.pem", &right.pem())]);
+    tokio::time::timeout(Duration::from_secs(10), source.holding_token())
+        .await
+        .expect("a token once the right bundle is in place");
+    let reloaded = "flute_broker_tls_reloads_total{material=\"token_endpoint_roots\",result=\"ok\"}";
+    assert_eq!(support::metric(admin, reloaded).await, 1.0);
+    assert!(https.is_some());
+}

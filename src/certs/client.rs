@@ -7,13 +7,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::SignatureScheme;
+use rustls::client::ResolvesClientCert;
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use super::material::{self, CertificateInfo, MaterialError};
+use super::roots::Authority;
 use super::{InUse, Reloadable};
 
 /// Certificate files of a TLS client (the CLI, an agent).
@@ -40,7 +39,7 @@ pub enum ClientTlsError {
 /// What a TLS client dials with, swappable.
 pub struct ClientTls {
     files: ClientTlsFiles,
-    authority: Option<Arc<AuthoritySlot>>,
+    authority: Option<Authority>,
     identity: Option<Arc<IdentitySlot>>,
     config: Arc<rustls::ClientConfig>,
 }
@@ -62,11 +61,13 @@ impl ClientTls {
             .with_safe_default_protocol_versions()
             .map_err(|e| ClientTlsError::Invalid(e.to_string()))?;
         let authority = match &files.ca_file {
-            Some(path) => Some(Arc::new(AuthoritySlot(RwLock::new(server_verifier(path)?)))),
+            Some(path) => Some(Authority::load(path)?),
             None => None,
         };
         let builder = match &authority {
-            Some(slot) => builder.dangerous().with_custom_certificate_verifier(slot.clone()),
+            Some(authority) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(authority.verifier()),
             None => {
                 let roots = crate::tls_roots::TlsRoots::Auto
                     .load()
@@ -131,17 +132,16 @@ impl Reloadable for ClientTls {
             .collect()
     }
 
+    /// The client certificate is checked first, then the CA bundle is
+    /// swapped in (or refused), and only then the certificate: nothing
+    /// changes unless all of it is good.
     fn reload(&self) -> Result<Vec<InUse>, MaterialError> {
-        let authority = match (&self.authority, &self.files.ca_file) {
-            (Some(_), Some(path)) => Some(server_verifier(path)?),
-            _ => None,
-        };
         let identity = match (&self.identity, &self.files.cert_file, &self.files.key_file) {
             (Some(_), Some(cert), Some(key)) => Some(material::identity(cert, key, SystemTime::now())?),
             _ => None,
         };
-        if let (Some(slot), Some(new)) = (&self.authority, authority) {
-            *slot.0.write().unwrap_or_else(|p| p.into_inner()) = new;
+        if let Some(authority) = &self.authority {
+            authority.reload()?;
         }
         if let (Some(slot), Some(new)) = (&self.identity, identity) {
             *slot.0.write().unwrap_or_else(|p| p.into_inner()) = new;
@@ -151,10 +151,10 @@ impl Reloadable for ClientTls {
 
     fn in_use(&self) -> Vec<InUse> {
         let mut out = Vec::new();
-        if let Some(slot) = &self.authority {
+        if let Some(authority) = &self.authority {
             out.push(InUse {
                 role: "upstream_ca",
-                certificate: slot.0.read().unwrap_or_else(|p| p.into_inner()).1.clone(),
+                certificate: authority.certificate(),
             });
         }
         if let Some(certificate) = self.certificate() {
@@ -165,23 +165,6 @@ impl Reloadable for ClientTls {
         }
         out
     }
-}
-
-type Verifier = (Arc<WebPkiServerVerifier>, CertificateInfo);
-
-fn server_verifier(path: &std::path::Path) -> Result<Verifier, MaterialError> {
-    let (certs, earliest) = material::authorities(path)?;
-    let store = material::root_store(path, &certs)?;
-    let verifier = WebPkiServerVerifier::builder_with_provider(
-        Arc::new(store),
-        Arc::new(rustls::crypto::ring::default_provider()),
-    )
-    .build()
-    .map_err(|e| MaterialError {
-        path: path.to_owned(),
-        reason: format!("cannot verify servers with it: {e}"),
-    })?;
-    Ok((verifier, earliest))
 }
 
 /// This client's certificate, read at each handshake.
@@ -195,51 +178,5 @@ impl ResolvesClientCert for IdentitySlot {
 
     fn has_certs(&self) -> bool {
         true
-    }
-}
-
-/// The CA brokers' certificates must chain to, read at each handshake.
-#[derive(Debug)]
-struct AuthoritySlot(RwLock<Verifier>);
-
-impl AuthoritySlot {
-    fn current(&self) -> Arc<WebPkiServerVerifier> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).0.clone()
-    }
-}
-
-impl ServerCertVerifier for AuthoritySlot {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.current()
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current().verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current().verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.current().supported_verify_schemes()
     }
 }

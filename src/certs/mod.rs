@@ -16,6 +16,7 @@
 
 pub mod client;
 pub mod material;
+pub mod roots;
 pub mod server;
 mod watch;
 

@@ -152,12 +152,23 @@ impl Broker {
             true => Some(crate::certs::client::ClientTls::load(&config.upstream.tls_files())?),
             false => None,
         };
+        // One load of the token endpoints' roots for every client (token
+        // sources and proxies): a PEM file's new content reaches them all.
+        let roots = config.token_endpoint_roots()?;
+        if !roots.certificates.is_empty() {
+            info!(roots = %roots.origin, certificates = roots.certificates.len(), "token endpoint TLS roots loaded");
+        }
         let mut materials: Vec<Arc<dyn crate::certs::Reloadable>> = Vec::new();
         if let Some(tls) = &tls {
             materials.push(tls.clone());
         }
         if let Some(tls) = &upstream_tls {
             materials.push(tls.clone());
+        }
+        if let (crate::tls_roots::TlsRoots::File(path), Some(rotating)) = (&config.oauth.tls_roots, &roots.rotating) {
+            let authority = crate::certs::roots::Authority::adopt(path, rotating.clone())
+                .map_err(|e| DaemonError::Tls(e.into()))?;
+            materials.push(Arc::new(crate::certs::roots::TokenEndpointRoots(authority)));
         }
         let rotation = crate::certs::Rotation::new(materials, metrics.clone());
         let passed = PassedFds::from_env()?;
@@ -187,7 +198,8 @@ impl Broker {
             None => None,
         };
 
-        let (sources, source_tasks) = spawn_sources(&config, planned, restored, upstream_tls.clone(), &metrics)?;
+        let (sources, source_tasks) =
+            spawn_sources(&config, planned, restored, &roots, upstream_tls.clone(), &metrics)?;
         let stopping = CancellationToken::new();
         let draining = CancellationToken::new();
         let sinks = crate::sinks::spawn(&config.sinks, &sources, &draining);
@@ -218,7 +230,6 @@ impl Broker {
             .collect();
         let mut proxy_addrs = Vec::new();
         if !proxy_bound.is_empty() {
-            let roots = config.token_endpoint_roots()?;
             let mut faces = std::collections::BTreeMap::new();
             for (env, e) in config.enabled().filter(|(_, e)| e.proxy.is_enabled()) {
                 let proxy = crate::proxy::Proxy::new(env, &e.proxy, service.clone(), &roots, metrics.clone())?;
@@ -351,13 +362,10 @@ fn spawn_sources(
     config: &Config,
     planned: Vec<(Environment, Planned)>,
     restored: Vec<(Environment, Arc<Token>)>,
+    roots: &crate::tls_roots::TrustRoots,
     upstream_tls: Option<Arc<crate::certs::client::ClientTls>>,
     metrics: &Arc<Metrics>,
 ) -> Result<(Arc<TokenSources>, Vec<JoinHandle<()>>), DaemonError> {
-    let roots = config.token_endpoint_roots()?;
-    if !roots.certificates.is_empty() {
-        info!(roots = %roots.origin, certificates = roots.certificates.len(), "token endpoint TLS roots loaded");
-    }
     let mut handles = Vec::new();
     let mut tasks = Vec::new();
     for (env, planned) in planned {

@@ -180,17 +180,12 @@ impl std::fmt::Debug for OAuthClient {
 impl OAuthClient {
     pub fn new(config: OAuthClientConfig) -> Result<Self, ClientBuildError> {
         crate::install_crypto_provider();
-        let roots = config
-            .roots
-            .certificates
-            .iter()
-            .map(|der| reqwest::Certificate::from_der(der))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ClientBuildError(crate::error_chain(&e)))?;
+        // Exactly these roots, as they are at each handshake (a PEM file's
+        // new content is taken in place): the platform verifier would read
+        // the host's store, which may not exist and is not what was configured.
+        let tls = config.roots.client_config().map_err(ClientBuildError)?;
         let http = reqwest::Client::builder()
-            // Exactly these roots: the platform verifier would read the
-            // host's store, which may not exist and is not what was configured.
-            .tls_certs_only(roots)
+            .tls_backend_preconfigured(tls)
             .user_agent(concat!(env!("CARGO_PKG_NAME"), "/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)

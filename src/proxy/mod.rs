@@ -111,15 +111,7 @@ fn upstream_client(
     roots: &TrustRoots,
     open: prometheus_client::metrics::gauge::Gauge,
 ) -> Result<UpstreamClient, ProxyError> {
-    let mut store = rustls::RootCertStore::empty();
-    for cert in roots.certificates.iter() {
-        store.add(cert.clone()).map_err(|e| ProxyError::Tls(e.to_string()))?;
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ProxyError::Tls(e.to_string()))?
-        .with_root_certificates(store)
-        .with_no_client_auth();
+    let tls = roots.client_config().map_err(ProxyError::Tls)?;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
