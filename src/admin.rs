@@ -70,6 +70,7 @@ pub fn face(sources: Arc<TokenSources>, metrics: Arc<Metrics>) -> Face {
         routes: tonic::service::Routes::from(router(sources, metrics)),
         max_request_bytes: 16 * 1024,
         http1_screen: None,
+        tls_http1: false,
     }
 }
 

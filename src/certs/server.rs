@@ -63,7 +63,10 @@ pub struct ServerTls {
     files: ServerTlsFiles,
     identity: Arc<IdentitySlot>,
     clients: Option<Arc<ClientCaSlot>>,
-    config: Arc<rustls::ServerConfig>,
+    /// ALPN `h2` only (gRPC and the HTTP/JSON read over TLS).
+    h2: Arc<rustls::ServerConfig>,
+    /// ALPN `h2` and `http/1.1` (the API proxy's callers).
+    h2_and_http1: Arc<rustls::ServerConfig>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -76,8 +79,8 @@ impl std::fmt::Debug for ServerTls {
 
 impl ServerTls {
     /// Reads and checks the files (the error names the file, never its
-    /// content) and builds the one `ServerConfig` every handshake uses:
-    /// HTTP/2 and HTTP/1.1 by ALPN, client certificates required when
+    /// content) and builds the `ServerConfig`s every handshake uses (ALPN
+    /// `h2`, or `h2` and `http/1.1`), client certificates required when
     /// `client_ca_file` is set.
     pub fn load(files: &ServerTlsFiles) -> Result<Arc<Self>, MaterialError> {
         let now = SystemTime::now();
@@ -98,19 +101,23 @@ impl ServerTls {
             Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
             None => builder.with_no_client_auth(),
         };
-        let mut config = builder.with_cert_resolver(identity.clone());
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let mut h2 = builder.with_cert_resolver(identity.clone());
+        h2.alpn_protocols = vec![b"h2".to_vec()];
+        let mut h2_and_http1 = h2.clone();
+        h2_and_http1.alpn_protocols.push(b"http/1.1".to_vec());
         Ok(Arc::new(Self {
             files: files.clone(),
             identity,
             clients,
-            config: Arc::new(config),
+            h2: Arc::new(h2),
+            h2_and_http1: Arc::new(h2_and_http1),
         }))
     }
 
-    /// The acceptor of every TLS listener of this broker.
-    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        tokio_rustls::TlsAcceptor::from(self.config.clone())
+    /// The acceptor of a TLS listener: offering HTTP/2 only by ALPN, or
+    /// HTTP/1.1 too (`http1`). Both read the same swappable material.
+    pub fn acceptor(&self, http1: bool) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(if http1 { &self.h2_and_http1 } else { &self.h2 }.clone())
     }
 
     /// Whether clients must present a certificate (mutual TLS).

@@ -63,6 +63,7 @@ pub fn face(
         routes: Routes::from(router),
         max_request_bytes: MAX_REQUEST_BYTES,
         http1_screen: Some(http::grpc_over_http1),
+        tls_http1: false,
     })
 }
 

@@ -100,6 +100,7 @@ impl Proxy {
             routes: tonic::service::Routes::from(router),
             max_request_bytes: self.settings.max_body_bytes,
             http1_screen: None,
+            tls_http1: true,
         }
     }
 }

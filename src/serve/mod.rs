@@ -48,6 +48,9 @@ pub struct Face {
     pub max_request_bytes: usize,
     /// Refuses HTTP/1.x requests the face must not take, before routing.
     pub http1_screen: Option<guard::Http1Screen>,
+    /// Over TLS, offer HTTP/1.1 by ALPN besides HTTP/2 (the API face
+    /// offers `h2` only, as gRPC needs; the proxy takes HTTP/1.1 callers).
+    pub tls_http1: bool,
 }
 
 /// Serves `face` on one listener until `stopping` (then GOAWAY and drain):
@@ -71,7 +74,9 @@ pub fn serve(
         })
         .layer(request_limit::RequestLimitLayer::new(face.max_request_bytes))
         .add_routes(face.routes.clone());
-    let acceptor = tls.filter(|_| matches!(listener, Bound::Tcp(_))).map(|t| t.acceptor());
+    let acceptor = tls
+        .filter(|_| matches!(listener, Bound::Tcp(_)))
+        .map(|t| t.acceptor(face.tls_http1));
     let name = face.name;
     info!(face = name, %addr, tls = acceptor.is_some(), max_connections = limits.max_connections, "listening");
     let guard = ListenerGuard::new(format!("{name}:{addr}"), limits, metrics.clone());
