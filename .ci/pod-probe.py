@@ -41,7 +41,12 @@ files):
   become ready through the Service name over mutual TLS; then, while the
   callers below use the agent's socket, the hub replica it follows is
   killed (SIGKILL): no call at the agent may fail, and the agent must
-  follow the other replica.
+  follow the other replica. Then every issued TLS Secret is renewed (a new
+  key and serial, as cert-manager does) and swapped into the remaining
+  hub's and the agent's volumes the kubelet's way (`..data` renamed onto a
+  new directory; Secret and ConfigMap volumes are always written so) while
+  the callers keep going: no call may fail, no broker restarts, and each
+  logs the new serial.
 - Termination: the preStop hook runs while the pod is still ready, then
   SIGTERM; the broker must exit 0 within terminationGracePeriodSeconds.
 - A DaemonSet that serves a hostPath socket must roll with maxSurge 1 and
@@ -185,6 +190,8 @@ class Pod:
         self.work.mkdir()
         self.host_paths = host_paths
         self.volumes = {}
+        # ConfigMap and Secret volumes: name → (kind, object name, mode, group).
+        self.projected = {}
         self.processes = []
         security = self.spec.get("securityContext", {})
         self.fs_group = security.get("fsGroup")
@@ -225,12 +232,9 @@ class Pod:
             mode = source.get("defaultMode", 0o644)
             if self.fs_group is not None:
                 mode |= 0o440  # the kubelet's read-only volume mask with fsGroup
-            for key, value in data.items():
-                f = path / key
-                f.write_text(value)
-                os.chown(f, 0, group)
-                f.chmod(mode)
+            kubelet_write(path, data, mode, group)
             os.chmod(path, 0o755)
+            self.projected[name] = (kind, wanted, mode, group)
         elif "emptyDir" in spec:
             path.mkdir()
             os.chown(path, 0, group)
@@ -331,6 +335,29 @@ def cluster_dns():
 pki = {}
 
 
+def kubelet_write(path, data, mode, group):
+    """A ConfigMap or Secret volume's files as the kubelet's atomic writer
+    makes them: a new timestamped directory holding the files, the `..data`
+    symlink renamed onto it, and each key a symlink into `..data` (made
+    once). An update swaps `..data`; the visible names never change."""
+    generation = path / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
+    generation.mkdir()
+    for key, value in data.items():
+        f = generation / key
+        f.write_text(value)
+        os.chown(f, 0, group)
+        f.chmod(mode)
+    generation.chmod(0o755)
+    old = os.readlink(path / "..data") if (path / "..data").is_symlink() else None
+    os.symlink(generation.name, path / "..data_tmp")
+    os.rename(path / "..data_tmp", path / "..data")
+    for key in data:
+        if not (path / key).is_symlink():
+            os.symlink(f"..data/{key}", path / key)
+    if old:
+        shutil.rmtree(path / old, ignore_errors=True)
+
+
 def issued_secret(objects, secret_name, work):
     """The Secret a cert-manager Certificate would write (tls.crt, tls.key,
     ca.crt), issued here from one CA with the Certificate's SANs."""
@@ -339,6 +366,12 @@ def issued_secret(objects, secret_name, work):
         return None
     if secret_name in pki:
         return pki[secret_name]
+    return issue(cert, secret_name, work)
+
+
+def issue(cert, secret_name, work):
+    """A certificate for the Certificate `cert` from the probe's CA (made on
+    first use): a new key and serial at every call."""
     d = work / "pki"
     if not pki:
         d.mkdir()
@@ -352,8 +385,9 @@ def issued_secret(objects, secret_name, work):
     key, csr, crt = (d / f"{secret_name}.{x}" for x in ("key", "csr", "crt"))
     sh("openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", f"/CN={cert['metadata']['name']}", "-keyout", str(key), "-out", str(csr))
     sh("openssl", "x509", "-req", "-in", str(csr), "-CA", str(d / "ca.crt"), "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2", "-extfile", str(extensions), "-out", str(crt))
-    exercised.append(f"Secret/{secret_name} issued as Certificate/{cert['metadata']['name']} describes it ({', '.join(sans)})")
-    pki[secret_name] = {"stringData": {"tls.crt": crt.read_text(), "tls.key": key.read_text(), "ca.crt": pki["ca"]}}
+    serial = subprocess.run(["openssl", "x509", "-noout", "-serial", "-in", str(crt)], capture_output=True, text=True, check=True).stdout.strip().split("=")[1]
+    exercised.append(f"Secret/{secret_name} issued as Certificate/{cert['metadata']['name']} describes it ({', '.join(sans)}), serial {serial}")
+    pki[secret_name] = {"stringData": {"tls.crt": crt.read_text(), "tls.key": key.read_text(), "ca.crt": pki["ca"]}, "serial": serial}
     return pki[secret_name]
 
 
@@ -682,6 +716,49 @@ def hub_failover(agent, hubs, image, shutdown_grace):
     return followed
 
 
+def rotate_fleet_tls(agent, hubs, objects, work):
+    """Renews every issued TLS Secret (as cert-manager does: a new key and
+    serial) and swaps it into each hub's and the agent's volume the
+    kubelet's way, while the callers use the agent's socket: no call may
+    fail, no broker restarts, and each broker logs the new serial."""
+    import restart_load
+
+    pods = [*hubs, agent]
+    pids = {pod.name + str(pod.index): [process.pid for _, _, _, process in pod.running] for pod in pods}
+    renewed = {}
+
+    def rotate():
+        for name in [n for n in pki if n != "ca"]:
+            cert = next(d for (kind, _), d in objects.items() if kind == "Certificate" and d["spec"].get("secretName") == name)
+            renewed[name] = issue(cert, name, work)
+        for pod in pods:
+            for volume, (kind, wanted, mode, group) in pod.projected.items():
+                if kind == "Secret" and wanted in renewed:
+                    kubelet_write(pod.volumes[volume], renewed[wanted]["stringData"], mode, group)
+
+    grpc_caller, process_caller, _, _, _ = restart_load.run(str(host_socket(agent)), str(BIN), rotate, duration=8.0, action_at=3.0)
+    for caller in (grpc_caller, process_caller):
+        check(caller.failed == 0, f"{agent.name}: no failed call at the agent while the fleet's TLS Secrets rotate", caller.summary())
+
+    def reloaded(pod):
+        log = pod.work / "broker.log"
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        return {line.get("serial", "").replace(":", "").upper().lstrip("0") for line in lines if line.get("message", "").startswith("TLS material reloaded")}
+
+    seen = []
+    for pod in pods:
+        wanted = {renewed[wanted]["serial"].lstrip("0") for _, (kind, wanted, _, _) in pod.projected.items() if kind == "Secret" and wanted in renewed}
+        deadline = time.monotonic() + 10
+        while not wanted <= reloaded(pod) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        check(wanted <= reloaded(pod), f"{pod.name}: took the renewed certificate without a restart", f"wanted {wanted}, logged {reloaded(pod)}")
+        alive = [process.poll() is None for _, _, _, process in pod.running]
+        check(all(alive) and [process.pid for _, _, _, process in pod.running] == pids[pod.name + str(pod.index)],
+              f"{pod.name}: no restart while its TLS Secret rotated")
+        seen.append(f"{pod.name} ({pod.ip}) took serial {', '.join(sorted(wanted))}")
+    exercised.append(f"TLS Secrets renewed and swapped the kubelet's way under load: {grpc_caller.summary()}; {process_caller.summary()}; {'; '.join(seen)}; no restart")
+
+
 def main():
     if os.geteuid() != 0:
         raise SystemExit("pod-probe.py needs root (network namespaces, mounts)")
@@ -729,8 +806,10 @@ def main():
                 pod, running = roll_daemonset(pod, running, docs, image, config_env, emulator_args, next_index, grace)
                 pod.running = running
             if follows_upstream(config) and host_socket(pod) is not None:
-                killed = hub_failover(pod, [h for h in hubs if h.doc["metadata"]["name"] in hub_names(config, docs)], image, grace)
+                fleet = [h for h in hubs if h.doc["metadata"]["name"] in hub_names(config, docs)]
+                killed = hub_failover(pod, fleet, image, grace)
                 started = [(p, r, g) for p, r, g in started if p is not killed]
+                rotate_fleet_tls(pod, [h for h in fleet if h is not killed], objects, work)
             started.append((pod, running, grace))
         for pod, running, grace in started:
             for container, root, env, process in running:

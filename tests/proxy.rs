@@ -307,6 +307,40 @@ async fn a_caller_the_allow_list_refuses_gets_403_and_the_api_is_not_contacted()
     assert_eq!(broker.emulator(SANDBOX).stats().api_requests, 0);
 }
 
+/// A request head that never ends (slowloris) on a proxy listener is cut
+/// off at `server.handshake_timeout`, as on every listener, and the API
+/// never sees a request.
+#[tokio::test]
+async fn a_slow_request_head_is_cut_off_at_the_first_request_deadline() {
+    let broker = start_broker_with(&[SANDBOX], Duration::from_secs(900), |emulators, config| {
+        config.server.handshake_timeout = Duration::from_secs(1);
+        let proxy = &mut config.environments.get_mut(&SANDBOX).unwrap().proxy;
+        proxy.listen = vec![ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())];
+        proxy.api_url = emulators[&SANDBOX].base_url();
+    })
+    .await;
+    let addr = proxy_tcp(&broker).trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stream
+        .write_all(b"GET /v2/transactions HTTP/1.1\r\nHost: l\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection is closed at the deadline");
+    assert_eq!(broker.emulator(SANDBOX).stats().api_requests, 0);
+    let admin = broker.daemon.admin_addr.unwrap();
+    let text = support::metrics_text(admin).await;
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("flute_broker_connections_closed_total{listener=\"proxy-sandbox:")
+                && l.contains("reason=\"handshake_timeout\"")
+                && l.ends_with(" 1")
+        ),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn a_body_that_stops_arriving_is_cut_off_at_the_idle_deadline() {
     let broker = proxied_broker_with(|proxy| proxy.idle_timeout = Duration::from_secs(1)).await;

@@ -87,6 +87,8 @@ check "the same through the proxy's TCP port" \
 curl -s -X POST "$emulator/__emulator/faults" -H 'Content-Type: application/json' -d '{"revoke_current": true}' >/dev/null
 check "a revoked token never reaches the script (the broker retries once)" \
   grep -q '"method":"POST"' <<<"$(flute_api POST /v2/payments '{"n":2}')"
+check "HTTP/2 (prior knowledge) through the proxy: 200" \
+  test "$(curl -s -o /dev/null -w '%{http_code} %{http_version}' --http2-prior-knowledge --unix-socket "$FLUTE_PROXY_SOCKET" http://localhost/v2/transactions)" = "200 2"
 check "a path leaving the API: 400" \
   test "$(curl -s -o /dev/null -w '%{http_code}' --path-as-is --unix-socket "$FLUTE_PROXY_SOCKET" http://localhost/v2/../admin)" = 400
 
