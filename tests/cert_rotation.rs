@@ -64,6 +64,22 @@ impl Ca {
 }
 
 impl Ca {
+    /// A certificate valid from `after` from now, for a day.
+    fn issue_later(&self, sans: &[&str], serial: u64, after: Duration) -> Leaf {
+        let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params.serial_number = Some(SerialNumber::from(serial));
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::try_from(after).unwrap();
+        params.not_after = now + time::Duration::days(1);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            serial: CertificateInfo::of(cert.der()).unwrap().serial,
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
     /// A certificate that expired yesterday.
     fn issue_expired(&self, sans: &[&str], serial: u64) -> Leaf {
         let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
@@ -655,4 +671,47 @@ async fn token_endpoint_roots_from_a_file_rotate_in_place() {
     let reloaded = "flute_broker_tls_reloads_total{material=\"token_endpoint_roots\",result=\"ok\"}";
     assert_eq!(support::metric(admin, reloaded).await, 1.0);
     assert!(https.is_some());
+}
+
+/// A certificate written before its validity begins (an issuer whose clock
+/// runs ahead) is refused once, then taken by the periodic check once it is
+/// valid, with no new write.
+#[tokio::test]
+async fn a_certificate_not_valid_yet_is_taken_when_it_becomes_valid() {
+    let ca = Ca::new("CA");
+    let (first, early) = (
+        ca.issue(&["localhost"], 61),
+        ca.issue_later(&["localhost"], 62, Duration::from_secs(2)),
+    );
+    let client = ca.issue(&["client"], 63);
+    let work = tempfile::tempdir().unwrap();
+    let mut tls = TlsDir::new(
+        work.path().join("tls"),
+        Writes::Kubelet,
+        &[("tls.crt", &first.cert), ("tls.key", &first.key)],
+    );
+    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
+        config.certificates.poll_interval = Duration::from_secs(1);
+        config.server.tls = Some(ServerTlsFiles {
+            cert_file: tls.path("tls.crt"),
+            key_file: tls.path("tls.key"),
+            client_ca_file: None,
+        });
+    })
+    .await;
+    let (addr, admin) = (tcp_addr(&broker.daemon), broker.daemon.admin_addr.unwrap());
+    tls.write(&[("tls.crt", &early.cert), ("tls.key", &early.key)]);
+    support::await_metric(
+        admin,
+        "flute_broker_tls_reloads_total{material=\"server\",result=\"ok\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(serial_seen(addr, &ca.pem(), &client).await.unwrap(), early.serial);
+    let refused = support::metric(
+        admin,
+        "flute_broker_tls_reloads_total{material=\"server\",result=\"failed\"}",
+    )
+    .await;
+    assert!(refused >= 1.0, "refused while not valid yet: {refused}");
 }

@@ -96,9 +96,11 @@ pub trait Reloadable: Send + Sync {
 
 struct Watched {
     material: Arc<dyn Reloadable>,
-    /// The digest of the files' contents last looked at, good or not: the
-    /// same bad content is reported once, not at every check.
-    seen: Mutex<[u8; 32]>,
+    /// The digest of the files' contents last looked at, and whether they
+    /// were refused: the same bad content is reported once per change, and
+    /// tried again only by the periodic check (a certificate not valid yet
+    /// becomes good with time alone).
+    seen: Mutex<([u8; 32], bool)>,
 }
 
 /// Every piece of rotating material of this broker, and what checks it.
@@ -115,7 +117,7 @@ impl Rotation {
             watched: materials
                 .into_iter()
                 .map(|material| Watched {
-                    seen: Mutex::new(digest(&material.files())),
+                    seen: Mutex::new((digest(&material.files()), false)),
                     material,
                 })
                 .collect(),
@@ -147,14 +149,16 @@ impl Rotation {
         for w in &self.watched {
             let now = digest(&w.material.files());
             {
-                let mut seen = w.seen.lock().unwrap_or_else(|p| p.into_inner());
-                if *seen == now {
+                let seen = w.seen.lock().unwrap_or_else(|p| p.into_inner());
+                let (last, refused) = *seen;
+                if last == now && !(refused && why == "poll") {
                     continue;
                 }
-                *seen = now;
             }
             let material = w.material.name();
-            match w.material.reload() {
+            let outcome = w.material.reload();
+            *w.seen.lock().unwrap_or_else(|p| p.into_inner()) = (now, outcome.is_err());
+            match outcome {
                 Ok(in_use) => {
                     for cert in &in_use {
                         info!(material, role = cert.role, serial = %cert.certificate.serial,
