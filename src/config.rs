@@ -54,6 +54,8 @@ pub struct Config {
     pub sinks: Vec<SinkConfig>,
     /// How TLS material that rotates in place is checked.
     pub certificates: crate::certs::CertificatesConfig,
+    /// Traces over OTLP (off unless an endpoint is set).
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 impl Default for Config {
@@ -73,6 +75,7 @@ impl Default for Config {
                 .collect(),
             sinks: Vec::new(),
             certificates: crate::certs::CertificatesConfig::default(),
+            telemetry: crate::telemetry::TelemetryConfig::default(),
         }
     }
 }
@@ -372,6 +375,7 @@ impl Config {
         section("systemd", self.systemd.problems());
         section("upstream", self.upstream.problems());
         section("certificates", self.certificates.problems());
+        section("telemetry", self.telemetry.problems());
         if let Some(p) = crate::duration::out_of_range(self.poll_interval(), Duration::ZERO, Duration::from_secs(3600))
         {
             section("credentials", vec![format!("poll_interval: {p}")]);

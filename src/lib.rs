@@ -28,6 +28,7 @@ pub mod serve;
 pub mod settings;
 pub mod sinks;
 pub mod systemd;
+pub mod telemetry;
 pub mod tls_roots;
 pub mod token;
 pub mod token_text;

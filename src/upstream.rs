@@ -224,7 +224,9 @@ impl GrpcUpstream {
             environment: pb::Environment::from(env) as i32,
         };
         let wait = self.settings.timeout;
-        let mut stream = timeout(wait, client.watch_token(request))
+        let span = traced("follow", label);
+        let watch = client.watch_token(with_context(request, &span));
+        let mut stream = timeout(wait, tracing::Instrument::instrument(watch, span))
             .await
             .map_err(|_| timed_out(label, wait))?
             .map_err(|s| status_failure(label, s))?
@@ -259,15 +261,19 @@ impl GrpcUpstream {
 
     async fn unary<F, Fut>(&self, env: Environment, call: F) -> Result<Received, Failure>
     where
-        F: FnOnce(TokenBrokerClient<Channel>) -> Fut,
+        F: FnOnce(TokenBrokerClient<Channel>, tracing::Span) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Option<pb::Token>>, tonic::Status>>,
     {
         let (channel, label) = self.channel()?;
         let wait = self.settings.timeout;
-        let answer = timeout(wait, call(TokenBrokerClient::new(channel)))
-            .await
-            .map_err(|_| timed_out(&label, wait))?
-            .map_err(|s| status_failure(&label, s))?;
+        let span = traced("upstream call", &label);
+        let answer = timeout(
+            wait,
+            tracing::Instrument::instrument(call(TokenBrokerClient::new(channel), span.clone()), span),
+        )
+        .await
+        .map_err(|_| timed_out(&label, wait))?
+        .map_err(|s| status_failure(&label, s))?;
         received_from_pb(answer.into_inner(), env).map_err(|why| invalid(&label, why))
     }
 }
@@ -308,8 +314,11 @@ impl Upstream for GrpcUpstream {
             environment: pb::Environment::from(env) as i32,
             min_remaining: Some(pb_duration(min_remaining)),
         };
-        self.unary(env, |mut client| async move {
-            client.get_token(request).await.map(|r| r.map(|m| m.token))
+        self.unary(env, |mut client, span| async move {
+            client
+                .get_token(with_context(request, &span))
+                .await
+                .map(|r| r.map(|m| m.token))
         })
         .await
     }
@@ -319,11 +328,32 @@ impl Upstream for GrpcUpstream {
             environment: pb::Environment::from(env) as i32,
             rejected_token_id,
         };
-        self.unary(env, |mut client| async move {
-            client.refresh_token(request).await.map(|r| r.map(|m| m.token))
+        self.unary(env, |mut client, span| async move {
+            client
+                .refresh_token(with_context(request, &span))
+                .await
+                .map(|r| r.map(|m| m.token))
         })
         .await
     }
+}
+
+/// With traces on, a client span for a call to a hub (`Span::none()` off).
+fn traced(name: &'static str, upstream: &str) -> tracing::Span {
+    if crate::telemetry::enabled() {
+        tracing::info_span!("upstream", otel.name = name, otel.kind = "client", upstream = upstream)
+    } else {
+        tracing::Span::none()
+    }
+}
+
+/// A request to a hub carrying `span`'s trace context (when traces are on).
+fn with_context<T>(message: T, span: &tracing::Span) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if crate::telemetry::enabled() {
+        crate::telemetry::inject_metadata(span, request.metadata_mut());
+    }
+    request
 }
 
 /// When a connection opened with a client certificate valid from

@@ -233,7 +233,13 @@ async fn serve(args: ServeArgs) -> u8 {
             }
         }
     }
-    logging::init(&config.log);
+    let traces = match logging::init_with_traces(&config.log, Some(&config.telemetry)) {
+        Ok(traces) => traces,
+        Err(e) => {
+            logging::to_stderr(format_args!("error: {e}"));
+            return exit::CONFIG;
+        }
+    };
     for w in &warnings {
         tracing::warn!("{w}");
     }
@@ -253,6 +259,8 @@ async fn serve(args: ServeArgs) -> u8 {
     if let Err(code) = apply_proxy_flags(&mut config, &args.proxy) {
         return code;
     }
+    // Queued spans are flushed at exit within the shutdown grace (at most 5 s).
+    let grace = config.server.shutdown_grace.min(Duration::from_secs(5));
     let daemon = match daemon::Broker::build(config, args.config.clone()).await {
         Ok(d) => d,
         Err(e) => {
@@ -265,6 +273,10 @@ async fn serve(args: ServeArgs) -> u8 {
     }
     let code = daemon.run(signals).await;
     drop(emulator);
+    if let Some(traces) = traces {
+        // What is queued goes out within a bounded time.
+        traces.shutdown(grace).await;
+    }
     code
 }
 

@@ -87,14 +87,37 @@ pub use crate::metrics::DROPPED_LOG_LINES;
 /// Installs the global subscriber; later calls are ignored. A journal that
 /// cannot be reached falls back to JSON on stderr, and says so.
 pub fn init(config: &LogConfig) {
+    let _ = init_with_traces(config, None);
+}
+
+/// [`init`], with spans exported over OTLP when `telemetry` is on; what
+/// keeps the exporter running, or why it cannot start.
+pub fn init_with_traces(
+    config: &LogConfig,
+    telemetry: Option<&crate::telemetry::TelemetryConfig>,
+) -> Result<Option<crate::telemetry::Tracing>, String> {
+    use tracing_subscriber::Layer;
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
+    // The broker's own spans go to the exporter whatever the log level.
+    let (traces, tracing) = match telemetry.filter(|t| t.is_enabled()) {
+        Some(t) => {
+            let (layer, tracing) = crate::telemetry::layer::<tracing_subscriber::Registry>(t)?;
+            let ours =
+                tracing_subscriber::filter::Targets::new().with_target("flute_token_broker", tracing::Level::INFO);
+            (Some(layer.with_filter(ours)), Some(tracing))
+        }
+        None => (None, None),
+    };
     let mut format = config.format.resolve();
     let mut journal_problem = None;
     if format == LogFormat::Journal {
         match journal::JournalLayer::connect(journal::JOURNAL_SOCKET) {
             Ok(layer) => {
-                let _ = tracing_subscriber::registry().with(filter()).with(layer).try_init();
-                return;
+                let _ = tracing_subscriber::registry()
+                    .with(traces)
+                    .with(layer.with_filter(filter()))
+                    .try_init();
+                return Ok(tracing);
             }
             Err(e) => {
                 journal_problem = Some(e);
@@ -102,24 +125,31 @@ pub fn init(config: &LogConfig) {
             }
         }
     }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter())
+    let lines = tracing_subscriber::fmt::layer()
         .with_writer(LossyStderr)
         // Its fallback for a failed write is eprintln!, which panics.
         .log_internal_errors(false);
+    let registry = tracing_subscriber::registry().with(traces);
     let _ = if format == LogFormat::Json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+        registry
+            .with(
+                lines
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_filter(filter()),
+            )
             .try_init()
     } else {
-        builder.with_ansi(std::io::stderr().is_terminal()).try_init()
+        registry
+            .with(lines.with_ansi(std::io::stderr().is_terminal()).with_filter(filter()))
+            .try_init()
     };
     if let Some(e) = journal_problem {
         tracing::warn!(socket = journal::JOURNAL_SOCKET, error = %e, "cannot write to the journal; logging JSON to stderr");
     }
+    Ok(tracing)
 }
 
 /// stderr for log lines: a failed write drops the line and counts it.

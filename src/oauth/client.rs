@@ -233,6 +233,11 @@ impl OAuthClient {
             .header(ACCEPT, "application/json")
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(body);
+        if crate::telemetry::enabled() {
+            let mut context = reqwest::header::HeaderMap::new();
+            crate::telemetry::inject(&tracing::Span::current(), &mut context);
+            request = request.headers(context);
+        }
         if let Some(value) = authorization {
             let mut value = reqwest::header::HeaderValue::from_str(&value)
                 .map_err(|_| OAuthError::Transport("client id or secret cannot be sent in a header".into()))?;
@@ -280,7 +285,33 @@ impl OAuthClient {
 
 impl TokenEndpoint for OAuthClient {
     async fn request_token(&self, key: &ApiKey, grant: &Grant) -> Result<TokenResponse, OAuthError> {
-        self.send(key, grant).await
+        if !crate::telemetry::enabled() {
+            return self.send(key, grant).await;
+        }
+        // A span of the caller's trace (the refresh that needed it), its
+        // context sent as `traceparent`; never a credential or a token in it.
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "token request",
+            otel.kind = "client",
+            grant = grant.name(),
+            outcome = tracing::field::Empty,
+            token_id = tracing::field::Empty
+        );
+        let answer = self.send(key, grant).instrument(span.clone()).await;
+        match &answer {
+            Ok(response) => {
+                span.record("outcome", "ok");
+                span.record(
+                    "token_id",
+                    crate::fingerprint::token_id(secrecy::ExposeSecret::expose_secret(&response.access_token)).as_str(),
+                );
+            }
+            Err(e) => {
+                span.record("outcome", e.label());
+            }
+        }
+        answer
     }
 }
 

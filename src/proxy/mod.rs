@@ -338,6 +338,10 @@ impl Proxy {
         })?;
         bearer.set_sensitive(true);
         request.headers_mut().insert(header::AUTHORIZATION, bearer);
+        if crate::telemetry::enabled() {
+            // The API call continues the caller's trace (its request span).
+            crate::telemetry::inject(&tracing::Span::current(), request.headers_mut());
+        }
         let sent = tokio::time::Instant::now();
         match tokio::time::timeout(self.settings.request_timeout, self.client.request(request)).await {
             Ok(Ok(response)) => {

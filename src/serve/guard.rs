@@ -746,14 +746,21 @@ where
             }
             guard
         });
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await?;
-            Ok(match guard {
-                Some(guard) => response.map(|body| tonic::body::Body::new(GuardedBody { body, _guard: guard })),
-                None => response,
-            })
-        })
+        let guarded = |response: S::Response| match guard {
+            Some(guard) => response.map(|body| tonic::body::Body::new(GuardedBody { body, _guard: guard })),
+            None => response,
+        };
+        if !crate::telemetry::enabled() {
+            let response = self.inner.call(request);
+            return Box::pin(async move { response.await.map(guarded) });
+        }
+        // Traces on: the request is a server span, child of the caller's
+        // `traceparent` when it sent one (path only: never a query).
+        use tracing::Instrument;
+        let span = tracing::info_span!("request", otel.name = request.uri().path(), otel.kind = "server");
+        crate::telemetry::adopt_parent(&span, request.headers());
+        let response = span.in_scope(|| self.inner.call(request));
+        Box::pin(async move { response.await.map(guarded) }.instrument(span))
     }
 }
 

@@ -19,8 +19,16 @@ pub(super) type Reply = oneshot::Sender<Result<Arc<Token>, RefreshError>>;
 
 /// A message to the source's task.
 pub(super) enum Command {
-    Refresh { need: Need, reply: Reply },
-    ReplaceKey { key: ApiKey, reply: KeyReply },
+    /// `span`: the caller's (for traces; `Span::none()` when they are off).
+    Refresh {
+        need: Need,
+        reply: Reply,
+        span: tracing::Span,
+    },
+    ReplaceKey {
+        key: ApiKey,
+        reply: KeyReply,
+    },
 }
 
 /// A cheap, cloneable handle to one TokenSource.
@@ -98,7 +106,11 @@ impl TokenSourceHandle {
     async fn request(&self, need: Need) -> Result<Arc<Token>, RefreshError> {
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Command::Refresh { need, reply })
+            .send(Command::Refresh {
+                need,
+                reply,
+                span: tracing::Span::current(),
+            })
             .await
             .map_err(|_| RefreshError::Stopped)?;
         answer.await.unwrap_or(Err(RefreshError::Stopped))

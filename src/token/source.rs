@@ -103,6 +103,8 @@ async fn supervise(run: impl Future<Output = ()>, state: watch::Sender<Snapshot>
 struct Waiter {
     need: Need,
     reply: Reply,
+    /// The caller's span: the call made for it continues the caller's trace.
+    span: tracing::Span,
 }
 
 /// One call in progress. The task polls it alongside its timers, commands
@@ -160,7 +162,7 @@ impl<S: Supply> Task<S> {
                 // answered by the same call.
                 biased;
                 command = self.commands.recv() => match command {
-                    Some(Command::Refresh { need, reply }) => self.on_refresh_request(need, reply),
+                    Some(Command::Refresh { need, reply, span }) => self.on_refresh_request(need, reply, span),
                     Some(Command::ReplaceKey { key, reply }) => self.pending_keys.push_back((key, reply)),
                     None => return,
                 },
@@ -205,7 +207,8 @@ impl<S: Supply> Task<S> {
         if !self.waiters.is_empty() && now >= self.earliest_early_attempt(now) {
             self.last_early = Some(now);
             self.stats.early_refreshes.fetch_add(1, Ordering::Relaxed);
-            return Some(self.start_call(Call::Early(self.strongest_need()), None));
+            let call = self.start_call(Call::Early(self.strongest_need()), None);
+            return Some(self.traced(call));
         }
         None
     }
@@ -227,6 +230,21 @@ impl<S: Supply> Task<S> {
                 .max()
                 .unwrap_or_default(),
         )
+    }
+
+    /// With traces on, the call made for waiting callers runs in a span of
+    /// the first caller's trace (it answers them all).
+    fn traced(&self, mut flight: Flight<S::Done>) -> Flight<S::Done> {
+        if !crate::telemetry::enabled() {
+            return flight;
+        }
+        let Some(first) = self.waiters.first() else {
+            return flight;
+        };
+        use tracing::Instrument;
+        let span = tracing::info_span!(parent: &first.span, "token refresh", environment = self.config.environment.as_str(), callers = self.waiters.len());
+        flight.done = Box::pin(flight.done.instrument(span));
+        flight
     }
 
     fn start_call(&mut self, call: Call, key_reply: Option<KeyReply>) -> Flight<S::Done> {
@@ -328,7 +346,7 @@ impl<S: Supply> Task<S> {
         self.state.borrow().token.clone()
     }
 
-    fn on_refresh_request(&mut self, need: Need, reply: Reply) {
+    fn on_refresh_request(&mut self, need: Need, reply: Reply, span: tracing::Span) {
         let now = Instant::now();
         if let Some(token) = self.token.as_ref().filter(|t| need.met_by(t, now)) {
             let _ = reply.send(Ok(token.clone()));
@@ -343,7 +361,7 @@ impl<S: Supply> Task<S> {
             let _ = reply.send(Err(self.unavailable()));
             return;
         }
-        self.waiters.push(Waiter { need, reply });
+        self.waiters.push(Waiter { need, reply, span });
     }
 
     /// Whether a fresh token could meet `need` at all.

@@ -1,0 +1,216 @@
+//! Traces over OTLP (`[telemetry]`, off by default): the exporter, the
+//! sampler and the `tracing` layer that turns the broker's spans into
+//! OpenTelemetry spans, plus W3C `traceparent`/`tracestate` taken from
+//! incoming requests and sent on outgoing ones.
+//!
+//! Spans are made only while telemetry is on ([`enabled`], one atomic load
+//! per request when off). The exporter batches in a bounded queue on its
+//! own thread: a slow or absent collector costs requests nothing; spans
+//! that do not fit are dropped (the SDK's queue), and failed exports are
+//! counted. Attributes never hold a secret, a token, a refresh token or a
+//! query string: only `token_id`s, environments, grants, outcomes, paths.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider};
+use serde::{Deserialize, Serialize};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// `[telemetry]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The OTLP collector, e.g. `http://127.0.0.1:4317`; empty: no traces.
+    pub endpoint: String,
+    /// `grpc` (OTLP/gRPC). `http/protobuf` is not built yet.
+    pub protocol: String,
+    /// `service.name` of every span.
+    pub service_name: String,
+    /// More resource attributes (`deployment.environment = "prod"`, …).
+    pub resource_attributes: BTreeMap<String, String>,
+    /// Share of new traces sampled (parent-based: a caller's sampled trace
+    /// is always followed).
+    pub sampling_ratio: f64,
+    /// Spans held for export at most; beyond it new spans are dropped.
+    pub queue_size: usize,
+    /// How long one export may take.
+    #[serde(with = "crate::duration::serde")]
+    pub export_timeout: Duration,
+    /// How often queued spans are sent.
+    #[serde(with = "crate::duration::serde")]
+    pub export_interval: Duration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            protocol: "grpc".into(),
+            service_name: "flute-token-broker".into(),
+            resource_attributes: BTreeMap::new(),
+            sampling_ratio: 1.0,
+            queue_size: 2048,
+            export_timeout: Duration::from_secs(5),
+            export_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    pub fn is_enabled(&self) -> bool {
+        !self.endpoint.is_empty()
+    }
+
+    /// Problems with the values, each starting with its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.is_enabled() {
+            return out;
+        }
+        if !(self.endpoint.starts_with("http://") || self.endpoint.starts_with("https://")) {
+            out.push(format!(
+                "endpoint: {:?} is not an http:// or https:// URL",
+                self.endpoint
+            ));
+        }
+        if self.protocol != "grpc" {
+            out.push(format!(
+                "protocol: {:?} is not supported by this build (use \"grpc\": OTLP/gRPC)",
+                self.protocol
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.sampling_ratio) {
+            out.push(format!(
+                "sampling_ratio: {} is not between 0 and 1",
+                self.sampling_ratio
+            ));
+        }
+        if self.queue_size == 0 || self.queue_size > 1_000_000 {
+            out.push(format!("queue_size: {} is not between 1 and 1000000", self.queue_size));
+        }
+        out
+    }
+}
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are made at all (telemetry on in this process).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// What keeps the exporter running; flushes at [`Tracing::shutdown`].
+pub struct Tracing {
+    provider: SdkTracerProvider,
+}
+
+impl Tracing {
+    /// Exports what is queued, waiting at most `within`.
+    pub async fn shutdown(self, within: Duration) {
+        let provider = self.provider;
+        let flush = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(within));
+        let _ = tokio::time::timeout(within + Duration::from_millis(100), flush).await;
+    }
+}
+
+/// The `tracing` layer for `config`, and what keeps its exporter running.
+/// Must be called inside the Tokio runtime (the gRPC exporter's channel).
+pub fn layer<S>(
+    config: &TelemetryConfig,
+) -> Result<
+    (
+        tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>,
+        Tracing,
+    ),
+    String,
+>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(config.endpoint.clone())
+        .with_timeout(config.export_timeout)
+        .build()
+        .map_err(|e| format!("telemetry.endpoint: {e}"))?;
+    let batches = BatchConfigBuilder::default()
+        .with_max_queue_size(config.queue_size)
+        .with_scheduled_delay(config.export_interval)
+        .build();
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(config.service_name.clone())
+        .with_attributes(
+            config
+                .resource_attributes
+                .iter()
+                .map(|(k, v)| opentelemetry::KeyValue::new(k.clone(), v.clone())),
+        )
+        .build();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(BatchSpanProcessor::builder(exporter).with_batch_config(batches).build())
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            config.sampling_ratio,
+        ))))
+        .with_resource(resource)
+        .build();
+    let tracer = provider.tracer("flute-token-broker");
+    ENABLED.store(true, Ordering::Relaxed);
+    Ok((tracing_opentelemetry::layer().with_tracer(tracer), Tracing { provider }))
+}
+
+/// The W3C trace context of `headers` (gRPC metadata and HTTP headers
+/// alike) made the parent of `span`.
+pub fn adopt_parent(span: &tracing::Span, headers: &http::HeaderMap) {
+    let parent = TraceContextPropagator::new().extract(&Headers(headers));
+    let _ = span.set_parent(parent);
+}
+
+/// Writes `span`'s W3C trace context into `headers` (a request going out).
+pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
+    TraceContextPropagator::new().inject_context(&span.context(), &mut HeadersMut(headers));
+}
+
+/// Writes `span`'s W3C trace context into a gRPC request's metadata.
+pub fn inject_metadata(span: &tracing::Span, metadata: &mut tonic::metadata::MetadataMap) {
+    let mut headers = http::HeaderMap::new();
+    inject(span, &mut headers);
+    for (name, value) in headers.iter() {
+        if let (Ok(key), Ok(value)) = (
+            tonic::metadata::MetadataKey::from_bytes(name.as_str().as_bytes()),
+            tonic::metadata::MetadataValue::try_from(value.as_bytes()),
+        ) {
+            metadata.insert(key, value);
+        }
+    }
+}
+
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+struct HeadersMut<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeadersMut<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}

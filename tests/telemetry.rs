@@ -1,0 +1,241 @@
+//! Traces over OTLP, from outside: a hub and an agent run as processes
+//! with `[telemetry]` pointing at an OTLP receiver in this test; a
+//! RefreshToken at the agent, sent with a `traceparent`, must arrive as
+//! one trace: the agent's server span, its refresh and its call to the hub,
+//! the hub's server span, its refresh and its token request, each the
+//! child of the one before, with no secret or token in any attribute.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flute_token_broker::grpc::pb;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flute-token-broker");
+
+/// One span as received: its service, name, ids and string attributes.
+#[derive(Clone, Debug)]
+struct Received {
+    service: String,
+    name: String,
+    trace_id: Vec<u8>,
+    span_id: Vec<u8>,
+    parent: Vec<u8>,
+    attributes: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Default)]
+struct Receiver(Arc<Mutex<Vec<Received>>>);
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+            .as_ref()
+            .and_then(|v| v.value.clone())
+        {
+            Some(Value::StringValue(s)) => s,
+            Some(Value::IntValue(i)) => i.to_string(),
+            Some(Value::BoolValue(b)) => b.to_string(),
+            other => format!("{other:?}"),
+        };
+        let mut spans = self.0.lock().unwrap();
+        for resource in request.into_inner().resource_spans {
+            let service = resource
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|kv| kv.key == "service.name")
+                .map(|kv| text(&kv.value))
+                .unwrap_or_default();
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    spans.push(Received {
+                        service: service.clone(),
+                        name: span.name.clone(),
+                        trace_id: span.trace_id.clone(),
+                        span_id: span.span_id.clone(),
+                        parent: span.parent_span_id.clone(),
+                        attributes: span
+                            .attributes
+                            .iter()
+                            .map(|kv| (kv.key.clone(), text(&kv.value)))
+                            .collect(),
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+async fn start_receiver() -> (String, Receiver) {
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = TraceServiceServer::new(receiver.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (format!("http://{addr}"), receiver)
+}
+
+fn telemetry(endpoint: &str, service: &str) -> String {
+    format!(
+        "[telemetry]\nendpoint = \"{endpoint}\"\nservice_name = \"{service}\"\nexport_interval = \"100ms\"\n[telemetry.resource_attributes]\n\"deployment.environment\" = \"test\"\n"
+    )
+}
+
+fn spawn(config: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_refresh_at_an_agent_is_one_trace_through_the_hub_to_the_token_endpoint() {
+    let (endpoint, receiver) = start_receiver().await;
+    let emulator = support::start_emulator(Duration::from_secs(900), false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, support::CLIENT_SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (hub_sock, agent_sock) = (dir.path().join("hub.sock"), dir.path().join("agent.sock"));
+    let hub_config = dir.path().join("hub.toml");
+    std::fs::write(
+        &hub_config,
+        format!(
+            "[credentials]\nclient_id = \"{id}\"\nclient_secret_file = \"{secret}\"\n[oauth]\nallow_insecure_http = true\n[server]\nlisten = [\"unix:{hub}\"]\n[admin]\nlisten = \"\"\n[environments.production]\nenabled = false\n[environments.sandbox]\ntoken_url = \"{url}\"\n{t}",
+            id = support::CLIENT_ID,
+            secret = secret.display(),
+            hub = hub_sock.display(),
+            url = emulator.token_url(),
+            t = telemetry(&endpoint, "hub"),
+        ),
+    )
+    .unwrap();
+    let agent_config = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "[server]\nlisten = [\"unix:{agent}\"]\n[admin]\nlisten = \"\"\n[environments.production]\nenabled = false\n[environments.sandbox]\nupstream = [\"unix:{hub}\"]\n{t}",
+            agent = agent_sock.display(),
+            hub = hub_sock.display(),
+            t = telemetry(&endpoint, "agent"),
+        ),
+    )
+    .unwrap();
+    let _hub = spawn(&hub_config);
+    let hub_addr = format!("unix:{}", hub_sock.display());
+    support::connect_when_up(&hub_addr).await;
+    let _agent = spawn(&agent_config);
+    let mut agent = support::connect_when_up(&format!("unix:{}", agent_sock.display())).await;
+    let first = support::current_token(&mut agent, pb::Environment::Sandbox as i32).await;
+
+    // The caller's own trace: a RefreshToken for the token the API refused.
+    let (trace_id, caller_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let mut request = tonic::Request::new(pb::RefreshTokenRequest {
+        environment: pb::Environment::Sandbox as i32,
+        rejected_token_id: first.token_id.clone(),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{caller_span}-01").parse().unwrap(),
+    );
+    let second = agent.refresh_token(request).await.unwrap().into_inner().token.unwrap();
+    assert_ne!(second.token_id, first.token_id);
+
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let trace = || -> Vec<Received> {
+        receiver
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| hex(&s.trace_id) == trace_id)
+            .cloned()
+            .collect()
+    };
+    let complete = async {
+        loop {
+            let spans = trace();
+            if spans.iter().any(|s| s.service == "hub" && s.name == "token request") && spans.len() >= 6 {
+                return spans;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let spans = tokio::time::timeout(Duration::from_secs(20), complete)
+        .await
+        .unwrap_or_else(|_| panic!("the trace reached the receiver within 20 s: {:#?}", trace()));
+
+    // The chain, each span the child of the one before.
+    let find = |service: &str, name: &str| {
+        spans
+            .iter()
+            .find(|s| s.service == service && s.name == name)
+            .unwrap_or_else(|| panic!("no {service} span {name}: {spans:#?}"))
+            .clone()
+    };
+    let chain = [
+        find("agent", "/flute.tokenbroker.v1.TokenBroker/RefreshToken"),
+        find("agent", "token refresh"),
+        find("agent", "upstream call"),
+        find("hub", "/flute.tokenbroker.v1.TokenBroker/RefreshToken"),
+        find("hub", "token refresh"),
+        find("hub", "token request"),
+    ];
+    assert_eq!(
+        hex(&chain[0].parent),
+        caller_span,
+        "the agent continues the caller's trace"
+    );
+    for pair in chain.windows(2) {
+        assert_eq!(
+            pair[1].parent, pair[0].span_id,
+            "{} is the child of {}",
+            pair[1].name, pair[0].name
+        );
+    }
+    let request = &chain[5];
+    assert_eq!(request.attributes.get("outcome").map(String::as_str), Some("ok"));
+    assert_eq!(request.attributes.get("token_id"), Some(&second.token_id));
+    // Printed for the record: the tree as received.
+    for (depth, span) in chain.iter().enumerate() {
+        eprintln!(
+            "{}{} / {} {:?}",
+            "  ".repeat(depth),
+            span.service,
+            span.name,
+            span.attributes
+        );
+    }
+    // Nothing secret in any attribute of any span received.
+    let all = receiver.0.lock().unwrap().clone();
+    for span in &all {
+        for value in span.attributes.values() {
+            assert!(!value.contains(support::CLIENT_SECRET), "the secret in {span:?}");
+            assert!(
+                !value.contains(&first.access_token) && !value.contains(&second.access_token),
+                "a token in {span:?}"
+            );
+        }
+    }
+}
