@@ -122,11 +122,13 @@ async fn a_refresh_at_an_agent_is_one_trace_through_the_hub_to_the_token_endpoin
     std::fs::write(
         &hub_config,
         format!(
-            "[credentials]\nclient_id = \"{id}\"\nclient_secret_file = \"{secret}\"\n[oauth]\nallow_insecure_http = true\n[server]\nlisten = [\"unix:{hub}\"]\n[admin]\nlisten = \"\"\n[environments.production]\nenabled = false\n[environments.sandbox]\ntoken_url = \"{url}\"\n{t}",
+            "[credentials]\nclient_id = \"{id}\"\nclient_secret_file = \"{secret}\"\n[oauth]\nallow_insecure_http = true\n[server]\nlisten = [\"unix:{hub}\"]\n[admin]\nlisten = \"\"\n[environments.production]\nenabled = false\n[environments.sandbox]\ntoken_url = \"{url}\"\n[environments.sandbox.proxy]\nlisten = [\"unix:{api}\"]\napi_url = \"{base}\"\n{t}",
             id = support::CLIENT_ID,
             secret = secret.display(),
             hub = hub_sock.display(),
             url = emulator.token_url(),
+            api = dir.path().join("api.sock").display(),
+            base = emulator.base_url(),
             t = telemetry(&endpoint, "hub"),
         ),
     )
@@ -227,6 +229,52 @@ async fn a_refresh_at_an_agent_is_one_trace_through_the_hub_to_the_token_endpoin
             span.attributes
         );
     }
+    // A proxied API call continues the caller's trace: the API gets a
+    // traceparent with the caller's trace id, its parent the hub's span
+    // for the request.
+    let (proxy_trace, proxy_caller) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    let mut stream = tokio::net::UnixStream::connect(dir.path().join("api.sock"))
+        .await
+        .unwrap();
+    let head = format!(
+        "GET /v2/traced HTTP/1.1\r\nHost: localhost\r\ntraceparent: 00-{proxy_trace}-{proxy_caller}-01\r\nConnection: close\r\n\r\n"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stream, head.as_bytes())
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut answer)
+        .await
+        .unwrap();
+    let echo: serde_json::Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let sent = echo["headers"]["traceparent"][0].as_str().unwrap().to_owned();
+    let parts: Vec<&str> = sent.split('-').collect();
+    assert_eq!(parts[1], proxy_trace, "{sent}");
+    assert_ne!(
+        parts[2], proxy_caller,
+        "the API's parent is the hub's span, not the caller's: {sent}"
+    );
+    let proxied = async {
+        loop {
+            let found = receiver
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|s| hex(&s.span_id) == parts[2])
+                .cloned();
+            if let Some(span) = found {
+                return span;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let server = tokio::time::timeout(Duration::from_secs(20), proxied)
+        .await
+        .expect("the hub's proxy span reached the receiver");
+    assert_eq!((server.service.as_str(), server.name.as_str()), ("hub", "/v2/traced"));
+    assert_eq!(hex(&server.parent), proxy_caller);
+
     // Nothing secret in any attribute of any span received.
     let all = receiver.0.lock().unwrap().clone();
     for span in &all {
@@ -238,4 +286,45 @@ async fn a_refresh_at_an_agent_is_one_trace_through_the_hub_to_the_token_endpoin
             );
         }
     }
+}
+
+/// A collector that is not there: calls are answered as usual, and the
+/// broker still stops at once on SIGTERM (the queued spans are given up
+/// after a bounded wait within the shutdown grace).
+#[tokio::test]
+async fn a_dead_collector_costs_the_callers_nothing() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let emulator = support::start_emulator(Duration::from_secs(900), false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, support::CLIENT_SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let sock = dir.path().join("broker.sock");
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[credentials]\nclient_id = \"{id}\"\nclient_secret_file = \"{secret}\"\n[oauth]\nallow_insecure_http = true\n[server]\nlisten = [\"unix:{sock}\"]\nshutdown_grace = \"3s\"\n[admin]\nlisten = \"\"\n[environments.production]\nenabled = false\n[environments.sandbox]\ntoken_url = \"{url}\"\n{t}",
+            id = support::CLIENT_ID,
+            secret = secret.display(),
+            sock = sock.display(),
+            url = emulator.token_url(),
+            t = telemetry(&format!("http://127.0.0.1:{closed}"), "dead-collector"),
+        ),
+    )
+    .unwrap();
+    let mut broker = spawn(&config);
+    let mut client = support::connect_when_up(&format!("unix:{}", sock.display())).await;
+    for _ in 0..200 {
+        support::current_token(&mut client, pb::Environment::Sandbox as i32).await;
+    }
+    support::signal(broker.id().unwrap(), nix::sys::signal::Signal::SIGTERM);
+    let status = tokio::time::timeout(Duration::from_secs(15), broker.wait())
+        .await
+        .expect("stopped within the grace and the flush bound")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
 }
