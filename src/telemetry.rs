@@ -4,14 +4,16 @@
 //! incoming requests and sent on outgoing ones.
 //!
 //! Spans are made only while telemetry is on ([`enabled`], one atomic load
-//! per request when off). The exporter batches in a bounded queue on its
+//! per request when off), and only for requests that are traced
+//! ([`sampled`]: the caller's decision, else `sampling_ratio`): the others
+//! cost a header lookup and a random number. The exporter batches in a bounded queue on its
 //! own thread: a slow or absent collector costs requests nothing; spans
 //! that do not fit are dropped (the SDK's queue), and failed exports are
 //! counted. Attributes never hold a secret, a token, a refresh token or a
 //! query string: only `token_id`s, environments, grants, outcomes, paths.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -33,8 +35,10 @@ pub struct TelemetryConfig {
     pub service_name: String,
     /// More resource attributes (`deployment.environment = "prod"`, …).
     pub resource_attributes: BTreeMap<String, String>,
-    /// Share of new traces sampled (parent-based: a caller's sampled trace
-    /// is always followed).
+    /// Share of requests traced when the caller sent no `traceparent` (one
+    /// that did is traced as its caller decided). The broker's own
+    /// background work (scheduled refreshes, follow connections) is
+    /// always traced.
     pub sampling_ratio: f64,
     /// Spans held for export at most; beyond it new spans are dropped.
     pub queue_size: usize,
@@ -98,6 +102,26 @@ impl TelemetryConfig {
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+/// `sampling_ratio` as f64 bits, read by [`sampled`].
+static RATIO: AtomicU64 = AtomicU64::new(0);
+
+/// Whether a request with these headers is traced: as its caller decided
+/// (the `sampled` flag of a valid `traceparent`), else at
+/// `sampling_ratio`. Decided before any span exists, so a request that is
+/// not traced costs a header lookup and a random number, not a span.
+pub fn sampled(headers: &http::HeaderMap) -> bool {
+    if let Some(parent) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        let fields: Vec<&str> = parent.split('-').collect();
+        if let [_, trace_id, span_id, flags] = fields.as_slice()
+            && trace_id.len() == 32
+            && span_id.len() == 16
+            && let Ok(flags) = u8::from_str_radix(flags, 16)
+        {
+            return flags & 1 == 1;
+        }
+    }
+    rand::random::<f64>() < f64::from_bits(RATIO.load(Ordering::Relaxed))
+}
 
 /// Whether spans are made at all (telemetry on in this process).
 pub fn enabled() -> bool {
@@ -154,12 +178,14 @@ where
         .build();
     let provider = SdkTracerProvider::builder()
         .with_span_processor(BatchSpanProcessor::builder(exporter).with_batch_config(batches).build())
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            config.sampling_ratio,
-        ))))
+        // The ratio is applied where requests enter ([`sampled`]); what
+        // starts a trace of its own besides (a scheduled refresh, an
+        // agent's follow connection: a few per hour) is always kept.
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
         .with_resource(resource)
         .build();
     let tracer = provider.tracer("flute-token-broker");
+    RATIO.store(config.sampling_ratio.to_bits(), Ordering::Relaxed);
     ENABLED.store(true, Ordering::Relaxed);
     Ok((tracing_opentelemetry::layer().with_tracer(tracer), Tracing { provider }))
 }

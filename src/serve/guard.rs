@@ -750,7 +750,7 @@ where
             Some(guard) => response.map(|body| tonic::body::Body::new(GuardedBody { body, _guard: guard })),
             None => response,
         };
-        if !crate::telemetry::enabled() {
+        if !crate::telemetry::enabled() || !crate::telemetry::sampled(request.headers()) {
             let response = self.inner.call(request);
             return Box::pin(async move { response.await.map(guarded) });
         }
