@@ -106,6 +106,22 @@ fn each_rule_reports_its_key_path() {
             "oauth.use_refresh_token: invalid value",
         ),
         ("[refresh]\nratio = 1.5", "refresh.ratio must be between"),
+        (
+            "[telemetry]\nendpoint = \"collector:4317\"",
+            "telemetry.endpoint: \"collector:4317\" is not an http:// or https:// URL",
+        ),
+        (
+            "[telemetry]\nendpoint = \"http://c:4318\"\nprotocol = \"http/protobuf\"",
+            "telemetry.protocol: \"http/protobuf\" is not supported by this build",
+        ),
+        (
+            "[telemetry]\nendpoint = \"http://c:4317\"\nsampling_ratio = 2.0",
+            "telemetry.sampling_ratio: 2 is not between 0 and 1",
+        ),
+        (
+            "[certificates]\npoll_interval = \"100ms\"",
+            "certificates.poll_interval",
+        ),
         ("[refresh]\njitter = 0.5", "refresh.jitter must be between"),
         (
             "[refresh]\nbackoff_initial = \"2m\"\nbackoff_max = \"1m\"",
