@@ -1,8 +1,10 @@
-"""GetToken with traces off, on with a live collector, and on with a dead
-one (`[telemetry]`, 1 % sampling), same run, alternating, two rounds: what
-tracing costs a caller. The live collector is an OTLP/gRPC receiver in this
-script (grpcio, opentelemetry-proto) that counts the spans it gets; the dead
-one is a port nobody listens on. Load: h2load, gRPC GetToken over TCP.
+"""GetToken with traces off, on with a live collector, on with a dead one
+and on with one that accepts connections but never answers (`[telemetry]`,
+1 % sampling), same run, alternating, two rounds: what tracing costs a
+caller. The live collector is an OTLP/gRPC receiver in this script (grpcio,
+opentelemetry-proto) that counts the spans it gets; the dead one is a port
+nobody listens on; the hung one a socket that accepts and holds. Load:
+h2load, gRPC GetToken over TCP.
 
     cargo build --release && python3 benches/telemetry.py
 
@@ -106,9 +108,13 @@ def main():
     live = server.add_insecure_port("127.0.0.1:0")
     server.start()
     dead = free_port()
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)  # accepted by the kernel, never read or answered
     try:
         wait_port(api)
-        modes = [("off", None), ("live", f"http://127.0.0.1:{live}"), ("dead", f"http://127.0.0.1:{dead}")]
+        modes = [("off", None), ("live", f"http://127.0.0.1:{live}"), ("dead", f"http://127.0.0.1:{dead}"),
+                 ("hung", f"http://127.0.0.1:{hung.getsockname()[1]}")]
         for round_ in (1, 2):
             for name, collector in modes:
                 rate, p50, p99, cpu, bad = run(work, f"{name}{round_}", f"http://127.0.0.1:{api}", secret, collector)
