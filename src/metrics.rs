@@ -17,6 +17,19 @@ use std::time::Duration;
 pub static DROPPED_LOG_LINES: std::sync::LazyLock<prometheus_client::metrics::counter::Counter> =
     std::sync::LazyLock::new(Default::default);
 
+/// Spans of traces (`[telemetry]`), process-wide for the same reason: the
+/// exporter starts with logging. `ended`: sampled spans handed to the
+/// exporter's queue; `exported`: those a collector took; `failed`: those in
+/// exports that failed. The queue drops what does not fit: ended −
+/// exported − failed, once the queue is empty.
+pub static TRACE_SPANS: std::sync::LazyLock<Family<SpanOutcomeLabels, prometheus_client::metrics::counter::Counter>> =
+    std::sync::LazyLock::new(Default::default);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpanOutcomeLabels {
+    pub outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefreshLabels {
     pub environment: &'static str,
@@ -241,6 +254,11 @@ impl Metrics {
             "log_lines_dropped",
             "Log lines dropped because stderr could not be written",
             DROPPED_LOG_LINES.clone(),
+        );
+        registry.register(
+            "trace_spans",
+            "Sampled trace spans: ended (queued for export), exported, failed (in exports that failed); the queue drops the rest",
+            TRACE_SPANS.clone(),
         );
         let held_requests = Family::<ListenerLabels, Gauge>::default();
         registry.register(

@@ -8,8 +8,9 @@
 //! ([`sampled`]: the caller's decision, else `sampling_ratio`): the others
 //! cost a header lookup and a random number. The exporter batches in a bounded queue on its
 //! own thread: a slow or absent collector costs requests nothing; spans
-//! that do not fit are dropped (the SDK's queue), and failed exports are
-//! counted. Attributes never hold a secret, a token, a refresh token or a
+//! that do not fit are dropped (the SDK's queue). Spans are counted as
+//! they end, are exported, or fail to be (`flute_broker_trace_spans_total
+//! {outcome}`): ended − exported − failed is what the queue dropped. Attributes never hold a secret, a token, a refresh token or a
 //! query string: only `token_id`s, environments, grants, outcomes, paths.
 
 use std::collections::BTreeMap;
@@ -177,7 +178,11 @@ where
         )
         .build();
     let provider = SdkTracerProvider::builder()
-        .with_span_processor(BatchSpanProcessor::builder(exporter).with_batch_config(batches).build())
+        .with_span_processor(Counting(
+            BatchSpanProcessor::builder(Counted(exporter))
+                .with_batch_config(batches)
+                .build(),
+        ))
         // The ratio is applied where requests enter ([`sampled`]); what
         // starts a trace of its own besides (a scheduled refresh, an
         // agent's follow connection: a few per hour) is always kept.
@@ -188,6 +193,64 @@ where
     RATIO.store(config.sampling_ratio.to_bits(), Ordering::Relaxed);
     ENABLED.store(true, Ordering::Relaxed);
     Ok((tracing_opentelemetry::layer().with_tracer(tracer), Tracing { provider }))
+}
+
+fn count(outcome: &'static str, spans: usize) {
+    crate::metrics::TRACE_SPANS
+        .get_or_create(&crate::metrics::SpanOutcomeLabels { outcome })
+        .inc_by(spans as u64);
+}
+
+/// The batch processor, counting the spans handed to it.
+#[derive(Debug)]
+struct Counting(BatchSpanProcessor);
+
+impl opentelemetry_sdk::trace::SpanProcessor for Counting {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &opentelemetry::Context) {
+        self.0.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: opentelemetry_sdk::trace::SpanData) {
+        count("ended", 1);
+        self.0.on_end(span);
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.0.set_resource(resource);
+    }
+}
+
+/// The OTLP exporter, counting the spans of each export by its outcome.
+#[derive(Debug)]
+struct Counted<E>(E);
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter for Counted<E> {
+    async fn export(&self, batch: Vec<opentelemetry_sdk::trace::SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
+        let spans = batch.len();
+        let result = self.0.export(batch).await;
+        count(if result.is_ok() { "exported" } else { "failed" }, spans);
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.0.set_resource(resource);
+    }
 }
 
 /// The W3C trace context of `headers` (gRPC metadata and HTTP headers

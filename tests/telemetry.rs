@@ -303,11 +303,15 @@ async fn a_dead_collector_costs_the_callers_nothing() {
     std::fs::write(&secret, support::CLIENT_SECRET).unwrap();
     std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let sock = dir.path().join("broker.sock");
+    let admin = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
     let config = dir.path().join("broker.toml");
     std::fs::write(
         &config,
         format!(
-            "[credentials]\nclient_id = \"{id}\"\nclient_secret_file = \"{secret}\"\n[oauth]\nallow_insecure_http = true\n[server]\nlisten = [\"unix:{sock}\"]\nshutdown_grace = \"3s\"\n[admin]\nlisten = \"\"\n[environments.production]\nenabled = false\n[environments.sandbox]\ntoken_url = \"{url}\"\n{t}",
+            "[credentials]\nclient_id = \"{id}\"\nclient_secret_file = \"{secret}\"\n[oauth]\nallow_insecure_http = true\n[server]\nlisten = [\"unix:{sock}\"]\nshutdown_grace = \"3s\"\n[admin]\nlisten = \"{admin}\"\n[environments.production]\nenabled = false\n[environments.sandbox]\ntoken_url = \"{url}\"\n{t}",
             id = support::CLIENT_ID,
             secret = secret.display(),
             sock = sock.display(),
@@ -321,6 +325,21 @@ async fn a_dead_collector_costs_the_callers_nothing() {
     for _ in 0..200 {
         support::current_token(&mut client, pb::Environment::Sandbox as i32).await;
     }
+    // Every call was traced (ratio 1): its spans end, none is exported, and
+    // the failed exports are counted.
+    support::await_metric(admin, "flute_broker_trace_spans_total{outcome=\"ended\"}", 200.0).await;
+    let failed = async {
+        while support::metric(admin, "flute_broker_trace_spans_total{outcome=\"failed\"}").await == 0.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), failed)
+        .await
+        .expect("failed exports counted");
+    assert_eq!(
+        support::metric(admin, "flute_broker_trace_spans_total{outcome=\"exported\"}").await,
+        0.0
+    );
     support::signal(broker.id().unwrap(), nix::sys::signal::Signal::SIGTERM);
     let status = tokio::time::timeout(Duration::from_secs(15), broker.wait())
         .await
