@@ -216,6 +216,7 @@ async fn a_refresh_at_an_agent_is_one_trace_through_the_hub_to_the_token_endpoin
             pair[1].name, pair[0].name
         );
     }
+    assert_eq!(chain[4].attributes.get("attempt").map(String::as_str), Some("1"), "{:?}", chain[4]);
     let request = &chain[5];
     assert_eq!(request.attributes.get("outcome").map(String::as_str), Some("ok"));
     assert_eq!(request.attributes.get("token_id"), Some(&second.token_id));

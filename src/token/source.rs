@@ -202,7 +202,8 @@ impl<S: Supply> Task<S> {
             return Some(self.flight(Attempt::VerifyKey(key), done, Some(reply)));
         }
         if self.next_attempt.is_some_and(|at| now >= at) {
-            return Some(self.start_call(Call::Refresh, None));
+            let call = self.start_call(Call::Refresh, None);
+            return Some(self.traced(call));
         }
         if !self.waiters.is_empty() && now >= self.earliest_early_attempt(now) {
             self.last_early = Some(now);
@@ -234,15 +235,19 @@ impl<S: Supply> Task<S> {
 
     /// With traces on, the call made for waiting callers runs in a span of
     /// the first caller's trace (it answers them all).
+    /// A scheduled one is a trace of its own. `attempt`: 1, or one more
+    /// than the failures in a row before it.
     fn traced(&self, mut flight: Flight<S::Done>) -> Flight<S::Done> {
         if !crate::telemetry::enabled() {
             return flight;
         }
-        let Some(first) = self.waiters.first() else {
-            return flight;
-        };
         use tracing::Instrument;
-        let span = tracing::info_span!(parent: &first.span, "token refresh", environment = self.config.environment.as_str(), callers = self.waiters.len());
+        let environment = self.config.environment.as_str();
+        let (callers, attempt) = (self.waiters.len(), self.failures + 1);
+        let span = match self.waiters.first() {
+            Some(first) => tracing::info_span!(parent: &first.span, "token refresh", environment, callers, attempt),
+            None => tracing::info_span!(parent: None, "token refresh", environment, callers, attempt),
+        };
         flight.done = Box::pin(flight.done.instrument(span));
         flight
     }
