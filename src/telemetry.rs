@@ -30,7 +30,8 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 pub struct TelemetryConfig {
     /// The OTLP collector, e.g. `http://127.0.0.1:4317`; empty: no traces.
     pub endpoint: String,
-    /// `grpc` (OTLP/gRPC). `http/protobuf` is not built yet.
+    /// `grpc` (OTLP/gRPC) or `http/protobuf` (OTLP/HTTP: the endpoint's
+    /// `/v1/traces` unless it names a path).
     pub protocol: String,
     /// `service.name` of every span.
     pub service_name: String,
@@ -83,9 +84,9 @@ impl TelemetryConfig {
                 self.endpoint
             ));
         }
-        if self.protocol != "grpc" {
+        if self.protocol != "grpc" && self.protocol != "http/protobuf" {
             out.push(format!(
-                "protocol: {:?} is not supported by this build (use \"grpc\": OTLP/gRPC)",
+                "protocol: {:?} is not \"grpc\" (OTLP/gRPC, port 4317) or \"http/protobuf\" (OTLP/HTTP, port 4318)",
                 self.protocol
             ));
         }
@@ -157,13 +158,22 @@ pub fn layer<S>(
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
 {
-    use opentelemetry_otlp::WithExportConfig;
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(config.endpoint.clone())
-        .with_timeout(config.export_timeout)
-        .build()
-        .map_err(|e| format!("telemetry.endpoint: {e}"))?;
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+    let exporter = match config.protocol.as_str() {
+        "http/protobuf" => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_http_client(OtlpHttp::new()?)
+            .with_endpoint(http_traces_url(&config.endpoint))
+            .with_timeout(config.export_timeout)
+            .build(),
+        _ => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(config.endpoint.clone())
+            .with_timeout(config.export_timeout)
+            .build(),
+    }
+    .map_err(|e| format!("telemetry.endpoint: {e}"))?;
     let batches = BatchConfigBuilder::default()
         .with_max_queue_size(config.queue_size)
         .with_scheduled_delay(config.export_interval)
@@ -193,6 +203,78 @@ where
     RATIO.store(config.sampling_ratio.to_bits(), Ordering::Relaxed);
     ENABLED.store(true, Ordering::Relaxed);
     Ok((tracing_opentelemetry::layer().with_tracer(tracer), Tracing { provider }))
+}
+
+/// OTLP/HTTP's traces URL: the endpoint as given when it names a path,
+/// else its `/v1/traces`.
+fn http_traces_url(endpoint: &str) -> String {
+    match url::Url::parse(endpoint) {
+        Ok(url) if url.path() == "/" || url.path().is_empty() => {
+            format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+        }
+        _ => endpoint.to_owned(),
+    }
+}
+
+type HttpBody = http_body_util::Full<bytes::Bytes>;
+
+/// The OTLP/HTTP exporter's client: this project's hyper client (HTTP/1.1,
+/// TLS with the roots `oauth.tls_roots = "auto"` would trust). The exporter
+/// calls it from its own thread; each request runs on the Tokio runtime it
+/// was made in.
+#[derive(Debug, Clone)]
+struct OtlpHttp {
+    client: hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        HttpBody,
+    >,
+    runtime: tokio::runtime::Handle,
+}
+
+/// The largest answer read from a collector.
+const MAX_COLLECTOR_ANSWER: usize = 4 * 1024 * 1024;
+
+impl OtlpHttp {
+    fn new() -> Result<Self, String> {
+        let roots = crate::tls_roots::TlsRoots::Auto
+            .load()
+            .map_err(|e| format!("telemetry: {e}"))?;
+        let tls = roots.client_config().map_err(|e| format!("telemetry: {e}"))?;
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| format!("telemetry: {e}"))?;
+        Ok(Self { client, runtime })
+    }
+}
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for OtlpHttp {
+    async fn send_bytes(
+        &self,
+        request: http::Request<bytes::Bytes>,
+    ) -> Result<http::Response<bytes::Bytes>, opentelemetry_http::HttpError> {
+        use http_body_util::BodyExt;
+        let client = self.client.clone();
+        let sent = self.runtime.spawn(async move {
+            let (parts, body) = request.into_parts();
+            let response = client
+                .request(http::Request::from_parts(parts, HttpBody::new(body)))
+                .await?;
+            let (parts, body) = response.into_parts();
+            let body = http_body_util::Limited::new(body, MAX_COLLECTOR_ANSWER)
+                .collect()
+                .await?
+                .to_bytes();
+            Ok::<_, opentelemetry_http::HttpError>(http::Response::from_parts(parts, body))
+        });
+        sent.await?
+    }
 }
 
 fn count(outcome: &'static str, spans: usize) {

@@ -111,8 +111,8 @@ fn each_rule_reports_its_key_path() {
             "telemetry.endpoint: \"collector:4317\" is not an http:// or https:// URL",
         ),
         (
-            "[telemetry]\nendpoint = \"http://c:4318\"\nprotocol = \"http/protobuf\"",
-            "telemetry.protocol: \"http/protobuf\" is not supported by this build",
+            "[telemetry]\nendpoint = \"http://c:4318\"\nprotocol = \"thrift\"",
+            "telemetry.protocol: \"thrift\" is not \"grpc\"",
         ),
         (
             "[telemetry]\nendpoint = \"http://c:4317\"\nsampling_ratio = 2.0",

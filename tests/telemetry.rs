@@ -92,6 +92,33 @@ async fn start_receiver() -> (String, Receiver) {
     (format!("http://{addr}"), receiver)
 }
 
+/// An OTLP/HTTP receiver (`POST /v1/traces`, protobuf) feeding the same
+/// collection as the gRPC one.
+async fn start_http_receiver() -> (String, Receiver) {
+    use axum::routing::post;
+    let receiver = Receiver::default();
+    let state = receiver.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        post(move |body: axum::body::Bytes| {
+            let state = state.clone();
+            async move {
+                let request = <ExportTraceServiceRequest as prost::Message>::decode(body).unwrap();
+                state.export(tonic::Request::new(request)).await.unwrap();
+                let answer = ExportTraceServiceResponse { partial_success: None };
+                (
+                    [("content-type", "application/x-protobuf")],
+                    prost::Message::encode_to_vec(&answer),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), receiver)
+}
+
 fn telemetry(endpoint: &str, service: &str) -> String {
     format!(
         "[telemetry]\nendpoint = \"{endpoint}\"\nservice_name = \"{service}\"\nexport_interval = \"100ms\"\n[telemetry.resource_attributes]\n\"deployment.environment\" = \"test\"\n"
@@ -216,7 +243,12 @@ async fn a_refresh_at_an_agent_is_one_trace_through_the_hub_to_the_token_endpoin
             pair[1].name, pair[0].name
         );
     }
-    assert_eq!(chain[4].attributes.get("attempt").map(String::as_str), Some("1"), "{:?}", chain[4]);
+    assert_eq!(
+        chain[4].attributes.get("attempt").map(String::as_str),
+        Some("1"),
+        "{:?}",
+        chain[4]
+    );
     let request = &chain[5];
     assert_eq!(request.attributes.get("outcome").map(String::as_str), Some("ok"));
     assert_eq!(request.attributes.get("token_id"), Some(&second.token_id));
@@ -347,4 +379,64 @@ async fn a_dead_collector_costs_the_callers_nothing() {
         .expect("stopped within the grace and the flush bound")
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// OTLP over HTTP/protobuf: the same spans reach a collector's `/v1/traces`.
+#[tokio::test]
+async fn spans_go_to_an_otlp_http_collector_too() {
+    let (endpoint, receiver) = start_http_receiver().await;
+    let emulator = support::start_emulator(Duration::from_secs(900), false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, support::CLIENT_SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let sock = dir.path().join("broker.sock");
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[credentials]\nclient_id = \"{id}\"\nclient_secret_file = \"{secret}\"\n[oauth]\nallow_insecure_http = true\n[server]\nlisten = [\"unix:{sock}\"]\n[admin]\nlisten = \"\"\n[environments.production]\nenabled = false\n[environments.sandbox]\ntoken_url = \"{url}\"\n{t}protocol = \"http/protobuf\"\n",
+            id = support::CLIENT_ID,
+            secret = secret.display(),
+            sock = sock.display(),
+            url = emulator.token_url(),
+            t = telemetry(&endpoint, "over-http").replace("[telemetry.resource_attributes]\n\"deployment.environment\" = \"test\"\n", ""),
+        ),
+    )
+    .unwrap();
+    let _broker = spawn(&config);
+    let mut client = support::connect_when_up(&format!("unix:{}", sock.display())).await;
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let mut request = tonic::Request::new(pb::GetTokenRequest {
+        environment: pb::Environment::Sandbox as i32,
+        min_remaining: None,
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-10f067aa0ba902b7-01").parse().unwrap(),
+    );
+    client.get_token(request).await.unwrap();
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let arrived = async {
+        loop {
+            let found = receiver
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|s| hex(&s.trace_id) == trace_id)
+                .cloned();
+            if let Some(span) = found {
+                return span;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let span = tokio::time::timeout(Duration::from_secs(20), arrived)
+        .await
+        .expect("the span reached the OTLP/HTTP receiver");
+    assert_eq!(
+        (span.service.as_str(), span.name.as_str()),
+        ("over-http", "/flute.tokenbroker.v1.TokenBroker/GetToken")
+    );
 }
