@@ -46,47 +46,35 @@ impl Ca {
 
     /// As [`Ca::issue`], valid for `life` from a second ago when given.
     fn issue_for(&self, sans: &[&str], serial: u64, life: Option<Duration>) -> Leaf {
-        let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-        params.serial_number = Some(SerialNumber::from(serial));
-        if let Some(life) = life {
-            let now = time::OffsetDateTime::now_utc();
-            params.not_before = now - time::Duration::seconds(1);
-            params.not_after = now + time::Duration::try_from(life).unwrap();
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf {
-            serial: CertificateInfo::of(cert.der()).unwrap().serial,
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        }
+        let window = life.map(|life| (-time::Duration::seconds(1), time::Duration::try_from(life).unwrap()));
+        self.issue_window(sans, serial, window)
     }
-}
 
-impl Ca {
     /// A certificate valid from `after` from now, for a day.
     fn issue_later(&self, sans: &[&str], serial: u64, after: Duration) -> Leaf {
-        let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-        params.serial_number = Some(SerialNumber::from(serial));
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now + time::Duration::try_from(after).unwrap();
-        params.not_after = now + time::Duration::days(1);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf {
-            serial: CertificateInfo::of(cert.der()).unwrap().serial,
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        }
+        let window = (time::Duration::try_from(after).unwrap(), time::Duration::days(1));
+        self.issue_window(sans, serial, Some(window))
     }
 
     /// A certificate that expired yesterday.
     fn issue_expired(&self, sans: &[&str], serial: u64) -> Leaf {
+        self.issue_window(
+            sans,
+            serial,
+            Some((-time::Duration::days(30), -time::Duration::days(1))),
+        )
+    }
+
+    /// A certificate valid from `now + window.0` to `now + window.1`
+    /// (rcgen's default validity without a window).
+    fn issue_window(&self, sans: &[&str], serial: u64, window: Option<(time::Duration, time::Duration)>) -> Leaf {
         let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         params.serial_number = Some(SerialNumber::from(serial));
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::days(30);
-        params.not_after = now - time::Duration::days(1);
+        if let Some((from, until)) = window {
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now + from;
+            params.not_after = now + until;
+        }
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Leaf {

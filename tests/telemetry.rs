@@ -119,9 +119,60 @@ async fn start_http_receiver() -> (String, Receiver) {
     (format!("http://{addr}"), receiver)
 }
 
+/// A broker's configuration in `dir` (named `name`): the test key, the
+/// sandbox alone, calling `token_url`, served on the Unix socket `sock`,
+/// the admin listener at `admin` (`""`: none), then `extra`.
+fn broker_config(
+    dir: &std::path::Path,
+    name: &str,
+    sock: &std::path::Path,
+    token_url: &str,
+    admin: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    let secret = dir.join("secret");
+    std::fs::write(&secret, support::CLIENT_SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[credentials]\nclient_id = \"{id}\"\nclient_secret_file = \"{secret}\"\n[oauth]\nallow_insecure_http = true\n[server]\nlisten = [\"unix:{sock}\"]\nshutdown_grace = \"3s\"\n[admin]\nlisten = \"{admin}\"\n[environments.production]\nenabled = false\n[environments.sandbox]\ntoken_url = \"{token_url}\"\n{extra}",
+            id = support::CLIENT_ID,
+            secret = secret.display(),
+            sock = sock.display(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The first span received that `wanted` accepts, waited for (at most 20 s).
+async fn span_where(receiver: &Receiver, wanted: impl Fn(&Received) -> bool) -> Received {
+    let arrived = async {
+        loop {
+            if let Some(span) = receiver.0.lock().unwrap().iter().find(|s| wanted(s)).cloned() {
+                return span;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), arrived)
+        .await
+        .unwrap_or_else(|_| panic!("no such span within 20 s: {:#?}", receiver.0.lock().unwrap()))
+}
+
 fn telemetry(endpoint: &str, service: &str) -> String {
+    telemetry_over(endpoint, service, "grpc")
+}
+
+fn telemetry_over(endpoint: &str, service: &str, protocol: &str) -> String {
     format!(
-        "[telemetry]\nendpoint = \"{endpoint}\"\nservice_name = \"{service}\"\nexport_interval = \"100ms\"\n[telemetry.resource_attributes]\n\"deployment.environment\" = \"test\"\n"
+        "[telemetry]\nendpoint = \"{endpoint}\"\nprotocol = \"{protocol}\"\nservice_name = \"{service}\"\nexport_interval = \"100ms\"\n[telemetry.resource_attributes]\n\"deployment.environment\" = \"test\"\n"
     )
 }
 
@@ -141,25 +192,20 @@ async fn a_refresh_at_an_agent_is_one_trace_through_the_hub_to_the_token_endpoin
     let (endpoint, receiver) = start_receiver().await;
     let emulator = support::start_emulator(Duration::from_secs(900), false).await;
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, support::CLIENT_SECRET).unwrap();
-    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let (hub_sock, agent_sock) = (dir.path().join("hub.sock"), dir.path().join("agent.sock"));
-    let hub_config = dir.path().join("hub.toml");
-    std::fs::write(
-        &hub_config,
-        format!(
-            "[credentials]\nclient_id = \"{id}\"\nclient_secret_file = \"{secret}\"\n[oauth]\nallow_insecure_http = true\n[server]\nlisten = [\"unix:{hub}\"]\n[admin]\nlisten = \"\"\n[environments.production]\nenabled = false\n[environments.sandbox]\ntoken_url = \"{url}\"\n[environments.sandbox.proxy]\nlisten = [\"unix:{api}\"]\napi_url = \"{base}\"\n{t}",
-            id = support::CLIENT_ID,
-            secret = secret.display(),
-            hub = hub_sock.display(),
-            url = emulator.token_url(),
-            api = dir.path().join("api.sock").display(),
-            base = emulator.base_url(),
-            t = telemetry(&endpoint, "hub"),
-        ),
-    )
-    .unwrap();
+    let proxy = format!(
+        "[environments.sandbox.proxy]\nlisten = [\"unix:{}\"]\napi_url = \"{}\"\n",
+        dir.path().join("api.sock").display(),
+        emulator.base_url()
+    );
+    let hub_config = broker_config(
+        dir.path(),
+        "hub",
+        &hub_sock,
+        &emulator.token_url(),
+        "",
+        &format!("{proxy}{}", telemetry(&endpoint, "hub")),
+    );
     let agent_config = dir.path().join("agent.toml");
     std::fs::write(
         &agent_config,
@@ -191,7 +237,6 @@ async fn a_refresh_at_an_agent_is_one_trace_through_the_hub_to_the_token_endpoin
     let second = agent.refresh_token(request).await.unwrap().into_inner().token.unwrap();
     assert_ne!(second.token_id, first.token_id);
 
-    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let trace = || -> Vec<Received> {
         receiver
             .0
@@ -287,24 +332,7 @@ async fn a_refresh_at_an_agent_is_one_trace_through_the_hub_to_the_token_endpoin
         parts[2], proxy_caller,
         "the API's parent is the hub's span, not the caller's: {sent}"
     );
-    let proxied = async {
-        loop {
-            let found = receiver
-                .0
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|s| hex(&s.span_id) == parts[2])
-                .cloned();
-            if let Some(span) = found {
-                return span;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    let server = tokio::time::timeout(Duration::from_secs(20), proxied)
-        .await
-        .expect("the hub's proxy span reached the receiver");
+    let server = span_where(&receiver, |s| hex(&s.span_id) == parts[2]).await;
     assert_eq!((server.service.as_str(), server.name.as_str()), ("hub", "/v2/traced"));
     assert_eq!(hex(&server.parent), proxy_caller);
 
@@ -332,27 +360,20 @@ async fn a_dead_collector_costs_the_callers_nothing() {
     };
     let emulator = support::start_emulator(Duration::from_secs(900), false).await;
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, support::CLIENT_SECRET).unwrap();
-    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let sock = dir.path().join("broker.sock");
     let admin = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap()
     };
-    let config = dir.path().join("broker.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[credentials]\nclient_id = \"{id}\"\nclient_secret_file = \"{secret}\"\n[oauth]\nallow_insecure_http = true\n[server]\nlisten = [\"unix:{sock}\"]\nshutdown_grace = \"3s\"\n[admin]\nlisten = \"{admin}\"\n[environments.production]\nenabled = false\n[environments.sandbox]\ntoken_url = \"{url}\"\n{t}",
-            id = support::CLIENT_ID,
-            secret = secret.display(),
-            sock = sock.display(),
-            url = emulator.token_url(),
-            t = telemetry(&format!("http://127.0.0.1:{closed}"), "dead-collector"),
-        ),
-    )
-    .unwrap();
+    let collector = format!("http://127.0.0.1:{closed}");
+    let config = broker_config(
+        dir.path(),
+        "broker",
+        &sock,
+        &emulator.token_url(),
+        &admin.to_string(),
+        &telemetry(&collector, "dead-collector"),
+    );
     let mut broker = spawn(&config);
     let mut client = support::connect_when_up(&format!("unix:{}", sock.display())).await;
     for _ in 0..200 {
@@ -387,23 +408,9 @@ async fn spans_go_to_an_otlp_http_collector_too() {
     let (endpoint, receiver) = start_http_receiver().await;
     let emulator = support::start_emulator(Duration::from_secs(900), false).await;
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, support::CLIENT_SECRET).unwrap();
-    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let sock = dir.path().join("broker.sock");
-    let config = dir.path().join("broker.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[credentials]\nclient_id = \"{id}\"\nclient_secret_file = \"{secret}\"\n[oauth]\nallow_insecure_http = true\n[server]\nlisten = [\"unix:{sock}\"]\n[admin]\nlisten = \"\"\n[environments.production]\nenabled = false\n[environments.sandbox]\ntoken_url = \"{url}\"\n{t}protocol = \"http/protobuf\"\n",
-            id = support::CLIENT_ID,
-            secret = secret.display(),
-            sock = sock.display(),
-            url = emulator.token_url(),
-            t = telemetry(&endpoint, "over-http").replace("[telemetry.resource_attributes]\n\"deployment.environment\" = \"test\"\n", ""),
-        ),
-    )
-    .unwrap();
+    let over_http = telemetry_over(&endpoint, "over-http", "http/protobuf");
+    let config = broker_config(dir.path(), "broker", &sock, &emulator.token_url(), "", &over_http);
     let _broker = spawn(&config);
     let mut client = support::connect_when_up(&format!("unix:{}", sock.display())).await;
     let trace_id = "5bf92f3577b34da6a3ce929d0e0e4737";
@@ -416,25 +423,7 @@ async fn spans_go_to_an_otlp_http_collector_too() {
         format!("00-{trace_id}-10f067aa0ba902b7-01").parse().unwrap(),
     );
     client.get_token(request).await.unwrap();
-    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
-    let arrived = async {
-        loop {
-            let found = receiver
-                .0
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|s| hex(&s.trace_id) == trace_id)
-                .cloned();
-            if let Some(span) = found {
-                return span;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    let span = tokio::time::timeout(Duration::from_secs(20), arrived)
-        .await
-        .expect("the span reached the OTLP/HTTP receiver");
+    let span = span_where(&receiver, |s| hex(&s.trace_id) == trace_id).await;
     assert_eq!(
         (span.service.as_str(), span.name.as_str()),
         ("over-http", "/flute.tokenbroker.v1.TokenBroker/GetToken")
