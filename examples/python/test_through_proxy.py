@@ -64,7 +64,8 @@ def test_get_and_post_without_a_token(proxied):
 def test_a_revoked_token_never_reaches_the_caller(proxied):
     api, emulator = proxied
     before = api.post("/v2/payments", json={"n": 1}).json()["token_id"]
-    requests.post(f"{emulator}/__emulator/faults", json={"revoke_current": True}, timeout=10).raise_for_status()
+    # This emulator serves both environments: revoke the sandbox token by its id.
+    requests.post(f"{emulator}/__emulator/faults", json={"revoke_token_id": before}, timeout=10).raise_for_status()
     after = api.post("/v2/payments", json={"n": 2})
     assert after.status_code == 200, after.text
     assert after.json()["token_id"] != before

@@ -11,7 +11,7 @@
 //!   read as a stream and only hashed.
 //!
 //! Every route answers 401 with a `WWW-Authenticate: Bearer` challenge for a
-//! missing, unknown, expired or revoked token (the `revoke_current` fault),
+//! missing, unknown, expired or revoked token (the `revoke_current` and `revoke_token_id` faults),
 //! and waits `api_delay_ms` (a fault) before answering.
 
 use std::collections::BTreeMap;

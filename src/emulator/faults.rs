@@ -13,6 +13,7 @@
 //! | `rate_limit_per_second: N` | admit N token requests per second (fixed one-second windows), answer the rest 429 with `Retry-After` until the window ends (0 removes) |
 //! | `echo_request: true/false` | failures quote the whole request (headers and body) in `error_description`, and in `WWW-Authenticate` for a 401, as misconfigured proxies and debug modes do |
 //! | `revoke_current: true` | revoke the access token issued last: the API answers 401 for it from now on, before its expiry (a one-shot action, not a standing fault) |
+//! | `revoke_token_id: "…"` | revoke the access token with this `token_id` (one environment's, when an emulator serves several), likewise |
 //! | `api_delay_ms` | delay every API answer (`/v2/…`) by this long (0 removes) |
 
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub struct FaultRequest {
     /// Revoke the access token issued last (applied once, by the handler).
     #[serde(default)]
     pub revoke_current: bool,
+    /// Revoke the access token with this `token_id` (applied once).
+    pub revoke_token_id: Option<String>,
     /// Delay every API answer by this many milliseconds (0 removes).
     pub api_delay_ms: Option<u64>,
 }

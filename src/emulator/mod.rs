@@ -103,7 +103,23 @@ impl Inner {
         if request.revoke_current {
             self.revoke_last();
         }
+        if let Some(token_id) = &request.revoke_token_id {
+            self.revoke_id(token_id);
+        }
         self.faults.apply(request);
+    }
+
+    /// Revokes the access token whose `token_id` is `token_id` (if any).
+    fn revoke_id(&mut self, token_id: &str) {
+        let found = self
+            .access_tokens
+            .keys()
+            .find(|token| crate::fingerprint::token_id(token) == token_id)
+            .cloned();
+        if let Some(token) = found {
+            tracing::info!(token_id, "emulator revoked a token");
+            self.revoked.insert(token);
+        }
     }
 
     /// Revokes the access token issued last (if any).

@@ -72,7 +72,8 @@ test("a token revoked by the API is replaced without the caller seeing a 401", a
       res.on("end", () => resolve(res.statusCode));
     });
     request.on("error", reject);
-    request.end(JSON.stringify({ revoke_current: true }));
+    // This emulator serves both environments: revoke the sandbox token by its id.
+    request.end(JSON.stringify({ revoke_token_id: before.token_id }));
   });
   assert.equal(revoked, 200);
   const [status, after] = await call(socketPath, "POST", "/v2/payments", { n: 2 });
