@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use tokio_util::either::Either;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::certs::client::ClientTls;
@@ -133,65 +134,13 @@ pub async fn channel(target: &Target) -> Result<Channel, ConnectError> {
                 };
                 tcp.set_nodelay(true)?;
                 Ok::<_, std::io::Error>(TokioIo::new(match tls {
-                    Some((tls, name)) => Io::Tls(Box::new(tls.connector().connect(name, tcp).await?)),
-                    None => Io::Plain(tcp),
+                    Some((tls, name)) => Either::Right(Box::new(tls.connector().connect(name, tcp).await?)),
+                    None => Either::Left(tcp),
                 }))
             }
         }))
         .await
         .map_err(|e| unreachable(addr, &e))
-}
-
-/// A TCP connection to a broker, with or without TLS.
-enum Io {
-    Plain(tokio::net::TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
-}
-
-impl tokio::io::AsyncRead for Io {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(io) => std::pin::Pin::new(io).poll_read(cx, buf),
-            Io::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Io {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(io) => std::pin::Pin::new(io).poll_write(cx, buf),
-            Io::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(io) => std::pin::Pin::new(io).poll_flush(cx),
-            Io::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(io) => std::pin::Pin::new(io).poll_shutdown(cx),
-            Io::Tls(io) => std::pin::Pin::new(io.as_mut()).poll_shutdown(cx),
-        }
-    }
 }
 
 /// An unreachable broker: the innermost I/O error (and its kind) when

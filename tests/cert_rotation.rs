@@ -154,6 +154,20 @@ impl TlsDir {
     }
 }
 
+/// A broker serving the sandbox with TLS from `tls` (`tls.crt`,
+/// `tls.key`, and `ca.crt` as the client CA when `mutual`), `adjust`ed.
+async fn broker_on(tls: &TlsDir, mutual: bool, adjust: impl FnOnce(&mut Config)) -> support::Broker {
+    start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
+        config.server.tls = Some(ServerTlsFiles {
+            cert_file: tls.path("tls.crt"),
+            key_file: tls.path("tls.key"),
+            client_ca_file: mutual.then(|| tls.path("ca.crt")),
+        });
+        adjust(config);
+    })
+    .await
+}
+
 /// The serial of the certificate a new TLS handshake with `addr` shows,
 /// as a client trusting `ca_pem` and presenting `client` (mutual TLS).
 async fn serial_seen(addr: std::net::SocketAddr, ca_pem: &str, client: &Leaf) -> Result<String, String> {
@@ -301,14 +315,7 @@ async fn hub_rotation_under_load(writes: Writes) {
             ("ca.crt", &old_ca.pem()),
         ],
     );
-    let hub = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
-        config.server.tls = Some(ServerTlsFiles {
-            cert_file: hub_tls.path("tls.crt"),
-            key_file: hub_tls.path("tls.key"),
-            client_ca_file: Some(hub_tls.path("ca.crt")),
-        });
-    })
-    .await;
+    let hub = broker_on(&hub_tls, true, |_| {}).await;
     let hub_addr = tcp_addr(&hub.daemon);
     assert_eq!(
         serial_seen(hub_addr, &bundle, &agent_leaf).await.unwrap(),
@@ -418,14 +425,7 @@ async fn broken_material_keeps_the_last_good_one_until_a_good_pair_arrives() {
         Writes::Kubelet,
         &[("tls.crt", &first.cert), ("tls.key", &first.key)],
     );
-    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
-        config.server.tls = Some(ServerTlsFiles {
-            cert_file: tls.path("tls.crt"),
-            key_file: tls.path("tls.key"),
-            client_ca_file: None,
-        });
-    })
-    .await;
+    let broker = broker_on(&tls, false, |_| {}).await;
     let (addr, admin) = (tcp_addr(&broker.daemon), broker.daemon.admin_addr.unwrap());
     let failed = "flute_broker_tls_reloads_total{material=\"server\",result=\"failed\"}";
     let taken = "flute_broker_tls_reloads_total{material=\"server\",result=\"ok\"}";
@@ -482,14 +482,7 @@ async fn an_agents_short_lived_client_certificate_rotates_five_times_without_a_f
             ("ca.crt", &ca.pem()),
         ],
     );
-    let hub = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
-        config.server.tls = Some(ServerTlsFiles {
-            cert_file: hub_tls.path("tls.crt"),
-            key_file: hub_tls.path("tls.key"),
-            client_ca_file: Some(hub_tls.path("ca.crt")),
-        });
-    })
-    .await;
+    let hub = broker_on(&hub_tls, true, |_| {}).await;
     let first = ca.issue_for(&["agent.fleet.example"], 100, Some(LIFE));
     let mut agent_tls = TlsDir::new(
         work.path().join("agent-tls"),
@@ -678,13 +671,8 @@ async fn a_certificate_not_valid_yet_is_taken_when_it_becomes_valid() {
         Writes::Kubelet,
         &[("tls.crt", &first.cert), ("tls.key", &first.key)],
     );
-    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
-        config.certificates.poll_interval = Duration::from_secs(1);
-        config.server.tls = Some(ServerTlsFiles {
-            cert_file: tls.path("tls.crt"),
-            key_file: tls.path("tls.key"),
-            client_ca_file: None,
-        });
+    let broker = broker_on(&tls, false, |config| {
+        config.certificates.poll_interval = Duration::from_secs(1)
     })
     .await;
     let (addr, admin) = (tcp_addr(&broker.daemon), broker.daemon.admin_addr.unwrap());

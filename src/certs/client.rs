@@ -72,13 +72,10 @@ impl ClientTls {
                 let roots = crate::tls_roots::TlsRoots::Auto
                     .load()
                     .map_err(|e| ClientTlsError::Invalid(e.to_string()))?;
-                let mut store = rustls::RootCertStore::empty();
-                for cert in roots.certificates.iter() {
-                    store
-                        .add(cert.clone())
-                        .map_err(|e| ClientTlsError::Invalid(e.to_string()))?;
-                }
-                builder.with_root_certificates(store)
+                let verifier = roots
+                    .rotating
+                    .ok_or_else(|| ClientTlsError::Invalid("no CA certificates to trust".into()))?;
+                builder.dangerous().with_custom_certificate_verifier(verifier)
             }
         };
         let identity = match (&files.cert_file, &files.key_file) {
