@@ -287,6 +287,23 @@ fn noop_server(port: u16, unix: std::path::PathBuf) {
     });
 }
 
+/// `--calls N ADDR`: N sequential GetToken calls on one connection, as a
+/// tonic client makes them (the caller of `benches/instructions.sh`);
+/// panics on any failure.
+fn sequential_calls(calls: usize, addr: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = client::connect(addr, Duration::from_secs(30)).await.unwrap();
+        for _ in 0..calls {
+            client.get_token(request()).await.unwrap();
+        }
+    });
+    println!("{calls} calls succeeded");
+}
+
 /// User plus system CPU time of process `pid` so far (clock ticks of 10 ms).
 fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -398,6 +415,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--noop-server") {
         return noop_server(args[at + 1].parse().unwrap(), args[at + 2].clone().into());
+    }
+    if let Some(at) = args.iter().position(|a| a == "--calls") {
+        return sequential_calls(args[at + 1].parse().unwrap(), &args[at + 2]);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

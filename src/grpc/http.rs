@@ -181,7 +181,7 @@ async fn get_token(
     .await;
     service.count(Protocol::Http, Rpc::GetToken, &result);
     match result {
-        Ok(token) => token_answer(&token),
+        Ok(served) => token_answer(&served.token, served.at),
         // An HTTP/1.1 connection refused a long poll is closed, so that a
         // caller opening one connection per poll frees its slot at once.
         Err(error @ BrokerError::HeldLimit { .. }) if http1 => {
@@ -249,7 +249,7 @@ async fn refresh_token(
     .await;
     service.count(Protocol::Http, Rpc::RefreshToken, &result);
     match result {
-        Ok(token) => token_answer(&token),
+        Ok(token) => token_answer(&token, tokio::time::Instant::now()),
         Err(error) => error.into_response(),
     }
 }
@@ -268,8 +268,8 @@ async fn get_status(State(service): State<TokenBrokerService>, request: Request)
 
 /// A token answer (GetTokenResponse and RefreshTokenResponse have the same
 /// shape): the JSON, `ETag` (the token_id), never cached.
-fn token_answer(token: &Token) -> Response {
-    let (json, etag) = token_response_json_and_etag(token, tokio::time::Instant::now());
+fn token_answer(token: &Token, at: tokio::time::Instant) -> Response {
+    let (json, etag) = token_response_json_and_etag(token, at);
     let mut response = JsonBody(json.into_bytes()).into_response();
     let headers = response.headers_mut();
     no_store(headers);
@@ -331,8 +331,14 @@ impl FixedPart {
         };
         field("accessToken", token.access_token());
         field("tokenType", &token.token_type);
-        field("issuedAt", &json_timestamp(&super::timestamp(token.issued_at_wall)));
-        field("expiresAt", &json_timestamp(&super::timestamp(token.expires_at_wall)));
+        field(
+            "issuedAt",
+            &json_timestamp(&super::unix_timestamp(token.issued_at_unix)),
+        );
+        field(
+            "expiresAt",
+            &json_timestamp(&super::unix_timestamp(token.expires_at_unix)),
+        );
         field("environment", pb::Environment::from(token.environment).as_str_name());
         field("tokenId", &token.token_id);
         FixedPart {

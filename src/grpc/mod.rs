@@ -85,6 +85,14 @@ pub fn environment_from_pb(value: i32) -> Option<Environment> {
     }
 }
 
+/// A protobuf Timestamp of a time given since the Unix epoch.
+pub(crate) fn unix_timestamp(since_epoch: Duration) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: since_epoch.as_secs() as i64,
+        nanos: since_epoch.subsec_nanos() as i32,
+    }
+}
+
 pub(crate) fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(t)
 }
@@ -124,8 +132,8 @@ pub(crate) fn pb_token(t: &Token, now: tokio::time::Instant) -> pb::Token {
     pb::Token {
         access_token: t.access_token().to_owned(),
         token_type: t.token_type.clone(),
-        issued_at: Some(timestamp(t.issued_at_wall)),
-        expires_at: Some(timestamp(t.expires_at_wall)),
+        issued_at: Some(unix_timestamp(t.issued_at_unix)),
+        expires_at: Some(unix_timestamp(t.expires_at_unix)),
         environment: pb::Environment::from(t.environment) as i32,
         token_id: t.token_id.clone(),
         serve_for: Some(pb_duration(t.serve_until.saturating_duration_since(now))),

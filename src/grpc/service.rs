@@ -159,14 +159,12 @@ impl TokenBrokerService {
         source: &TokenSourceHandle,
         min_remaining: Option<Duration>,
         wait: impl FnOnce() -> Duration,
-    ) -> Result<Arc<Token>, BrokerError> {
+    ) -> Result<Served, BrokerError> {
         let min_remaining = min_remaining.unwrap_or_default();
-        // The hot path.
-        if let Some(token) = source
-            .current()
-            .filter(|t| t.remaining(Instant::now()) >= min_remaining)
-        {
-            return Ok(token);
+        // The hot path: one clock read for the check and the answer.
+        let now = Instant::now();
+        if let Some(token) = source.current_at(now).filter(|t| t.remaining(now) >= min_remaining) {
+            return Ok(Served { token, at: now });
         }
         let env = source.environment();
         let wait = wait();
@@ -175,11 +173,15 @@ impl TokenBrokerService {
                 .await
                 .map_err(|_| BrokerError::DeadlineExceeded(env))?;
         }
-        if min_remaining.is_zero() {
-            source.current().ok_or_else(|| no_valid_token(source))
+        let token = if min_remaining.is_zero() {
+            source.current().ok_or_else(|| no_valid_token(source))?
         } else {
-            within(env, wait, source.token_with_remaining(min_remaining)).await
-        }
+            within(env, wait, source.token_with_remaining(min_remaining)).await?
+        };
+        Ok(Served {
+            token,
+            at: Instant::now(),
+        })
     }
 
     /// RefreshToken: a token other than the one the API rejected.
@@ -255,6 +257,13 @@ impl TokenBrokerService {
 
 /// The environment a gRPC request names (the one place a `pb::Environment`
 /// becomes an [`Environment`]).
+/// A token GetToken hands out, and the instant it was found servable at
+/// (its `serve_for` counts from there).
+pub(crate) struct Served {
+    pub(crate) token: Arc<Token>,
+    pub(crate) at: Instant,
+}
+
 fn requested(environment: i32) -> Result<Environment, BrokerError> {
     super::environment_from_pb(environment).ok_or(BrokerError::UnspecifiedEnvironment)
 }
@@ -338,8 +347,8 @@ fn environment_status(source: &TokenSourceHandle) -> pb::EnvironmentStatus {
         environment: pb::Environment::from(source.environment()) as i32,
         state: state as i32,
         token_id: token.map(|t| t.token_id.clone()).unwrap_or_default(),
-        issued_at: token.map(|t| timestamp(t.issued_at_wall)),
-        expires_at: token.map(|t| timestamp(t.expires_at_wall)),
+        issued_at: token.map(|t| super::unix_timestamp(t.issued_at_unix)),
+        expires_at: token.map(|t| super::unix_timestamp(t.expires_at_unix)),
         next_attempt_at: snapshot.next_attempt.map(|at| timestamp(wall_time(at))),
         last_error: snapshot
             .last_error
@@ -484,10 +493,10 @@ impl TokenBroker for TokenBrokerService {
                     })
                 })
                 .transpose()?;
-            let token =
+            let served =
                 TokenBrokerService::get_token(self, source, min_remaining, || self.wait_limit(&request)).await?;
             Ok(pb::GetTokenResponse {
-                token: Some(token.as_ref().into()),
+                token: Some(super::pb_token(&served.token, served.at)),
             })
         }
         .await;

@@ -249,7 +249,7 @@ impl Proxy {
         }
         let wait = self.service.request_wait();
         let token = match self.service.get_token(source, None, || wait).await {
-            Ok(token) => token,
+            Ok(served) => served.token,
             Err(refused) => return (broker_refusal(refused), None),
         };
         let mut body = match prepare(body, self.settings.replay_limit_bytes, self.settings.idle_timeout).await {

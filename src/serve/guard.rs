@@ -22,7 +22,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -693,12 +693,15 @@ pub type Http1Screen = fn(&http::HeaderMap) -> Option<http::Response<tonic::body
 
 /// The entry of every request into a face: an HTTP/1.x request first
 /// passes the face's [`Http1Screen`], then it is counted as open on its
-/// connection until its response body has been sent (a WatchToken stream
+/// connection until its response body has been sent, and its body is
+/// held to the face's size limit ([`super::request_limit`]) (a WatchToken stream
 /// stays open for its lifetime). One layer at the server, not a layer per
 /// route: the router's own routes are not wrapped again.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct StreamTrackingLayer {
     pub http1_screen: Option<Http1Screen>,
+    /// The face's request size limit ([`super::request_limit`]).
+    pub max_request_bytes: usize,
 }
 
 impl<S> tower::Layer<S> for StreamTrackingLayer {
@@ -707,6 +710,7 @@ impl<S> tower::Layer<S> for StreamTrackingLayer {
         StreamTracking {
             inner,
             http1_screen: self.http1_screen,
+            max_request_bytes: self.max_request_bytes,
         }
     }
 }
@@ -715,29 +719,31 @@ impl<S> tower::Layer<S> for StreamTrackingLayer {
 pub struct StreamTracking<S> {
     inner: S,
     http1_screen: Option<Http1Screen>,
+    max_request_bytes: usize,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S, B> tower::Service<http::Request<B>> for StreamTracking<S>
+impl<S> tower::Service<http::Request<tonic::body::Body>> for StreamTracking<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
+    type Future = Tracked<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         if request.version() < http::Version::HTTP_2
             && let Some(refused) = self.http1_screen.and_then(|screen| screen(request.headers()))
         {
-            return Box::pin(std::future::ready(Ok(refused)));
+            return Tracked {
+                inner: None,
+                refused: Some(refused),
+                guard: None,
+                span: None,
+            };
         }
         let guard = request_connection(request.extensions()).map(|(activity, listener)| {
             let (guard, open) = activity.begin();
@@ -746,21 +752,62 @@ where
             }
             guard
         });
-        let guarded = |response: S::Response| match guard {
-            Some(guard) => response.map(|body| tonic::body::Body::new(GuardedBody { body, _guard: guard })),
-            None => response,
-        };
+        let request = super::request_limit::limited(request, self.max_request_bytes);
         if !crate::telemetry::enabled() || !crate::telemetry::sampled(request.headers()) {
-            let response = self.inner.call(request);
-            return Box::pin(async move { response.await.map(guarded) });
+            return Tracked {
+                inner: Some(self.inner.call(request)),
+                refused: None,
+                guard,
+                span: None,
+            };
         }
         // Traces on: the request is a server span, child of the caller's
         // `traceparent` when it sent one (path only: never a query).
-        use tracing::Instrument;
         let span = tracing::info_span!("request", otel.name = request.uri().path(), otel.kind = "server");
         crate::telemetry::adopt_parent(&span, request.headers());
-        let response = span.in_scope(|| self.inner.call(request));
-        Box::pin(async move { response.await.map(guarded) }.instrument(span))
+        let inner = span.in_scope(|| self.inner.call(request));
+        Tracked {
+            inner: Some(inner),
+            refused: None,
+            guard,
+            span: Some(span),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response of a tracked request: the router's, its body holding
+    /// the request's [`RequestGuard`] (inside the request's span when
+    /// traces are on); or the face's refusal of an HTTP/1.x request.
+    pub struct Tracked<F> {
+        #[pin]
+        inner: Option<F>,
+        refused: Option<http::Response<tonic::body::Body>>,
+        guard: Option<RequestGuard>,
+        span: Option<tracing::Span>,
+    }
+}
+
+impl<F, E> Future for Tracked<F>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Some(inner) = this.inner.as_pin_mut() else {
+            return Poll::Ready(Ok(this.refused.take().expect("Tracked polled after it completed")));
+        };
+        let _entered = this.span.as_ref().map(tracing::Span::enter);
+        let response = ready!(inner.poll(cx))?;
+        Poll::Ready(Ok(match this.guard.take() {
+            Some(guard) => response.map(|body| {
+                let guarded = http_body_util::BodyExt::boxed_unsync(GuardedBody { body, _guard: guard });
+                tonic::body::Body::new(guarded)
+            }),
+            None => response,
+        }))
     }
 }
 

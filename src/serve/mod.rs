@@ -71,8 +71,8 @@ pub fn serve(
         .max_concurrent_streams(limits.max_concurrent_streams)
         .layer(StreamTrackingLayer {
             http1_screen: face.http1_screen,
+            max_request_bytes: face.max_request_bytes,
         })
-        .layer(request_limit::RequestLimitLayer::new(face.max_request_bytes))
         .add_routes(face.routes.clone());
     let acceptor = tls
         .filter(|_| matches!(listener, Bound::Tcp(_)))

@@ -15,64 +15,32 @@ use tonic::Status;
 /// gRPC prefixes each message with 5 bytes (compressed flag, length).
 const MESSAGE_PREFIX: usize = 5;
 
-/// Limits every request body to one message of at most `max_message` bytes
-/// (gRPC), or to `max_message` bytes (anything else).
-#[derive(Clone, Copy, Debug)]
-pub struct RequestLimitLayer {
-    max_message: usize,
-}
-
-impl RequestLimitLayer {
-    pub fn new(max_message: usize) -> Self {
-        Self { max_message }
-    }
-}
-
-impl<S> tower::Layer<S> for RequestLimitLayer {
-    type Service = RequestLimit<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        RequestLimit {
-            inner,
-            max_body: self.max_message + MESSAGE_PREFIX,
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct RequestLimit<S> {
-    inner: S,
-    max_body: usize,
-}
-
-impl<S> tower::Service<http::Request<tonic::body::Body>> for RequestLimit<S>
-where
-    S: tower::Service<http::Request<tonic::body::Body>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let (parts, body) = request.into_parts();
-        let grpc = parts
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        let limit = self.max_body - MESSAGE_PREFIX;
+/// `request` with its body limited to one message of at most
+/// `max_message` bytes (gRPC), or to `max_message` bytes (anything else).
+/// Applied by the entry layer of every face
+/// ([`super::guard::StreamTrackingLayer`]).
+pub fn limited(request: http::Request<tonic::body::Body>, max_message: usize) -> http::Request<tonic::body::Body> {
+    let grpc = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    request.map(|body| {
         let limited = LimitedBody {
             inner: body,
-            remaining: if grpc { self.max_body } else { limit },
-            limit,
+            remaining: if grpc {
+                max_message + MESSAGE_PREFIX
+            } else {
+                max_message
+            },
+            limit: max_message,
             framed: grpc,
-            prefix: Vec::with_capacity(MESSAGE_PREFIX),
+            prefix: [0; MESSAGE_PREFIX],
+            prefix_len: 0,
         };
-        self.inner
-            .call(http::Request::from_parts(parts, tonic::body::Body::new(limited)))
-    }
+        // Boxed as tonic's body type expects, so that it adds no error
+        // mapping layer of its own.
+        tonic::body::Body::new(http_body_util::BodyExt::boxed_unsync(limited))
+    })
 }
 
 /// A request body that fails with RESOURCE_EXHAUSTED as soon as the first
@@ -83,8 +51,9 @@ struct LimitedBody {
     limit: usize,
     /// A gRPC body: its first 5 bytes declare the message's length.
     framed: bool,
-    /// The first message's prefix, while fewer than 5 bytes have arrived.
-    prefix: Vec<u8>,
+    /// The first message's prefix (`prefix_len` bytes of it so far).
+    prefix: [u8; MESSAGE_PREFIX],
+    prefix_len: usize,
 }
 
 impl LimitedBody {
@@ -94,10 +63,11 @@ impl LimitedBody {
             return false;
         }
         self.remaining -= data.len();
-        if self.framed && self.prefix.len() < MESSAGE_PREFIX {
-            let take = (MESSAGE_PREFIX - self.prefix.len()).min(data.len());
-            self.prefix.extend_from_slice(&data[..take]);
-            if self.prefix.len() == MESSAGE_PREFIX {
+        if self.framed && self.prefix_len < MESSAGE_PREFIX {
+            let take = (MESSAGE_PREFIX - self.prefix_len).min(data.len());
+            self.prefix[self.prefix_len..self.prefix_len + take].copy_from_slice(&data[..take]);
+            self.prefix_len += take;
+            if self.prefix_len == MESSAGE_PREFIX {
                 let declared = u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]);
                 return declared as usize <= self.limit;
             }

@@ -49,7 +49,13 @@ impl TokenSourceHandle {
     /// no lock a refresh holds (the watch value is replaced, never mutated
     /// in place), one Arc clone.
     pub fn current(&self) -> Option<Arc<Token>> {
-        self.state.borrow().servable(Instant::now()).cloned()
+        self.current_at(Instant::now())
+    }
+
+    /// [`TokenSourceHandle::current`] as of `now` (a caller that reads the
+    /// clock once for the check and the answer).
+    pub fn current_at(&self, now: Instant) -> Option<Arc<Token>> {
+        self.state.borrow().servable(now).cloned()
     }
 
     /// Whether the source task is still running.

@@ -69,6 +69,10 @@ pub struct Token {
     pub serve_until: Instant,
     pub issued_at_wall: SystemTime,
     pub expires_at_wall: SystemTime,
+    /// `issued_at_wall` and `expires_at_wall` since the Unix epoch (zero
+    /// before it), computed once for the answers that carry them.
+    pub issued_at_unix: Duration,
+    pub expires_at_unix: Duration,
     pub lifetime: Duration,
 }
 
@@ -98,6 +102,8 @@ impl Token {
             serve_until: expires_at - serve_margin.min(lifetime),
             issued_at_wall,
             expires_at_wall: issued_at_wall + lifetime,
+            issued_at_unix: since_epoch(issued_at_wall),
+            expires_at_unix: since_epoch(issued_at_wall + lifetime),
             lifetime,
         }
     }
@@ -147,6 +153,10 @@ impl Token {
     pub fn remaining(&self, now: Instant) -> Duration {
         self.expires_at.saturating_duration_since(now)
     }
+}
+
+fn since_epoch(t: SystemTime) -> Duration {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default()
 }
 
 impl fmt::Debug for Token {
