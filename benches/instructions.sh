@@ -23,7 +23,7 @@ printf '\x00\x00\x00\x00\x02\x08\x01' > "$WORK/get_token.bin"   # GetTokenReques
 
 # count NAME SERVER-ARGS... -- CLIENT...: instructions per call. CLIENT
 # is a command that makes N sequential calls on one connection when given
-# N as its last argument, and prints "N ... succeeded".
+# N as its last argument, and prints "N succeeded" or "N calls succeeded".
 count() {
   local name=$1; shift
   local server=() client=()
@@ -33,10 +33,10 @@ count() {
   local pid=$!
   for _ in $(seq 120); do
     sleep 1
-    "${client[@]}" 500 2>/dev/null | grep -q "500 .*succeeded" && break
+    "${client[@]}" 500 2>/dev/null | grep -qE "(^| )500 (calls )?succeeded" && break
   done
   callgrind_control -z "$pid" >/dev/null 2>&1
-  "${client[@]}" "$CALLS" | grep -q "$CALLS .*succeeded"
+  "${client[@]}" "$CALLS" | grep -qE "(^| )$CALLS (calls )?succeeded"
   callgrind_control -d "$pid" >/dev/null 2>&1
   kill "$pid"; wait "$pid" 2>/dev/null || true
   local total
