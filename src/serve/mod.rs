@@ -12,6 +12,7 @@
 //! graceful drain and handover from [`serve`]. Adding a face is a router
 //! plus one call of [`serve`] in the daemon's composition.
 
+mod connections;
 pub mod guard;
 pub mod listen;
 pub mod passed_fds;
@@ -25,12 +26,12 @@ use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
-use tonic::transport::Server;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 pub use settings::ServerConfig;
 
 use crate::metrics::Metrics;
+use connections::serve_connections;
 use guard::{ConnectionLimits, ListenerGuard, StreamTrackingLayer, incoming};
 use listen::Bound;
 
@@ -65,15 +66,14 @@ pub fn serve(
     metrics: &Arc<Metrics>,
 ) -> JoinHandle<()> {
     let addr = listener.addr();
-    let router = Server::builder()
-        // HTTP/1.1 too: the HTTP/JSON read, the admin endpoints (gRPC stays HTTP/2).
-        .accept_http1(true)
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .layer(StreamTrackingLayer {
+    let service = tower::Layer::layer(
+        &StreamTrackingLayer {
             http1_screen: face.http1_screen,
             max_request_bytes: face.max_request_bytes,
-        })
-        .add_routes(face.routes.clone());
+        },
+        face.routes.clone(),
+    );
+    let streams = limits.max_concurrent_streams;
     let acceptor = tls
         .filter(|_| matches!(listener, Bound::Tcp(_)))
         .map(|t| t.acceptor(face.tls_http1));
@@ -85,26 +85,17 @@ pub fn serve(
     let signal = guard.clone().settled(stopping.clone());
     let stopping = stopping.clone();
     tokio::spawn(async move {
-        let result = match (listener, acceptor) {
+        match (listener, acceptor) {
             (Bound::Tcp(l), Some(acceptor)) => {
                 let incoming = tls::handshakes(incoming(l, guard, stopping), acceptor);
-                router.serve_with_incoming_shutdown(incoming, signal).await
+                serve_connections(incoming, service, streams, signal).await
             }
-            (Bound::Tcp(l), None) => {
-                router
-                    .serve_with_incoming_shutdown(incoming(l, guard, stopping), signal)
-                    .await
-            }
+            (Bound::Tcp(l), None) => serve_connections(incoming(l, guard, stopping), service, streams, signal).await,
             // The socket file lives as long as its server.
             (Bound::Unix(l, _file), _) => {
                 let l = unix_authority::UnixAuthorityListener(l);
-                router
-                    .serve_with_incoming_shutdown(incoming(l, guard, stopping), signal)
-                    .await
+                serve_connections(incoming(l, guard, stopping), service, streams, signal).await
             }
-        };
-        if let Err(e) = result {
-            error!(face = name, %addr, error = %e, "listener stopped with an error");
         }
     })
 }
