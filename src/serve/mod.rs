@@ -4,7 +4,8 @@
 //! connection may take ([`guard`]: the fd limit, per-listener connection
 //! budgets, first-request and idle deadlines, request tracking), the
 //! Unix-socket `:authority` adapter ([`unix_authority`]), TLS ([`tls`]),
-//! the request size limit ([`request_limit`]) and the serve loop.
+//! the request size limit ([`request_limit`]) and the serve loop (`connections`:
+//! each connection on hyper-util, and the graceful drain).
 //!
 //! A *face* is what a listener serves: a router and its request limit
 //! ([`Face`]). The gRPC API (with its HTTP/JSON read) and the admin
