@@ -193,6 +193,28 @@ fn received_window(
 mod tests {
     use super::*;
 
+    /// The wire times, computed once: seconds and nanoseconds since the
+    /// Unix epoch of the issue and the expiry.
+    #[test]
+    fn a_token_carries_its_wall_times_since_the_epoch() {
+        let issued = SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 250);
+        let token = Token::new(
+            SecretString::from("t"),
+            "Bearer".into(),
+            Environment::Sandbox,
+            Instant::now(),
+            issued,
+            Duration::from_secs(900),
+            Duration::from_secs(60),
+        );
+        assert_eq!(token.issued_at_unix, Duration::new(1_700_000_000, 250));
+        assert_eq!(token.expires_at_unix, Duration::new(1_700_000_900, 250));
+        assert_eq!(
+            since_epoch(SystemTime::UNIX_EPOCH - Duration::from_secs(1)),
+            Duration::ZERO
+        );
+    }
+
     /// A received token is served for exactly `serve_for` from its anchor
     /// and expires a margin later, with a margin no larger than the room
     /// its lifetime leaves (a window as long as the lifetime has none).
