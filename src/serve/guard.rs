@@ -450,8 +450,8 @@ pub async fn accept<L: Accept>(listener: &L, guard: &Arc<ListenerGuard>) -> Guar
     }
 }
 
-/// The connections of `listener`, as a stream for tonic's
-/// `serve_with_incoming`. Once `stopping` is cancelled no connection is
+/// The connections of `listener`, as a stream for the serve loop
+/// (`serve::connections`). Once `stopping` is cancelled no connection is
 /// accepted any more (the stream stays pending: the server ends by its
 /// shutdown signal, [`ListenerGuard::settled`]); those still queued are
 /// left to the successor that inherits the socket.
@@ -641,7 +641,8 @@ pub(crate) use forward_writes;
 
 forward_writes!(Guarded);
 
-/// What tonic records about a guarded connection: the socket's own
+/// What a request learns of its guarded connection (tonic's `Connected`
+/// information, put in every request's extensions): the socket's own
 /// connect info (peer credentials on a Unix socket) and its activity.
 #[derive(Clone, Debug)]
 pub struct GuardedInfo<I> {
