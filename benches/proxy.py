@@ -22,11 +22,11 @@ and the peak VmHWM).
 import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 import tempfile
-import time
+
+from benchlib import cpu_seconds, free_port, wait_port
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = pathlib.Path(os.environ.get("FLUTE_BROKER_BIN", ROOT / "target" / "release" / "flute-token-broker"))
@@ -66,23 +66,6 @@ http {{
 """
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, what, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"{what} did not listen on {port}")
-
-
 def to_ms(value):
     number = float(re.match(r"[\d.]+", value).group())
     return number * {"us": 0.001, "ms": 1, "s": 1000}[re.search(r"[a-z]+$", value).group()]
@@ -110,15 +93,6 @@ def h2load(work, name, url, headers=()):
     times = sorted(int(line.split("\t")[2]) for line in log.read_text().splitlines() if line.strip())
     pick = lambda p: times[min(len(times) - 1, round((len(times) - 1) * p))] / 1000.0
     return rate, pick(0.5), pick(0.99), REQUESTS - ok
-
-
-def cpu_seconds(pids):
-    """User + system CPU time of these processes so far."""
-    ticks = 0
-    for pid in pids:
-        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def family(pid):
@@ -194,12 +168,12 @@ api_url = "http://127.0.0.1:{api}"
         ]:
             who = next((w for w in measured if w in name), None)
             pids = family(measured[who]) if who else []
-            cpu_before = cpu_seconds(pids)
+            cpu_before = cpu_seconds(*pids)
             rate, p50, p99, bad = run()
             extra = ""
             if who:
                 served = rate * (int(DURATION.rstrip("s")) if "wrk" in name else REQUESTS / rate)
-                extra = f"  {who} CPU {(cpu_seconds(pids) - cpu_before) / served * 1e6:.1f} us/request"
+                extra = f"  {who} CPU {(cpu_seconds(*pids) - cpu_before) / served * 1e6:.1f} us/request"
             if who == "broker":
                 extra += f", {memory(broker.pid)}"
             rows.append(f"{name:40} {rate:>9.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  non-2xx {bad}{extra}")

@@ -19,12 +19,12 @@ import pathlib
 import re
 import socket
 import subprocess
-import sys
 import tempfile
-import time
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from benchlib import cpu_seconds, free_port, wait_port
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = pathlib.Path(os.environ.get("FLUTE_BROKER_BIN", ROOT / "target" / "release" / "flute-token-broker"))
@@ -38,27 +38,6 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     def Export(self, request, context):
         Receiver.spans += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
         return trace_service_pb2.ExportTraceServiceResponse()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port):
-    for _ in range(400):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"nothing listens on {port}")
-
-
-def cpu_seconds(pid):
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(work, name, emulator, secret, collector):

@@ -56,6 +56,34 @@ pub(crate) async fn serve_connections<I, IO, S>(
     let builder = builder(max_concurrent_streams);
     let drain = Arc::new(Drain::default());
     let connections = TaskTracker::new();
+    // One connection, served until it ends; told to shut down gracefully
+    // once the drain starts.
+    let serve_one = |io: IO| {
+        let (service, builder, drain) = (service.clone(), builder.clone(), drain.clone());
+        async move {
+            let info = io.connect_info();
+            let service = service.map_request(move |request: http::Request<hyper::body::Incoming>| {
+                let mut request = request.map(Body::new);
+                request.extensions_mut().insert(info.clone());
+                request
+            });
+            let connection = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+            let mut connection = std::pin::pin!(connection);
+            let mut registration = Registration { drain, slot: None };
+            let mut told = false;
+            let served = std::future::poll_fn(|cx| {
+                if !told && registration.drained(cx) {
+                    told = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                connection.as_mut().poll(cx)
+            })
+            .await;
+            if let Err(e) = served {
+                debug!(error = %e, "a connection ended with an error");
+            }
+        }
+    };
     {
         // Dropped as soon as accepting stops.
         let mut incoming = std::pin::pin!(incoming);
@@ -65,7 +93,7 @@ pub(crate) async fn serve_connections<I, IO, S>(
                 _ = &mut signal => break,
                 accepted = incoming.next() => match accepted {
                     Some(Ok(io)) => {
-                        connections.spawn(serve_connection(io, service.clone(), builder.clone(), drain.clone()));
+                        connections.spawn(serve_one(io));
                     }
                     Some(Err(e)) => debug!(error = %e, "a connection failed before its first request"),
                     None => break,
@@ -90,38 +118,6 @@ fn builder(max_concurrent_streams: u32) -> auto::Builder<TokioExecutor> {
         .max_local_error_reset_streams(None);
     builder.http1().timer(TokioTimer::new());
     builder
-}
-
-async fn serve_connection<IO, S>(io: IO, service: S, builder: auto::Builder<TokioExecutor>, drain: Arc<Drain>)
-where
-    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
-    S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let info = io.connect_info();
-    let service = service.map_request(move |request: http::Request<hyper::body::Incoming>| {
-        let mut request = request.map(Body::new);
-        request.extensions_mut().insert(info.clone());
-        request
-    });
-    let connection = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
-    let mut connection = std::pin::pin!(connection);
-    let mut registration = Registration { drain, slot: None };
-    let mut told = false;
-    let served = std::future::poll_fn(|cx| {
-        if !told && registration.drained(cx) {
-            told = true;
-            connection.as_mut().graceful_shutdown();
-        }
-        connection.as_mut().poll(cx)
-    })
-    .await;
-    if let Err(e) = served {
-        debug!(error = %e, "a connection ended with an error");
-    }
 }
 
 /// The drain signal: set once, then every registered connection is woken.
