@@ -7,6 +7,11 @@
 //! (`serve --dev`) against a no-op tonic server of the same proto (this
 //! bench re-run as `--noop-server`: tonic's defaults, a fixed token), each
 //! a process of its own, on TCP and on a Unix socket, alternating rounds.
+//!
+//! `cargo bench --bench broker -- hub [AGENTS]` measures a hub with default
+//! settings under AGENTS (5,000) followers shaped as agents: one connection
+//! each, one WatchToken stream per environment; its RSS and how fast a
+//! rotation reaches them all.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -411,6 +416,120 @@ async fn cpu_comparison(rounds: usize, calls: usize) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// `hub [AGENTS]`: the release binary as a hub with default settings
+/// (`serve --dev`, one TCP listener) and AGENTS (5,000) agent-shaped
+/// followers, each its own connection with one WatchToken stream per
+/// environment, as `token::follow` holds them. Reports whether all opened,
+/// whether every sandbox stream received the next rotation and how fast,
+/// and the hub's RSS before and with them.
+async fn hub_capacity(agents: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let port = free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let mut hub = std::process::Command::new(env!("CARGO_BIN_EXE_flute-token-broker"))
+        .args(["serve", "--dev", "--admin-listen", ""])
+        .env("RUST_LOG", "warn")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .spawn()
+        .unwrap();
+    await_server(&addr).await;
+    let before = rss(hub.id());
+    let started = Instant::now();
+    let mut streams = Vec::with_capacity(agents);
+    let mut refused = 0;
+    for _ in 0..agents {
+        let agent = client::connect(&addr, Duration::from_secs(10)).await.unwrap();
+        let follow = |environment: pb::Environment| {
+            let mut agent = agent.clone();
+            async move {
+                agent
+                    .watch_token(pb::WatchTokenRequest {
+                        environment: environment as i32,
+                    })
+                    .await
+            }
+        };
+        match (
+            follow(pb::Environment::Sandbox).await,
+            follow(pb::Environment::Production).await,
+        ) {
+            (Ok(sandbox), Ok(production)) => {
+                let (mut sandbox, mut production) = (sandbox.into_inner(), production.into_inner());
+                sandbox.next().await.unwrap().unwrap();
+                production.next().await.unwrap().unwrap();
+                streams.push((sandbox, production, agent));
+            }
+            _ => refused += 1,
+        }
+    }
+    let opened_in = started.elapsed();
+    let with = rss(hub.id());
+    let mut caller = client::connect(&addr, Duration::from_secs(5)).await.unwrap();
+    let current = caller.get_token(request()).await.unwrap().into_inner().token.unwrap();
+    let rotated = Instant::now();
+    let waiting: Vec<_> = streams
+        .drain(..)
+        .map(|(mut sandbox, production, agent)| {
+            tokio::spawn(async move {
+                loop {
+                    if let Some(Update::Token(t)) = sandbox.next().await.unwrap().unwrap().update {
+                        return (t.token_id, rotated.elapsed(), (sandbox, production, agent));
+                    }
+                }
+            })
+        })
+        .collect();
+    let fresh = caller
+        .refresh_token(pb::RefreshTokenRequest {
+            environment: SANDBOX,
+            rejected_token_id: current.token_id,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+        .unwrap();
+    let mut delays = Vec::new();
+    for w in waiting {
+        let (id, delay, kept) = w.await.unwrap();
+        assert_eq!(id, fresh.token_id);
+        delays.push(delay);
+        streams.push(kept);
+    }
+    delays.sort();
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "hub with default settings: {} of {agents} agents following (2 WatchToken streams each, {refused} refused), \
+         opened in {:.1} s; a rotation reached all {} in p50 {:.1} ms, max {:.1} ms; hub RSS {:.1} MiB idle, \
+         {:.1} MiB with them ({:.1} KiB per agent)",
+        streams.len(),
+        opened_in.as_secs_f64(),
+        delays.len(),
+        percentile(&delays, 0.5).as_secs_f64() * 1e3,
+        delays.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+        mib(before),
+        mib(with),
+        with.saturating_sub(before) as f64 / 1024.0 / agents.max(1) as f64,
+    );
+    let _ = hub.kill();
+    let _ = hub.wait();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--noop-server") {
@@ -425,6 +544,10 @@ fn main() {
         .unwrap();
     if args.iter().any(|a| a == "cpu") {
         return runtime.block_on(cpu_comparison(3, 100_000));
+    }
+    if let Some(at) = args.iter().position(|a| a == "hub") {
+        let agents = args.get(at + 1).and_then(|n| n.parse().ok()).unwrap_or(5_000);
+        return runtime.block_on(hub_capacity(agents));
     }
     runtime.block_on(async {
         let dir = std::env::temp_dir().join(format!("flute-broker-bench-{}", std::process::id()));

@@ -136,7 +136,10 @@ pub struct Metrics {
     pub stream_limit_reached: Family<ListenerLabels, Counter>,
     /// Held requests (long polls, WatchToken streams) open per listener.
     pub held_requests: Family<ListenerLabels, Gauge>,
-    /// Held requests refused because the listener's share for them was taken.
+    /// Connections with at least one held request open, per listener.
+    pub held_connections: Family<ListenerLabels, Gauge>,
+    /// Held requests refused because the listener's share of holding
+    /// connections was taken.
     pub held_requests_refused: Family<ListenerLabels, Counter>,
     /// Proxied requests by environment and the status class answered.
     pub proxy_requests: Family<ProxyLabels, Counter>,
@@ -266,10 +269,16 @@ impl Metrics {
             "Held requests (long polls, WatchToken streams) open per listener",
             held_requests.clone(),
         );
+        let held_connections = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "held_connections",
+            "Connections with at least one held request open per listener (they count against server.held_requests_percent)",
+            held_connections.clone(),
+        );
         let held_requests_refused = Family::<ListenerLabels, Counter>::default();
         registry.register(
             "held_requests_refused",
-            "Held requests refused at once because the listener's share for them (server.held_requests_percent) was taken",
+            "Held requests refused at once because the listener's share of holding connections (server.held_requests_percent) was taken",
             held_requests_refused.clone(),
         );
         let proxy_requests = Family::<ProxyLabels, Counter>::default();
@@ -346,6 +355,7 @@ impl Metrics {
             accept_errors,
             stream_limit_reached,
             held_requests,
+            held_connections,
             held_requests_refused,
         }
     }

@@ -1,10 +1,12 @@
-//! Held requests cannot starve short ones. One local process holds 1,100
-//! long polls (one HTTP/1.1 connection each, as curl makes them), or 1,100
-//! connections each holding one WatchToken stream, on the TCP listener with
-//! its default budget (1,024 connections, half of them for held requests):
-//! the held ones beyond the share are refused at once with a retry delay,
-//! and a GetToken (gRPC) and an HTTP read on new connections to that same
-//! listener are still answered.
+//! Held requests cannot starve short ones, and are counted by the
+//! connections they hold. One local process holds 1,100 long polls (one
+//! HTTP/1.1 connection each, as curl makes them), or 1,100 connections each
+//! holding one WatchToken stream, on a TCP listener with a budget of 1,024
+//! connections (half of them for holding connections): the held ones beyond
+//! the share are refused at once with a retry delay, and a GetToken (gRPC)
+//! and an HTTP read on new connections to that same listener are still
+//! answered. With default settings, 10,000 WatchToken streams on 100
+//! connections take 100 slots: all open and all receive a rotation.
 
 mod support;
 
@@ -17,10 +19,21 @@ use tokio::sync::mpsc;
 
 const SANDBOX: i32 = pb::Environment::Sandbox as i32;
 const HOLDERS: usize = 1_100;
-/// Half of the default 1,024 connections per listener.
+/// The listener's budget in the starvation tests, and half of it.
+const BUDGET: usize = 1_024;
 const HELD_SHARE: usize = 512;
 /// Longest a call in these tests may take before it counts as starved.
 const STARVED: Duration = Duration::from_secs(10);
+
+/// A broker whose listeners have a budget of [`BUDGET`] connections.
+async fn start_broker_with_budget() -> support::Broker {
+    support::start_broker_with(
+        &flute_token_broker::environment::Environment::ALL,
+        Duration::from_secs(900),
+        |_, config| config.server.max_connections = BUDGET,
+    )
+    .await
+}
 
 /// A GetToken on a new connection to `tcp`, and how long it took.
 async fn get_token_on_a_new_connection(tcp: &str) -> Duration {
@@ -62,7 +75,7 @@ async fn http_read_on_a_new_connection(tcp: &str) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_polls_beyond_their_share_are_refused_and_get_token_finds_room() {
-    let broker = start_broker(Duration::from_secs(900)).await;
+    let broker = start_broker_with_budget().await;
     let mut client = broker.client().await;
     let current = support::current_token(&mut client, SANDBOX).await;
     let (baseline_grpc, baseline_http) = (
@@ -150,7 +163,7 @@ fn check_refusal(status: tonic::Status) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_beyond_their_share_are_refused_and_get_token_finds_room() {
-    let broker = start_broker(Duration::from_secs(900)).await;
+    let broker = start_broker_with_budget().await;
     let baseline = get_token_on_a_new_connection(&broker.tcp).await;
 
     // Each watcher: its own connection (a channel each), one stream, kept
@@ -205,4 +218,92 @@ async fn watch_streams_beyond_their_share_are_refused_and_get_token_finds_room()
     for watcher in watchers {
         watcher.abort();
     }
+}
+
+/// Streams per connection in the fleet-sized case, well inside the default
+/// `max_concurrent_streams` (1,024).
+const STREAMS_PER_CONNECTION: usize = 100;
+const FLEET_STREAMS: usize = 10_000;
+
+/// 10,000 WatchToken streams multiplexed on 100 connections (a hub's
+/// agents, two environments each, or the perf harness's watchers) take 100
+/// of the 512 holding connections a default listener admits: every stream
+/// opens, and every one receives the next rotation.
+async fn fleet_of_streams_opens_and_rotates(addr: &str, broker: &support::Broker) {
+    let mut streams = Vec::with_capacity(FLEET_STREAMS);
+    let mut connections = Vec::new();
+    for _ in 0..FLEET_STREAMS / STREAMS_PER_CONNECTION {
+        let client = flute_token_broker::client::connect(addr, STARVED).await.unwrap();
+        let opened: Vec<_> = (0..STREAMS_PER_CONNECTION)
+            .map(|_| {
+                let mut client = client.clone();
+                tokio::spawn(async move {
+                    let mut stream = support::open_watch(&mut client, SANDBOX).await;
+                    let first = support::next_token(&mut stream).await;
+                    (stream, first.token_id)
+                })
+            })
+            .collect();
+        for stream in opened {
+            streams.push(stream.await.expect("every stream of the fleet opens"));
+        }
+        connections.push(client);
+    }
+    assert_eq!(streams.len(), FLEET_STREAMS);
+    let current = streams[0].1.clone();
+    assert!(streams.iter().all(|(_, id)| *id == current));
+    // Counted by connection: the 100 connections hold, the streams on them
+    // take no slot of their own, and none was refused.
+    let metrics = support::metrics_text(broker.daemon.admin_addr.unwrap()).await;
+    let sum = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(sum("flute_broker_held_requests_refused_total"), 0.0, "{metrics}");
+    assert_eq!(
+        sum("flute_broker_held_connections"),
+        (FLEET_STREAMS / STREAMS_PER_CONNECTION) as f64
+    );
+    assert_eq!(sum("flute_broker_held_requests"), FLEET_STREAMS as f64);
+
+    // One rotation reaches every stream.
+    let waiting: Vec<_> = streams
+        .into_iter()
+        .map(|(mut stream, _)| tokio::spawn(async move { support::next_token(&mut stream).await.token_id }))
+        .collect();
+    let mut client = flute_token_broker::client::connect(addr, STARVED).await.unwrap();
+    let fresh = client
+        .refresh_token(pb::RefreshTokenRequest {
+            environment: SANDBOX,
+            rejected_token_id: current.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+        .unwrap();
+    assert_ne!(fresh.token_id, current);
+    for received in waiting {
+        let received = tokio::time::timeout(STARVED * 3, received)
+            .await
+            .expect("every stream receives the rotation")
+            .unwrap();
+        assert_eq!(received, fresh.token_id);
+    }
+    drop(connections);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_watch_streams_on_a_hundred_tcp_connections_open_and_rotate() {
+    let broker = start_broker(Duration::from_secs(900)).await;
+    fleet_of_streams_opens_and_rotates(&broker.tcp, &broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_watch_streams_on_a_hundred_unix_connections_open_and_rotate() {
+    let broker = start_broker(Duration::from_secs(900)).await;
+    fleet_of_streams_opens_and_rotates(&broker.unix, &broker).await;
 }

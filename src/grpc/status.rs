@@ -50,16 +50,17 @@ pub enum BrokerError {
     /// HTTP only: a route that exists, with another method.
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
-    /// A long poll or WatchToken stream beyond the listener's share for
-    /// held requests (`server.held_requests_percent`): retry after the delay.
-    #[error("this listener holds its limit of {max} long polls and watch streams; retry shortly")]
+    /// A long poll or WatchToken stream that would make one more connection
+    /// hold beyond the listener's share (`server.held_requests_percent`):
+    /// retry after the delay, or on a connection that already holds one.
+    #[error("this listener has its limit of {max} connections holding long polls or watch streams; retry shortly")]
     HeldLimit { max: usize },
 }
 
 impl From<crate::serve::guard::HeldLimitReached> for BrokerError {
     fn from(limit: crate::serve::guard::HeldLimitReached) -> Self {
         BrokerError::HeldLimit {
-            max: limit.max_held_requests,
+            max: limit.max_held_connections,
         }
     }
 }

@@ -9,11 +9,16 @@
 //! once per [`WARN_INTERVAL`] per listener.
 //!
 //! Held requests (a long poll, a WatchToken stream: open for minutes, so
-//! neither deadline ever takes their connection) may take only part of a
-//! listener's budget ([`hold`]); one beyond it is refused at once. When the
-//! budget is full, connections with no request open are closed
-//! (`reaped_under_pressure`) so that a new caller finds room: with held
-//! requests capped, a GetToken always gets a connection.
+//! neither deadline ever takes their connection) are counted by the
+//! connections they hold ([`hold`]): a connection takes one slot of the
+//! listener's held share from its first held request until its last one
+//! ends, however many streams it multiplexes (`max_concurrent_streams`
+//! bounds those per connection). A held request that would make one more
+//! connection hold beyond the share is refused at once. When the budget is
+//! full, connections with no request open are closed
+//! (`reaped_under_pressure`) so that a new caller finds room: with holding
+//! connections capped, a GetToken always gets a connection, and 10,000
+//! WatchToken streams on 100 connections take 100 slots, not 10,000.
 //!
 //! [`Guarded`] wraps each accepted socket; [`StreamTrackingLayer`] tells
 //! it when requests start and end.
@@ -52,14 +57,15 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
     /// Concurrent streams per HTTP/2 connection (advertised in SETTINGS).
     pub max_concurrent_streams: u32,
-    /// Share of `max_connections` that held requests may use, in percent.
+    /// Share of `max_connections` that connections holding requests may
+    /// use, in percent.
     pub held_requests_percent: u8,
 }
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
-            max_connections: 1024,
+            max_connections: 16_384,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_concurrent_streams: 1024,
@@ -69,8 +75,9 @@ impl Default for ConnectionLimits {
 }
 
 impl ConnectionLimits {
-    /// Held requests one listener admits at once (at least one).
-    pub fn max_held_requests(&self) -> usize {
+    /// Connections with held requests open that one listener admits at
+    /// once (at least one).
+    pub fn max_held_connections(&self) -> usize {
         (self.max_connections * usize::from(self.held_requests_percent) / 100).max(1)
     }
 }
@@ -126,6 +133,16 @@ pub struct Activity {
     accepted: Instant,
     /// Nanoseconds after `accepted` at which the last request ended.
     idle_since: AtomicU64,
+    /// Held requests open on the connection, and the slot of the
+    /// listener's held share it takes while there is at least one. Locked
+    /// only when a held request begins or ends, never per call.
+    held: Mutex<HeldSlot>,
+}
+
+#[derive(Debug, Default)]
+struct HeldSlot {
+    open: usize,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Activity {
@@ -137,6 +154,7 @@ impl Activity {
             awaiting_first,
             accepted,
             idle_since: AtomicU64::new(0),
+            held: Mutex::new(HeldSlot::default()),
         }
     }
 
@@ -196,7 +214,8 @@ pub struct ListenerGuard {
     /// Open connections that have not begun a request yet.
     awaiting_first: Arc<AtomicUsize>,
     budget: Arc<Semaphore>,
-    /// Held requests open (long polls, WatchToken streams).
+    /// Connections with held requests open (long polls, WatchToken
+    /// streams): one permit per such connection.
     held: Arc<Semaphore>,
     /// Cancelled (and replaced) when the budget is full: idle connections
     /// close to make room.
@@ -219,7 +238,7 @@ impl ListenerGuard {
         Arc::new(Self {
             labels: ListenerLabels { listener: name },
             budget: Arc::new(Semaphore::new(limits.max_connections)),
-            held: Arc::new(Semaphore::new(limits.max_held_requests())),
+            held: Arc::new(Semaphore::new(limits.max_held_connections())),
             reap: Mutex::new((CancellationToken::new(), Arc::new(AtomicBool::new(false)))),
             awaiting_first: Arc::new(AtomicUsize::new(0)),
             limits,
@@ -325,44 +344,57 @@ impl ListenerGuard {
         }
     }
 
-    /// A slot for one held request, unless the listener's share for them
-    /// is taken (counted, and logged once per burst).
-    fn hold(self: &Arc<Self>) -> Result<HeldRequest, HeldLimitReached> {
-        match self.held.clone().try_acquire_owned() {
-            Ok(permit) => {
-                self.metrics.held_requests.get_or_create(&self.labels).inc();
-                Ok(HeldRequest {
-                    listener: self.clone(),
-                    _permit: permit,
-                })
-            }
-            Err(_) => {
-                self.metrics.held_requests_refused.get_or_create(&self.labels).inc();
-                if self.warn_due(Warning::HeldLimit) {
-                    warn!(listener = %self.labels.listener, max_held_requests = self.limits.max_held_requests(),
-                          "held requests limit reached; new long polls and WatchToken streams are refused for now");
-                }
-                Err(HeldLimitReached {
-                    max_held_requests: self.limits.max_held_requests(),
-                })
-            }
+    /// Counts one more held request on `activity`'s connection. The
+    /// connection's first takes a slot of the held share, unless the share
+    /// is taken (counted, and logged once per burst); later ones on the same
+    /// connection share that slot.
+    fn hold(self: &Arc<Self>, activity: &Arc<Activity>) -> Result<HeldRequest, HeldLimitReached> {
+        let mut slot = activity.held.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.open == 0 {
+            let Ok(permit) = self.held.clone().try_acquire_owned() else {
+                drop(slot);
+                return Err(self.held_limit_reached());
+            };
+            slot.permit = Some(permit);
+            self.metrics.held_connections.get_or_create(&self.labels).inc();
         }
+        slot.open += 1;
+        self.metrics.held_requests.get_or_create(&self.labels).inc();
+        Ok(HeldRequest {
+            listener: self.clone(),
+            activity: activity.clone(),
+        })
+    }
+
+    fn held_limit_reached(&self) -> HeldLimitReached {
+        self.metrics.held_requests_refused.get_or_create(&self.labels).inc();
+        let max_held_connections = self.limits.max_held_connections();
+        if self.warn_due(Warning::HeldLimit) {
+            warn!(listener = %self.labels.listener, max_held_connections,
+                  "held connections limit reached; new long polls and WatchToken streams on other connections are refused for now");
+        }
+        HeldLimitReached { max_held_connections }
     }
 }
 
-/// One held request's slot, given back when dropped.
+/// One held request, counted on its connection until dropped; the last
+/// one of a connection gives the connection's slot back.
 pub struct HeldRequest {
     listener: Arc<ListenerGuard>,
-    _permit: OwnedSemaphorePermit,
+    activity: Arc<Activity>,
 }
 
 impl Drop for HeldRequest {
     fn drop(&mut self) {
-        self.listener
-            .metrics
-            .held_requests
-            .get_or_create(&self.listener.labels)
-            .dec();
+        let metrics = &self.listener.metrics;
+        let labels = &self.listener.labels;
+        metrics.held_requests.get_or_create(labels).dec();
+        let mut slot = self.activity.held.lock().unwrap_or_else(|p| p.into_inner());
+        slot.open -= 1;
+        if slot.open == 0 {
+            slot.permit = None;
+            metrics.held_connections.get_or_create(labels).dec();
+        }
     }
 }
 
@@ -374,20 +406,21 @@ impl std::fmt::Debug for HeldRequest {
     }
 }
 
-/// The listener's share for held requests is taken: answer at once with
-/// RESOURCE_EXHAUSTED / 429 and [`HELD_RETRY_DELAY`].
+/// The listener's share for holding connections is taken: answer at once
+/// with RESOURCE_EXHAUSTED / 429 and [`HELD_RETRY_DELAY`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeldLimitReached {
-    pub max_held_requests: usize,
+    pub max_held_connections: usize,
 }
 
-/// Takes a slot for a held request (a long poll, a WatchToken stream) on
-/// the listener the request arrived on; keep it for as long as the
-/// request is held. A request from no guarded listener (an in-process
-/// test server) is not limited.
+/// Counts a held request (a long poll, a WatchToken stream) on the
+/// connection it arrived on; keep it for as long as the request is held.
+/// Refused only when it is its connection's first held request and the
+/// listener's share of holding connections is taken. A request from no
+/// guarded listener (an in-process test server) is not limited.
 pub fn hold(extensions: &http::Extensions) -> Result<Option<HeldRequest>, HeldLimitReached> {
     match request_connection(extensions) {
-        Some((_, listener)) => listener.hold().map(Some),
+        Some((activity, listener)) => listener.hold(activity).map(Some),
         None => Ok(None),
     }
 }

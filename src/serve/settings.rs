@@ -38,10 +38,12 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Concurrent streams per HTTP/2 connection.
     pub max_concurrent_streams: u32,
-    /// Share of each listener's `max_connections` that held requests (long
-    /// polls, WatchToken streams) may take, in percent; one beyond it is
-    /// refused at once (RESOURCE_EXHAUSTED / 429), so a GetToken always
-    /// finds room.
+    /// Share of each listener's `max_connections` that connections holding
+    /// requests (long polls, WatchToken streams) may take, in percent. A
+    /// connection counts once from its first held request to its last,
+    /// however many it multiplexes; a held request that would make one
+    /// more connection hold beyond the share is refused at once
+    /// (RESOURCE_EXHAUSTED / 429), so a GetToken always finds room.
     pub held_requests_percent: u8,
     /// TLS (and optionally mTLS) for every TCP listener; `None`: plaintext.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -56,7 +58,7 @@ impl Default for ServerConfig {
             unix_socket_group: String::new(),
             shutdown_grace: Duration::from_secs(10),
             request_wait: Duration::from_secs(30),
-            max_connections: 1024,
+            max_connections: 16_384,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_concurrent_streams: 1024,
