@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use flute_token_broker::client;
 use flute_token_broker::config::Config;
 use flute_token_broker::daemon;
-use flute_token_broker::grpc::pb::{self, watch_token_response::Update};
 use flute_token_broker::serve::listen::ListenAddr;
+use flute_token_broker::wire::pb::{self, watch_token_response::Update};
 use tokio_stream::StreamExt;
 
 const SANDBOX: i32 = pb::Environment::Sandbox as i32;
@@ -95,18 +95,19 @@ async fn unix_server(
     broker: &daemon::RunningBroker,
     adapter: bool,
 ) -> tokio::task::JoinHandle<()> {
+    use flute_token_broker::broker::Core;
     use flute_token_broker::grpc::TokenBrokerService;
-    use flute_token_broker::grpc::pb::token_broker_server::TokenBrokerServer;
     use flute_token_broker::serve::guard::{ConnectionLimits, ListenerGuard, incoming};
     use flute_token_broker::serve::unix_authority::UnixAuthorityListener;
-    let service = TokenBrokerService::new(
+    use flute_token_broker::wire::pb::token_broker_server::TokenBrokerServer;
+    let service = TokenBrokerService::new(Core::new(
         broker.sources.clone(),
         tokio_util::sync::CancellationToken::new(),
         tokio_util::task::TaskTracker::new(),
         broker.metrics.clone(),
         Duration::from_secs(30),
         Default::default(),
-    );
+    ));
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
     let guard = ListenerGuard::new(
         path.display().to_string(),

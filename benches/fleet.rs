@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use flute_token_broker::client;
 use flute_token_broker::emulator::{Emulator, EmulatorConfig};
-use flute_token_broker::grpc::pb;
+use flute_token_broker::wire::pb;
 use tokio::process::{Child, Command};
 use tokio_stream::StreamExt;
 

@@ -14,12 +14,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::accounts;
 use crate::admin::AdminConfig;
 use crate::credentials::{CredentialTable, DEFAULT_POLL_INTERVAL, KeySource};
 use crate::environment::Environment;
-use crate::grpc::access::{self, AccessPolicy};
 use crate::logging::LogConfig;
 use crate::oauth::OAuthSettings;
+use crate::policy::AccessPolicy;
 use crate::serve::ServerConfig;
 use crate::sinks::SinkConfig;
 use crate::systemd::SystemdConfig;
@@ -97,9 +98,9 @@ pub struct EnvironmentConfig {
     pub upstream: Vec<String>,
     /// Unix users (names or uids) that may get this environment's tokens;
     /// with `allowed_unix_groups` empty too, anyone who reaches a listener may.
-    #[serde(with = "access::user_ids")]
+    #[serde(with = "accounts::user_ids")]
     pub allowed_unix_users: Vec<u32>,
-    #[serde(with = "access::group_ids")]
+    #[serde(with = "accounts::group_ids")]
     pub allowed_unix_groups: Vec<u32>,
     /// Client certificates (mutual TLS on TCP) that may get this
     /// environment's tokens, by URI SAN (`spiffe://…`) or DNS SAN; needs

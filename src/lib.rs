@@ -6,7 +6,9 @@
 //! the invariants every change keeps.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod admin;
+pub mod broker;
 pub mod certs;
 pub mod cli;
 pub mod client;
@@ -20,10 +22,13 @@ pub mod environment;
 pub mod exit;
 pub mod fingerprint;
 pub mod grpc;
+pub mod identity;
 pub mod logging;
 pub mod metrics;
 pub mod oauth;
+pub mod policy;
 pub mod proxy;
+pub mod rpc_status;
 pub mod serve;
 pub mod settings;
 pub mod sinks;
@@ -33,6 +38,7 @@ pub mod tls_roots;
 pub mod token;
 pub mod token_text;
 pub mod upstream;
+pub mod wire;
 
 pub use environment::Environment;
 

@@ -27,10 +27,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::Environment;
-use crate::grpc::access::resolve_group;
-use crate::grpc::pb;
+use crate::accounts::resolve_group;
 use crate::token::{Snapshot, TokenSources};
 use crate::token_text::{self, TokenFormat};
+use crate::wire::pb;
 
 /// A failed write is tried again after this long (or at the next rotation).
 const RETRY_AFTER: Duration = Duration::from_secs(5);

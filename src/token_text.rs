@@ -3,7 +3,7 @@
 //! on the wire form of a token (`pb::Token`).
 
 use crate::Environment;
-use crate::grpc::pb;
+use crate::wire::pb;
 
 /// How `get` prints the token and a `[[sinks]]` file holds it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]

@@ -21,11 +21,11 @@ use tonic::transport::Channel;
 use crate::certs::client::ClientTls;
 use crate::dial::{ClientTlsFiles, ConnectError, Target};
 use crate::environment::Environment;
-use crate::grpc::pb::token_broker_client::TokenBrokerClient;
-use crate::grpc::pb::{self, watch_token_response};
-use crate::grpc::{duration_from_pb, pb_duration};
 use crate::oauth::ErrorClass;
 use crate::token::{Failure, Following, Received, Update, Upstream};
+use crate::wire::pb::token_broker_client::TokenBrokerClient;
+use crate::wire::pb::{self, watch_token_response};
+use crate::wire::{duration_from_pb, pb_duration};
 
 /// `[upstream]`: how an agent reaches its hub brokers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -436,7 +436,7 @@ fn update_from_pb(message: pb::WatchTokenResponse, env: Environment) -> Result<U
 /// error never quotes the token.
 fn received_from_pb(token: Option<pb::Token>, env: Environment) -> Result<Received, String> {
     let token = token.ok_or("an answer without a token")?;
-    if crate::grpc::environment_from_pb(token.environment) != Some(env) {
+    if crate::wire::environment_from_pb(token.environment) != Some(env) {
         return Err(format!(
             "a token for environment {} (asked for {env})",
             token.environment
@@ -479,7 +479,7 @@ fn received_from_pb(token: Option<pb::Token>, env: Environment) -> Result<Receiv
 mod tests {
     use super::{UpstreamAddr, UpstreamSettings, received_from_pb};
     use crate::Environment;
-    use crate::grpc::pb;
+    use crate::wire::pb;
     use std::time::Duration;
 
     /// A hub's answer: a 900 s token with sub-second instants, served 880 s more.

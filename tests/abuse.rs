@@ -8,7 +8,7 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
-use flute_token_broker::grpc::pb;
+use flute_token_broker::wire::pb;
 use support::{CLIENT_ID, CLIENT_SECRET, start_emulator};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -12,9 +12,9 @@ use std::time::Duration;
 use flute_token_broker::Environment;
 use flute_token_broker::certs::CertificateInfo;
 use flute_token_broker::config::Config;
-use flute_token_broker::grpc::pb;
 use flute_token_broker::serve::listen::ListenAddr;
 use flute_token_broker::serve::tls::ServerTlsFiles;
+use flute_token_broker::wire::pb;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SerialNumber};
 use support::start_broker_with;
 

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use flute_token_broker::Environment;
 use flute_token_broker::emulator::FaultRequest;
-use flute_token_broker::grpc::pb::{self, watch_token_response::Update};
+use flute_token_broker::wire::pb::{self, watch_token_response::Update};
 use support::{start_broker, start_broker_with};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -32,7 +32,7 @@ fn reason(status: &tonic::Status) -> String {
     let info = details
         .error_info()
         .unwrap_or_else(|| panic!("no ErrorInfo on {status:?}"));
-    assert_eq!(info.domain, flute_token_broker::grpc::ERROR_DOMAIN);
+    assert_eq!(info.domain, flute_token_broker::rpc_status::ERROR_DOMAIN);
     info.reason.clone()
 }
 

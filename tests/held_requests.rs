@@ -12,7 +12,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use flute_token_broker::grpc::pb;
+use flute_token_broker::wire::pb;
 use support::start_broker;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use flute_token_broker::Environment;
 use flute_token_broker::emulator::FaultRequest;
-use flute_token_broker::grpc::{http, pb};
+use flute_token_broker::grpc::http;
+use flute_token_broker::wire::pb;
 use prost_reflect::DescriptorPool;
 use serde_json::Value as Json;
 use support::{next_token, open_watch, start_broker, start_broker_with};

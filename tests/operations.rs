@@ -15,7 +15,7 @@ use flute_token_broker::config::Config;
 use flute_token_broker::credentials::CredentialTable;
 use flute_token_broker::daemon;
 use flute_token_broker::emulator::FaultRequest;
-use flute_token_broker::grpc::pb;
+use flute_token_broker::wire::pb;
 use support::{
     CLIENT_ID, CLIENT_SECRET, LogCapture, http_client, next_outage, next_token, start_broker_with, start_emulator,
 };

@@ -6,7 +6,7 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
-use flute_token_broker::grpc::pb::{self, watch_token_response::Update};
+use flute_token_broker::wire::pb::{self, watch_token_response::Update};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_stream::StreamExt;

@@ -151,7 +151,7 @@ fn leak_forms(secrets: &[String]) -> Vec<String> {
 /// message, a WatchToken outage reason, GetStatus or the CLI.
 #[tokio::test(flavor = "current_thread")]
 async fn an_endpoint_echoing_the_request_leaks_nothing() {
-    use flute_token_broker::grpc::pb;
+    use flute_token_broker::wire::pb;
     use support::{next_outage, next_token, open_watch, start_broker_with};
 
     let logs = LogCapture::default();

@@ -9,7 +9,7 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
-use flute_token_broker::grpc::pb::{self, watch_token_response::Update};
+use flute_token_broker::wire::pb::{self, watch_token_response::Update};
 use support::{CLIENT_ID, CLIENT_SECRET, start_emulator};
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixDatagram;

@@ -578,9 +578,11 @@ async fn short_lived_tokens_are_never_served_expired(kind: Kind) {
 /// deadline, while the call is still in flight.
 #[tokio::test(start_paused = true)]
 async fn a_hanging_refresh_does_not_hold_back_published_state() {
-    use flute_token_broker::grpc::pb::token_broker_server::TokenBroker;
-    use flute_token_broker::grpc::{TokenBrokerService, health, pb};
+    use flute_token_broker::broker::Core;
+    use flute_token_broker::grpc::{TokenBrokerService, health};
     use flute_token_broker::token::TokenSources;
+    use flute_token_broker::wire::pb;
+    use flute_token_broker::wire::pb::token_broker_server::TokenBroker;
     use tokio_stream::StreamExt;
     use tonic_health::pb::health_server::Health;
 
@@ -598,14 +600,14 @@ async fn a_hanging_refresh_does_not_hold_back_published_state() {
     let not_draining = tokio_util::sync::CancellationToken::new();
     tokio::spawn(health::report(reporter.clone(), sources.clone(), not_draining.clone()));
     let health = tonic_health::server::HealthService::from_health_reporter(reporter);
-    let service = TokenBrokerService::new(
+    let service = TokenBrokerService::new(Core::new(
         sources,
         not_draining,
         Default::default(),
         metrics,
         secs(30),
         Default::default(),
-    );
+    ));
     let sandbox = pb::Environment::Sandbox as i32;
 
     let mut updates = service

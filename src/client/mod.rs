@@ -13,9 +13,9 @@ use crate::dial::ConnectError;
 pub use crate::dial::Target;
 use crate::environment::Environment;
 use crate::exit;
-use crate::grpc::pb::token_broker_client::TokenBrokerClient;
-use crate::grpc::pb::{self, watch_token_response::Update};
 use crate::token_text::{self, TokenFormat, ts};
+use crate::wire::pb::token_broker_client::TokenBrokerClient;
+use crate::wire::pb::{self, watch_token_response::Update};
 
 /// The address `serve --dev` listens on.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
@@ -69,7 +69,8 @@ impl ClientError {
     /// Classifies a Status by the broker's ErrorInfo reason; a Status
     /// without one (from the transport, or another server) by its code.
     pub fn from_status(addr: &str, status: tonic::Status) -> Self {
-        use crate::grpc::{ERROR_DOMAIN, reason};
+        use crate::broker::reason;
+        use crate::rpc_status::ERROR_DOMAIN;
         use tonic_types::StatusExt;
         let message = status.message().to_owned();
         let details = status.get_error_details();
@@ -157,7 +158,7 @@ pub async fn fetch(
     let mut client = connect_to(target).await?;
     let mut request = tonic::Request::new(pb::GetTokenRequest {
         environment: pb_env(env),
-        min_remaining: min_remaining.map(crate::grpc::pb_duration),
+        min_remaining: min_remaining.map(crate::wire::pb_duration),
     });
     request.set_timeout(timeout);
     Ok(client

@@ -208,7 +208,7 @@ impl Broker {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health::set_not_serving(&health_reporter, &sources).await;
         let access = config.enabled().map(|(env, e)| (env, e.access())).collect();
-        let service = TokenBrokerService::new(
+        let core = crate::broker::Core::new(
             sources.clone(),
             draining.clone(),
             streams.clone(),
@@ -217,6 +217,7 @@ impl Broker {
             access,
         )
         .with_certificates(rotation.clone());
+        let service = TokenBrokerService::new(core.clone());
         let api =
             crate::grpc::face(service.clone(), health_service).map_err(|e| DaemonError::Reflection(e.to_string()))?;
 
@@ -232,7 +233,7 @@ impl Broker {
         if !proxy_bound.is_empty() {
             let mut faces = std::collections::BTreeMap::new();
             for (env, e) in config.enabled().filter(|(_, e)| e.proxy.is_enabled()) {
-                let proxy = crate::proxy::Proxy::new(env, &e.proxy, service.clone(), &roots, metrics.clone())?;
+                let proxy = crate::proxy::Proxy::new(env, &e.proxy, core.clone(), &roots, metrics.clone())?;
                 info!(environment = %env, api = e.proxy.api_url(env), "proxying the Flute API");
                 faces.insert(env, proxy.face());
             }

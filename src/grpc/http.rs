@@ -23,12 +23,13 @@ use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 
-use super::access::Caller;
+use super::MAX_REQUEST_BYTES;
 use super::service::{Protocol, Rpc, TokenBrokerService};
-use super::status::BrokerError;
-use super::{MAX_REQUEST_BYTES, pb};
+use crate::broker::BrokerError;
 use crate::environment::Environment;
+use crate::identity::Caller;
 use crate::token::{Snapshot, Token, TokenSourceHandle};
+use crate::wire::pb;
 
 /// The routes, as the API configuration's HTTP rules declare them.
 pub const GET_TOKEN: &str = "/v1/environments/{environment}/token";
@@ -155,7 +156,11 @@ async fn get_token(
     // first await (the request body is not Sync): the one access check,
     // and a long poll's held-request slot.
     let admitted = environment(&env)
-        .and_then(|env| service.authorize(env, &Caller::from_extensions(request.extensions())))
+        .and_then(|env| {
+            service
+                .core()
+                .authorize(env, &Caller::from_extensions(request.extensions()))
+        })
         .and_then(|source| {
             let long_poll = query.get("wait_for_change").is_some_and(|v| v == "true");
             let held = match long_poll {
@@ -175,7 +180,8 @@ async fn get_token(
             wait_for_change(&service, &source, &query).await?;
         }
         service
-            .get_token(&source, min_remaining, || service.request_wait())
+            .core()
+            .get_token(&source, min_remaining, || service.core().request_wait())
             .await
     }
     .await;
@@ -217,7 +223,7 @@ async fn wait_for_change(
     tokio::select! {
         _ = changed => {}
         _ = tokio::time::sleep(timeout) => {}
-        _ = service.draining().cancelled() => {}
+        _ = service.core().draining().cancelled() => {}
     }
     Ok(())
 }
@@ -231,7 +237,11 @@ async fn refresh_token(
         return refused.into_response();
     }
     let admitted = environment(&env)
-        .and_then(|env| service.authorize(env, &Caller::from_extensions(request.extensions())))
+        .and_then(|env| {
+            service
+                .core()
+                .authorize(env, &Caller::from_extensions(request.extensions()))
+        })
         .cloned();
     let result = async {
         let source = admitted?;
@@ -243,7 +253,8 @@ async fn refresh_token(
             })?;
         let request: pb::RefreshTokenRequest = from_json("RefreshTokenRequest", &body)?;
         service
-            .refresh_token(&source, &request.rejected_token_id, service.request_wait())
+            .core()
+            .refresh_token(&source, &request.rejected_token_id, service.core().request_wait())
             .await
     }
     .await;
@@ -259,7 +270,7 @@ async fn get_status(State(service): State<TokenBrokerService>, request: Request)
         return refused.into_response();
     }
     let caller = Caller::from_extensions(request.extensions());
-    let reply = service.status(&caller);
+    let reply = service.core().status(&caller);
     service.count::<()>(Protocol::Http, Rpc::GetStatus, &Ok(()));
     let mut response = json("GetStatusResponse", &reply).into_response();
     no_store(response.headers_mut());
@@ -333,11 +344,11 @@ impl FixedPart {
         field("tokenType", &token.token_type);
         field(
             "issuedAt",
-            &json_timestamp(&super::unix_timestamp(token.issued_at_unix)),
+            &json_timestamp(&crate::wire::unix_timestamp(token.issued_at_unix)),
         );
         field(
             "expiresAt",
-            &json_timestamp(&super::unix_timestamp(token.expires_at_unix)),
+            &json_timestamp(&crate::wire::unix_timestamp(token.expires_at_unix)),
         );
         field("environment", pb::Environment::from(token.environment).as_str_name());
         field("tokenId", &token.token_id);
@@ -367,7 +378,7 @@ fn token_response_json_and_etag(token: &Token, now: tokio::time::Instant) -> (St
             }
         };
         let fixed = &cache[at];
-        let serve_for = super::status::json_duration(token.serve_until.saturating_duration_since(now));
+        let serve_for = crate::rpc_status::json_duration(token.serve_until.saturating_duration_since(now));
         let mut out = String::with_capacity(fixed.json.len() + serve_for.len() + 16);
         out.push_str(&fixed.json);
         out.push_str(",\"serveFor\":\"");
@@ -484,7 +495,7 @@ mod tests {
                 Duration::from_secs(5),
             );
             let reply = pb::GetTokenResponse {
-                token: Some(super::super::pb_token(&token, now)),
+                token: Some(crate::wire::pb_token(&token, now)),
             };
             let expected = String::from_utf8(json("GetTokenResponse", &reply).0).unwrap();
             assert_eq!(token_response_json(&token, now), expected);

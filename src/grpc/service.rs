@@ -1,74 +1,36 @@
-//! The TokenBroker service. GetToken answers from the source's watch channel
-//! (no lock a refresh holds, no I/O); anything that needs the token endpoint
-//! goes through the source's coalesced request path, bounded by the call's
-//! deadline.
+//! The TokenBroker gRPC service: each call translated into the core's
+//! ([`crate::broker::Core`]) and its answer (or [`BrokerError`], through
+//! [`crate::rpc_status`]) back into the contract's messages; calls counted
+//! by protocol, method and code.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::Stream;
-use tokio::sync::watch;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tokio_util::task::task_tracker::TaskTrackerToken;
+use futures_util::StreamExt;
+use prometheus_client::metrics::counter::Counter;
 use tonic::{Request, Response, Status};
 
-use super::access::{AccessPolicy, Caller};
-use super::pb::token_broker_server::TokenBroker;
-use super::pb::{self, watch_token_response::Update};
-use super::status::{BrokerError, code_label};
-use super::{duration_from_pb, timestamp, wall_time};
+use crate::broker::{BrokerError, Core, WatchStream};
 use crate::environment::Environment;
+use crate::identity::Caller;
 use crate::metrics::{GrpcLabels, Metrics};
-use crate::serve::guard::HeldRequest;
-use crate::token::{RefreshError, Snapshot, SourceState, Token, TokenSourceHandle, TokenSources};
-use prometheus_client::metrics::counter::Counter;
-use std::collections::BTreeMap;
-use std::future::Future;
+use crate::rpc_status::code_label;
+use crate::wire::pb::token_broker_server::TokenBroker;
+use crate::wire::{self, duration_from_pb, pb};
 
-/// Longest accepted `rejected_token_id`.
-const MAX_TOKEN_ID_LEN: usize = 128;
-
+/// The gRPC face's service: the core, and the counters of its answers.
 #[derive(Clone)]
 pub struct TokenBrokerService {
-    sources: Arc<TokenSources>,
-    /// Cancelled once the listeners stopped and every connection has GOAWAY:
-    /// every WatchToken stream ends with UNAVAILABLE / SHUTTING_DOWN and a
-    /// zero retry delay, so clients reconnect at once (to the successor).
-    /// Unary calls are still answered from the tokens held.
-    draining: CancellationToken,
-    /// Every open WatchToken stream holds a token of this tracker, so that
-    /// shutdown can wait for them to end.
-    streams: TaskTracker,
+    core: Core,
     metrics: Arc<Metrics>,
-    /// Longest wait for a token when the caller's deadline is longer or unset.
-    request_wait: Duration,
-    /// Who may get which environment's tokens.
-    access: Arc<BTreeMap<Environment, AccessPolicy>>,
     /// `grpc_requests{code="OK"}` per protocol and method.
     ok_counters: Arc<[[Counter; 4]; 2]>,
-    /// The TLS material in use, shown by GetStatus.
-    certificates: Option<Arc<crate::certs::Rotation>>,
 }
 
 impl TokenBrokerService {
-    pub fn new(
-        sources: Arc<TokenSources>,
-        draining: CancellationToken,
-        streams: TaskTracker,
-        metrics: Arc<Metrics>,
-        request_wait: Duration,
-        access: BTreeMap<Environment, AccessPolicy>,
-    ) -> Self {
+    pub fn new(core: Core) -> Self {
+        let metrics = core.metrics().clone();
         Self {
-            sources,
-            draining,
-            streams,
-            request_wait,
-            access: Arc::new(access),
             ok_counters: Arc::new([Protocol::Grpc, Protocol::Http].map(|protocol| {
                 Rpc::ALL.map(|method| {
                     metrics
@@ -82,24 +44,13 @@ impl TokenBrokerService {
                 })
             })),
             metrics,
-            certificates: None,
+            core,
         }
     }
 
-    /// GetStatus shows the certificates of `rotation` with their expiry.
-    pub fn with_certificates(mut self, rotation: Arc<crate::certs::Rotation>) -> Self {
-        self.certificates = Some(rotation);
-        self
-    }
-
-    /// The source of `env`, if it is enabled and `caller` may use it: the
-    /// one access check of a request (a long poll included).
-    pub(crate) fn authorize(&self, env: Environment, caller: &Caller) -> Result<&TokenSourceHandle, BrokerError> {
-        let source = self.sources.get(env).ok_or(BrokerError::EnvironmentNotEnabled(env))?;
-        if !self.allows(env, caller) {
-            return Err(BrokerError::PermissionDenied(env));
-        }
-        Ok(source)
+    /// The core this face serves.
+    pub fn core(&self) -> &Core {
+        &self.core
     }
 
     /// How long this call may wait: the server's limit, or a little less
@@ -110,11 +61,10 @@ impl TokenBrokerService {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout);
+        let request_wait = self.core.request_wait();
         match client {
-            Some(d) => self
-                .request_wait
-                .min(d.saturating_sub((d / 10).min(Duration::from_millis(50)))),
-            None => self.request_wait,
+            Some(d) => request_wait.min(d.saturating_sub((d / 10).min(Duration::from_millis(50)))),
+            None => request_wait,
         }
     }
 
@@ -135,137 +85,17 @@ impl TokenBrokerService {
                 .get_or_create(&GrpcLabels {
                     protocol: protocol.label(),
                     method: rpc.name(),
-                    code: code_label(error.code()),
+                    code: code_label(crate::rpc_status::code(error)),
                 })
                 .inc(),
         };
-    }
-
-    /// Longest wait for a token when the caller sets no deadline.
-    pub(crate) fn request_wait(&self) -> Duration {
-        self.request_wait
-    }
-
-    /// Cancelled when the broker starts draining (long polls answer then).
-    pub(crate) fn draining(&self) -> &CancellationToken {
-        &self.draining
-    }
-
-    /// GetToken: the current token, or (with `min_remaining`, or before the
-    /// first token) one from the source's coalesced request path, waited for
-    /// at most `wait()` (worked out only when the call has to wait).
-    pub(crate) async fn get_token(
-        &self,
-        source: &TokenSourceHandle,
-        min_remaining: Option<Duration>,
-        wait: impl FnOnce() -> Duration,
-    ) -> Result<Served, BrokerError> {
-        let min_remaining = min_remaining.unwrap_or_default();
-        // The hot path: one clock read for the check and the answer.
-        let now = Instant::now();
-        if let Some(token) = source.current_at(now).filter(|t| t.remaining(now) >= min_remaining) {
-            return Ok(Served { token, at: now });
-        }
-        let env = source.environment();
-        let wait = wait();
-        if source.snapshot().state() == SourceState::Starting {
-            tokio::time::timeout(wait, source.started())
-                .await
-                .map_err(|_| BrokerError::DeadlineExceeded(env))?;
-        }
-        let token = if min_remaining.is_zero() {
-            source.current().ok_or_else(|| no_valid_token(source))?
-        } else {
-            within(env, wait, source.token_with_remaining(min_remaining)).await?
-        };
-        Ok(Served {
-            token,
-            at: Instant::now(),
-        })
-    }
-
-    /// RefreshToken: a token other than the one the API rejected.
-    pub(crate) async fn refresh_token(
-        &self,
-        source: &TokenSourceHandle,
-        rejected_token_id: &str,
-        wait: Duration,
-    ) -> Result<Arc<Token>, BrokerError> {
-        let id = rejected_token_id.trim();
-        if id.is_empty() || id.len() > MAX_TOKEN_ID_LEN {
-            let message = format!("must be the token_id of the rejected token (1 to {MAX_TOKEN_ID_LEN} characters)");
-            return Err(BrokerError::InvalidArgument {
-                field: "rejected_token_id",
-                message,
-            });
-        }
-        within(source.environment(), wait, source.replace_rejected(id)).await
-    }
-
-    /// Every enabled environment; those the caller may not get tokens of
-    /// are listed as restricted, without details.
-    pub(crate) fn status(&self, caller: &Caller) -> pb::GetStatusResponse {
-        let environments = self
-            .sources
-            .iter()
-            .map(|source| match self.allows(source.environment(), caller) {
-                true => environment_status(source),
-                false => pb::EnvironmentStatus {
-                    environment: pb::Environment::from(source.environment()) as i32,
-                    state: pb::State::Restricted as i32,
-                    ..Default::default()
-                },
-            })
-            .collect();
-        let certificates = self
-            .certificates
-            .iter()
-            .flat_map(|rotation| rotation.in_use())
-            .map(|cert| pb::CertificateStatus {
-                role: cert.role.to_owned(),
-                subject: cert.certificate.subject.clone(),
-                serial: cert.certificate.serial.clone(),
-                not_after: Some(prost_types::Timestamp::from(cert.certificate.not_after)),
-            })
-            .collect();
-        pb::GetStatusResponse {
-            environments,
-            certificates,
-        }
-    }
-
-    fn allows(&self, env: Environment, caller: &Caller) -> bool {
-        self.access.get(&env).is_none_or(|policy| policy.allows(caller))
-    }
-
-    /// WatchToken on an authorized source, holding one of its listener's
-    /// held-request slots for as long as the stream lives.
-    fn watch(&self, source: &TokenSourceHandle, held: Option<HeldRequest>) -> WatchStream {
-        let state = WatchState {
-            _held: held,
-            environment: source.environment(),
-            snapshots: source.subscribe(),
-            draining: self.draining.clone(),
-            _tracked: self.streams.token(),
-            last: None,
-            done: false,
-            _open: OpenStream::new(self.metrics.clone()),
-        };
-        Box::pin(futures_util::stream::unfold(state, WatchState::next))
     }
 }
 
 /// The environment a gRPC request names (the one place a `pb::Environment`
 /// becomes an [`Environment`]).
-/// A token GetToken hands out, and the instant it was found servable at
-/// (its `serve_for` counts from there).
-pub(crate) struct Served {
-    pub(crate) token: Arc<Token>,
-    pub(crate) at: Instant,
-}
-
 fn requested(environment: i32) -> Result<Environment, BrokerError> {
-    super::environment_from_pb(environment).ok_or(BrokerError::UnspecifiedEnvironment)
+    wire::environment_from_pb(environment).ok_or(BrokerError::UnspecifiedEnvironment)
 }
 
 /// The protocol a call came in by, a label of `grpc_requests`.
@@ -276,7 +106,7 @@ pub(crate) enum Protocol {
 }
 
 impl Protocol {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Protocol::Grpc => "grpc",
             Protocol::Http => "http",
@@ -306,67 +136,6 @@ impl Rpc {
     }
 }
 
-/// A token from the source's request path, waited for at most `wait`.
-async fn within(
-    env: Environment,
-    wait: Duration,
-    request: impl Future<Output = Result<Arc<Token>, RefreshError>>,
-) -> Result<Arc<Token>, BrokerError> {
-    tokio::time::timeout(wait, request)
-        .await
-        .map_err(|_| BrokerError::DeadlineExceeded(env))?
-        .map_err(|error| BrokerError::from_refresh(env, error))
-}
-
-fn no_valid_token(source: &TokenSourceHandle) -> BrokerError {
-    let snapshot = source.snapshot();
-    BrokerError::NoValidToken {
-        environment: source.environment(),
-        reason: snapshot
-            .last_error
-            .map(|e| e.message.clone())
-            .unwrap_or_else(|| "no token has been issued yet".into()),
-        next_attempt: snapshot
-            .next_attempt
-            .map(|at| at.saturating_duration_since(Instant::now())),
-    }
-}
-
-fn environment_status(source: &TokenSourceHandle) -> pb::EnvironmentStatus {
-    let snapshot = source.snapshot();
-    let state = match snapshot.state() {
-        SourceState::Starting => pb::State::Starting,
-        SourceState::Ready => pb::State::Ready,
-        SourceState::Degraded => pb::State::Degraded,
-        SourceState::Unavailable => pb::State::Unavailable,
-    };
-    let stats = source.stats();
-    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let token = snapshot.token.as_ref();
-    pb::EnvironmentStatus {
-        environment: pb::Environment::from(source.environment()) as i32,
-        state: state as i32,
-        token_id: token.map(|t| t.token_id.clone()).unwrap_or_default(),
-        issued_at: token.map(|t| super::unix_timestamp(t.issued_at_unix)),
-        expires_at: token.map(|t| super::unix_timestamp(t.expires_at_unix)),
-        next_attempt_at: snapshot.next_attempt.map(|at| timestamp(wall_time(at))),
-        last_error: snapshot
-            .last_error
-            .as_ref()
-            .map(|e| e.message.clone())
-            .unwrap_or_default(),
-        last_error_at: snapshot.last_error.as_ref().map(|e| timestamp(e.at)),
-        consecutive_failures: snapshot.last_error.as_ref().map(|e| e.consecutive).unwrap_or(0),
-        counters: Some(pb::Counters {
-            token_endpoint_calls: load(&stats.endpoint_calls),
-            refreshes_succeeded: load(&stats.refreshes_ok),
-            refreshes_failed: load(&stats.refreshes_failed),
-            rotations: load(&stats.rotations),
-            early_refreshes: load(&stats.early_refreshes),
-        }),
-    }
-}
-
 /// Parses the `grpc-timeout` header: up to 8 digits and a unit (H M S m u n).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     let (unit, digits) = value.as_bytes().split_last()?;
@@ -385,96 +154,12 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchTokenResponse, Status>> + Send>>;
+/// A WatchToken stream as gRPC sends it.
+type GrpcWatchStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::WatchTokenResponse, Status>> + Send>>;
 
-/// What a watcher last saw: a token (by id) or an outage.
-#[derive(Clone, Debug, PartialEq)]
-enum View {
-    Token(String),
-    Outage(String, Option<Instant>),
-}
-
-/// Counts an open WatchToken stream for as long as it lives.
-struct OpenStream(Arc<Metrics>);
-
-impl OpenStream {
-    fn new(metrics: Arc<Metrics>) -> Self {
-        metrics.watch_streams.inc();
-        Self(metrics)
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.watch_streams.dec();
-    }
-}
-
-/// One WatchToken stream. It reads the watch channel at its own pace and
-/// only ever sees the latest state, so a slow reader holds nothing back.
-struct WatchState {
-    environment: crate::Environment,
-    snapshots: watch::Receiver<Snapshot>,
-    draining: CancellationToken,
-    _tracked: TaskTrackerToken,
-    /// The stream's slot among the listener's held requests.
-    _held: Option<HeldRequest>,
-    last: Option<View>,
-    done: bool,
-    _open: OpenStream,
-}
-
-impl WatchState {
-    async fn next(mut self) -> Option<(Result<pb::WatchTokenResponse, Status>, Self)> {
-        loop {
-            if self.done {
-                return None;
-            }
-            if let Some(update) = self.update() {
-                return Some((Ok(pb::WatchTokenResponse { update: Some(update) }), self));
-            }
-            let ended = tokio::select! {
-                biased;
-                _ = self.draining.cancelled() => true,
-                changed = self.snapshots.changed() => changed.is_err(),
-            };
-            if ended {
-                self.done = true;
-                return Some((Err(BrokerError::ShuttingDown.into()), self));
-            }
-        }
-    }
-
-    /// The update to send for the latest snapshot, if it differs from the last one sent.
-    fn update(&mut self) -> Option<Update> {
-        let snapshot = self.snapshots.borrow_and_update().clone();
-        let now = Instant::now();
-        let (view, update) = match snapshot.servable(now) {
-            Some(token) => (
-                View::Token(token.token_id.clone()),
-                Update::Token(token.as_ref().into()),
-            ),
-            None if snapshot.state() == SourceState::Starting => return None,
-            None => {
-                let reason = snapshot
-                    .last_error
-                    .as_ref()
-                    .map(|e| e.message.clone())
-                    .unwrap_or_else(|| "token expired".into());
-                let outage = pb::Outage {
-                    environment: pb::Environment::from(self.environment) as i32,
-                    reason: reason.clone(),
-                    next_attempt_at: snapshot.next_attempt.map(|at| timestamp(wall_time(at))),
-                };
-                (View::Outage(reason, snapshot.next_attempt), Update::Outage(outage))
-            }
-        };
-        if self.last.as_ref() == Some(&view) {
-            return None;
-        }
-        self.last = Some(view);
-        Some(update)
-    }
+fn grpc_stream(stream: WatchStream) -> GrpcWatchStream {
+    Box::pin(stream.map(|update| update.map_err(Status::from)))
 }
 
 #[tonic::async_trait]
@@ -482,7 +167,9 @@ impl TokenBroker for TokenBrokerService {
     async fn get_token(&self, request: Request<pb::GetTokenRequest>) -> Result<Response<pb::GetTokenResponse>, Status> {
         let result = async {
             let message = request.get_ref();
-            let source = self.authorize(requested(message.environment)?, &Caller::of(&request))?;
+            let source = self
+                .core
+                .authorize(requested(message.environment)?, &Caller::of(&request))?;
             let min_remaining = message
                 .min_remaining
                 .as_ref()
@@ -493,27 +180,29 @@ impl TokenBroker for TokenBrokerService {
                     })
                 })
                 .transpose()?;
-            let served =
-                TokenBrokerService::get_token(self, source, min_remaining, || self.wait_limit(&request)).await?;
+            let served = self
+                .core
+                .get_token(source, min_remaining, || self.wait_limit(&request))
+                .await?;
             Ok(pb::GetTokenResponse {
-                token: Some(super::pb_token(&served.token, served.at)),
+                token: Some(wire::pb_token(&served.token, served.at)),
             })
         }
         .await;
         self.finish(Rpc::GetToken, result)
     }
 
-    type WatchTokenStream = WatchStream;
+    type WatchTokenStream = GrpcWatchStream;
 
     async fn watch_token(
         &self,
         request: Request<pb::WatchTokenRequest>,
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
         let result = requested(request.get_ref().environment)
-            .and_then(|env| self.authorize(env, &Caller::of(&request)))
+            .and_then(|env| self.core.authorize(env, &Caller::of(&request)))
             .and_then(|source| {
                 let held = crate::serve::guard::hold(request.extensions())?;
-                Ok(self.watch(source, held))
+                Ok(grpc_stream(self.core.watch(source, held)))
             });
         self.finish(Rpc::WatchToken, result)
     }
@@ -524,10 +213,13 @@ impl TokenBroker for TokenBrokerService {
     ) -> Result<Response<pb::RefreshTokenResponse>, Status> {
         let result = async {
             let message = request.get_ref();
-            let source = self.authorize(requested(message.environment)?, &Caller::of(&request))?;
-            let token =
-                TokenBrokerService::refresh_token(self, source, &message.rejected_token_id, self.wait_limit(&request))
-                    .await?;
+            let source = self
+                .core
+                .authorize(requested(message.environment)?, &Caller::of(&request))?;
+            let token = self
+                .core
+                .refresh_token(source, &message.rejected_token_id, self.wait_limit(&request))
+                .await?;
             Ok(pb::RefreshTokenResponse {
                 token: Some(token.as_ref().into()),
             })
@@ -540,7 +232,7 @@ impl TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
-        self.finish(Rpc::GetStatus, Ok(self.status(&Caller::of(&request))))
+        self.finish(Rpc::GetStatus, Ok(self.core.status(&Caller::of(&request))))
     }
 }
 

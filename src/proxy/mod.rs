@@ -36,10 +36,10 @@ use tracing::debug;
 pub use settings::ProxyConfig;
 use target::{ApiBase, BadTarget};
 
+use crate::broker::{BrokerError, Core};
 use crate::environment::Environment;
-use crate::grpc::access::Caller;
-use crate::grpc::service::TokenBrokerService;
-use crate::grpc::status::{BrokerError, ERROR_DOMAIN, status_response};
+use crate::identity::Caller;
+use crate::rpc_status::{ERROR_DOMAIN, status_response};
 use crate::tls_roots::TrustRoots;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -53,7 +53,7 @@ pub const NOT_RETRIED_HEADER: &str = "flute-broker-not-retried";
 pub struct Proxy {
     environment: Environment,
     metrics: Arc<crate::metrics::Metrics>,
-    service: TokenBrokerService,
+    core: Core,
     base: ApiBase,
     client: UpstreamClient,
     settings: ProxyConfig,
@@ -72,7 +72,7 @@ impl Proxy {
     pub fn new(
         environment: Environment,
         settings: &ProxyConfig,
-        service: TokenBrokerService,
+        core: Core,
         roots: &TrustRoots,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Arc<Self>, ProxyError> {
@@ -85,7 +85,7 @@ impl Proxy {
         Ok(Arc::new(Self {
             environment,
             metrics,
-            service,
+            core,
             base,
             client: upstream_client(roots, open)?,
             settings: settings.clone(),
@@ -235,7 +235,7 @@ impl Proxy {
             Err(bad) => return (bad_target(bad), None),
         };
         let caller = Caller::from_extensions(&parts.extensions);
-        let source = match self.service.authorize(self.environment, &caller) {
+        let source = match self.core.authorize(self.environment, &caller) {
             Ok(source) => source,
             Err(refused) => return (broker_refusal(refused), None),
         };
@@ -247,8 +247,8 @@ impl Proxy {
         if declared.is_some_and(|n| n > self.settings.max_body_bytes as u64) {
             return (too_large(self.settings.max_body_bytes), None);
         }
-        let wait = self.service.request_wait();
-        let token = match self.service.get_token(source, None, || wait).await {
+        let wait = self.core.request_wait();
+        let token = match self.core.get_token(source, None, || wait).await {
             Ok(served) => served.token,
             Err(refused) => return (broker_refusal(refused), None),
         };
@@ -294,7 +294,7 @@ impl Proxy {
         }
         // The API rejected this token: one refresh (coalesced with every
         // other caller that saw it rejected), then one more send.
-        let refreshed = self.service.refresh_token(source, &token.token_id, wait).await;
+        let refreshed = self.core.refresh_token(source, &token.token_id, wait).await;
         let reason = match (&refreshed, body.replayable()) {
             (_, false) => "BODY_NOT_REPLAYABLE",
             (Err(_), true) => "REFRESH_FAILED",

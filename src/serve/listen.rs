@@ -335,7 +335,7 @@ fn bind_unix(path: &Path, options: &UnixSocketOptions) -> Result<Bound, ListenEr
     std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(options.mode))
         .map_err(|e| setup(format!("chmod {:o}: {e}", options.mode)))?;
     if let Some(group) = &options.group {
-        let gid = resolve_group(group).map_err(setup)?;
+        let gid = crate::accounts::resolve_group(group).map_err(setup)?;
         std::os::unix::fs::chown(&temporary, None, Some(gid)).map_err(|e| setup(format!("chgrp {group}: {e}")))?;
     }
     match state {
@@ -350,16 +350,4 @@ fn bind_unix(path: &Path, options: &UnixSocketOptions) -> Result<Bound, ListenEr
         }
     }
     Ok(Bound::Unix(listener, file))
-}
-
-/// A group name or numeric id as a gid (the account database for names).
-pub fn resolve_group(group: &str) -> Result<u32, String> {
-    if let Ok(gid) = group.parse() {
-        return Ok(gid);
-    }
-    match nix::unistd::Group::from_name(group) {
-        Ok(Some(entry)) => Ok(entry.gid.as_raw()),
-        Ok(None) => Err(format!("unknown group {group:?}")),
-        Err(e) => Err(format!("cannot look up group {group:?}: {e}")),
-    }
 }

@@ -230,8 +230,8 @@ use flute_token_broker::Environment;
 use flute_token_broker::config::Config;
 use flute_token_broker::credentials::CredentialTable;
 use flute_token_broker::daemon::{self, RunningBroker};
-use flute_token_broker::grpc::pb::token_broker_client::TokenBrokerClient;
 use flute_token_broker::serve::listen::ListenAddr;
+use flute_token_broker::wire::pb::token_broker_client::TokenBrokerClient;
 
 /// A whole broker in-process, with one emulator per environment.
 pub struct Broker {
@@ -336,8 +336,8 @@ pub fn http_client() -> reqwest::Client {
 }
 
 pub type Client = TokenBrokerClient<tonic::transport::Channel>;
-pub type WatchStream = tonic::Streaming<flute_token_broker::grpc::pb::WatchTokenResponse>;
-use flute_token_broker::grpc::pb;
+pub type WatchStream = tonic::Streaming<flute_token_broker::wire::pb::WatchTokenResponse>;
+use flute_token_broker::wire::pb;
 
 /// The current token of `environment` (a `pb::Environment` value).
 pub async fn current_token(client: &mut Client, environment: i32) -> pb::Token {

@@ -20,12 +20,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flute_token_broker::Environment;
+use flute_token_broker::broker::Core;
 use flute_token_broker::credentials::ApiKey;
-use flute_token_broker::grpc::pb::token_broker_server::TokenBroker;
-use flute_token_broker::grpc::{TokenBrokerService, pb};
+use flute_token_broker::grpc::TokenBrokerService;
 use flute_token_broker::metrics::Metrics;
 use flute_token_broker::oauth::{ErrorClass, Grant, OAuthError, TokenEndpoint, TokenResponse};
 use flute_token_broker::token::{self, Jitter, RefreshPolicy, TokenSourceConfig, TokenSources};
+use flute_token_broker::wire::pb;
+use flute_token_broker::wire::pb::token_broker_server::TokenBroker;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use secrecy::{ExposeSecret, SecretString};
@@ -288,14 +290,14 @@ pub async fn run(seed: u64, hours: u64) -> Result<Summary, String> {
         jitters.insert(env, jitter);
     }
     let sources = Arc::new(TokenSources::new(handles));
-    let service = TokenBrokerService::new(
+    let service = TokenBrokerService::new(Core::new(
         sources.clone(),
         Default::default(),
         Default::default(),
         metrics,
         Duration::from_secs(30),
         Default::default(),
-    );
+    ));
     let mut summary = Summary::default();
     let mut watchers: Vec<(Environment, Arc<Mutex<Vec<String>>>)> = Vec::new();
     let fail = |message: String| Err(format!("seed {seed}: {message}"));
