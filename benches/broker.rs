@@ -11,7 +11,9 @@
 //! `cargo bench --bench broker -- hub [AGENTS]` measures a hub with default
 //! settings under AGENTS (5,000) followers shaped as agents: one connection
 //! each, one WatchToken stream per environment; its RSS and how fast a
-//! rotation reaches them all.
+//! rotation reaches them all. `-- peer [CONNECTIONS]` measures what
+//! reading a Unix-socket peer (credentials, groups, cgroup, executable,
+//! the pidfd check) costs per connection.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -531,6 +533,32 @@ async fn hub_capacity(agents: usize) {
     let _ = hub.wait();
 }
 
+/// `peer [CONNECTIONS]`: what reading a Unix peer costs per connection
+/// (SO_PEERCRED, SO_PEERPIDFD, the connecting process's status, cgroup and
+/// executable, the pidfd check), over CONNECTIONS (2,000) connections from
+/// this process.
+async fn peer_cost(connections: usize) {
+    use flute_token_broker::serve::peer::UnixPeer;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("peer.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let mut took = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let (_client, accepted) = tokio::join!(tokio::net::UnixStream::connect(&path), listener.accept());
+        let (stream, _) = accepted.unwrap();
+        let started = Instant::now();
+        let peer = UnixPeer::of(&stream);
+        took.push(started.elapsed());
+        assert!(peer.is_some());
+    }
+    took.sort();
+    println!(
+        "Unix peer read once per connection: p50 {:.1} µs, p99 {:.1} µs ({connections} connections)",
+        percentile(&took, 0.5).as_secs_f64() * 1e6,
+        percentile(&took, 0.99).as_secs_f64() * 1e6
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--noop-server") {
@@ -545,6 +573,10 @@ fn main() {
         .unwrap();
     if args.iter().any(|a| a == "cpu") {
         return runtime.block_on(cpu_comparison(3, 100_000));
+    }
+    if let Some(at) = args.iter().position(|a| a == "peer") {
+        let connections = args.get(at + 1).and_then(|n| n.parse().ok()).unwrap_or(2_000);
+        return runtime.block_on(peer_cost(connections));
     }
     if let Some(at) = args.iter().position(|a| a == "hub") {
         let agents = args.get(at + 1).and_then(|n| n.parse().ok()).unwrap_or(5_000);

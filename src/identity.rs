@@ -1,22 +1,23 @@
 //! Who is calling: a request's connection (and, later, a credential it
-//! presents) turned into a [`Caller`]. A Unix-socket peer is known by the
-//! kernel's credentials for the connection (SO_PEERCRED) and its groups; a
-//! TCP peer with a verified client certificate by the certificate's URI and
+//! presents) turned into a [`Caller`], from the peer the serving stack read
+//! once per connection ([`crate::serve::peer`]). A Unix-socket peer is
+//! known by the kernel's credentials for the connection (SO_PEERCRED) and
+//! the connecting process's groups as they were when it connected; a TCP
+//! peer with a verified client certificate by the certificate's URI and
 //! DNS names; anyone else is anonymous, never a guess.
 
 use std::sync::Arc;
 
 use rustls::pki_types::CertificateDer;
-use tonic::Request;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 
-use crate::serve::guard::GuardedInfo;
+use crate::serve::guard::ConnectionInfo;
+use crate::serve::peer::{Peer, ProcessFacts, UnixPeer};
 
 /// What the broker knows about a caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
     /// A Unix-socket peer, with the kernel's view of its identity.
-    Unix { uid: u32, gid: u32, pid: Option<i32> },
+    Unix(Arc<UnixPeer>),
     /// A TCP peer that presented a client certificate chain (mutual TLS,
     /// verified by the TLS layer against `client_ca_file`). Its names are
     /// read only when an allow-list asks (not on every call).
@@ -28,44 +29,22 @@ pub enum Caller {
     Anonymous,
 }
 
-/// Reads a connection's information from a request's extensions, where the
-/// server put it: tonic's (a gRPC call) or http's (an HTTP request on the
-/// same listener) hold the same values.
-macro_rules! caller_from {
-    ($extensions:expr) => {{
-        let extensions = $extensions;
-        let unix = extensions
-            .get::<GuardedInfo<UdsConnectInfo>>()
-            .map(|info| &info.inner)
-            .or_else(|| extensions.get::<UdsConnectInfo>());
-        let tls = extensions.get::<TlsConnectInfo<GuardedInfo<TcpConnectInfo>>>();
-        Caller::from_connection(unix, tls)
-    }};
-}
-
 impl Caller {
-    pub fn of<T>(request: &Request<T>) -> Self {
-        caller_from!(request.extensions())
+    pub fn of<T>(request: &tonic::Request<T>) -> Self {
+        Self::from_extensions(request.extensions())
     }
 
-    /// The caller of an HTTP request served on a gRPC listener.
+    /// The caller of a request, from the connection information the serve
+    /// loop put in its extensions (anonymous without it).
     pub fn from_extensions(extensions: &http::Extensions) -> Self {
-        caller_from!(extensions)
-    }
-
-    fn from_connection(
-        unix: Option<&UdsConnectInfo>,
-        tls: Option<&TlsConnectInfo<GuardedInfo<TcpConnectInfo>>>,
-    ) -> Self {
-        if let Some(cred) = unix.and_then(|info| info.peer_cred) {
-            return Caller::Unix {
-                uid: cred.uid(),
-                gid: cred.gid(),
-                pid: cred.pid(),
-            };
-        }
-        match tls.and_then(|info| info.peer_certs()) {
-            Some(certificates) if !certificates.is_empty() => Caller::Tls { certificates },
+        match extensions.get::<ConnectionInfo>().map(|info| &info.peer) {
+            Some(Peer::Unix(peer)) => Caller::Unix(peer.clone()),
+            Some(Peer::Tls {
+                certificates: Some(certificates),
+                ..
+            }) if !certificates.is_empty() => Caller::Tls {
+                certificates: certificates.clone(),
+            },
             _ => Caller::Anonymous,
         }
     }
@@ -92,23 +71,18 @@ pub fn certificate_names(der: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// A caller's groups: the kernel's view (`/proc/PID/status`) when this
-/// process can see the caller, which includes groups granted outside the
-/// account database (systemd's `SupplementaryGroups=`); otherwise the account
-/// database's, through NSS (`getgrouplist`), as when the caller lives in
-/// another pid namespace (a container, a sidecar) or `/proc` hides it.
-pub fn caller_groups(uid: u32, gid: u32, pid: Option<i32>) -> Vec<u32> {
-    pid.filter(|p| *p > 0)
-        .and_then(process_groups)
-        .unwrap_or_else(|| crate::accounts::account_groups(uid, gid))
-}
-
-/// The supplementary groups of a process, from `/proc/PID/status`; `None`
-/// when the file cannot be read.
-fn process_groups(pid: i32) -> Option<Vec<u32>> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let groups = status.lines().find_map(|line| line.strip_prefix("Groups:"))?;
-    Some(groups.split_whitespace().filter_map(|g| g.parse().ok()).collect())
+/// A Unix caller's supplementary groups: the connecting process's as it
+/// connected (the kernel's view, which includes groups granted outside the
+/// account database, such as systemd's `SupplementaryGroups=`); for a
+/// process in another pid namespace (a container, a sidecar), which the
+/// broker cannot read, the account database's (NSS `getgrouplist`); none
+/// when the connecting process was gone before it could be read.
+pub fn caller_groups(peer: &UnixPeer) -> std::borrow::Cow<'_, [u32]> {
+    match &peer.process {
+        ProcessFacts::Read { groups, .. } => std::borrow::Cow::Borrowed(groups),
+        ProcessFacts::NotVisible => std::borrow::Cow::Owned(crate::accounts::account_groups(peer.uid, peer.gid)),
+        ProcessFacts::Unknown => std::borrow::Cow::Borrowed(&[]),
+    }
 }
 
 #[cfg(test)]
@@ -129,24 +103,36 @@ mod tests {
         assert!(certificate_names(b"not a certificate").is_empty());
     }
 
-    #[test]
-    fn supplementary_groups_of_this_process() {
-        // What the kernel says this process's supplementary groups are.
-        let mut expected: Vec<u32> = nix::unistd::getgroups()
-            .unwrap()
-            .into_iter()
-            .map(|g| g.as_raw())
-            .collect();
-        let mut groups = process_groups(std::process::id() as i32).unwrap();
-        expected.sort_unstable();
-        groups.sort_unstable();
-        assert_eq!(groups, expected);
-        assert_eq!(process_groups(-1), None, "no such process");
+    fn unix(process: ProcessFacts) -> UnixPeer {
+        UnixPeer {
+            uid: 0,
+            gid: 0,
+            pid: Some(1),
+            process,
+        }
     }
 
     #[test]
-    fn a_caller_this_process_cannot_see_gets_the_account_database_groups() {
-        // pid 0: another pid namespace.
-        assert_eq!(caller_groups(0, 0, Some(0)), crate::accounts::account_groups(0, 0));
+    fn groups_are_the_connecting_process_s_or_the_database_s_or_none() {
+        let read = unix(ProcessFacts::Read {
+            groups: vec![7, 1600],
+            cgroup: "0::/\n".into(),
+            exe: None,
+        });
+        assert_eq!(caller_groups(&read).as_ref(), &[7, 1600]);
+        // Another pid namespace: the account database's view.
+        let hidden = unix(ProcessFacts::NotVisible);
+        assert_eq!(
+            caller_groups(&hidden).as_ref(),
+            crate::accounts::account_groups(0, 0).as_slice()
+        );
+        assert!(!caller_groups(&hidden).is_empty(), "root's database groups hold root");
+        // Gone before it was read: none, never the database's.
+        assert!(caller_groups(&unix(ProcessFacts::Unknown)).is_empty());
+    }
+
+    #[test]
+    fn a_request_without_connection_information_is_anonymous() {
+        assert_eq!(Caller::from_extensions(&http::Extensions::new()), Caller::Anonymous);
     }
 }

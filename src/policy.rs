@@ -35,10 +35,10 @@ impl AccessPolicy {
                     })
                 })
             }
-            Caller::Unix { uid, gid, pid } => {
-                self.uids.contains(uid)
-                    || self.gids.contains(gid)
-                    || (!self.gids.is_empty() && caller_groups(*uid, *gid, *pid).iter().any(|g| self.gids.contains(g)))
+            Caller::Unix(peer) => {
+                self.uids.contains(&peer.uid)
+                    || self.gids.contains(&peer.gid)
+                    || (!self.gids.is_empty() && caller_groups(peer).iter().any(|g| self.gids.contains(g)))
             }
         }
     }
@@ -51,11 +51,16 @@ mod tests {
 
     #[test]
     fn policy_table() {
-        let me = Caller::Unix {
+        let me = Caller::Unix(Arc::new(crate::serve::peer::UnixPeer {
             uid: 1000,
             gid: 100,
-            pid: None,
-        };
+            pid: Some(4242),
+            process: crate::serve::peer::ProcessFacts::Read {
+                groups: vec![100, 2000],
+                cgroup: String::new(),
+                exe: None,
+            },
+        }));
         let mut params = rcgen::CertificateParams::new(vec!["agent.fleet.svc".to_owned()]).unwrap();
         params
             .subject_alt_names
@@ -77,6 +82,7 @@ mod tests {
             (policy(&[1001], &[], &[]), &me, false),
             (policy(&[], &[100], &[]), &me, true),
             (policy(&[], &[7], &[]), &me, false),
+            (policy(&[], &[2000], &[]), &me, true),
             (policy(&[1000], &[], &[]), &Caller::Anonymous, false),
             (policy(&[1000], &[], &[]), &agent, false),
             (policy(&[], &[], &["spiffe://fleet.example/agent"]), &agent, true),

@@ -214,3 +214,89 @@ async fn in_a_private_user_namespace_every_caller_is_nobody_and_refused() {
     assert!(!allowed(&sandbox.get("production", APP, &[FLUTE_PROD]).await));
     stop(broker).await;
 }
+
+/// Connects to `socket` as `uid` with `groups` and reads the production
+/// token over HTTP/1.1 (so the broker has certainly seen the connection),
+/// forks, lets the connecting process exit (and be reaped by this test),
+/// then reads again on the same connection from the child: the two status
+/// lines.
+async fn read_after_the_connecting_process_exits(socket: &std::path::Path, uid: u32, groups: &[u32]) -> String {
+    const SCRIPT: &str = r#"
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+buffered = b""
+def read():
+    global buffered
+    s.sendall(b"GET /v1/environments/production/token HTTP/1.1\r\nHost: localhost\r\n"
+              b"Flute-Broker: true\r\n\r\n")
+    while b"\r\n\r\n" not in buffered:
+        buffered += s.recv(65536)
+    head, buffered = buffered.split(b"\r\n\r\n", 1)
+    length = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")][0]
+    while len(buffered) < length:
+        buffered += s.recv(65536)
+    buffered = buffered[length:]
+    return head.split(b"\r\n", 1)[0].decode()
+print(read(), flush=True)
+connecting = os.getpid()
+if os.fork() > 0:
+    os._exit(0)
+while os.path.exists("/proc/%d" % connecting):
+    time.sleep(0.01)
+print(read(), flush=True)
+"#;
+    let mut command = Command::new("setpriv");
+    command.args(["--reuid", &uid.to_string(), "--regid", &uid.to_string()]);
+    if groups.is_empty() {
+        command.arg("--clear-groups");
+    } else {
+        let groups = groups.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        command.args(["--groups", &groups]);
+    }
+    let mut child = command
+        // The system interpreter: one a user-level shim (pyenv) puts first
+        // on PATH is not readable by the callers' uids.
+        .args(["/usr/bin/python3", "-c", SCRIPT])
+        .arg(socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    // The connecting process exits after its first read; waiting reaps it
+    // (its PID is then free), and the forked child only asks after that.
+    assert!(child.wait().await.unwrap().success());
+    let mut answers = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stdout, &mut answers)
+        .await
+        .unwrap();
+    answers.trim().replace('\n', " / ")
+}
+
+/// The caller's groups are those of the process that connected, taken when
+/// it connected: a process that drops the allowed group (though the account
+/// database lists the user in it), connects, forks and exits stays refused,
+/// where reading the groups at request time fell back to the database and
+/// let it through.
+#[tokio::test]
+async fn a_caller_keeps_the_groups_it_connected_with_after_its_connecting_process_exits() {
+    if !runs_as_root() {
+        return;
+    }
+    let emu = start_emulator(Duration::from_secs(900), false).await;
+    let sandbox = Sandbox::new(&emu.token_url());
+    let broker = sandbox.start(&[], Some(65534)).await;
+    let socket = sandbox.path("run/broker.sock");
+
+    // The kernel groups of the connecting process decide, before and after it exits.
+    assert_eq!(
+        read_after_the_connecting_process_exits(&socket, OTHER, &[FLUTE_PROD]).await,
+        "HTTP/1.1 200 OK / HTTP/1.1 200 OK"
+    );
+    assert_eq!(
+        read_after_the_connecting_process_exits(&socket, APP, &[]).await,
+        "HTTP/1.1 403 Forbidden / HTTP/1.1 403 Forbidden",
+        "a database member that dropped the group stays refused once its connecting process is gone"
+    );
+    stop(broker).await;
+}

@@ -269,6 +269,18 @@ async fn targets_that_could_leave_the_api_are_refused_before_it_is_contacted() {
         let (status, body) = raw(stream, request).await;
         assert_eq!(status, 400, "{request}: {body}");
     }
+    // Only the API's routes: the API host's other paths, and the dev
+    // emulator's fault switch, are refused as routes (403).
+    for request in [
+        "GET /internal/admin HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        "POST /__emulator/faults HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+        "GET /v2x/payments HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    ] {
+        let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (status, body) = raw(stream, request).await;
+        assert_eq!(status, 403, "{request}: {body}");
+        assert!(body.contains("ROUTE_NOT_ALLOWED"), "{body}");
+    }
     // A spoofed Host changes nothing: the API's host is the configured one.
     let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let (status, body) = raw(
@@ -660,4 +672,59 @@ api_url = "{base}"
         peak_after - peak_before
     );
     broker.kill().await.unwrap();
+}
+
+/// A route that answers 401 whatever the token (a scope the key lacks)
+/// cannot rotate everyone's token: the first 401 replaces the token once
+/// and the second send is refused too (`REJECTED_AGAIN`); from then on,
+/// for `fresh_token_age`, that route's 401s pass through as `TOKEN_FRESH`
+/// with no token request, whatever the callers do (sequential or at once,
+/// any body). A revoked token on another route is still replaced at once.
+#[tokio::test]
+async fn a_route_that_always_answers_401_rotates_the_token_at_most_once() {
+    let broker = proxied_broker(1024 * 1024).await;
+    let first = current_token_id(&broker).await;
+    let emulator = broker.emulator(SANDBOX);
+    let before = emulator.stats().token_requests;
+    let http = support::http_client();
+    let base = proxy_tcp(&broker);
+    let forbidden = format!("{base}/v2/_emulator/forbidden_scope");
+    let reason = |answer: &reqwest::Response| {
+        answer
+            .headers()
+            .get("flute-broker-not-retried")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    let answer = http.get(&forbidden).send().await.unwrap();
+    assert_eq!(answer.status(), 401);
+    assert_eq!(reason(&answer).as_deref(), Some("REJECTED_AGAIN"));
+    assert_eq!(emulator.stats().token_requests, before + 1, "one refresh");
+    let second = current_token_id(&broker).await;
+    assert_ne!(second, first);
+
+    for n in 0..6 {
+        let answer = http.get(&forbidden).send().await.unwrap();
+        assert_eq!(answer.status(), 401, "call {n}");
+        assert_eq!(reason(&answer).as_deref(), Some("TOKEN_FRESH"), "call {n}");
+    }
+    let at_once: Vec<_> = (0..20).map(|_| http.post(&forbidden).body("{}").send()).collect();
+    for answer in futures_util::future::join_all(at_once).await {
+        let answer = answer.unwrap();
+        assert_eq!(answer.status(), 401);
+        assert_eq!(reason(&answer).as_deref(), Some("TOKEN_FRESH"));
+    }
+    assert_eq!(emulator.stats().token_requests, before + 1, "no more token requests");
+    assert_eq!(current_token_id(&broker).await, second);
+
+    // A revocation right after: the next call on a working route carries the
+    // revoked token, is answered 401, and is absorbed by one refresh.
+    emulator.set_faults(FaultRequest {
+        revoke_current: true,
+        ..Default::default()
+    });
+    let answer = http.get(format!("{base}/v2/transactions")).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(reason(&answer), None);
+    assert_eq!(emulator.stats().token_requests, before + 2);
+    assert_ne!(current_token_id(&broker).await, second);
 }

@@ -4,6 +4,9 @@
 //! - `GET /v2/transactions`: a fixed list of two transactions.
 //! - `GET /v2/_emulator/bytes/{n}`: `n` bytes (zeros), streamed, for tests
 //!   of large responses.
+//! - any method on `/v2/_emulator/forbidden_scope`: 401 whatever the token,
+//!   with `WWW-Authenticate: Bearer error="insufficient_scope"` (a route
+//!   the key may not use: no new token helps).
 //! - any other method and path under `/v2/`: an echo of the request as JSON
 //!   (`method`, `path`, `query`, `body_bytes`, `body_sha256`, the `headers`
 //!   it arrived with, and the `token_id` of the bearer token it carried,
@@ -110,6 +113,22 @@ pub(super) async fn transactions(State(shared): State<Arc<Shared>>, headers: Hea
         {"id": "txn_0002", "amount": 990, "currency": "USD", "status": "pending"}
     ]});
     (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+pub(super) async fn forbidden_scope(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(refused) = authorize(&shared, &headers).await {
+        return refused;
+    }
+    let mut response = (
+        StatusCode::UNAUTHORIZED,
+        axum::Json(json!({"error": "insufficient_scope", "error_description": "this key may not use this route"})),
+    )
+        .into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer error=\"insufficient_scope\""),
+    );
+    response
 }
 
 pub(super) async fn bytes(State(shared): State<Arc<Shared>>, Path(n): Path<u64>, headers: HeaderMap) -> Response {

@@ -174,6 +174,7 @@ impl Emulator {
             .route("/oauth2/token", post(oauth::token))
             .route("/v2/transactions", get(api::transactions))
             .route("/v2/_emulator/bytes/{n}", get(api::bytes))
+            .route("/v2/_emulator/forbidden_scope", any(api::forbidden_scope))
             .route("/v2/{*path}", any(api::echo))
             .route("/__emulator/faults", post(faults::set).get(faults::get))
             .route("/__emulator/stats", get(stats))

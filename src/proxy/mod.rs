@@ -6,14 +6,16 @@
 //! with the environment's current servable token. An API 401 for that
 //! token causes one RefreshToken through the engine's coalesced path and,
 //! when the body could be kept (`replay_limit_bytes`), one more send with
-//! the new token: the caller sees only the second answer. Nothing else is
-//! ever retried.
+//! the new token: the caller sees only the second answer; unless a refresh
+//! was just shown not to help ([`rotation`]: the 401 passes through as
+//! `TOKEN_FRESH`). Nothing else is ever retried.
 //!
 //! A proxy face is served by [`crate::serve::serve`] like the API face:
 //! the same budgets, deadlines, drain and handover.
 
 mod counted;
 mod idle;
+mod rotation;
 pub mod settings;
 pub mod target;
 
@@ -57,6 +59,8 @@ pub struct Proxy {
     base: ApiBase,
     client: UpstreamClient,
     settings: ProxyConfig,
+    /// Which API 401s may force a refresh.
+    rotations: rotation::Rotations,
 }
 
 /// Why a proxy cannot be built.
@@ -88,6 +92,7 @@ impl Proxy {
             core,
             base,
             client: upstream_client(roots, open)?,
+            rotations: rotation::Rotations::new(settings.fresh_token_age),
             settings: settings.clone(),
         }))
     }
@@ -281,6 +286,9 @@ impl Proxy {
             }
         };
         target::request_headers(&mut parts.headers);
+        // The route as the API's 401s are remembered by: its path, never
+        // the query.
+        let route = parts.uri.path().to_owned();
         parts.uri = uri;
         // HTTP/1.1 to the API unless ALPN chooses HTTP/2 (hyper picks it).
         parts.version = Version::HTTP_11;
@@ -292,11 +300,24 @@ impl Proxy {
         if first.status() != StatusCode::UNAUTHORIZED {
             return (self.relay(first), Some(token.token_id.clone()));
         }
-        // The API rejected this token: one refresh (coalesced with every
-        // other caller that saw it rejected), then one more send.
+        // The API rejected this token: unless a refresh was just shown not
+        // to help, one refresh (coalesced with every other caller that saw
+        // it rejected), then one more send.
+        if self
+            .rotations
+            .on_unauthorized(&route, &token.token_id, tokio::time::Instant::now())
+            == rotation::Verdict::Fresh
+        {
+            return (self.not_retried(first, "TOKEN_FRESH"), Some(token.token_id.clone()));
+        }
         let refreshed = self.core.refresh_token(source, &token.token_id, wait).await;
         let reason = match (&refreshed, body.replayable()) {
-            (_, false) => "BODY_NOT_REPLAYABLE",
+            (Ok(new), false) => {
+                self.rotations
+                    .not_replayed(&route, &new.token_id, tokio::time::Instant::now());
+                "BODY_NOT_REPLAYABLE"
+            }
+            (Err(_), false) => "BODY_NOT_REPLAYABLE",
             (Err(_), true) => "REFRESH_FAILED",
             (Ok(new), true) => {
                 let labels = crate::metrics::EnvLabels {
@@ -310,6 +331,8 @@ impl Proxy {
                 if second.status() != StatusCode::UNAUTHORIZED {
                     return (self.relay(second), Some(new.token_id.clone()));
                 }
+                self.rotations
+                    .rejected_again(&route, &new.token_id, tokio::time::Instant::now());
                 return (self.not_retried(second, "REJECTED_AGAIN"), Some(new.token_id.clone()));
             }
         };
@@ -372,12 +395,20 @@ impl Proxy {
 }
 
 fn bad_target(bad: BadTarget) -> Response {
-    refuse(
-        StatusCode::BAD_REQUEST,
-        tonic::Code::InvalidArgument,
-        "INVALID_TARGET",
-        bad.message(),
-    )
+    match bad {
+        BadTarget::OutsideApi => refuse(
+            StatusCode::FORBIDDEN,
+            tonic::Code::PermissionDenied,
+            "ROUTE_NOT_ALLOWED",
+            bad.message(),
+        ),
+        _ => refuse(
+            StatusCode::BAD_REQUEST,
+            tonic::Code::InvalidArgument,
+            "INVALID_TARGET",
+            bad.message(),
+        ),
+    }
 }
 
 fn too_large(limit: usize) -> Response {

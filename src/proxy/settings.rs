@@ -34,6 +34,11 @@ pub struct ProxyConfig {
     /// Longest pause within a request or response body before it is cut off.
     #[serde(with = "crate::duration::serde")]
     pub idle_timeout: Duration,
+    /// For this long after a refresh an API 401 showed not to help (the
+    /// new token refused too), 401s for that token or on that route pass
+    /// through (`TOKEN_FRESH`) and force no refresh ([`super::rotation`]).
+    #[serde(with = "crate::duration::serde")]
+    pub fresh_token_age: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -45,6 +50,7 @@ impl Default for ProxyConfig {
             max_body_bytes: 16 * 1024 * 1024,
             request_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
+            fresh_token_age: Duration::from_secs(30),
         }
     }
 }
@@ -83,6 +89,9 @@ impl ProxyConfig {
             if let Some(p) = crate::duration::out_of_range(value, secs(1), secs(3600)) {
                 out.push(format!("{key}: {p}"));
             }
+        }
+        if let Some(p) = crate::duration::out_of_range(self.fresh_token_age, Duration::ZERO, secs(3600)) {
+            out.push(format!("fresh_token_age: {p}"));
         }
         out
     }

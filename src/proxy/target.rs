@@ -1,6 +1,8 @@
 //! What a proxied request may name and carry: only origin-form targets
 //! under the API base (never an absolute-form target, `CONNECT`, `*`, or a
-//! path with a dot segment that could leave the base), the upstream URI
+//! path with a dot segment that could leave the base), only the API's
+//! routes (`/v2` and below: not the API host's other paths, nor the dev
+//! emulator's `/__emulator/…`), the upstream URI
 //! built from the configured base alone (the caller's `Host` is ignored),
 //! and the headers that never cross the proxy (hop-by-hop, the caller's
 //! credentials).
@@ -45,6 +47,9 @@ pub enum BadTarget {
     AbsoluteForm,
     NotOriginForm,
     PathEscape,
+    /// A path outside the API's routes (`/v2/…`): refused as a route the
+    /// caller may not use (403), not as a malformed one.
+    OutsideApi,
 }
 
 impl BadTarget {
@@ -56,6 +61,7 @@ impl BadTarget {
             }
             BadTarget::NotOriginForm => "the target must be a path starting with /",
             BadTarget::PathEscape => "the path has a dot segment or an encoded slash that could leave the API base",
+            BadTarget::OutsideApi => "only the Flute API's routes (/v2/...) are proxied",
         }
     }
 }
@@ -78,6 +84,9 @@ pub fn upstream_uri(base: &ApiBase, method: &Method, version: Version, uri: &Uri
     if path.split('/').any(escapes) {
         return Err(BadTarget::PathEscape);
     }
+    if !is_api_route(path) {
+        return Err(BadTarget::OutsideApi);
+    }
     let path_and_query: PathAndQuery = match (base.path.is_empty(), uri.path_and_query()) {
         // The usual base (`https://api.flute.com`): the request's own,
         // already parsed.
@@ -96,6 +105,17 @@ pub fn upstream_uri(base: &ApiBase, method: &Method, version: Version, uri: &Uri
         .path_and_query(path_and_query)
         .build()
         .map_err(|_| BadTarget::NotOriginForm)
+}
+
+/// The prefix of every Flute API route.
+const API_ROUTES: &str = "/v2";
+
+/// Whether `path` (already free of dot segments) is one of the API's
+/// routes: `/v2` itself or below it, compared as written (`/V2/…` and
+/// `/v2%2f…` are not).
+fn is_api_route(path: &str) -> bool {
+    path.strip_prefix(API_ROUTES)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// A path segment that is `.` or `..` in any spelling, or hides a slash.
@@ -192,9 +212,28 @@ mod tests {
             "https://api.example.test/base/v2/x"
         );
         assert_eq!(
-            target(Version::HTTP_11, Method::GET, "//evil.test/v2").unwrap(),
-            "https://api.example.test/base//evil.test/v2"
+            target(Version::HTTP_11, Method::GET, "/v2").unwrap(),
+            "https://api.example.test/base/v2"
         );
+    }
+
+    #[test]
+    fn only_the_api_routes_are_proxied() {
+        for outside in [
+            "/internal/admin",
+            "/__emulator/faults",
+            "/",
+            "/v2x/payments",
+            "/V2/payments",
+            "//evil.test/v2",
+            "/v1/environments/sandbox/token",
+        ] {
+            assert_eq!(
+                target(Version::HTTP_11, Method::GET, outside),
+                Err(BadTarget::OutsideApi),
+                "{outside}"
+            );
+        }
     }
 
     #[test]

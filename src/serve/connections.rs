@@ -1,8 +1,9 @@
 //! The serve loop under every face: each accepted connection is served by
 //! hyper-util's automatic builder (HTTP/1.1 or HTTP/2, told apart by the
-//! HTTP/2 preface), with the connection's identity (tonic's `Connected`
-//! information: peer credentials on a Unix socket, the client certificate
-//! over TLS, the connection's activity) in every request's extensions.
+//! HTTP/2 preface), with the connection's information
+//! ([`super::guard::ConnectionInfo`]: its peer, read once when the
+//! connection's task starts, and its activity) in every request's
+//! extensions.
 //!
 //! At the shutdown signal no connection is accepted any more, every open
 //! connection is told to shut down gracefully (HTTP/2: GOAWAY, then the
@@ -32,7 +33,6 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::task::TaskTracker;
 use tonic::body::Body;
-use tonic::transport::server::Connected;
 use tower::ServiceExt;
 use tracing::debug;
 
@@ -46,7 +46,7 @@ pub(crate) async fn serve_connections<I, IO, S>(
     signal: impl Future<Output = ()>,
 ) where
     I: Stream<Item = std::io::Result<IO>>,
-    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + super::guard::Connection + Unpin + Send + 'static,
     S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
         + Clone
         + Send
@@ -61,7 +61,7 @@ pub(crate) async fn serve_connections<I, IO, S>(
     let serve_one = |io: IO| {
         let (service, builder, drain) = (service.clone(), builder.clone(), drain.clone());
         async move {
-            let info = io.connect_info();
+            let info = io.info();
             let service = service.map_request(move |request: http::Request<hyper::body::Incoming>| {
                 let mut request = request.map(Body::new);
                 request.extensions_mut().insert(info.clone());

@@ -674,13 +674,14 @@ pub(crate) use forward_writes;
 
 forward_writes!(Guarded);
 
-/// What a request learns of its guarded connection (tonic's `Connected`
-/// information, put in every request's extensions): the socket's own
-/// connect info (peer credentials on a Unix socket) and its activity.
+/// What a request learns of its connection, put in every request's
+/// extensions by the serve loop: who is at the other end (read once per
+/// connection, [`super::peer`]), and the connection's activity and
+/// listener (for the held share and request tracking).
 #[derive(Clone, Debug)]
-pub struct GuardedInfo<I> {
-    pub inner: I,
-    pub activity: Arc<Activity>,
+pub struct ConnectionInfo {
+    pub peer: super::peer::Peer,
+    pub(crate) activity: Arc<Activity>,
     listener: Arc<ListenerGuard>,
 }
 
@@ -692,33 +693,51 @@ impl std::fmt::Debug for ListenerGuard {
     }
 }
 
-impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected for Guarded<IO> {
-    type ConnectInfo = GuardedInfo<IO::ConnectInfo>;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        GuardedInfo {
-            inner: self.io.connect_info(),
+/// An accepted connection the serve loop can describe to its requests.
+pub trait Connection {
+    fn info(&self) -> ConnectionInfo;
+}
+
+impl<IO: super::peer::Peered> Connection for Guarded<IO> {
+    fn info(&self) -> ConnectionInfo {
+        ConnectionInfo {
+            peer: self.io.peer(),
             activity: self.activity.clone(),
             listener: self.listener.clone(),
         }
     }
 }
 
-/// The connection a gRPC request arrived on, whatever the transport.
+impl<IO: super::peer::Peered> Connection for tokio_rustls::server::TlsStream<Guarded<IO>> {
+    fn info(&self) -> ConnectionInfo {
+        use super::peer::Peered;
+        let guarded = self.get_ref().0;
+        ConnectionInfo {
+            peer: self.peer(),
+            activity: guarded.activity.clone(),
+            listener: guarded.listener.clone(),
+        }
+    }
+}
+
+impl<IO: super::peer::Peered> super::peer::Peered for Guarded<IO> {
+    fn peer(&self) -> super::peer::Peer {
+        self.io.peer()
+    }
+}
+
+/// For a tonic `Server` serving guarded connections (the benches): the
+/// same information in the request's extensions.
+impl<IO: super::peer::Peered> tonic::transport::server::Connected for Guarded<IO> {
+    type ConnectInfo = ConnectionInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info()
+    }
+}
+
+/// The connection a request arrived on, whatever the transport.
 fn request_connection(extensions: &http::Extensions) -> Option<(&Arc<Activity>, &Arc<ListenerGuard>)> {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
-    extensions
-        .get::<GuardedInfo<UdsConnectInfo>>()
-        .map(|i| (&i.activity, &i.listener))
-        .or_else(|| {
-            extensions
-                .get::<GuardedInfo<TcpConnectInfo>>()
-                .map(|i| (&i.activity, &i.listener))
-        })
-        .or_else(|| {
-            extensions
-                .get::<TlsConnectInfo<GuardedInfo<TcpConnectInfo>>>()
-                .map(|i| (&i.get_ref().activity, &i.get_ref().listener))
-        })
+    extensions.get::<ConnectionInfo>().map(|i| (&i.activity, &i.listener))
 }
 
 /// A face's screen of HTTP/1.x requests: `Some(answer)` refuses one before

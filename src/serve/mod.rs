@@ -2,7 +2,9 @@
 //! ([`passed_fds`]: what systemd passed, read once; [`listen`]: binding, the
 //! Unix socket handover by rename, [`listen::SocketFile`]), what each
 //! connection may take ([`guard`]: the fd limit, per-listener connection
-//! budgets, first-request and idle deadlines, request tracking), the
+//! budgets, first-request and idle deadlines, request tracking), who is
+//! at the other end of each connection ([`peer`], read once per
+//! connection), the
 //! Unix-socket `:authority` adapter ([`unix_authority`]), TLS ([`tls`]),
 //! the request size limit ([`request_limit`]) and the serve loop (`connections`:
 //! each connection on hyper-util, and the graceful drain).
@@ -17,6 +19,7 @@ mod connections;
 pub mod guard;
 pub mod listen;
 pub mod passed_fds;
+pub mod peer;
 pub mod request_limit;
 pub mod settings;
 pub mod tls;

@@ -547,10 +547,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for UnixAuthority<IO> {
 
 super::guard::forward_writes!(UnixAuthority);
 
-impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected for UnixAuthority<IO> {
-    type ConnectInfo = IO::ConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+impl<IO: super::peer::Peered> super::peer::Peered for UnixAuthority<IO> {
+    fn peer(&self) -> super::peer::Peer {
+        self.io.peer()
     }
 }
 
