@@ -116,7 +116,7 @@ mod tests {
     fn groups_are_the_connecting_process_s_or_the_database_s_or_none() {
         let read = unix(ProcessFacts::Read {
             groups: vec![7, 1600],
-            cgroup: "0::/\n".into(),
+            workload: Default::default(),
             exe: None,
         });
         assert_eq!(caller_groups(&read).as_ref(), &[7, 1600]);

@@ -10,6 +10,7 @@ pub mod accounts;
 pub mod admin;
 pub mod broker;
 pub mod certs;
+pub mod cgroup;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -57,7 +57,7 @@ mod tests {
             pid: Some(4242),
             process: crate::serve::peer::ProcessFacts::Read {
                 groups: vec![100, 2000],
-                cgroup: String::new(),
+                workload: Default::default(),
                 exe: None,
             },
         }));

@@ -4,14 +4,13 @@
 
 use std::time::Duration;
 
-use base64::Engine;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
 use super::redaction::SecretFilter;
 use super::response::{LifetimeBounds, TokenResponse, clean, parse_error_response, parse_token_response};
-use super::{Grant, OAuthError, TokenEndpoint};
+use super::{Grant, OAuthError, TokenEndpoint, basic_authorization};
 use crate::credentials::ApiKey;
 use crate::tls_roots::{TlsRoots, TrustRoots};
 
@@ -315,16 +314,10 @@ impl TokenEndpoint for OAuthClient {
     }
 }
 
-/// `Authorization: Basic` per RFC 6749 §2.3.1: each part form-urlencoded first.
-pub(crate) fn basic_authorization(client_id: &str, client_secret: &str) -> String {
-    let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-    let joined = format!("{}:{}", encode(client_id), encode(client_secret));
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(joined))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
 
     /// Decodes a Basic header the way RFC 6749 §2.3.1 servers do.
     fn decode_basic(header: &str) -> (String, String) {

@@ -57,6 +57,15 @@ pub trait TokenEndpoint: Send + Sync + 'static {
 /// Default lifetime assumed when the endpoint omits `expires_in`.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(900);
 
+/// `Authorization: Basic` per RFC 6749 §2.3.1: each part form-urlencoded
+/// first. The client sends it; the redaction filter must know its form.
+pub(crate) fn basic_authorization(client_id: &str, client_secret: &str) -> String {
+    use base64::Engine;
+    let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let joined = format!("{}:{}", encode(client_id), encode(client_secret));
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(joined))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -127,7 +127,7 @@ fn base64_runs(text: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oauth::client::basic_authorization;
+    use crate::oauth::basic_authorization;
 
     const SECRET: &str = "s3cr:et%+/=value-that-is-long";
     const REFRESH: &str = "def50200refreshtokenABCDEFGHIJKLMNOPQRSTUVWXYZ";

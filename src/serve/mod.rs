@@ -111,12 +111,24 @@ pub fn connection_limits(server: &ServerConfig, listeners: usize) -> ConnectionL
     let mut limits = server.limits();
     limits.max_connections = guard::per_listener_budget(limits.max_connections, fd_limit, listeners);
     if limits.max_connections < server.max_connections {
-        warn!(
-            configured = server.max_connections,
-            budget = limits.max_connections,
-            fd_limit,
-            "server.max_connections does not fit in the open-file limit; each listener gets an equal share"
-        );
+        // The default is sized for a hub; on a host with a lower limit an
+        // equal share is the expected outcome, worth a WARN only when the
+        // operator asked for more.
+        if server.max_connections == ServerConfig::default().max_connections {
+            info!(
+                configured = server.max_connections,
+                budget = limits.max_connections,
+                fd_limit,
+                "the default server.max_connections does not fit in the open-file limit; each listener gets an equal share"
+            );
+        } else {
+            warn!(
+                configured = server.max_connections,
+                budget = limits.max_connections,
+                fd_limit,
+                "server.max_connections does not fit in the open-file limit; each listener gets an equal share"
+            );
+        }
     }
     limits
 }

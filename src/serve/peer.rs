@@ -7,7 +7,8 @@
 //! A Unix-socket peer is the kernel's record of the connecting process
 //! (SO_PEERCRED: uid, gid and pid at `connect()`), and what that process
 //! was at that moment: its supplementary groups (`/proc/PID/status`), its
-//! cgroup (`/proc/PID/cgroup`) and its executable. These are read once and
+//! cgroup (`/proc/PID/cgroup`, read as its systemd unit or Kubernetes pod
+//! and container by [`crate::cgroup`]) and its executable. These are read once and
 //! only kept when they provably belong to the process that connected: the
 //! kernel's pidfd of the peer (SO_PEERPIDFD, Linux 6.5+) still names that
 //! PID after the reads (a PID is not reused before its process is reaped,
@@ -24,6 +25,8 @@ use std::sync::Arc;
 
 use rustls::pki_types::CertificateDer;
 use tokio::net::{TcpStream, UnixStream};
+
+use crate::cgroup::Workload;
 
 /// The other end of one connection.
 #[derive(Clone, Debug)]
@@ -62,9 +65,9 @@ pub enum ProcessFacts {
         /// Supplementary groups (the kernel's view: systemd's
         /// `SupplementaryGroups=` included).
         groups: Vec<u32>,
-        /// `/proc/PID/cgroup` as it read (one line on cgroup v2, one per
-        /// hierarchy on v1).
-        cgroup: String,
+        /// What its cgroup (`/proc/PID/cgroup`) says: its systemd unit, or
+        /// its Kubernetes pod and container.
+        workload: Workload,
         /// The executable, when this process may read it (ptrace rules).
         exe: Option<PathBuf>,
     },
@@ -156,7 +159,11 @@ fn read_process(pid: i32, pidfd: Option<&OwnedFd>, accepted: Option<u64>) -> Pro
         }
     };
     match (proven, status_groups(&status)) {
-        (true, Some(groups)) => ProcessFacts::Read { groups, cgroup, exe },
+        (true, Some(groups)) => ProcessFacts::Read {
+            groups,
+            workload: Workload::parse(&cgroup),
+            exe,
+        },
         _ => ProcessFacts::Unknown,
     }
 }
@@ -216,7 +223,7 @@ mod tests {
         assert_eq!(peer.pid, Some(std::process::id() as i32));
         let ProcessFacts::Read {
             mut groups,
-            cgroup,
+            workload,
             exe,
         } = peer.process
         else {
@@ -230,7 +237,10 @@ mod tests {
         groups.sort_unstable();
         expected.sort_unstable();
         assert_eq!(groups, expected);
-        assert_eq!(cgroup, std::fs::read_to_string("/proc/self/cgroup").unwrap());
+        assert_eq!(
+            workload,
+            Workload::parse(&std::fs::read_to_string("/proc/self/cgroup").unwrap())
+        );
         assert_eq!(exe, std::env::current_exe().ok());
     }
 
