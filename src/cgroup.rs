@@ -48,7 +48,8 @@ impl Workload {
             }
             all.push(path);
         }
-        let unit_path = unified.or(systemd);
+        // systemd's hybrid mode keeps units in both the unified hierarchy
+        // and name=systemd; either may be the one that names it.
         let pod = unified
             .and_then(pod_and_container)
             .or_else(|| all.iter().find_map(|p| pod_and_container(p)));
@@ -58,7 +59,10 @@ impl Workload {
         };
         Self {
             // A pod's processes are named by their pod, not by a unit.
-            unit: unit_path.filter(|_| pod_uid.is_none()).and_then(unit),
+            unit: unified
+                .and_then(unit)
+                .or_else(|| systemd.and_then(unit))
+                .filter(|_| pod_uid.is_none()),
             pod_uid,
             container_id,
         }
@@ -206,6 +210,9 @@ mod tests {
         let v1 = "12:pids:/system.slice/billing.service\n11:memory:/system.slice/billing.service\n\
                   1:name=systemd:/system.slice/billing.service\n";
         assert_eq!(w(v1).unit.as_deref(), Some("billing.service"));
+        // Hybrid: the unified hierarchy at its root, name=systemd naming the unit.
+        let hybrid = "9:name=systemd:/system.slice/billing.service\n4:memory:/\n0::/\n";
+        assert_eq!(w(hybrid).unit.as_deref(), Some("billing.service"));
     }
 
     #[test]

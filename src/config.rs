@@ -20,7 +20,7 @@ use crate::credentials::{CredentialTable, DEFAULT_POLL_INTERVAL, KeySource};
 use crate::environment::Environment;
 use crate::logging::LogConfig;
 use crate::oauth::OAuthSettings;
-use crate::policy::AccessPolicy;
+use crate::policy::{AccessConfig, AccessPolicy, CallerConfig, EnvironmentSettings, Policy};
 use crate::serve::ServerConfig;
 use crate::sinks::SinkConfig;
 use crate::systemd::SystemdConfig;
@@ -57,6 +57,9 @@ pub struct Config {
     pub certificates: crate::certs::CertificatesConfig,
     /// Traces over OTLP (off unless an endpoint is set).
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// `[callers.NAME]`: named callers, for `environments.X.access`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub callers: BTreeMap<String, CallerConfig>,
 }
 
 impl Default for Config {
@@ -77,6 +80,7 @@ impl Default for Config {
             sinks: Vec::new(),
             certificates: crate::certs::CertificatesConfig::default(),
             telemetry: crate::telemetry::TelemetryConfig::default(),
+            callers: BTreeMap::new(),
         }
     }
 }
@@ -113,6 +117,10 @@ pub struct EnvironmentConfig {
     /// The authorizing proxy to this environment's Flute API (off while
     /// `proxy.listen` is empty).
     pub proxy: crate::proxy::ProxyConfig,
+    /// Who gets the token and who may call which routes through the
+    /// proxy, by caller name; without it, the allow-lists (or anyone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access: Option<AccessConfig>,
 }
 
 impl Default for EnvironmentConfig {
@@ -126,6 +134,7 @@ impl Default for EnvironmentConfig {
             allowed_tls_clients: Vec::new(),
             credentials: None,
             proxy: crate::proxy::ProxyConfig::default(),
+            access: None,
         }
     }
 }
@@ -169,8 +178,8 @@ impl EnvironmentConfig {
         }
     }
 
-    /// Who may get this environment's tokens.
-    pub fn access(&self) -> AccessPolicy {
+    /// The short form's allow-lists.
+    pub fn allow_lists(&self) -> AccessPolicy {
         AccessPolicy {
             uids: self.allowed_unix_users.clone(),
             gids: self.allowed_unix_groups.clone(),
@@ -389,6 +398,10 @@ impl Config {
             }
         };
         let mut warnings = Vec::new();
+        match self.policy() {
+            Ok(policy) => warnings.extend(policy.table().1),
+            Err(found) => problems.extend(found),
+        }
         if shared.is_some() && self.enabled().all(|(_, e)| e.follows_upstream()) {
             warnings.push("credentials: not used: every enabled environment follows an upstream broker, so no API key is read; remove [credentials] so this host holds no secret".into());
         }
@@ -634,6 +647,18 @@ impl Config {
                 format!("{env}: proxies {} to {}", listen.join(", "), e.proxy.api_url(env))
             }))
             .collect()
+    }
+
+    /// Every enabled environment's access, compiled with the named callers.
+    pub fn policy(&self) -> Result<Policy, Vec<String>> {
+        Policy::compile(
+            &self.callers,
+            self.enabled().map(|(env, e)| EnvironmentSettings {
+                environment: env,
+                short_form: e.allow_lists(),
+                access: e.access.as_ref(),
+            }),
+        )
     }
 
     /// How often key files are checked for changes (zero: never).

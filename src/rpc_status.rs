@@ -21,7 +21,7 @@ pub fn code(error: &BrokerError) -> Code {
         BrokerError::EnvironmentNotEnabled(_) => Code::FailedPrecondition,
         BrokerError::NoValidToken { .. } | BrokerError::ShuttingDown => Code::Unavailable,
         BrokerError::OutOfRange { .. } => Code::OutOfRange,
-        BrokerError::PermissionDenied(_) => Code::PermissionDenied,
+        BrokerError::PermissionDenied(_) | BrokerError::RouteNotAllowed(_) => Code::PermissionDenied,
         BrokerError::DeadlineExceeded(_) => Code::DeadlineExceeded,
         BrokerError::RequestRefused(_) => Code::PermissionDenied,
         BrokerError::UnknownRoute(_) => Code::NotFound,

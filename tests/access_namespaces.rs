@@ -27,6 +27,12 @@ struct Sandbox {
 
 impl Sandbox {
     fn new(token_url: &str) -> Self {
+        Self::with_production(token_url, "allowed_unix_groups = [\"flute-prod\"]\n", "")
+    }
+
+    /// A sandbox whose production table ends with `production` and whose
+    /// configuration ends with `extra` (named callers, say).
+    fn with_production(token_url: &str, production: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -63,7 +69,7 @@ impl Sandbox {
                  [oauth]\nallow_insecure_http = true\n\
                  [credentials]\nclient_id = \"{CLIENT_ID}\"\nclient_secret_file = \"{secret}\"\npoll_interval = \"0s\"\n\
                  [environments.sandbox]\ntoken_url = \"{token_url}\"\nallowed_unix_users = [\"app\"]\n\
-                 [environments.production]\ntoken_url = \"{token_url}\"\nallowed_unix_groups = [\"flute-prod\"]\n",
+                 [environments.production]\ntoken_url = \"{token_url}\"\n{production}{extra}",
                 sock = dir.path().join("run/broker.sock").display(),
                 secret = secret.display(),
             ),
@@ -299,4 +305,140 @@ async fn a_caller_keeps_the_groups_it_connected_with_after_its_connecting_proces
         "a database member that dropped the group stays refused once its connecting process is gone"
     );
     stop(broker).await;
+}
+
+/// cgroups standing for systemd units, laid out as systemd lays them out
+/// (a slice, a directory per unit) in every hierarchy that names units
+/// here: the v1 `name=systemd` one, the unified one (hybrid or pure v2).
+/// Removed when dropped (their processes have exited by then).
+struct UnitCgroups {
+    slices: Vec<PathBuf>,
+}
+
+impl UnitCgroups {
+    /// `None` where no cgroup hierarchy can be written (not root, or a
+    /// read-only cgroupfs).
+    fn create(units: &[&str]) -> Option<Self> {
+        let slice = format!("flute-test-{}.slice", std::process::id());
+        let roots = ["/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"];
+        let mut slices = Vec::new();
+        for root in roots.map(std::path::Path::new) {
+            // The v2 root only when it is the unified hierarchy itself.
+            if root.join("cgroup.procs").exists() && !slices.iter().any(|s: &PathBuf| s.starts_with(root)) {
+                let dir = root.join(&slice);
+                if std::fs::create_dir(&dir).is_err() {
+                    continue;
+                }
+                for unit in units {
+                    std::fs::create_dir(dir.join(unit)).unwrap();
+                }
+                slices.push(dir);
+            }
+        }
+        if slices.is_empty() {
+            eprintln!("skipped: no writable cgroup hierarchy here");
+            return None;
+        }
+        Some(Self { slices })
+    }
+
+    /// Shell commands that move the shell into `unit`'s cgroups.
+    fn enter(&self, unit: &str) -> String {
+        self.slices
+            .iter()
+            .map(|s| format!("echo $$ > {}/{unit}/cgroup.procs; ", s.display()))
+            .collect()
+    }
+}
+
+impl Drop for UnitCgroups {
+    fn drop(&mut self) {
+        for slice in &self.slices {
+            for unit in std::fs::read_dir(slice).into_iter().flatten().flatten() {
+                if unit.path().is_dir() {
+                    let _ = std::fs::remove_dir(unit.path());
+                }
+            }
+            let _ = std::fs::remove_dir(slice);
+        }
+    }
+}
+
+/// Two units running as the same user; the rules name one of them. It gets
+/// the token (gRPC and the HTTP read) and may call its route through the
+/// proxy; the other, same uid and groups, is refused on all three, and a
+/// route outside the rule is refused to the named one.
+#[tokio::test]
+async fn two_units_of_one_user_are_told_apart_by_their_rules() {
+    if !runs_as_root() {
+        return;
+    }
+    let Some(cgroups) = UnitCgroups::create(&["billing.service", "other.service"]) else {
+        return;
+    };
+    let emu = start_emulator(Duration::from_secs(900), false).await;
+    let sandbox = Sandbox::with_production(
+        &emu.token_url(),
+        "[environments.production.proxy]\nlisten = [\"unix:RUN/prod-api.sock\"]\napi_url = \"API\"\n\
+         [environments.production.access]\ntoken = [\"billing\"]\nproxy = { billing = [\"GET /v2/transactions\"] }\n",
+        "[callers.billing]\nsystemd_units = [\"billing.service\"]\nunix_users = [\"app\"]\n",
+    );
+    let config = std::fs::read_to_string(sandbox.path("broker.toml"))
+        .unwrap()
+        .replace("RUN", &sandbox.path("run").display().to_string())
+        .replace("API", &emu.base_url());
+    std::fs::write(sandbox.path("broker.toml"), config).unwrap();
+    let broker = sandbox.start(&[], Some(65534)).await;
+
+    const READS: &str = r#"
+import socket, sys
+def get(path, socket_path):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(socket_path)
+    s.sendall(("GET %s HTTP/1.1\r\nHost: localhost\r\nFlute-Broker: true\r\nConnection: close\r\n\r\n" % path).encode())
+    answer = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    return answer.split(b"\r\n", 1)[0].decode().split(" ")[1] + ("/ROUTE_NOT_ALLOWED" if b"ROUTE_NOT_ALLOWED" in answer else "")
+print(get("/v1/environments/production/token", sys.argv[1]),
+      get("/v2/transactions", sys.argv[2]),
+      get("/v2/payments", sys.argv[2]))
+"#;
+    let run_as = |unit: &str| {
+        let script = format!(
+            "{enter}exec setpriv --reuid {APP} --regid {APP} --clear-groups /usr/bin/python3 -c '{READS}' {api} {proxy} && \
+             exit 0",
+            enter = cgroups.enter(unit),
+            api = sandbox.path("run/broker.sock").display(),
+            proxy = sandbox.path("run/prod-api.sock").display(),
+        );
+        let grpc = format!(
+            "{enter}exec setpriv --reuid {APP} --regid {APP} --clear-groups {BIN} get --env production --addr unix:{api}",
+            enter = cgroups.enter(unit),
+            api = sandbox.path("run/broker.sock").display(),
+        );
+        async move {
+            let http = Command::new("sh").args(["-c", &script]).output().await.unwrap();
+            let grpc = Command::new("sh").args(["-c", &grpc]).output().await.unwrap();
+            (String::from_utf8_lossy(&http.stdout).trim().to_owned(), grpc)
+        }
+    };
+
+    let (http, grpc) = run_as("billing.service").await;
+    assert!(grpc.status.success(), "{}", String::from_utf8_lossy(&grpc.stderr));
+    assert_eq!(
+        http, "200 200 403/ROUTE_NOT_ALLOWED",
+        "billing.service: HTTP read, its route, another route"
+    );
+    let (http, grpc) = run_as("other.service").await;
+    assert!(!allowed(&grpc), "same user, another unit: PERMISSION_DENIED over gRPC");
+    assert_eq!(
+        http, "403 403 403",
+        "another unit: refused on the HTTP read and the proxy"
+    );
+    stop(broker).await;
+    drop(cgroups);
 }

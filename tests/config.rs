@@ -521,3 +521,61 @@ fn upstream_environments_need_no_key_and_contradictions_are_named() {
         clear.warnings
     );
 }
+
+#[test]
+fn named_callers_and_access_rules() {
+    let f = Fixture::new();
+    let rules = "[callers.billing]\nsystemd_units = [\"billing.service\"]\nunix_users = [\"root\"]\n\
+                 [callers.reports]\nunix_groups = \"0\"\n\
+                 [callers.spare]\nunix_users = [0]\n\
+                 [environments.production.access]\ntoken = [\"billing\"]\n\
+                 proxy = { billing = [\"GET /v2/**\", \"POST /v2/transactions\"], reports = [\"GET /v2/transactions/**\"] }\n";
+    let loaded = f.load(rules).unwrap();
+    assert_eq!(
+        loaded.config.callers["billing"].unix_users,
+        [0],
+        "names resolved to ids"
+    );
+    assert!(
+        loaded
+            .warnings
+            .contains(&"callers.spare: no environment's access uses it".to_owned()),
+        "{:?}",
+        loaded.warnings
+    );
+    let (table, _) = loaded.config.policy().unwrap().table();
+    assert!(
+        table.contains(
+            &"access: reports → production: proxy only (never the token): GET /v2/transactions/**".to_owned()
+        ),
+        "{table:#?}"
+    );
+    assert!(
+        table.iter().any(|l| l.starts_with("access: sandbox: open")),
+        "{table:#?}"
+    );
+    // The effective configuration round-trips with its rules.
+    let again = Config::from_toml_str(&loaded.config.to_toml(), HashMap::new()).unwrap();
+    assert_eq!(again.config.callers, loaded.config.callers);
+    assert_eq!(again.config.environments, loaded.config.environments);
+
+    let problems = f
+        .load(
+            "[callers.empty]\n[callers.x]\nsystemd_units = [\"x.socket\"]\nbogus = 1\n\
+             [environments.sandbox]\nallowed_unix_users = [\"root\"]\n\
+             [environments.sandbox.access]\ntoken = [\"ghost\"]\nproxy = { empty = [\"GET v2\"] }\n",
+        )
+        .unwrap_err();
+    for expected in [
+        "callers.x.bogus",
+        "callers.empty: names no identity",
+        "environments.sandbox.access.token: \"ghost\" is not a caller",
+        "environments.sandbox.access.proxy.empty: \"GET v2\"",
+        "environments.sandbox: allowed_unix_users",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.contains(expected)),
+            "{expected}: {problems:#?}"
+        );
+    }
+}

@@ -16,6 +16,9 @@ pub enum BrokerError {
     EnvironmentNotEnabled(Environment),
     #[error("this caller may not get {0} tokens")]
     PermissionDenied(Environment),
+    /// A proxied request on a route no rule gives this caller.
+    #[error("this caller may not call this route of the {0} API")]
+    RouteNotAllowed(Environment),
     #[error("{field}: {message}")]
     InvalidArgument { field: &'static str, message: String },
     #[error("no valid {environment} token: {reason}{}", next_attempt.map(|d| format!("; next attempt in {}", crate::duration::format(Duration::from_secs(d.as_secs().max(1))))).unwrap_or_default())]
@@ -87,6 +90,7 @@ pub mod reason {
     pub const ENVIRONMENT_UNSPECIFIED: &str = "ENVIRONMENT_UNSPECIFIED";
     pub const ENVIRONMENT_NOT_ENABLED: &str = "ENVIRONMENT_NOT_ENABLED";
     pub const CALLER_NOT_ALLOWED: &str = "CALLER_NOT_ALLOWED";
+    pub const ROUTE_NOT_ALLOWED: &str = "ROUTE_NOT_ALLOWED";
     pub const INVALID_FIELD: &str = "INVALID_FIELD";
     pub const NO_VALID_TOKEN: &str = "NO_VALID_TOKEN";
     pub const MIN_REMAINING_TOO_LONG: &str = "MIN_REMAINING_TOO_LONG";
@@ -105,6 +109,7 @@ impl BrokerError {
             BrokerError::UnspecifiedEnvironment => reason::ENVIRONMENT_UNSPECIFIED,
             BrokerError::EnvironmentNotEnabled(_) => reason::ENVIRONMENT_NOT_ENABLED,
             BrokerError::PermissionDenied(_) => reason::CALLER_NOT_ALLOWED,
+            BrokerError::RouteNotAllowed(_) => reason::ROUTE_NOT_ALLOWED,
             BrokerError::InvalidArgument { .. } => reason::INVALID_FIELD,
             BrokerError::NoValidToken { .. } => reason::NO_VALID_TOKEN,
             BrokerError::OutOfRange { .. } => reason::MIN_REMAINING_TOO_LONG,
@@ -122,6 +127,7 @@ impl BrokerError {
         match self {
             BrokerError::EnvironmentNotEnabled(env)
             | BrokerError::PermissionDenied(env)
+            | BrokerError::RouteNotAllowed(env)
             | BrokerError::NoValidToken { environment: env, .. }
             | BrokerError::OutOfRange { environment: env, .. }
             | BrokerError::DeadlineExceeded(env) => Some(*env),

@@ -10,7 +10,6 @@
 
 mod error;
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,7 +28,7 @@ pub use error::{BrokerError, reason};
 use crate::environment::Environment;
 use crate::identity::Caller;
 use crate::metrics::Metrics;
-use crate::policy::AccessPolicy;
+use crate::policy::{Policy, ProxyRefusal};
 use crate::serve::guard::HeldRequest;
 use crate::token::{RefreshError, Snapshot, SourceState, Token, TokenSourceHandle, TokenSources};
 use crate::wire::{self, pb, pb::watch_token_response::Update, timestamp, wall_time};
@@ -51,8 +50,8 @@ pub struct Core {
     metrics: Arc<Metrics>,
     /// Longest wait for a token when the caller's deadline is longer or unset.
     request_wait: Duration,
-    /// Who may get which environment's tokens.
-    access: Arc<BTreeMap<Environment, AccessPolicy>>,
+    /// Who may get which environment's tokens and call which routes.
+    policy: Arc<Policy>,
     /// The TLS material in use, shown by GetStatus.
     certificates: Option<Arc<crate::certs::Rotation>>,
 }
@@ -64,14 +63,14 @@ impl Core {
         streams: TaskTracker,
         metrics: Arc<Metrics>,
         request_wait: Duration,
-        access: BTreeMap<Environment, AccessPolicy>,
+        policy: Policy,
     ) -> Self {
         Self {
             sources,
             draining,
             streams,
             request_wait,
-            access: Arc::new(access),
+            policy: Arc::new(policy),
             metrics,
             certificates: None,
         }
@@ -191,8 +190,26 @@ impl Core {
         }
     }
 
-    pub fn allows(&self, env: Environment, caller: &Caller) -> bool {
-        self.access.get(&env).is_none_or(|policy| policy.allows(caller))
+    fn allows(&self, env: Environment, caller: &Caller) -> bool {
+        self.policy.may_get_token(env, caller)
+    }
+
+    /// The source of `env`, if it is enabled and `caller` may send
+    /// `method path` through its proxy (a caller allowed only the proxy
+    /// gets the source, never the token itself).
+    pub fn authorize_proxy(
+        &self,
+        env: Environment,
+        caller: &Caller,
+        method: &http::Method,
+        path: &str,
+    ) -> Result<&TokenSourceHandle, BrokerError> {
+        let source = self.sources.get(env).ok_or(BrokerError::EnvironmentNotEnabled(env))?;
+        match self.policy.may_proxy(env, caller, method, path) {
+            Ok(()) => Ok(source),
+            Err(ProxyRefusal::CallerNotAllowed) => Err(BrokerError::PermissionDenied(env)),
+            Err(ProxyRefusal::RouteNotAllowed) => Err(BrokerError::RouteNotAllowed(env)),
+        }
     }
 
     /// WatchToken on an authorized source, holding one of its listener's

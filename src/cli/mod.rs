@@ -174,6 +174,11 @@ fn check_config(path: PathBuf, skip_secrets: bool) -> u8 {
             for line in loaded.config.token_sources_summary() {
                 logging::to_stderr(line);
             }
+            if let Ok(policy) = loaded.config.policy() {
+                for line in policy.table().0 {
+                    logging::to_stderr(line);
+                }
+            }
             if !skip_secrets {
                 let now = std::time::SystemTime::now();
                 let in_use = loaded.config.certificates_in_use();

@@ -74,6 +74,8 @@ pub enum DaemonError {
     Emulator(std::io::Error),
     #[error(transparent)]
     Proxy(#[from] crate::proxy::ProxyError),
+    #[error("access: {0}")]
+    Access(String),
 }
 
 impl DaemonError {
@@ -86,6 +88,7 @@ impl DaemonError {
             | DaemonError::Tls(_)
             | DaemonError::UpstreamTls(_)
             | DaemonError::Proxy(_)
+            | DaemonError::Access(_)
             | DaemonError::TlsRoots(_) => crate::exit::CONFIG,
             DaemonError::Listen(e) if e.is_configuration() => crate::exit::CONFIG,
             _ => crate::exit::FAILURE,
@@ -207,14 +210,17 @@ impl Broker {
         let streams = TaskTracker::new();
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health::set_not_serving(&health_reporter, &sources).await;
-        let access = config.enabled().map(|(env, e)| (env, e.access())).collect();
+        // Validated with the configuration: compiles here.
+        let policy = config
+            .policy()
+            .map_err(|problems| DaemonError::Access(problems.join("; ")))?;
         let core = crate::broker::Core::new(
             sources.clone(),
             draining.clone(),
             streams.clone(),
             metrics.clone(),
             config.server.request_wait,
-            access,
+            policy,
         )
         .with_certificates(rotation.clone());
         let service = TokenBrokerService::new(core.clone());

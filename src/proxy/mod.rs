@@ -240,7 +240,10 @@ impl Proxy {
             Err(bad) => return (bad_target(bad), None),
         };
         let caller = Caller::from_extensions(&parts.extensions);
-        let source = match self.core.authorize(self.environment, &caller) {
+        let source = match self
+            .core
+            .authorize_proxy(self.environment, &caller, &parts.method, parts.uri.path())
+        {
             Ok(source) => source,
             Err(refused) => return (broker_refusal(refused), None),
         };
@@ -399,7 +402,7 @@ fn bad_target(bad: BadTarget) -> Response {
         BadTarget::OutsideApi => refuse(
             StatusCode::FORBIDDEN,
             tonic::Code::PermissionDenied,
-            "ROUTE_NOT_ALLOWED",
+            crate::broker::reason::ROUTE_NOT_ALLOWED,
             bad.message(),
         ),
         _ => refuse(
