@@ -162,6 +162,20 @@ pub struct AccessConfig {
     pub token: Vec<String>,
     /// Per caller, the routes it may call through the proxy (`GET /v2/**`).
     pub proxy: BTreeMap<String, Vec<String>>,
+    /// Caller-forced refreshes per minute, per caller (RefreshToken, a
+    /// `min_remaining` the current token does not meet, a proxied 401).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_per_minute: Option<u32>,
+    /// Proxied requests per second, per caller (a burst of twice that).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_per_second: Option<u32>,
+}
+
+/// An environment's per-caller rate limits (none: unlimited).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimits {
+    pub refresh_per_minute: Option<u32>,
+    pub proxy_per_second: Option<u32>,
 }
 
 /// A proxy route pattern: a method (or `*`) and a path of literal
@@ -297,6 +311,7 @@ enum EnvironmentAccess {
         /// Indexes into the callers.
         token: Vec<usize>,
         proxy: Vec<(usize, Vec<RoutePattern>)>,
+        limits: RateLimits,
     },
 }
 
@@ -371,7 +386,24 @@ impl Policy {
                         }
                         proxy.push((i, patterns));
                     }
-                    EnvironmentAccess::Rules { token, proxy }
+                    for (key, value) in [
+                        ("refresh_per_minute", access.refresh_per_minute),
+                        ("proxy_per_second", access.proxy_per_second),
+                    ] {
+                        if value.is_some_and(|v| !(1..=1_000_000).contains(&v)) {
+                            problems.push(format!(
+                                "environments.{env}.access.{key}: must be between 1 and 1000000"
+                            ));
+                        }
+                    }
+                    EnvironmentAccess::Rules {
+                        token,
+                        proxy,
+                        limits: RateLimits {
+                            refresh_per_minute: access.refresh_per_minute,
+                            proxy_per_second: access.proxy_per_second,
+                        },
+                    }
                 }
             };
             compiled.insert(env, access);
@@ -436,6 +468,24 @@ impl Policy {
             .collect()
     }
 
+    /// The name `caller` is counted under (rate limits): its first named
+    /// caller, else `anonymous` or `unnamed`.
+    pub fn label_of(&self, caller: &Caller) -> &str {
+        match self.callers.iter().find(|c| c.rule.matches(caller)) {
+            Some(named) => &named.name,
+            None if matches!(caller, Caller::Anonymous) => "anonymous",
+            None => "unnamed",
+        }
+    }
+
+    /// The rate limits of `env` (rules only).
+    pub fn limits(&self, env: Environment) -> RateLimits {
+        match self.environments.get(&env) {
+            Some(EnvironmentAccess::Rules { limits, .. }) => *limits,
+            _ => RateLimits::default(),
+        }
+    }
+
     /// The resolved table, one line per caller and environment (what
     /// `check-config` prints), and the callers no rule uses.
     pub fn table(&self) -> (Vec<String>, Vec<String>) {
@@ -450,7 +500,7 @@ impl Policy {
                     "access: {env}: allow-lists (users {:?}, groups {:?}, TLS clients {:?}) get the token and may call any /v2 route",
                     lists.uids, lists.gids, lists.tls_clients
                 )),
-                EnvironmentAccess::Rules { token, proxy } => {
+                EnvironmentAccess::Rules { token, proxy, limits } => {
                     for (i, caller) in self.callers.iter().enumerate() {
                         let gets = token.contains(&i);
                         let routes: Vec<String> = proxy
@@ -470,6 +520,12 @@ impl Policy {
                         lines.push(format!("access: {} → {env}: {what}", caller.name));
                     }
                     lines.push(format!("access: anyone else → {env}: nothing"));
+                    if let Some(n) = limits.refresh_per_minute {
+                        lines.push(format!("access: {env}: at most {n} forced refreshes per minute per caller"));
+                    }
+                    if let Some(n) = limits.proxy_per_second {
+                        lines.push(format!("access: {env}: at most {n} proxied requests per second per caller"));
+                    }
                 }
             }
         }
@@ -652,6 +708,7 @@ mod tests {
                 ("reports".to_owned(), vec!["GET /v2/transactions/**".to_owned()]),
             ]
             .into(),
+            ..Default::default()
         };
         Policy::compile(
             &callers,
@@ -705,6 +762,9 @@ mod tests {
         // An environment the policy does not name is open.
         assert!(policy.may_get_token(Environment::Sandbox, &Caller::Anonymous));
         assert_eq!(policy.names_of(&billing), ["billing"]);
+        assert_eq!(policy.label_of(&billing), "billing");
+        assert_eq!(policy.label_of(&same_user_other_unit), "unnamed");
+        assert_eq!(policy.label_of(&Caller::Anonymous), "anonymous");
         assert!(policy.names_of(&same_user_other_unit).is_empty());
 
         let (table, unused) = policy.table();
@@ -739,6 +799,8 @@ mod tests {
         let access = AccessConfig {
             token: vec!["nobody".into()],
             proxy: [("empty".to_owned(), vec!["GET v2".to_owned()])].into(),
+            refresh_per_minute: Some(0),
+            ..Default::default()
         };
         let problems = Policy::compile(
             &callers,
@@ -752,7 +814,12 @@ mod tests {
             }],
         )
         .unwrap_err();
-        assert_eq!(problems.len(), 5, "{problems:#?}");
+        assert_eq!(problems.len(), 6, "{problems:#?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("environments.sandbox.access.refresh_per_minute"))
+        );
         assert!(
             problems
                 .iter()

@@ -26,7 +26,7 @@ pub fn code(error: &BrokerError) -> Code {
         BrokerError::RequestRefused(_) => Code::PermissionDenied,
         BrokerError::UnknownRoute(_) => Code::NotFound,
         BrokerError::MethodNotAllowed(_) => Code::Unimplemented,
-        BrokerError::HeldLimit { .. } => Code::ResourceExhausted,
+        BrokerError::HeldLimit { .. } | BrokerError::RateLimited { .. } => Code::ResourceExhausted,
     }
 }
 
@@ -55,6 +55,9 @@ impl From<BrokerError> for Status {
             }
             BrokerError::HeldLimit { .. } => {
                 details.set_retry_info(Some(crate::serve::guard::HELD_RETRY_DELAY));
+            }
+            BrokerError::RateLimited { retry_after, .. } => {
+                details.set_retry_info(Some(*retry_after));
             }
             _ => {}
         }

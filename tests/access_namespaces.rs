@@ -442,3 +442,99 @@ print(get("/v1/environments/production/token", sys.argv[1]),
     stop(broker).await;
     drop(cgroups);
 }
+
+/// Per-caller rate limits: one caller's RefreshToken loop and proxy flood
+/// are limited (429 `RATE_LIMITED`, with `Retry-After`) while another
+/// caller's calls pass.
+#[tokio::test]
+async fn one_callers_loop_is_limited_and_another_caller_passes() {
+    if !runs_as_root() {
+        return;
+    }
+    let emu = start_emulator(Duration::from_secs(900), false).await;
+    let sandbox = Sandbox::with_production(
+        &emu.token_url(),
+        "[environments.production.proxy]\nlisten = [\"unix:RUN/prod-api.sock\"]\napi_url = \"API\"\n\
+         [environments.production.access]\ntoken = [\"app\", \"other\"]\n\
+         proxy = { app = [\"GET /v2/**\"], other = [\"GET /v2/**\"] }\n\
+         refresh_per_minute = 3\nproxy_per_second = 2\n",
+        "[callers.app]\nunix_users = [\"app\"]\n[callers.other]\nunix_users = [\"other\"]\n\
+         [refresh]\nearly_refresh_interval = \"0s\"\n",
+    );
+    let config = std::fs::read_to_string(sandbox.path("broker.toml"))
+        .unwrap()
+        .replace("RUN", &sandbox.path("run").display().to_string())
+        .replace("API", &emu.base_url());
+    std::fs::write(sandbox.path("broker.toml"), config).unwrap();
+    let broker = sandbox.start(&[], Some(65534)).await;
+
+    const CALLS: &str = r#"
+import json, socket, sys
+def call(method, path, socket_path, body=b""):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(socket_path)
+    head = "%s %s HTTP/1.1\r\nHost: localhost\r\nFlute-Broker: true\r\nConnection: close\r\nContent-Length: %d\r\n" % (method, path, len(body))
+    if body:
+        head += "Content-Type: application/json\r\n"
+    s.sendall(head.encode() + b"\r\n" + body)
+    answer = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    status = head.split(b" ")[1].decode()
+    if status == "429":
+        assert b"RATE_LIMITED" in rest and b"retry-after" in head.lower(), answer
+    return status, rest
+api, proxy, refreshes, floods = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+out = []
+for _ in range(refreshes):
+    _, body = call("GET", "/v1/environments/production/token", api)
+    token_id = json.loads(body)["token"]["tokenId"]
+    status, _ = call("POST", "/v1/environments/production/token:refresh", api, json.dumps({"rejectedTokenId": token_id}).encode())
+    out.append(status)
+print(" ".join(out))
+print(" ".join(call("GET", "/v2/transactions", proxy)[0] for _ in range(floods)))
+"#;
+    let run_as = |uid: u32, refreshes: usize, floods: usize| {
+        let api = sandbox.path("run/broker.sock");
+        let proxy = sandbox.path("run/prod-api.sock");
+        async move {
+            let out = Command::new("setpriv")
+                .args([
+                    "--reuid",
+                    &uid.to_string(),
+                    "--regid",
+                    &uid.to_string(),
+                    "--clear-groups",
+                ])
+                .args(["/usr/bin/python3", "-c", CALLS])
+                .arg(api)
+                .arg(proxy)
+                .args([refreshes.to_string(), floods.to_string()])
+                .output()
+                .await
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let mut lines = text.lines().map(str::to_owned);
+            (lines.next().unwrap_or_default(), lines.next().unwrap_or_default())
+        }
+    };
+
+    let (refreshes, flood) = run_as(APP, 5, 10).await;
+    assert_eq!(refreshes, "200 200 200 429 429", "3 forced refreshes a minute");
+    let flood: Vec<&str> = flood.split(' ').collect();
+    assert_eq!(&flood[..4], ["200"; 4], "a burst of twice the rate: {flood:?}");
+    assert!(
+        flood.iter().filter(|s| **s == "429").count() >= 4,
+        "the rest limited: {flood:?}"
+    );
+    // The other caller's budget is its own.
+    let (refreshes, flood) = run_as(OTHER, 1, 2).await;
+    assert_eq!(refreshes, "200");
+    assert_eq!(flood, "200 200");
+    stop(broker).await;
+}

@@ -16,6 +16,14 @@ pub enum BrokerError {
     EnvironmentNotEnabled(Environment),
     #[error("this caller may not get {0} tokens")]
     PermissionDenied(Environment),
+    /// This caller's limit (`access.refresh_per_minute`,
+    /// `access.proxy_per_second`) is used up: retry after the delay.
+    #[error("this caller has used its {what} in {environment}; retry in {}", crate::duration::format(*retry_after))]
+    RateLimited {
+        environment: Environment,
+        what: &'static str,
+        retry_after: Duration,
+    },
     /// A proxied request on a route no rule gives this caller.
     #[error("this caller may not call this route of the {0} API")]
     RouteNotAllowed(Environment),
@@ -91,6 +99,7 @@ pub mod reason {
     pub const ENVIRONMENT_NOT_ENABLED: &str = "ENVIRONMENT_NOT_ENABLED";
     pub const CALLER_NOT_ALLOWED: &str = "CALLER_NOT_ALLOWED";
     pub const ROUTE_NOT_ALLOWED: &str = "ROUTE_NOT_ALLOWED";
+    pub const RATE_LIMITED: &str = "RATE_LIMITED";
     pub const INVALID_FIELD: &str = "INVALID_FIELD";
     pub const NO_VALID_TOKEN: &str = "NO_VALID_TOKEN";
     pub const MIN_REMAINING_TOO_LONG: &str = "MIN_REMAINING_TOO_LONG";
@@ -110,6 +119,7 @@ impl BrokerError {
             BrokerError::EnvironmentNotEnabled(_) => reason::ENVIRONMENT_NOT_ENABLED,
             BrokerError::PermissionDenied(_) => reason::CALLER_NOT_ALLOWED,
             BrokerError::RouteNotAllowed(_) => reason::ROUTE_NOT_ALLOWED,
+            BrokerError::RateLimited { .. } => reason::RATE_LIMITED,
             BrokerError::InvalidArgument { .. } => reason::INVALID_FIELD,
             BrokerError::NoValidToken { .. } => reason::NO_VALID_TOKEN,
             BrokerError::OutOfRange { .. } => reason::MIN_REMAINING_TOO_LONG,
@@ -128,6 +138,7 @@ impl BrokerError {
             BrokerError::EnvironmentNotEnabled(env)
             | BrokerError::PermissionDenied(env)
             | BrokerError::RouteNotAllowed(env)
+            | BrokerError::RateLimited { environment: env, .. }
             | BrokerError::NoValidToken { environment: env, .. }
             | BrokerError::OutOfRange { environment: env, .. }
             | BrokerError::DeadlineExceeded(env) => Some(*env),

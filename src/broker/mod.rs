@@ -9,6 +9,7 @@
 //! and the answers back; none decides on its own, and none imports another.
 
 mod error;
+mod limits;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -32,6 +33,8 @@ use crate::policy::{Policy, ProxyRefusal};
 use crate::serve::guard::HeldRequest;
 use crate::token::{RefreshError, Snapshot, SourceState, Token, TokenSourceHandle, TokenSources};
 use crate::wire::{self, pb, pb::watch_token_response::Update, timestamp, wall_time};
+use limits::EnvironmentLimits;
+use std::collections::BTreeMap;
 
 /// Longest accepted `rejected_token_id`.
 const MAX_TOKEN_ID_LEN: usize = 128;
@@ -52,6 +55,9 @@ pub struct Core {
     request_wait: Duration,
     /// Who may get which environment's tokens and call which routes.
     policy: Arc<Policy>,
+    /// Per environment, the per-caller limits of forced refreshes and of
+    /// proxied requests, where the rules set them.
+    limits: Arc<BTreeMap<Environment, EnvironmentLimits>>,
     /// The TLS material in use, shown by GetStatus.
     certificates: Option<Arc<crate::certs::Rotation>>,
 }
@@ -70,6 +76,12 @@ impl Core {
             draining,
             streams,
             request_wait,
+            limits: Arc::new(
+                Environment::ALL
+                    .into_iter()
+                    .map(|env| (env, EnvironmentLimits::new(policy.limits(env))))
+                    .collect(),
+            ),
             policy: Arc::new(policy),
             metrics,
             certificates: None,
@@ -113,6 +125,7 @@ impl Core {
     pub(crate) async fn get_token(
         &self,
         source: &TokenSourceHandle,
+        caller: &Caller,
         min_remaining: Option<Duration>,
         wait: impl FnOnce() -> Duration,
     ) -> Result<Served, BrokerError> {
@@ -132,6 +145,8 @@ impl Core {
         let token = if min_remaining.is_zero() {
             source.current().ok_or_else(|| no_valid_token(source))?
         } else {
+            // A refresh this caller forces: within its limit.
+            self.admit(env, caller, LimitKind::Refresh)?;
             within(env, wait, source.token_with_remaining(min_remaining)).await?
         };
         Ok(Served {
@@ -144,6 +159,7 @@ impl Core {
     pub(crate) async fn refresh_token(
         &self,
         source: &TokenSourceHandle,
+        caller: &Caller,
         rejected_token_id: &str,
         wait: Duration,
     ) -> Result<Arc<Token>, BrokerError> {
@@ -155,7 +171,31 @@ impl Core {
                 message,
             });
         }
+        // Only a rejection of the current token forces a refresh (any
+        // other is answered with the current token): that counts.
+        if source.current().is_some_and(|t| t.token_id == id) {
+            self.admit(source.environment(), caller, LimitKind::Refresh)?;
+        }
         within(source.environment(), wait, source.replace_rejected(id)).await
+    }
+
+    /// One more of `kind` for `caller` in `env`, within its limit.
+    fn admit(&self, env: Environment, caller: &Caller, kind: LimitKind) -> Result<(), BrokerError> {
+        let Some(limits) = self.limits.get(&env) else {
+            return Ok(());
+        };
+        let limiter = match kind {
+            LimitKind::Refresh => &limits.refresh,
+            LimitKind::Proxy => &limits.proxy,
+        };
+        let Some(limiter) = limiter else { return Ok(()) };
+        limiter
+            .take(self.policy.label_of(caller), Instant::now())
+            .map_err(|retry_after| BrokerError::RateLimited {
+                environment: env,
+                what: kind.what(),
+                retry_after,
+            })
     }
 
     /// Every enabled environment; those the caller may not get tokens of
@@ -206,7 +246,10 @@ impl Core {
     ) -> Result<&TokenSourceHandle, BrokerError> {
         let source = self.sources.get(env).ok_or(BrokerError::EnvironmentNotEnabled(env))?;
         match self.policy.may_proxy(env, caller, method, path) {
-            Ok(()) => Ok(source),
+            Ok(()) => {
+                self.admit(env, caller, LimitKind::Proxy)?;
+                Ok(source)
+            }
             Err(ProxyRefusal::CallerNotAllowed) => Err(BrokerError::PermissionDenied(env)),
             Err(ProxyRefusal::RouteNotAllowed) => Err(BrokerError::RouteNotAllowed(env)),
         }
@@ -226,6 +269,22 @@ impl Core {
             _open: OpenStream::new(self.metrics.clone()),
         };
         Box::pin(futures_util::stream::unfold(state, WatchState::next))
+    }
+}
+
+/// The per-caller limits.
+#[derive(Clone, Copy, Debug)]
+enum LimitKind {
+    Refresh,
+    Proxy,
+}
+
+impl LimitKind {
+    fn what(self) -> &'static str {
+        match self {
+            LimitKind::Refresh => "forced refreshes (access.refresh_per_minute)",
+            LimitKind::Proxy => "proxied requests (access.proxy_per_second)",
+        }
     }
 }
 

@@ -155,12 +155,9 @@ async fn get_token(
     // Everything that reads the request's connection happens before the
     // first await (the request body is not Sync): the one access check,
     // and a long poll's held-request slot.
+    let caller = Caller::from_extensions(request.extensions());
     let admitted = environment(&env)
-        .and_then(|env| {
-            service
-                .core()
-                .authorize(env, &Caller::from_extensions(request.extensions()))
-        })
+        .and_then(|env| service.core().authorize(env, &caller))
         .and_then(|source| {
             let long_poll = query.get("wait_for_change").is_some_and(|v| v == "true");
             let held = match long_poll {
@@ -181,7 +178,7 @@ async fn get_token(
         }
         service
             .core()
-            .get_token(&source, min_remaining, || service.core().request_wait())
+            .get_token(&source, &caller, min_remaining, || service.core().request_wait())
             .await
     }
     .await;
@@ -236,12 +233,9 @@ async fn refresh_token(
     if let Err(refused) = safeguards(&request) {
         return refused.into_response();
     }
+    let caller = Caller::from_extensions(request.extensions());
     let admitted = environment(&env)
-        .and_then(|env| {
-            service
-                .core()
-                .authorize(env, &Caller::from_extensions(request.extensions()))
-        })
+        .and_then(|env| service.core().authorize(env, &caller))
         .cloned();
     let result = async {
         let source = admitted?;
@@ -254,7 +248,12 @@ async fn refresh_token(
         let request: pb::RefreshTokenRequest = from_json("RefreshTokenRequest", &body)?;
         service
             .core()
-            .refresh_token(&source, &request.rejected_token_id, service.core().request_wait())
+            .refresh_token(
+                &source,
+                &caller,
+                &request.rejected_token_id,
+                service.core().request_wait(),
+            )
             .await
     }
     .await;

@@ -167,9 +167,8 @@ impl TokenBroker for TokenBrokerService {
     async fn get_token(&self, request: Request<pb::GetTokenRequest>) -> Result<Response<pb::GetTokenResponse>, Status> {
         let result = async {
             let message = request.get_ref();
-            let source = self
-                .core
-                .authorize(requested(message.environment)?, &Caller::of(&request))?;
+            let caller = Caller::of(&request);
+            let source = self.core.authorize(requested(message.environment)?, &caller)?;
             let min_remaining = message
                 .min_remaining
                 .as_ref()
@@ -182,7 +181,7 @@ impl TokenBroker for TokenBrokerService {
                 .transpose()?;
             let served = self
                 .core
-                .get_token(source, min_remaining, || self.wait_limit(&request))
+                .get_token(source, &caller, min_remaining, || self.wait_limit(&request))
                 .await?;
             Ok(pb::GetTokenResponse {
                 token: Some(wire::pb_token(&served.token, served.at)),
@@ -213,12 +212,11 @@ impl TokenBroker for TokenBrokerService {
     ) -> Result<Response<pb::RefreshTokenResponse>, Status> {
         let result = async {
             let message = request.get_ref();
-            let source = self
-                .core
-                .authorize(requested(message.environment)?, &Caller::of(&request))?;
+            let caller = Caller::of(&request);
+            let source = self.core.authorize(requested(message.environment)?, &caller)?;
             let token = self
                 .core
-                .refresh_token(source, &message.rejected_token_id, self.wait_limit(&request))
+                .refresh_token(source, &caller, &message.rejected_token_id, self.wait_limit(&request))
                 .await?;
             Ok(pb::RefreshTokenResponse {
                 token: Some(token.as_ref().into()),

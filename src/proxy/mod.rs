@@ -256,7 +256,7 @@ impl Proxy {
             return (too_large(self.settings.max_body_bytes), None);
         }
         let wait = self.core.request_wait();
-        let token = match self.core.get_token(source, None, || wait).await {
+        let token = match self.core.get_token(source, &caller, None, || wait).await {
             Ok(served) => served.token,
             Err(refused) => return (broker_refusal(refused), None),
         };
@@ -313,7 +313,7 @@ impl Proxy {
         {
             return (self.not_retried(first, "TOKEN_FRESH"), Some(token.token_id.clone()));
         }
-        let refreshed = self.core.refresh_token(source, &token.token_id, wait).await;
+        let refreshed = self.core.refresh_token(source, &caller, &token.token_id, wait).await;
         let reason = match (&refreshed, body.replayable()) {
             (Ok(new), false) => {
                 self.rotations
