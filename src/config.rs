@@ -57,6 +57,8 @@ pub struct Config {
     pub certificates: crate::certs::CertificatesConfig,
     /// Traces over OTLP (off unless an endpoint is set).
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// `[audit]`: the tamper-evident audit trail (off unless a file is set).
+    pub audit: crate::audit::AuditConfig,
     /// `[callers.NAME]`: named callers, for `environments.X.access`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub callers: BTreeMap<String, CallerConfig>,
@@ -80,6 +82,7 @@ impl Default for Config {
             sinks: Vec::new(),
             certificates: crate::certs::CertificatesConfig::default(),
             telemetry: crate::telemetry::TelemetryConfig::default(),
+            audit: crate::audit::AuditConfig::default(),
             callers: BTreeMap::new(),
         }
     }
@@ -386,6 +389,7 @@ impl Config {
         section("upstream", self.upstream.problems());
         section("certificates", self.certificates.problems());
         section("telemetry", self.telemetry.problems());
+        section("audit", self.audit.problems());
         if let Some(p) = crate::duration::out_of_range(self.poll_interval(), Duration::ZERO, Duration::from_secs(3600))
         {
             section("credentials", vec![format!("poll_interval: {p}")]);

@@ -7,6 +7,11 @@ pub const OK: u8 = 0;
 pub const FAILURE: u8 = 1;
 /// Bad command-line arguments.
 pub const USAGE: u8 = 2;
+/// An audit trail whose chain is broken: a record edited, removed or
+/// reordered (EX_DATAERR).
+pub const DATA_ERROR: u8 = 65;
+/// An input file could not be read (EX_NOINPUT).
+pub const NO_INPUT: u8 = 66;
 /// The broker could not be reached (EX_UNAVAILABLE).
 pub const UNREACHABLE: u8 = 69;
 /// The output could not be written (EX_IOERR).

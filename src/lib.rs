@@ -8,6 +8,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod audit;
 pub mod broker;
 pub mod certs;
 pub mod cgroup;

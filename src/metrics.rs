@@ -134,6 +134,8 @@ pub struct Metrics {
     pub accept_errors: Family<ListenerLabels, Counter>,
     /// Requests that filled their connection's concurrent stream limit.
     pub stream_limit_reached: Family<ListenerLabels, Counter>,
+    /// Audit records that could not be written (or were dropped).
+    pub audit_failures: Counter,
     /// Held requests (long polls, WatchToken streams) open per listener.
     pub held_requests: Family<ListenerLabels, Gauge>,
     /// Connections with at least one held request open, per listener.
@@ -263,6 +265,12 @@ impl Metrics {
             "Sampled trace spans: ended (queued for export), exported, failed (in exports that failed); the queue drops the rest",
             TRACE_SPANS.clone(),
         );
+        let audit_failures = Counter::default();
+        registry.register(
+            "audit_failures",
+            "Audit records that could not be written to the audit file, or were dropped",
+            audit_failures.clone(),
+        );
         let held_requests = Family::<ListenerLabels, Gauge>::default();
         registry.register(
             "held_requests",
@@ -354,6 +362,7 @@ impl Metrics {
             connections_closed,
             accept_errors,
             stream_limit_reached,
+            audit_failures,
             held_requests,
             held_connections,
             held_requests_refused,

@@ -19,7 +19,9 @@ pub fn code(error: &BrokerError) -> Code {
     match error {
         BrokerError::UnspecifiedEnvironment | BrokerError::InvalidArgument { .. } => Code::InvalidArgument,
         BrokerError::EnvironmentNotEnabled(_) => Code::FailedPrecondition,
-        BrokerError::NoValidToken { .. } | BrokerError::ShuttingDown => Code::Unavailable,
+        BrokerError::NoValidToken { .. } | BrokerError::ShuttingDown | BrokerError::AuditUnavailable => {
+            Code::Unavailable
+        }
         BrokerError::OutOfRange { .. } => Code::OutOfRange,
         BrokerError::PermissionDenied(_) | BrokerError::RouteNotAllowed(_) => Code::PermissionDenied,
         BrokerError::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -52,6 +54,9 @@ impl From<BrokerError> for Status {
             }
             BrokerError::ShuttingDown => {
                 details.set_retry_info(Some(std::time::Duration::ZERO));
+            }
+            BrokerError::AuditUnavailable => {
+                details.set_retry_info(Some(std::time::Duration::from_secs(1)));
             }
             BrokerError::HeldLimit { .. } => {
                 details.set_retry_info(Some(crate::serve::guard::HELD_RETRY_DELAY));

@@ -24,6 +24,10 @@ pub enum BrokerError {
         what: &'static str,
         retry_after: Duration,
     },
+    /// `audit.on_failure = "refuse"` and the audit trail cannot take
+    /// records now: nothing is served unrecorded.
+    #[error("the audit trail cannot be written; calls are refused until it can")]
+    AuditUnavailable,
     /// A proxied request on a route no rule gives this caller.
     #[error("this caller may not call this route of the {0} API")]
     RouteNotAllowed(Environment),
@@ -100,6 +104,7 @@ pub mod reason {
     pub const CALLER_NOT_ALLOWED: &str = "CALLER_NOT_ALLOWED";
     pub const ROUTE_NOT_ALLOWED: &str = "ROUTE_NOT_ALLOWED";
     pub const RATE_LIMITED: &str = "RATE_LIMITED";
+    pub const AUDIT_UNAVAILABLE: &str = "AUDIT_UNAVAILABLE";
     pub const INVALID_FIELD: &str = "INVALID_FIELD";
     pub const NO_VALID_TOKEN: &str = "NO_VALID_TOKEN";
     pub const MIN_REMAINING_TOO_LONG: &str = "MIN_REMAINING_TOO_LONG";
@@ -120,6 +125,7 @@ impl BrokerError {
             BrokerError::PermissionDenied(_) => reason::CALLER_NOT_ALLOWED,
             BrokerError::RouteNotAllowed(_) => reason::ROUTE_NOT_ALLOWED,
             BrokerError::RateLimited { .. } => reason::RATE_LIMITED,
+            BrokerError::AuditUnavailable => reason::AUDIT_UNAVAILABLE,
             BrokerError::InvalidArgument { .. } => reason::INVALID_FIELD,
             BrokerError::NoValidToken { .. } => reason::NO_VALID_TOKEN,
             BrokerError::OutOfRange { .. } => reason::MIN_REMAINING_TOO_LONG,

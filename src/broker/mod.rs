@@ -26,6 +26,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 pub use error::{BrokerError, reason};
 
+use crate::audit::Audit;
 use crate::environment::Environment;
 use crate::identity::Caller;
 use crate::metrics::Metrics;
@@ -55,6 +56,8 @@ pub struct Core {
     request_wait: Duration,
     /// Who may get which environment's tokens and call which routes.
     policy: Arc<Policy>,
+    /// Where what it decides is recorded.
+    audit: Audit,
     /// Per environment, the per-caller limits of forced refreshes and of
     /// proxied requests, where the rules set them.
     limits: Arc<BTreeMap<Environment, EnvironmentLimits>>,
@@ -83,6 +86,7 @@ impl Core {
                     .collect(),
             ),
             policy: Arc::new(policy),
+            audit: Audit::default(),
             metrics,
             certificates: None,
         }
@@ -98,10 +102,25 @@ impl Core {
     /// one access check of a request (a long poll included).
     pub fn authorize(&self, env: Environment, caller: &Caller) -> Result<&TokenSourceHandle, BrokerError> {
         let source = self.sources.get(env).ok_or(BrokerError::EnvironmentNotEnabled(env))?;
+        if !self.audit.admits() {
+            return Err(BrokerError::AuditUnavailable);
+        }
         if !self.allows(env, caller) {
+            self.audit.refused(caller, env, reason::CALLER_NOT_ALLOWED);
             return Err(BrokerError::PermissionDenied(env));
         }
         Ok(source)
+    }
+
+    /// Records what this core decides in `audit`.
+    pub fn with_audit(mut self, audit: Audit) -> Self {
+        self.audit = audit;
+        self
+    }
+
+    /// The audit trail this core records in (a no-op one when off).
+    pub fn audit(&self) -> &Audit {
+        &self.audit
     }
 
     /// The metrics the core and its faces count in.
@@ -129,6 +148,29 @@ impl Core {
         min_remaining: Option<Duration>,
         wait: impl FnOnce() -> Duration,
     ) -> Result<Served, BrokerError> {
+        let served = self.obtain(source, caller, min_remaining, wait).await?;
+        self.audit.served(caller, source.environment(), &served.token.token_id);
+        Ok(served)
+    }
+
+    /// The token a proxied request is sent with: as GetToken, but not
+    /// handed out (the caller never sees it), so not recorded as served.
+    pub(crate) async fn token_for_proxy(
+        &self,
+        source: &TokenSourceHandle,
+        caller: &Caller,
+        wait: Duration,
+    ) -> Result<Arc<Token>, BrokerError> {
+        Ok(self.obtain(source, caller, None, || wait).await?.token)
+    }
+
+    async fn obtain(
+        &self,
+        source: &TokenSourceHandle,
+        caller: &Caller,
+        min_remaining: Option<Duration>,
+        wait: impl FnOnce() -> Duration,
+    ) -> Result<Served, BrokerError> {
         let min_remaining = min_remaining.unwrap_or_default();
         // The hot path: one clock read for the check and the answer.
         let now = Instant::now();
@@ -145,8 +187,9 @@ impl Core {
         let token = if min_remaining.is_zero() {
             source.current().ok_or_else(|| no_valid_token(source))?
         } else {
-            // A refresh this caller forces: within its limit.
+            // A refresh this caller forces: within its limit, and recorded.
             self.admit(env, caller, LimitKind::Refresh)?;
+            self.audit.refresh_forced(caller, env, None, "min_remaining");
             within(env, wait, source.token_with_remaining(min_remaining)).await?
         };
         Ok(Served {
@@ -162,6 +205,7 @@ impl Core {
         caller: &Caller,
         rejected_token_id: &str,
         wait: Duration,
+        by: &'static str,
     ) -> Result<Arc<Token>, BrokerError> {
         let id = rejected_token_id.trim();
         if id.is_empty() || id.len() > MAX_TOKEN_ID_LEN {
@@ -175,6 +219,7 @@ impl Core {
         // other is answered with the current token): that counts.
         if source.current().is_some_and(|t| t.token_id == id) {
             self.admit(source.environment(), caller, LimitKind::Refresh)?;
+            self.audit.refresh_forced(caller, source.environment(), Some(id), by);
         }
         within(source.environment(), wait, source.replace_rejected(id)).await
     }
@@ -245,6 +290,9 @@ impl Core {
         path: &str,
     ) -> Result<&TokenSourceHandle, BrokerError> {
         let source = self.sources.get(env).ok_or(BrokerError::EnvironmentNotEnabled(env))?;
+        if !self.audit.admits() {
+            return Err(BrokerError::AuditUnavailable);
+        }
         match self.policy.may_proxy(env, caller, method, path) {
             Ok(()) => {
                 self.admit(env, caller, LimitKind::Proxy)?;
@@ -257,8 +305,10 @@ impl Core {
 
     /// WatchToken on an authorized source, holding one of its listener's
     /// held-request slots for as long as the stream lives.
-    pub fn watch(&self, source: &TokenSourceHandle, held: Option<HeldRequest>) -> WatchStream {
+    pub fn watch(&self, source: &TokenSourceHandle, caller: &Caller, held: Option<HeldRequest>) -> WatchStream {
         let state = WatchState {
+            caller: caller.clone(),
+            audit: self.audit.clone(),
             _held: held,
             environment: source.environment(),
             snapshots: source.subscribe(),
@@ -386,6 +436,9 @@ impl Drop for OpenStream {
 /// One WatchToken stream. It reads the watch channel at its own pace and
 /// only ever sees the latest state, so a slow reader holds nothing back.
 struct WatchState {
+    /// Whom the stream hands tokens to, for the audit trail.
+    caller: Caller,
+    audit: Audit,
     environment: crate::Environment,
     snapshots: watch::Receiver<Snapshot>,
     draining: CancellationToken,
@@ -423,10 +476,13 @@ impl WatchState {
         let snapshot = self.snapshots.borrow_and_update().clone();
         let now = Instant::now();
         let (view, update) = match snapshot.servable(now) {
-            Some(token) => (
-                View::Token(token.token_id.clone()),
-                Update::Token(token.as_ref().into()),
-            ),
+            Some(token) => {
+                self.audit.served(&self.caller, self.environment, &token.token_id);
+                (
+                    View::Token(token.token_id.clone()),
+                    Update::Token(token.as_ref().into()),
+                )
+            }
             None if snapshot.state() == SourceState::Starting => return None,
             None => {
                 let reason = snapshot

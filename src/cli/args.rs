@@ -139,6 +139,24 @@ pub enum Command {
         #[arg(value_parser = duration::parse)]
         duration: Duration,
     },
+    /// The audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of audit files, given oldest first (rotated
+    /// ones, then the current one): exits 0 when intact, 65 naming the
+    /// first record edited, removed, inserted or reordered, 66 when a file
+    /// cannot be read.
+    Verify {
+        /// The audit files, oldest first.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]

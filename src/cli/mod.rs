@@ -89,6 +89,9 @@ pub async fn run(command: Command) -> u8 {
             tokio::time::sleep(duration).await;
             exit::OK
         }
+        Command::Audit {
+            command: args::AuditCommand::Verify { files },
+        } => audit_verify(&files),
         Command::Emulator(args) => match run_emulator(args).await {
             Ok(()) => exit::OK,
             Err(e) => {
@@ -156,6 +159,34 @@ fn reload(path: &std::path::Path, pid: i32) -> u8 {
         Err(e) => {
             logging::error_to_stderr(format_args!("cannot signal the broker (PID {pid}): {e}"));
             exit::FAILURE
+        }
+    }
+}
+
+/// `audit verify FILE…`: the chain across the files, oldest first.
+fn audit_verify(files: &[PathBuf]) -> u8 {
+    let mut texts = Vec::new();
+    for file in files {
+        match std::fs::read(file) {
+            Ok(bytes) => texts.push((file.display().to_string(), String::from_utf8_lossy(&bytes).into_owned())),
+            Err(e) => {
+                logging::to_stderr(format_args!("error: {}: {e}", file.display()));
+                return exit::NO_INPUT;
+            }
+        }
+    }
+    match crate::audit::chain::verify(texts.iter().map(|(name, text)| (name.as_str(), text.as_str()))) {
+        Ok(verified) => {
+            let last = verified.last_seq.map_or("none".to_owned(), |s| s.to_string());
+            let _ = print_out(format_args!(
+                "intact: {} records, last seq {last}, last hash {}\n",
+                verified.records, verified.last_hash
+            ));
+            exit::OK
+        }
+        Err(broken) => {
+            logging::to_stderr(format_args!("broken: {broken}"));
+            exit::DATA_ERROR
         }
     }
 }

@@ -76,6 +76,8 @@ pub enum DaemonError {
     Proxy(#[from] crate::proxy::ProxyError),
     #[error("access: {0}")]
     Access(String),
+    #[error("audit.file: {0}")]
+    Audit(String),
 }
 
 impl DaemonError {
@@ -89,6 +91,7 @@ impl DaemonError {
             | DaemonError::UpstreamTls(_)
             | DaemonError::Proxy(_)
             | DaemonError::Access(_)
+            | DaemonError::Audit(_)
             | DaemonError::TlsRoots(_) => crate::exit::CONFIG,
             DaemonError::Listen(e) if e.is_configuration() => crate::exit::CONFIG,
             _ => crate::exit::FAILURE,
@@ -108,6 +111,8 @@ pub struct RunningBroker {
     reloader: Arc<Reloader>,
     /// TLS material that rotates in place (checked again at each reload).
     pub rotation: Arc<crate::certs::Rotation>,
+    /// The audit trail (reopened at each reload).
+    audit: crate::audit::Audit,
     /// First stage of shutdown: listeners stop accepting and every
     /// connection gets GOAWAY (clients open their next connection to the
     /// successor); calls in flight and new calls on open connections are
@@ -222,7 +227,12 @@ impl Broker {
             config.server.request_wait,
             policy,
         )
-        .with_certificates(rotation.clone());
+        .with_certificates(rotation.clone())
+        .with_audit(
+            crate::audit::Audit::start(&config.audit, metrics.clone())
+                .map_err(|e| DaemonError::Audit(format!("{}: {e}", config.audit.file.display())))?,
+        );
+        let audit = core.audit().clone();
         let service = TokenBrokerService::new(core.clone());
         let api =
             crate::grpc::face(service.clone(), health_service).map_err(|e| DaemonError::Reflection(e.to_string()))?;
@@ -315,6 +325,7 @@ impl Broker {
             metrics,
             reloader,
             rotation,
+            audit,
             stopping,
             draining,
             ready,
@@ -407,7 +418,18 @@ impl RunningBroker {
     /// file (if any) and the API keys; see [`Reloader::reload`].
     pub async fn reload(&self) -> ReloadOutcome {
         self.rotation.check("reload");
-        self.reloader.reload().await
+        self.audit.reopen();
+        let outcome = self.reloader.reload().await;
+        let detail = match &outcome {
+            ReloadOutcome::Rejected(e) => serde_json::json!({"outcome": "rejected", "problems": e.problems.len()}),
+            ReloadOutcome::Applied(report) => serde_json::json!({
+                "outcome": "applied",
+                "keys_replaced": report.replaced.iter().map(|e| e.as_str()).collect::<Vec<_>>(),
+                "keys_failed": report.failed.iter().map(|(e, _)| e.as_str()).collect::<Vec<_>>(),
+            }),
+        };
+        self.audit.event("reload", detail);
+        outcome
     }
 
     /// Health NOT_SERVING; the listeners stop accepting and every

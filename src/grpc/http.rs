@@ -253,6 +253,7 @@ async fn refresh_token(
                 &caller,
                 &request.rejected_token_id,
                 service.core().request_wait(),
+                "RefreshToken (HTTP)",
             )
             .await
     }

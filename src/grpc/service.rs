@@ -197,12 +197,12 @@ impl TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::WatchTokenRequest>,
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
-        let result = requested(request.get_ref().environment)
-            .and_then(|env| self.core.authorize(env, &Caller::of(&request)))
-            .and_then(|source| {
-                let held = crate::serve::guard::hold(request.extensions())?;
-                Ok(grpc_stream(self.core.watch(source, held)))
-            });
+        let result = requested(request.get_ref().environment).and_then(|env| {
+            let caller = Caller::of(&request);
+            let source = self.core.authorize(env, &caller)?;
+            let held = crate::serve::guard::hold(request.extensions())?;
+            Ok(grpc_stream(self.core.watch(source, &caller, held)))
+        });
         self.finish(Rpc::WatchToken, result)
     }
 
@@ -216,7 +216,13 @@ impl TokenBroker for TokenBrokerService {
             let source = self.core.authorize(requested(message.environment)?, &caller)?;
             let token = self
                 .core
-                .refresh_token(source, &caller, &message.rejected_token_id, self.wait_limit(&request))
+                .refresh_token(
+                    source,
+                    &caller,
+                    &message.rejected_token_id,
+                    self.wait_limit(&request),
+                    "RefreshToken",
+                )
                 .await?;
             Ok(pb::RefreshTokenResponse {
                 token: Some(token.as_ref().into()),

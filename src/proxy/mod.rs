@@ -193,16 +193,25 @@ async fn prepare(body: Body, limit: usize, idle: Duration) -> Result<Prepared, B
     ))
 }
 
+/// The reason the broker refused a proxied request itself, kept on the
+/// answer for the audit record.
+#[derive(Clone, Copy, Debug)]
+struct Refusal(&'static str);
+
 /// A proxy error answer: `google.rpc.Status` JSON with an ErrorInfo reason.
 fn refuse(http: StatusCode, code: tonic::Code, reason: &'static str, message: &str) -> Response {
     let details = tonic_types::ErrorDetails::with_error_info(reason, ERROR_DOMAIN, std::collections::HashMap::new());
     use tonic_types::StatusExt;
-    status_response(http, &tonic::Status::with_error_details(code, message, details))
+    let mut response = status_response(http, &tonic::Status::with_error_details(code, message, details));
+    response.extensions_mut().insert(Refusal(reason));
+    response
 }
 
 /// An answer from the token side (403, 503…), with `Retry-After` on a 503.
 fn broker_refusal(error: BrokerError) -> Response {
+    let reason = error.reason();
     let mut response = error.into_response();
+    response.extensions_mut().insert(Refusal(reason));
     if response.status() == StatusCode::SERVICE_UNAVAILABLE && !response.headers().contains_key(header::RETRY_AFTER) {
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
     }
@@ -212,7 +221,8 @@ fn broker_refusal(error: BrokerError) -> Response {
 async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
     let started = tokio::time::Instant::now();
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-    let (response, token_id) = proxy.handle(request).await;
+    let caller = Caller::from_extensions(request.extensions());
+    let (response, token_id) = proxy.handle(request, &caller).await;
     let class = match response.status().as_u16() {
         100..=199 => "1xx",
         200..=299 => "2xx",
@@ -228,21 +238,41 @@ async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response 
         .inc();
     debug!(environment = %proxy.environment, %method, path, status = response.status().as_u16(),
            duration_ms = started.elapsed().as_millis() as u64, token_id = token_id.as_deref().unwrap_or(""), "proxied");
+    let refusal = response.extensions().get::<Refusal>().map(|r| r.0);
+    let not_retried = response.headers().get(NOT_RETRIED_HEADER).and_then(|v| v.to_str().ok());
+    let request_id = ["x-request-id", "request-id", "x-flute-request-id"]
+        .iter()
+        .find_map(|name| response.headers().get(*name).and_then(|v| v.to_str().ok()));
+    proxy.core.audit().proxied(crate::audit::ProxiedCall {
+        caller: &caller,
+        environment: proxy.environment,
+        method: method.as_str(),
+        path: &path,
+        status: Some(response.status().as_u16()),
+        refusal: refusal.or(not_retried),
+        duration: started.elapsed(),
+        token_id: token_id.as_deref(),
+        retried: response.extensions().get::<Retried>().is_some(),
+        request_id,
+    });
     response
 }
 
+/// Marks an answer to a request that was sent again with a new token.
+#[derive(Clone, Copy, Debug)]
+struct Retried;
+
 impl Proxy {
     /// Answers one request; also the `token_id` it was sent with last.
-    async fn handle(&self, request: Request) -> (Response, Option<String>) {
+    async fn handle(&self, request: Request, caller: &Caller) -> (Response, Option<String>) {
         let (mut parts, body) = request.into_parts();
         let uri = match target::upstream_uri(&self.base, &parts.method, parts.version, &parts.uri) {
             Ok(uri) => uri,
             Err(bad) => return (bad_target(bad), None),
         };
-        let caller = Caller::from_extensions(&parts.extensions);
         let source = match self
             .core
-            .authorize_proxy(self.environment, &caller, &parts.method, parts.uri.path())
+            .authorize_proxy(self.environment, caller, &parts.method, parts.uri.path())
         {
             Ok(source) => source,
             Err(refused) => return (broker_refusal(refused), None),
@@ -256,8 +286,8 @@ impl Proxy {
             return (too_large(self.settings.max_body_bytes), None);
         }
         let wait = self.core.request_wait();
-        let token = match self.core.get_token(source, &caller, None, || wait).await {
-            Ok(served) => served.token,
+        let token = match self.core.token_for_proxy(source, caller, wait).await {
+            Ok(token) => token,
             Err(refused) => return (broker_refusal(refused), None),
         };
         let mut body = match prepare(body, self.settings.replay_limit_bytes, self.settings.idle_timeout).await {
@@ -313,7 +343,10 @@ impl Proxy {
         {
             return (self.not_retried(first, "TOKEN_FRESH"), Some(token.token_id.clone()));
         }
-        let refreshed = self.core.refresh_token(source, &caller, &token.token_id, wait).await;
+        let refreshed = self
+            .core
+            .refresh_token(source, caller, &token.token_id, wait, "proxied 401")
+            .await;
         let reason = match (&refreshed, body.replayable()) {
             (Ok(new), false) => {
                 self.rotations
@@ -332,7 +365,9 @@ impl Proxy {
                     Err(answer) => return (answer, Some(new.token_id.clone())),
                 };
                 if second.status() != StatusCode::UNAUTHORIZED {
-                    return (self.relay(second), Some(new.token_id.clone()));
+                    let mut answer = self.relay(second);
+                    answer.extensions_mut().insert(Retried);
+                    return (answer, Some(new.token_id.clone()));
                 }
                 self.rotations
                     .rejected_again(&route, &new.token_id, tokio::time::Instant::now());
