@@ -183,3 +183,149 @@ async fn every_decision_is_recorded_in_a_chain_verify_checks() {
     assert_eq!(verify(&[&file, &rotated]).0, 65, "out of order");
     drop(watch);
 }
+
+/// A tmpfs of `size` mounted on a new directory (root only), unmounted
+/// when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: mounting a tmpfs needs root (CI runs as root)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs");
+        Some(Self { dir })
+    }
+
+    /// Fills the disk to the last byte (again: the broker frees what a
+    /// failed write took, and the filler takes it).
+    fn fill(&self) {
+        use std::io::Write;
+        let mut filler = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("filler"))
+            .unwrap();
+        let block = vec![0u8; 4096];
+        while filler.write_all(&block).is_ok() {}
+        while filler.write_all(&[0]).is_ok() {}
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.dir.path().join("filler")).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// `status` of a GetToken on a fresh client.
+async fn get_token_code(broker: &support::Broker) -> tonic::Code {
+    let mut client = broker.client().await;
+    match client
+        .get_token(pb::GetTokenRequest {
+            environment: SANDBOX,
+            min_remaining: None,
+        })
+        .await
+    {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+/// A full disk: with `refuse`, calls are answered UNAVAILABLE
+/// `AUDIT_UNAVAILABLE` once a record cannot be written, and served again
+/// (their records written) once there is room; with `continue`, served
+/// throughout and the failures counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_or_continues_as_configured() {
+    for on_failure in [
+        flute_token_broker::audit::OnFailure::Refuse,
+        flute_token_broker::audit::OnFailure::Continue,
+    ] {
+        let Some(disk) = SmallDisk::mount("64k") else { return };
+        let file = disk.dir.path().join("audit.jsonl");
+        let audit_file = file.clone();
+        let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
+            config.audit.file = audit_file;
+            config.audit.interval = Duration::from_secs(1);
+            config.audit.on_failure = on_failure;
+        })
+        .await;
+        assert_eq!(get_token_code(&broker).await, tonic::Code::Ok);
+        records_when(&file, |r| kinds(r).contains(&"tokens_served")).await;
+        disk.fill();
+        // The next records cannot be written: the writer finds out at its
+        // next aggregation.
+        let admin = broker.daemon.admin_addr.unwrap();
+        let mut last = tonic::Code::Ok;
+        for _ in 0..200 {
+            disk.fill();
+            last = get_token_code(&broker).await;
+            if support::metric(admin, "flute_broker_audit_failures_total").await > 0.0 && last != tonic::Code::Ok {
+                break;
+            }
+            if on_failure == flute_token_broker::audit::OnFailure::Continue
+                && support::metric(admin, "flute_broker_audit_failures_total").await > 0.0
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(support::metric(admin, "flute_broker_audit_failures_total").await > 0.0);
+        match on_failure {
+            flute_token_broker::audit::OnFailure::Refuse => {
+                assert_eq!(last, tonic::Code::Unavailable, "refused while nothing can be recorded");
+                let mut client = broker.client().await;
+                let status = client
+                    .get_token(pb::GetTokenRequest {
+                        environment: SANDBOX,
+                        min_remaining: None,
+                    })
+                    .await
+                    .unwrap_err();
+                use tonic_types::StatusExt;
+                assert_eq!(
+                    status.get_error_details().error_info().unwrap().reason,
+                    "AUDIT_UNAVAILABLE"
+                );
+            }
+            flute_token_broker::audit::OnFailure::Continue => {
+                assert_eq!(
+                    get_token_code(&broker).await,
+                    tonic::Code::Ok,
+                    "served, failures counted"
+                );
+            }
+        }
+        // Room again: served, and the records kept meanwhile are written.
+        disk.free();
+        let mut code = tonic::Code::Unavailable;
+        for _ in 0..200 {
+            code = get_token_code(&broker).await;
+            if code == tonic::Code::Ok {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(code, tonic::Code::Ok);
+        if on_failure == flute_token_broker::audit::OnFailure::Refuse {
+            let (code, out) = verify(&[&file]);
+            assert_eq!(code, 0, "nothing lost: {out}");
+        }
+        broker.daemon.shutdown().await;
+    }
+}

@@ -458,6 +458,9 @@ impl Writer {
             text.push_str(line);
             text.push('\n');
         }
+        // Where the batch begins: a batch that fails part-way (a full disk)
+        // is cut back to here, so no partial record stays in the file.
+        let before = file.metadata().map(|m| m.len()).ok();
         match file.write_all(text.as_bytes()).and_then(|()| file.flush()) {
             Ok(()) => {
                 self.pending.clear();
@@ -466,9 +469,13 @@ impl Writer {
                 }
             }
             Err(e) => {
-                // A partial line may have been written: the next write starts
-                // on a new line, and verify names the broken one.
-                let _ = file.write_all(b"\n");
+                if let Some(before) = before
+                    && file.set_len(before).is_err()
+                {
+                    // Cannot cut it back: the next batch starts on a new
+                    // line, and `audit verify` names the broken record.
+                    let _ = file.write_all(b"\n");
+                }
                 self.failed(&e.to_string());
             }
         }
