@@ -78,6 +78,16 @@ impl Sandbox {
         Self { dir }
     }
 
+    /// Puts the socket directory (`RUN`) and the API's base URL (`API`)
+    /// into the configuration.
+    fn fill_in(&self, api: &str) {
+        let config = std::fs::read_to_string(self.path("broker.toml"))
+            .unwrap()
+            .replace("RUN", &self.path("run").display().to_string())
+            .replace("API", api);
+        std::fs::write(self.path("broker.toml"), config).unwrap();
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -383,11 +393,7 @@ async fn two_units_of_one_user_are_told_apart_by_their_rules() {
          [environments.production.access]\ntoken = [\"billing\"]\nproxy = { billing = [\"GET /v2/transactions\"] }\n",
         "[callers.billing]\nsystemd_units = [\"billing.service\"]\nunix_users = [\"app\"]\n",
     );
-    let config = std::fs::read_to_string(sandbox.path("broker.toml"))
-        .unwrap()
-        .replace("RUN", &sandbox.path("run").display().to_string())
-        .replace("API", &emu.base_url());
-    std::fs::write(sandbox.path("broker.toml"), config).unwrap();
+    sandbox.fill_in(&emu.base_url());
     let broker = sandbox.start(&[], Some(65534)).await;
 
     const READS: &str = r#"
@@ -461,11 +467,7 @@ async fn one_callers_loop_is_limited_and_another_caller_passes() {
         "[callers.app]\nunix_users = [\"app\"]\n[callers.other]\nunix_users = [\"other\"]\n\
          [refresh]\nearly_refresh_interval = \"0s\"\n",
     );
-    let config = std::fs::read_to_string(sandbox.path("broker.toml"))
-        .unwrap()
-        .replace("RUN", &sandbox.path("run").display().to_string())
-        .replace("API", &emu.base_url());
-    std::fs::write(sandbox.path("broker.toml"), config).unwrap();
+    sandbox.fill_in(&emu.base_url());
     let broker = sandbox.start(&[], Some(65534)).await;
 
     const CALLS: &str = r#"

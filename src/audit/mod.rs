@@ -36,6 +36,7 @@ use tracing::{error, info, warn};
 
 use crate::environment::Environment;
 use crate::identity::Caller;
+use crate::token::Token;
 
 /// `[audit]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,15 +134,39 @@ struct Aggregates {
 struct ServedKey {
     connection: usize,
     environment: Environment,
-    token_id: String,
+    token: usize,
 }
 
 #[derive(Debug)]
 struct Count {
     caller: Caller,
+    /// The token handed out (hand-outs only; its `Debug` is redacted).
+    token: Option<Arc<Token>>,
     count: u64,
     first: SystemTime,
     last: SystemTime,
+}
+
+/// One more under `key`: counted, its last time moved on.
+fn tally<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, Count>,
+    key: K,
+    caller: &Caller,
+    token: impl FnOnce() -> Option<Arc<Token>>,
+) {
+    let now = SystemTime::now();
+    map.entry(key)
+        .and_modify(|c| {
+            c.count += 1;
+            c.last = now;
+        })
+        .or_insert_with(|| Count {
+            caller: caller.clone(),
+            token: token(),
+            count: 1,
+            first: now,
+            last: now,
+        });
 }
 
 /// What the writer receives.
@@ -190,55 +215,32 @@ impl Audit {
         }
     }
 
-    /// A token handed out (aggregated).
-    pub fn served(&self, caller: &Caller, environment: Environment, token_id: &str) {
+    /// A token handed out (aggregated). The hot path: one lock and one
+    /// map update, no allocation once the connection's entry exists.
+    pub fn served(&self, caller: &Caller, environment: Environment, token: &Arc<Token>) {
         let Some(inner) = &self.inner else { return };
         let connection = match caller {
             Caller::Unix(peer) => Arc::as_ptr(peer) as usize,
             Caller::Tls { certificates } => Arc::as_ptr(certificates) as usize,
             Caller::Anonymous => 0,
         };
-        let now = SystemTime::now();
-        let mut aggregates = inner.aggregates.lock().unwrap_or_else(|p| p.into_inner());
+        // The token's address stands for it: the entry holds the token, so
+        // the address is not reused while the entry lives.
         let key = ServedKey {
             connection,
             environment,
-            token_id: token_id.to_owned(),
+            token: Arc::as_ptr(token) as usize,
         };
-        aggregates
-            .served
-            .entry(key)
-            .and_modify(|c| {
-                c.count += 1;
-                c.last = now;
-            })
-            .or_insert_with(|| Count {
-                caller: caller.clone(),
-                count: 1,
-                first: now,
-                last: now,
-            });
+        let mut aggregates = inner.aggregates.lock().unwrap_or_else(|p| p.into_inner());
+        tally(&mut aggregates.served, key, caller, || Some(token.clone()));
     }
 
     /// A token request refused (aggregated per caller identity and reason).
     pub fn refused(&self, caller: &Caller, environment: Environment, reason: &'static str) {
         let Some(inner) = &self.inner else { return };
-        let now = SystemTime::now();
         let who = identity(caller).to_string();
         let mut aggregates = inner.aggregates.lock().unwrap_or_else(|p| p.into_inner());
-        aggregates
-            .refused
-            .entry((who, environment, reason))
-            .and_modify(|c| {
-                c.count += 1;
-                c.last = now;
-            })
-            .or_insert_with(|| Count {
-                caller: caller.clone(),
-                count: 1,
-                first: now,
-                last: now,
-            });
+        tally(&mut aggregates.refused, (who, environment, reason), caller, || None);
     }
 
     /// A refresh a caller forced (RefreshToken, `min_remaining`, a proxied 401).
@@ -405,7 +407,7 @@ impl Writer {
                 "kind": "tokens_served",
                 "environment": key.environment.as_str(),
                 "caller": identity(&count.caller),
-                "token_id": key.token_id,
+                "token_id": count.token.as_ref().map(|t| t.token_id.as_str()),
                 "count": count.count,
                 "first": unix_seconds(count.first),
                 "last": unix_seconds(count.last),

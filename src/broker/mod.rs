@@ -149,7 +149,7 @@ impl Core {
         wait: impl FnOnce() -> Duration,
     ) -> Result<Served, BrokerError> {
         let served = self.obtain(source, caller, min_remaining, wait).await?;
-        self.audit.served(caller, source.environment(), &served.token.token_id);
+        self.audit.served(caller, source.environment(), &served.token);
         Ok(served)
     }
 
@@ -477,7 +477,7 @@ impl WatchState {
         let now = Instant::now();
         let (view, update) = match snapshot.servable(now) {
             Some(token) => {
-                self.audit.served(&self.caller, self.environment, &token.token_id);
+                self.audit.served(&self.caller, self.environment, token);
                 (
                     View::Token(token.token_id.clone()),
                     Update::Token(token.as_ref().into()),
