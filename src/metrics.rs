@@ -75,6 +75,16 @@ pub struct ProxyLabels {
     pub class: &'static str,
 }
 
+/// A named caller's outcome: the caller (a configured name, `unnamed` or
+/// `anonymous`: a bounded set), its environment, and the refusal reason or
+/// the proxied answer's status class.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallerLabels {
+    pub caller: String,
+    pub environment: &'static str,
+    pub outcome: &'static str,
+}
+
 /// Why the proxy passed an API 401 through instead of retrying.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NotRetriedLabels {
@@ -134,6 +144,10 @@ pub struct Metrics {
     pub accept_errors: Family<ListenerLabels, Counter>,
     /// Requests that filled their connection's concurrent stream limit.
     pub stream_limit_reached: Family<ListenerLabels, Counter>,
+    /// Refusals per caller (`outcome`: the reason, RATE_LIMITED included).
+    pub caller_refusals: Family<CallerLabels, Counter>,
+    /// Proxied requests per caller (`outcome`: the status class).
+    pub caller_proxy_requests: Family<CallerLabels, Counter>,
     /// Audit records that could not be written (or were dropped).
     pub audit_failures: Counter,
     /// Held requests (long polls, WatchToken streams) open per listener.
@@ -265,6 +279,18 @@ impl Metrics {
             "Sampled trace spans: ended (queued for export), exported, failed (in exports that failed); the queue drops the rest",
             TRACE_SPANS.clone(),
         );
+        let caller_refusals = Family::<CallerLabels, Counter>::default();
+        registry.register(
+            "caller_refusals",
+            "Requests refused per caller (configured name, unnamed or anonymous), environment and reason",
+            caller_refusals.clone(),
+        );
+        let caller_proxy_requests = Family::<CallerLabels, Counter>::default();
+        registry.register(
+            "caller_proxy_requests",
+            "Proxied requests per caller (configured name, unnamed or anonymous), environment and status class",
+            caller_proxy_requests.clone(),
+        );
         let audit_failures = Counter::default();
         registry.register(
             "audit_failures",
@@ -362,6 +388,8 @@ impl Metrics {
             connections_closed,
             accept_errors,
             stream_limit_reached,
+            caller_refusals,
+            caller_proxy_requests,
             audit_failures,
             held_requests,
             held_connections,

@@ -478,6 +478,11 @@ impl Policy {
         }
     }
 
+    /// Whether any caller is named (per-caller metrics are kept then).
+    pub fn names_callers(&self) -> bool {
+        !self.callers.is_empty()
+    }
+
     /// The rate limits of `env` (rules only).
     pub fn limits(&self, env: Environment) -> RateLimits {
         match self.environments.get(&env) {

@@ -468,6 +468,15 @@ async fn one_callers_loop_is_limited_and_another_caller_passes() {
          [refresh]\nearly_refresh_interval = \"0s\"\n",
     );
     sandbox.fill_in(&emu.base_url());
+    // The admin listener, for the per-caller metrics.
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = std::fs::read_to_string(sandbox.path("broker.toml"))
+        .unwrap()
+        .replace("[admin]\nlisten = \"\"", &format!("[admin]\nlisten = \"{admin}\""));
+    std::fs::write(sandbox.path("broker.toml"), config).unwrap();
     let broker = sandbox.start(&[], Some(65534)).await;
 
     const CALLS: &str = r#"
@@ -538,5 +547,21 @@ print(" ".join(call("GET", "/v2/transactions", proxy)[0] for _ in range(floods))
     let (refreshes, flood) = run_as(OTHER, 1, 2).await;
     assert_eq!(refreshes, "200");
     assert_eq!(flood, "200 200");
+    // Per caller, by configured name: app's refusals, both callers' proxied requests.
+    let limited = support::metric(
+        admin,
+        "flute_broker_caller_refusals_total{caller=\"app\",environment=\"production\",outcome=\"RATE_LIMITED\"}",
+    )
+    .await;
+    assert!(
+        limited >= 6.0,
+        "2 refreshes and at least 4 proxied requests limited: {limited}"
+    );
+    let other = support::metric(
+        admin,
+        "flute_broker_caller_proxy_requests_total{caller=\"other\",environment=\"production\",outcome=\"2xx\"}",
+    )
+    .await;
+    assert_eq!(other, 2.0);
     stop(broker).await;
 }

@@ -107,9 +107,29 @@ impl Core {
         }
         if !self.allows(env, caller) {
             self.audit.refused(caller, env, reason::CALLER_NOT_ALLOWED);
-            return Err(BrokerError::PermissionDenied(env));
+            return Err(self.refusal(caller, BrokerError::PermissionDenied(env)));
         }
         Ok(source)
+    }
+
+    /// Counts `error` against `caller` (per-caller metrics) and returns it.
+    fn refusal(&self, caller: &Caller, error: BrokerError) -> BrokerError {
+        let environment = error.environment().map_or("", |e| e.as_str());
+        self.metrics
+            .caller_refusals
+            .get_or_create(&crate::metrics::CallerLabels {
+                caller: self.policy.label_of(caller).to_owned(),
+                environment,
+                outcome: error.reason(),
+            })
+            .inc();
+        error
+    }
+
+    /// The name `caller` is counted under (its first named caller, else
+    /// `unnamed` or `anonymous`), when the configuration names callers.
+    pub fn caller_label(&self, caller: &Caller) -> Option<&str> {
+        self.policy.names_callers().then(|| self.policy.label_of(caller))
     }
 
     /// Records what this core decides in `audit`.
@@ -236,10 +256,15 @@ impl Core {
         let Some(limiter) = limiter else { return Ok(()) };
         limiter
             .take(self.policy.label_of(caller), Instant::now())
-            .map_err(|retry_after| BrokerError::RateLimited {
-                environment: env,
-                what: kind.what(),
-                retry_after,
+            .map_err(|retry_after| {
+                self.refusal(
+                    caller,
+                    BrokerError::RateLimited {
+                        environment: env,
+                        what: kind.what(),
+                        retry_after,
+                    },
+                )
             })
     }
 
@@ -298,8 +323,8 @@ impl Core {
                 self.admit(env, caller, LimitKind::Proxy)?;
                 Ok(source)
             }
-            Err(ProxyRefusal::CallerNotAllowed) => Err(BrokerError::PermissionDenied(env)),
-            Err(ProxyRefusal::RouteNotAllowed) => Err(BrokerError::RouteNotAllowed(env)),
+            Err(ProxyRefusal::CallerNotAllowed) => Err(self.refusal(caller, BrokerError::PermissionDenied(env))),
+            Err(ProxyRefusal::RouteNotAllowed) => Err(self.refusal(caller, BrokerError::RouteNotAllowed(env))),
         }
     }
 

@@ -236,6 +236,17 @@ async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response 
         .proxy_requests
         .get_or_create(&crate::metrics::ProxyLabels { environment, class })
         .inc();
+    if let Some(label) = proxy.core.caller_label(&caller) {
+        proxy
+            .metrics
+            .caller_proxy_requests
+            .get_or_create(&crate::metrics::CallerLabels {
+                caller: label.to_owned(),
+                environment,
+                outcome: class,
+            })
+            .inc();
+    }
     debug!(environment = %proxy.environment, %method, path, status = response.status().as_u16(),
            duration_ms = started.elapsed().as_millis() as u64, token_id = token_id.as_deref().unwrap_or(""), "proxied");
     let refusal = response.extensions().get::<Refusal>().map(|r| r.0);
