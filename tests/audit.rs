@@ -184,6 +184,34 @@ async fn every_decision_is_recorded_in_a_chain_verify_checks() {
     drop(watch);
 }
 
+/// At shutdown the interval's hand-outs are written, not lost: with an
+/// hour's interval, a GetToken's record is in the file once the broker has
+/// stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_interval_is_written_at_shutdown() {
+    let audit_dir = tempfile::tempdir().unwrap();
+    let file = audit_dir.path().join("audit.jsonl");
+    let audit_file = file.clone();
+    let broker = start_broker_with(&[Environment::Sandbox], Duration::from_secs(900), |_, config| {
+        config.audit.file = audit_file;
+        config.audit.interval = Duration::from_secs(3600);
+    })
+    .await;
+    let mut client = broker.client().await;
+    let token = support::current_token(&mut client, SANDBOX).await;
+    assert!(!std::fs::read_to_string(&file).unwrap().contains("tokens_served"));
+    broker.daemon.shutdown().await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    let served: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["kind"] == "tokens_served")
+        .collect();
+    assert_eq!(served.len(), 1, "{text}");
+    assert_eq!(served[0]["token_id"], token.token_id.as_str());
+    assert_eq!(verify(&[&file]).0, 0);
+}
+
 /// A tmpfs of `size` mounted on a new directory (root only), unmounted
 /// when dropped.
 struct SmallDisk {

@@ -174,6 +174,8 @@ fn tally<K: std::hash::Hash + Eq>(
 enum Entry {
     Record(serde_json::Value),
     Reopen,
+    /// Write the aggregates and everything pending now, then answer.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 impl Audit {
@@ -276,6 +278,16 @@ impl Audit {
         self.record(json!({"kind": kind, "detail": detail}));
     }
 
+    /// Writes the aggregates and every pending record now (at shutdown:
+    /// the last interval's hand-outs are not lost), waiting at most `limit`.
+    pub async fn flush(&self, limit: Duration) {
+        let Some(inner) = &self.inner else { return };
+        let (done, written) = tokio::sync::oneshot::channel();
+        if inner.queue.send(Entry::Flush(done)).await.is_ok() {
+            let _ = tokio::time::timeout(limit, written).await;
+        }
+    }
+
     /// Reopens the file (SIGHUP).
     pub fn reopen(&self) {
         if let Some(inner) = &self.inner {
@@ -376,6 +388,11 @@ impl Writer {
                 entry = entries.recv() => match entry {
                     Some(Entry::Record(record)) => self.append(record),
                     Some(Entry::Reopen) => self.reopen(),
+                    Some(Entry::Flush(done)) => {
+                        self.aggregate();
+                        self.flush();
+                        let _ = done.send(());
+                    }
                     None => {
                         self.aggregate();
                         self.flush();

@@ -461,6 +461,8 @@ impl RunningBroker {
         for task in self.background.into_iter().chain(self.source_tasks) {
             task.abort();
         }
+        // The last interval's records, before the process goes.
+        self.audit.flush(Duration::from_secs(2)).await;
         info!("stopped");
     }
 }
