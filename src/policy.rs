@@ -459,15 +459,6 @@ impl Policy {
         }
     }
 
-    /// The named callers `caller` is.
-    pub fn names_of(&self, caller: &Caller) -> Vec<&str> {
-        self.callers
-            .iter()
-            .filter(|c| c.rule.matches(caller))
-            .map(|c| c.name.as_str())
-            .collect()
-    }
-
     /// The name `caller` is counted under (rate limits): its first named
     /// caller, else `anonymous` or `unnamed`.
     pub fn label_of(&self, caller: &Caller) -> &str {
@@ -766,11 +757,9 @@ mod tests {
         );
         // An environment the policy does not name is open.
         assert!(policy.may_get_token(Environment::Sandbox, &Caller::Anonymous));
-        assert_eq!(policy.names_of(&billing), ["billing"]);
         assert_eq!(policy.label_of(&billing), "billing");
         assert_eq!(policy.label_of(&same_user_other_unit), "unnamed");
         assert_eq!(policy.label_of(&Caller::Anonymous), "anonymous");
-        assert!(policy.names_of(&same_user_other_unit).is_empty());
 
         let (table, unused) = policy.table();
         assert!(
